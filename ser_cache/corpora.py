@@ -1,0 +1,549 @@
+"""Corpus recipes: a raw corpus folder -> a list of `Utterance` records (records.py).
+
+One small preparer per corpus, `prepare_<name>(corpus_dir, label_map=None)`, registered in
+`CORPORA`. A preparer finds the audio files, reads the labels the corpus ships (file-name codes
+or label files), reads each file's duration from its header and applies a label map. `prepare`
+runs one of them for the CLI, validates the result and returns it with a printable summary.
+
+Class names
+    Each corpus's own codes are decoded by a named table (`RAVDESS_EMOTIONS`, ...) into one
+    set of English names, so that a class means the same thing in every corpus: neutral, calm,
+    happy, sad, angry, fearful, disgust, surprised, bored. `Utterance.original_label` keeps the
+    label before any label map: that decoded name for corpora whose labels are file-name codes,
+    the corpus's own word for IEMOCAP ("neu", "exc", ...), the cell as written for a CSV.
+
+Label maps
+    A label map (`LABEL_MAPS`) maps original labels to classes. Utterances whose original label
+    the map does not list are dropped, counted per original label, and the counts are reported
+    in the summary (never silently). `label_map=None` means the corpus's default
+    (`DEFAULT_LABEL_MAPS`: iemocap4 for IEMOCAP, no map for the others); "none" keeps every label.
+
+Folder layouts (CORPUS_DIR is the folder you pass; audio may be .wav or .flac at any depth unless
+said otherwise; names starting with "." such as macOS "._" resource forks are not audio and are
+ignored)
+
+ravdess  RAVDESS speech: 24 actors, 8 emotions, 1440 files. Zenodo record 1188976,
+         `Audio_Speech_Actors_01-24.zip` (CC BY-NC-SA 4.0; Livingstone & Russo 2018).
+             CORPUS_DIR/Actor_01/03-01-05-01-02-01-01.wav
+         The name is modality-channel-emotion-intensity-statement-repetition-actor. Modality must
+         be 03 (audio only) and vocal channel 01 (speech): song files (channel 02, from
+         `Audio_Song_Actors_01-24.zip`) are refused rather than mixed in. Speaker "Actor_01",
+         no groups, id = file stem.
+shemo    ShEMO, the Sharif Emotional Speech Database (Persian): 87 speakers, 3000 files, 6
+         emotions. Released on GitHub by its authors (Mohamad Nezami et al. 2019).
+             CORPUS_DIR/female/F21N37.wav, CORPUS_DIR/male/M13A05.wav
+         The name is gender F/M, speaker number, emotion letter, utterance number. Speaker
+         "F21", no groups, id = file stem. `shemo4` keeps angry, happy, neutral and sad.
+iemocap  IEMOCAP: 5 sessions of 2 actors, 10039 utterances. Licensed from USC SAIL
+         (sail.usc.edu/iemocap); the release is used as it unpacks:
+             CORPUS_DIR/Session1/sentences/wav/Ses01F_impro01/Ses01F_impro01_F000.wav
+             CORPUS_DIR/Session1/dialog/EmoEvaluation/Ses01F_impro01.txt
+         where a label line reads `[6.2901 - 8.2357]<TAB>Ses01F_impro01_F000<TAB>neu<TAB>[...]`.
+         The speaker is the session plus the gender letter of the utterance id's last part (the
+         person speaking, not the one whose dialog it is): "Ses01_F". Group "Session1", id =
+         utterance id. Default map `iemocap4` (excited merged into happy): 5531 utterances.
+emodb    Berlin Database of Emotional Speech (German): 10 speakers, 535 files, 7 emotions.
+         emodb.bilderbar.info (Burkhardt et al. 2005).
+             CORPUS_DIR/wav/03a01Fa.wav
+         The name is speaker (2 digits), text (3 characters), emotion letter (German initial:
+         W Wut, L Langeweile, E Ekel, A Angst, F Freude, T Trauer, N neutral), version letter.
+         Speaker "03", no groups, id = file stem.
+csv      Any corpus listed in a CSV file (UTF-8, a BOM is fine) with columns path, label,
+         speaker and optionally group and id. Paths are relative to the CSV's folder and must
+         stay inside it. The id defaults to the path without its extension ("a/b.wav" -> "a/b").
+         The CSV is `--csv PATH`, or CORPUS_DIR itself when it is a file, or
+         CORPUS_DIR/utterances.csv.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import posixpath
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import soundfile
+
+from .records import RecordsError, Utterance, class_counts, validate
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+NO_MAP = "none"  # the label-map name that keeps every label as it is
+CSV_NAME = "utterances.csv"  # looked for in CORPUS_DIR when no --csv is given
+MAX_LISTED = 5  # offending files named in an error message; the rest are counted
+
+# --- label tables: corpus codes -> class names ----------------------------------------------
+
+RAVDESS_EMOTIONS = {
+    "01": "neutral", "02": "calm", "03": "happy", "04": "sad",
+    "05": "angry", "06": "fearful", "07": "disgust", "08": "surprised",
+}
+SHEMO_EMOTIONS = {
+    "A": "angry", "H": "happy", "N": "neutral", "S": "sad", "W": "surprised", "F": "fearful",
+}
+EMODB_EMOTIONS = {  # German initials: Wut, Langeweile, Ekel, Angst, Freude, Trauer, neutral
+    "W": "angry", "L": "bored", "E": "disgust", "A": "fearful",
+    "F": "happy", "T": "sad", "N": "neutral",
+}
+IEMOCAP_EMOTIONS = {  # the labels of EmoEvaluation files, with --label-map none
+    "neu": "neutral", "hap": "happy", "exc": "excited", "sad": "sad", "ang": "angry",
+    "fru": "frustrated", "sur": "surprised", "fea": "fearful", "dis": "disgust",
+    "oth": "other", "xxx": "no_majority",  # xxx: no label had a majority of evaluators
+}
+
+# Named label maps: original label -> class. Original labels not listed are dropped (counted).
+LABEL_MAPS: dict[str, dict[str, str]] = {
+    # the 4-class IEMOCAP benchmark: excited merged into happy (5531 utterances)
+    "iemocap4": {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"},
+    # the 4-class ShEMO benchmark; keys are decoded names, so it fits RAVDESS and EmoDB too
+    "shemo4": {"angry": "angry", "happy": "happy", "neutral": "neutral", "sad": "sad"},
+}
+DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4"}  # corpora not listed keep every label by default
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def audio_duration(path: Path) -> float:
+    """Seconds, from the file header; 0.0 when the header cannot be read.
+
+    A bad file is not an error here: the extractor skips it later, with its reason, and the
+    summary of `prepare` counts the files whose header could not be read.
+    """
+    try:
+        return float(soundfile.info(str(path)).duration)
+    except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
+        log.warning("cannot read the header of %s (%s); duration set to 0.0", path, e)
+        return 0.0
+
+
+def corpus_folder(corpus_dir: Path, corpus: str, layout: str) -> Path:
+    """The corpus folder as an absolute path, or RecordsError when it is not a folder."""
+    corpus_dir = Path(corpus_dir).expanduser().absolute()
+    if not corpus_dir.is_dir():
+        raise RecordsError(
+            f"{corpus} corpus folder {corpus_dir} does not exist (or is not a folder): "
+            f"pass the folder that holds {layout}"
+        )
+    return corpus_dir
+
+
+def find_audio(folder: Path, corpus: str, layout: str) -> list[Path]:
+    """Every .wav/.flac file under `folder`, sorted; RecordsError when there are none."""
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    if not files:
+        raise RecordsError(
+            f"no audio files (.wav or .flac) found under {folder}: the {corpus} recipe "
+            f"expects {layout}"
+        )
+    return files
+
+
+def listing(items: list, limit: int = MAX_LISTED) -> str:
+    """The first few items and how many more, for an error message."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return shown + more
+
+
+def refuse_unmatched(bad: list[Path], corpus: str, scheme: str) -> None:
+    """RecordsError naming the files whose names do not follow the corpus's naming scheme."""
+    if bad:
+        raise RecordsError(
+            f"{len(bad)} {corpus} files do not follow its naming scheme {scheme}: "
+            f"{listing(bad)}; rename or move them out of the corpus folder"
+        )
+
+
+def resolve_label_map(
+    corpus: str, label_map: str | None
+) -> tuple[str | None, dict[str, str] | None]:
+    """(name, table) of the map to apply; (None, None) keeps every label.
+
+    None picks the corpus's default from DEFAULT_LABEL_MAPS; "none" keeps every label.
+    """
+    name = DEFAULT_LABEL_MAPS.get(corpus) if label_map is None else label_map
+    if name is None or name.lower() == NO_MAP:
+        return None, None
+    if name not in LABEL_MAPS:
+        raise RecordsError(
+            f"unknown label map {name!r}; known label maps: {', '.join(sorted(LABEL_MAPS))}, "
+            f"or {NO_MAP!r} to keep every label"
+        )
+    return name, LABEL_MAPS[name]
+
+
+def apply_label_map(
+    records: Iterable[Utterance], table: dict[str, str] | None
+) -> tuple[list[Utterance], dict[str, int]]:
+    """(kept records relabelled by `table`, dropped count per original label).
+
+    A record is looked up by its original label; one the table does not list is dropped.
+    With no table every record is kept as it is.
+    """
+    records = list(records)
+    if table is None:
+        return records, {}
+    kept, dropped = [], Counter()
+    for r in records:
+        if r.original_label in table:
+            kept.append(replace(r, label=table[r.original_label]))
+        else:
+            dropped[r.original_label] += 1
+    return kept, dict(sorted(dropped.items()))
+
+
+def map_labels(
+    records: list[Utterance], corpus: str, label_map: str | None
+) -> tuple[str | None, list[Utterance], dict[str, int]]:
+    """(map name, kept records, dropped per original label); RecordsError if none are kept."""
+    name, table = resolve_label_map(corpus, label_map)
+    kept, dropped = apply_label_map(records, table)
+    if records and not kept:
+        seen = sorted({r.original_label for r in records})
+        raise RecordsError(
+            f"label map {name!r} keeps none of the {len(records)} {corpus} utterances: it maps "
+            f"{sorted(table)}, the corpus has {seen}; pick a map for this corpus "
+            f"({', '.join(sorted(LABEL_MAPS))}) or {NO_MAP!r}"
+        )
+    return name, kept, dropped
+
+
+def mapped(records: list[Utterance], corpus: str, label_map: str | None) -> list[Utterance]:
+    """Validated records after the label map, drops logged: the last step of every preparer."""
+    validate(records)
+    name, kept, dropped = map_labels(records, corpus, label_map)
+    if dropped:
+        log.warning("label map %s dropped %d %s utterances: %s", name, sum(dropped.values()),
+                    corpus, ", ".join(f"{k} {n}" for k, n in dropped.items()))
+    return kept
+
+
+# --- the corpora ------------------------------------------------------------------------------
+
+RAVDESS_LAYOUT = "Actor_XX/03-01-EE-II-SS-RR-AA.wav (or .flac), from Audio_Speech_Actors_01-24.zip"
+RAVDESS_NAME = re.compile(r"(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)")
+
+
+def prepare_ravdess(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
+    """RAVDESS speech: id = file stem, speaker "Actor_AA", 8 classes, no groups."""
+    corpus_dir = corpus_folder(corpus_dir, "ravdess", RAVDESS_LAYOUT)
+    records, bad, songs = [], [], []
+    for path in find_audio(corpus_dir, "ravdess", RAVDESS_LAYOUT):
+        m = RAVDESS_NAME.fullmatch(path.stem)
+        if not m or m[1] != "03" or m[2] not in ("01", "02") or m[3] not in RAVDESS_EMOTIONS:
+            bad.append(path)
+            continue
+        if m[2] == "02":
+            songs.append(path)
+            continue
+        label = RAVDESS_EMOTIONS[m[3]]
+        records.append(Utterance(
+            id=path.stem, path=str(path), label=label, speaker=f"Actor_{m[7]}",
+            duration=audio_duration(path), original_label=label,
+        ))
+    refuse_unmatched(bad, "ravdess", "03-01-EE-II-SS-RR-AA (modality 03 audio-only, "
+                     "vocal channel 01 speech, emotion 01-08)")
+    if songs:
+        raise RecordsError(
+            f"{len(songs)} RAVDESS song files (vocal channel 02) found, for example "
+            f"{listing(songs, 2)}; this recipe prepares the speech part only: move the song files "
+            "out of the corpus folder, or list the files you want in a CSV (--corpus csv)"
+        )
+    return mapped(records, "ravdess", label_map)
+
+
+SHEMO_LAYOUT = "female/F21N37.wav and male/M13A05.wav (gender, speaker, emotion letter, number)"
+SHEMO_NAME = re.compile(r"([FM])(\d+)([AHNSWF])(\d+)")
+
+
+def prepare_shemo(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
+    """ShEMO: id = file stem ("F21N37"), speaker = gender + number ("F21"), 6 classes."""
+    corpus_dir = corpus_folder(corpus_dir, "shemo", SHEMO_LAYOUT)
+    records, bad = [], []
+    for path in find_audio(corpus_dir, "shemo", SHEMO_LAYOUT):
+        m = SHEMO_NAME.fullmatch(path.stem)
+        if not m:
+            bad.append(path)
+            continue
+        label = SHEMO_EMOTIONS[m[3]]
+        records.append(Utterance(
+            id=path.stem, path=str(path), label=label, speaker=m[1] + m[2],
+            duration=audio_duration(path), original_label=label,
+        ))
+    refuse_unmatched(bad, "shemo", "F21N37 (gender F/M, speaker number, emotion letter "
+                     f"{'/'.join(SHEMO_EMOTIONS)}, utterance number)")
+    return mapped(records, "shemo", label_map)
+
+
+EMODB_LAYOUT = "wav/03a01Fa.wav (speaker, text, emotion letter, version)"
+EMODB_NAME = re.compile(r"(\d\d)([a-z]\d\d)([WLEAFTN])([a-z])")
+
+
+def prepare_emodb(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
+    """EmoDB: id = file stem ("03a01Fa"), speaker = its first two digits ("03"), 7 classes."""
+    corpus_dir = corpus_folder(corpus_dir, "emodb", EMODB_LAYOUT)
+    records, bad = [], []
+    for path in find_audio(corpus_dir, "emodb", EMODB_LAYOUT):
+        m = EMODB_NAME.fullmatch(path.stem)
+        if not m:
+            bad.append(path)
+            continue
+        label = EMODB_EMOTIONS[m[3]]
+        records.append(Utterance(
+            id=path.stem, path=str(path), label=label, speaker=m[1],
+            duration=audio_duration(path), original_label=label,
+        ))
+    refuse_unmatched(bad, "emodb", "03a01Fa (speaker 2 digits, text 3 characters, emotion letter "
+                     f"{'/'.join(EMODB_EMOTIONS)}, version letter)")
+    return mapped(records, "emodb", label_map)
+
+
+IEMOCAP_LAYOUT = ("SessionN/sentences/wav/<dialog>/<utterance>.wav with labels in "
+                  "SessionN/dialog/EmoEvaluation/<dialog>.txt")
+IEMOCAP_ID = re.compile(r"Ses(\d\d)[FM]_.+_([FM])\d+")  # Ses01F_impro01_F000
+
+
+def read_iemocap_labels(corpus_dir: Path) -> dict[str, str]:
+    """Utterance id -> label from every SessionN/dialog/EmoEvaluation/*.txt.
+
+    Only lines starting with "[" are labels: `[start - end]<TAB>id<TAB>label<TAB>[v, a, d]`;
+    the header and the per-evaluator lines ("C-E2:", "A-E3:") are skipped.
+    """
+    labels, where = {}, {}
+    for txt in sorted(corpus_dir.glob("Session*/dialog/EmoEvaluation/*.txt")):
+        if txt.name.startswith("."):
+            continue
+        for n, line in enumerate(txt.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.startswith("["):
+                continue
+            parts = line.split("\t")
+            if len(parts) < 3 or not IEMOCAP_ID.fullmatch(parts[1].strip()):
+                raise RecordsError(
+                    f"{txt}:{n}: expected '[start - end]<TAB>Ses01F_impro01_F000<TAB>label"
+                    f"<TAB>[v, a, d]', got {line!r}: fix or remove the line"
+                )
+            utt, label = parts[1].strip(), parts[2].strip()
+            if label not in IEMOCAP_EMOTIONS:
+                raise RecordsError(f"{txt}:{n}: unknown IEMOCAP label {label!r} for {utt}; "
+                                   f"known: {', '.join(IEMOCAP_EMOTIONS)}")
+            if utt in labels:
+                raise RecordsError(f"{txt}:{n}: {utt} is labelled twice (also at {where[utt]}): "
+                                   "keep one line")
+            labels[utt], where[utt] = label, f"{txt}:{n}"
+    return labels
+
+
+def prepare_iemocap(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
+    """IEMOCAP: id = utterance id, speaker "Ses01_F", group "Session1"; default map iemocap4."""
+    corpus_dir = corpus_folder(corpus_dir, "iemocap", IEMOCAP_LAYOUT)
+    wavs = [p for p in find_audio(corpus_dir, "iemocap", IEMOCAP_LAYOUT)
+            if p.relative_to(corpus_dir).parts[1:3] == ("sentences", "wav")]
+    if not wavs:
+        raise RecordsError(f"no audio files under {corpus_dir}/Session*/sentences/wav: the "
+                           f"iemocap recipe expects {IEMOCAP_LAYOUT}")
+    labels = read_iemocap_labels(corpus_dir)
+    unlabelled = [p for p in wavs if p.stem not in labels]
+    if unlabelled:
+        raise RecordsError(
+            f"{len(unlabelled)} IEMOCAP audio files have no label line in "
+            f"SessionN/dialog/EmoEvaluation/<dialog>.txt: {listing(unlabelled)}; "
+            "restore the EmoEvaluation files from the release or remove the audio"
+        )
+    silent = sorted(set(labels) - {p.stem for p in wavs})
+    if silent:
+        raise RecordsError(
+            f"{len(silent)} labelled IEMOCAP utterances have no audio file, for example "
+            f"{listing(silent)}: expected SessionN/sentences/wav/<dialog>/<utterance>.wav; "
+            "the copy of the release looks incomplete"
+        )
+    records = []
+    for path in wavs:
+        utt = path.stem
+        m = IEMOCAP_ID.fullmatch(utt)  # read_iemocap_labels has checked every labelled id
+        records.append(Utterance(
+            id=utt, path=str(path), label=IEMOCAP_EMOTIONS[labels[utt]],
+            speaker=f"Ses{m[1]}_{m[2]}", group=f"Session{int(m[1])}",
+            duration=audio_duration(path), original_label=labels[utt],
+        ))
+    return mapped(records, "iemocap", label_map)
+
+
+CSV_COLUMNS = ("path", "label", "speaker")  # required; "group" and "id" are optional
+
+
+def find_csv(corpus_dir: Path, csv_path: Path | None) -> Path:
+    """The CSV to read: `csv_path`, else `corpus_dir` when it is a file, else CSV_NAME in it."""
+    if csv_path is None:
+        corpus_dir = Path(corpus_dir).expanduser()
+        csv_path = corpus_dir if corpus_dir.is_file() else corpus_dir / CSV_NAME
+    csv_path = Path(csv_path).expanduser().absolute()
+    if not csv_path.is_file():
+        raise RecordsError(f"CSV file {csv_path} does not exist: pass --csv PATH, or put "
+                           f"{CSV_NAME} (columns {', '.join(CSV_COLUMNS)}) in the corpus folder")
+    return csv_path
+
+
+def csv_row(row: dict, n: int, csv_path: Path, folder: Path) -> Utterance:
+    """One CSV row (row n of the file, the header being row 1) -> an Utterance."""
+    cells = {k: v.strip() for k, v in row.items()}
+    for name in CSV_COLUMNS:
+        if not cells.get(name):
+            raise RecordsError(f"{csv_path}, row {n}: the {name} field is empty: fill it in "
+                               "or delete the row")
+    rel = cells["path"]
+    path = (folder / rel).resolve()
+    if not path.is_relative_to(folder):
+        raise RecordsError(
+            f"{csv_path}, row {n}: path {rel!r} points outside the CSV's folder {folder} "
+            f"(to {path}): put the audio under the CSV's folder, or move the CSV up to a folder "
+            "that holds all of it"
+        )
+    uid = cells.get("id") or posixpath.splitext(posixpath.normpath(rel))[0]
+    return Utterance(
+        id=uid, path=str(path), label=cells["label"], speaker=cells["speaker"],
+        group=cells.get("group", ""), duration=audio_duration(path),
+        original_label=cells["label"],
+    )
+
+
+def prepare_csv(corpus_dir: Path, label_map: str | None = None,
+                csv_path: Path | None = None) -> list[Utterance]:
+    """Any corpus from a CSV with columns path, label, speaker[, group][, id]."""
+    csv_path = find_csv(corpus_dir, csv_path)
+    folder = csv_path.parent.resolve()
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        if missing:
+            raise RecordsError(
+                f"{csv_path}, row 1: missing column(s) {', '.join(missing)} (header is "
+                f"{header}): the first row must name the columns {', '.join(CSV_COLUMNS)} "
+                "and optionally group, id"
+            )
+        records, first_row = [], {}
+        for n, cells in enumerate(reader, 2):
+            if not any(c.strip() for c in cells):
+                continue  # a blank line is not a row
+            if len(cells) > len(header):
+                raise RecordsError(
+                    f"{csv_path}, row {n}: {len(cells)} fields but the header names "
+                    f"{len(header)}: quote fields that contain commas"
+                )
+            r = csv_row(dict(zip(header, cells)), n, csv_path, folder)
+            if r.id in first_row:
+                raise RecordsError(
+                    f"{csv_path}, rows {first_row[r.id]} and {n} have the same id {r.id!r}: "
+                    "ids must be unique; give each row its own path or id"
+                )
+            first_row[r.id] = n
+            records.append(r)
+    if not records:
+        raise RecordsError(f"{csv_path} has a header but no rows: add one row per utterance")
+    return mapped(records, "csv", label_map)
+
+
+CORPORA: dict[str, Callable[..., list[Utterance]]] = {
+    "ravdess": prepare_ravdess,
+    "shemo": prepare_shemo,
+    "iemocap": prepare_iemocap,
+    "emodb": prepare_emodb,
+    "csv": prepare_csv,
+}
+
+
+# --- checks and the entry point ---------------------------------------------------------------
+
+def single_speaker_labels(records: Iterable[Utterance]) -> dict[str, str]:
+    """Label -> its only speaker, for every label spoken by one speaker alone."""
+    speakers = defaultdict(set)
+    for r in records:
+        speakers[r.label].add(r.speaker)
+    return {label: next(iter(s)) for label, s in sorted(speakers.items()) if len(s) == 1}
+
+
+def check_splittable(records: Iterable[Utterance]) -> None:
+    """RecordsError when a label has one speaker: speaker-independent folds cannot test it."""
+    lonely = single_speaker_labels(records)
+    if lonely:
+        said = "; ".join(f"label {k!r} has only speaker {v!r}" for k, v in lonely.items())
+        raise RecordsError(
+            f"{said}: a speaker-independent split needs every label from at least two speakers; "
+            "drop the label with a label map (or a CSV without it) or add speakers"
+        )
+
+
+@dataclass
+class PreparedCorpus:
+    """A prepared corpus: its records and what preparing it did.
+
+    label_map: the name of the map applied, or None when every label was kept.
+    dropped: original label -> utterances the label map dropped.
+    """
+
+    corpus: str
+    corpus_dir: Path
+    label_map: str | None
+    records: list[Utterance]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A few lines for the CLI: per-class counts after mapping, drops, warnings."""
+        rs = self.records
+        speakers = {r.speaker for r in rs}
+        groups = {r.group for r in rs if r.group}
+        hours = sum(r.duration for r in rs) / 3600
+        lines = [
+            f"{self.corpus} ({self.corpus_dir}): {len(rs)} utterances, {len(speakers)} speakers"
+            + (f", {len(groups)} groups" if groups else "")
+            + f", {hours:.2f} h, label map {self.label_map or NO_MAP}"
+        ]
+        sources = defaultdict(Counter)
+        for r in rs:
+            sources[r.label][r.original_label] += 1
+        for label, n in class_counts(rs).items():
+            merged = sources[label]
+            from_ = (" (" + " + ".join(f"{k} {v}" for k, v in sorted(merged.items())) + ")"
+                     if len(merged) > 1 else "")
+            lines.append(f"  {label:<12} {n:6d}{from_}")
+        if self.dropped:
+            lines.append(
+                f"dropped {sum(self.dropped.values())} utterances whose original label is not "
+                f"in label map {self.label_map}: "
+                + ", ".join(f"{k} {n}" for k, n in self.dropped.items())
+            )
+        unreadable = [r.id for r in rs if r.duration <= 0]
+        if unreadable:
+            lines.append(f"warning: {len(unreadable)} files have no readable header (duration "
+                         f"0.0; the extractor will skip them): {listing(unreadable)}")
+        for label, speaker in single_speaker_labels(rs).items():
+            lines.append(f"warning: label {label!r} has only speaker {speaker!r}: speaker-"
+                         "independent folds cannot test it (training will refuse it)")
+        return "\n".join(lines)
+
+
+def prepare(corpus: str, corpus_dir: Path, label_map: str | None = None,
+            csv_path: Path | None = None) -> PreparedCorpus:
+    """Prepare `corpus` from `corpus_dir`: records after the label map, validated, summarised.
+
+    label_map: a name in LABEL_MAPS, "none" to keep every label, or None for the corpus's
+    default. csv_path: only for corpus "csv" (see `prepare_csv`).
+    """
+    if corpus not in CORPORA:
+        raise RecordsError(f"unknown corpus {corpus!r}; known corpora: {', '.join(CORPORA)}")
+    if csv_path is not None and corpus != "csv":
+        raise RecordsError(f"a CSV path is only read with corpus 'csv', not {corpus!r}: "
+                           "drop --csv or use --corpus csv")
+    resolve_label_map(corpus, label_map)  # refuse an unknown map name before scanning the corpus
+    extra = {"csv_path": csv_path} if corpus == "csv" else {}
+    everything = CORPORA[corpus](corpus_dir, label_map=NO_MAP, **extra)
+    name, records, dropped = map_labels(everything, corpus, label_map)
+    validate(records)
+    return PreparedCorpus(corpus, Path(corpus_dir).absolute(), name, records, dropped)
