@@ -5,9 +5,25 @@ a command only turns options into a call and failures into `click.ClickException
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import click
+
+from .audio import LONG_AUDIO_POLICIES, AudioError
+from .cache import DTYPES, CacheError, open_cache, shard_name
+from .corpora import CORPORA, prepare
+from .device import pick_device
+from .encoder import MODES
+from .records import RecordsError, Utterance
+
+
+def limit_records(records: list[Utterance], limit: int | None) -> list[Utterance]:
+    """A fixed pseudo-random subset of `limit` records (by a hash of the id), or all of them."""
+    if not limit or limit >= len(records):
+        return records
+    return sorted(records, key=lambda r: hashlib.sha1(r.id.encode()).hexdigest())[:limit]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -22,11 +38,153 @@ def main():
 
 # --- stage 1: corpus -> cache -------------------------------------------------------------
 
+
+@main.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--corpus", type=click.Choice(sorted(CORPORA)), required=True, help="How DATA_DIR is laid out and labelled.")
+@click.option("--model", "model", required=True, help="Whisper model name (tiny, base, small, ...) or checkpoint path.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder (created, or resumed if it holds a cache with the same settings).")
+@click.option("--mode", type=click.Choice(MODES), default="trim", help="padded: 30 s window, 1500 frames kept; trim: 30 s window, speech frames kept; short: only speech frames encoded (fastest).")
+@click.option("--layers", default="all", help="States to keep: all, 6, 0,3,6 or 2-5 (0 = input embedding, last = after ln_post).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", help="Storage precision of the states.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, help="Utterances per encoder forward.")
+@click.option("--shard", "shard_spec", default="0/1", help="I/N: extract only the I-th of N disjoint parts (I from 0), e.g. $SLURM_ARRAY_TASK_ID/N.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only N utterances (a fixed pseudo-random subset, for quick trials).")
+@click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own.")
+@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the CSV (path,label,speaker[,group]); default DATA_DIR/utterances.csv.")
+@click.option("--long-audio", type=click.Choice(LONG_AUDIO_POLICIES), default="refuse", help="Utterances over 30 s: refuse (skip, recorded), truncate to 30 s, or encode as consecutive 30 s windows.")
+@click.option("--strict", is_flag=True, help="Fail on the first file that cannot be used, instead of skipping and recording it.")
+@click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--workers", type=click.IntRange(1), default=2, help="Threads that read and prepare audio while the encoder runs.")
+def extract(data_dir, corpus, model, out, mode, layers, dtype, batch_size, shard_spec, limit, label_map, csv_path,
+            long_audio, strict, repair, device, workers):
+    """Encode a corpus with Whisper once and cache every kept encoder state.
+
+    Re-running the same command resumes an interrupted extraction.
+    """
+    from .encoder import load_encoder
+    from .extract import ExtractOptions, extract as run_extract, parse_layers, parse_shard, summary_text
+
+    try:
+        shard = parse_shard(shard_spec)
+        prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path)
+        records = limit_records(prepared.records, limit)
+        click.echo(prepared.summary())
+        if limit:
+            click.echo(f"--limit {limit}: using {len(records)} of {len(prepared.records)} utterances")
+        dev = pick_device(device)
+        enc = load_encoder(model, device=dev)
+        opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, batch_size=batch_size,
+                              shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers)
+        click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
+        summary = run_extract(records, out, corpus, enc, opts, device=dev)
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"interrupted; every shard written so far is complete. Re-run the same command to resume ({out})"
+        )
+    except (RecordsError, CacheError, AudioError, ValueError, OSError, OverflowError) as e:
+        raise click.ClickException(str(e))
+    click.echo(summary_text(summary))
+    cache = open_cache(out)
+    state = "complete" if cache.complete else f"{len(cache.complete_shards())} of {len(cache.plan)} shards (other --shard jobs pending)"
+    click.echo(f"cache {out}: {state}")
+
+
+@main.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def inspect(cache_dir, as_json):
+    """Show what a cache holds: model, mode, layers, counts, skipped utterances."""
+    try:
+        info = open_cache(cache_dir).summary()
+    except CacheError as e:
+        raise click.ClickException(str(e))
+    if as_json:
+        click.echo(json.dumps(info, indent=1, ensure_ascii=False))
+        return
+    click.echo(f"cache {info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE'})")
+    click.echo(f"  corpus {info['corpus']}, model {info['model']} (sha256 {info['model_sha256'][:12]}), width {info['dim']}")
+    click.echo(f"  mode {info['mode']}, dtype {info['dtype']}, layers {info['layers']}")
+    click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} frames, {info['bytes'] / 2**20:.1f} MiB")
+    click.echo(f"  shards {info['shards']} of {info['shards_planned']}" + (f", missing {info['missing_shards'][:10]}" if info['missing_shards'] else ""))
+    click.echo(f"  skipped {len(info['skipped'])}")
+    for s in info["skipped"]:
+        click.echo(f"    {s['id']}: {s['reason']}  [{s['path']}]")
+    if info["notes"]:
+        click.echo(f"  notes {len(info['notes'])}")
+        for n in info["notes"][:20]:
+            click.echo(f"    {n['id']}: {n['note']}")
+
+
+@main.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(cache_dir):
+    """Check every shard against the SHA-256 recorded when it was written, plus structure and counts.
+
+    Exits non-zero and names every damaged or missing shard.
+    """
+    try:
+        cache = open_cache(cache_dir)
+        problems = cache.verify()
+    except CacheError as e:
+        raise click.ClickException(str(e))
+    for k, why in problems.items():
+        click.echo(f"{shard_name(k)}: {why}")
+    if problems:
+        raise click.ClickException(
+            f"{len(problems)} of {len(cache.plan)} shards damaged or missing; re-create them with the same "
+            "`ser-cache extract ... --repair` command"
+        )
+    click.echo(f"all {len(cache.plan)} shards verified ({cache.summary()['utterances']} utterances)")
+
+
 # --- stage 2: cache -> heads, metrics ------------------------------------------------------
 
 # --- layer-wise comparisons ----------------------------------------------------------------
 
 # --- corpora: download and check -----------------------------------------------------------
+
+# The corpus tables live in download.py; imported here so that the choices show in --help.
+from . import download as _dl  # noqa: E402
+
+
+@main.command("download")
+@click.argument("corpus", type=click.Choice(_dl.DOWNLOADABLE))
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to download and unpack the corpus into (created if needed).")
+@click.option("--base-url", default=None, envvar=_dl.ENV_BASE, show_envvar=True,
+              help="Fetch the archives by name from this URL (a mirror) instead of their sources.")
+def download_cmd(corpus, to, base_url):
+    """Download CORPUS, unpack it into --to and verify every file against its SHA-256 list.
+
+    Resumes an interrupted download; running it again after success only re-verifies.
+    """
+    try:
+        report = _dl.download(corpus, to, base_url=base_url)
+    except _dl.DownloadError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(report.summary())
+    click.echo(f"archives kept in {to / _dl.ARCHIVE_DIR}; delete them if you need the space")
+    click.echo(f"pass this folder to `ser-cache extract`: {report.folder}")
+
+
+@main.command("check-corpus")
+@click.argument("corpus", type=click.Choice(sorted(_dl.CORPORA)))
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def check_corpus_cmd(corpus, folder):
+    """Verify a corpus you already have in FOLDER (or its parent) against its SHA-256 list.
+
+    Missing or altered files make it fail; files the list does not name are only reported.
+    """
+    try:
+        report = _dl.check_corpus(corpus, folder)
+    except _dl.DownloadError as e:
+        raise click.ClickException(str(e)) from e
+    if not report.passed:
+        raise click.ClickException(report.summary())
+    click.echo(report.summary())
+    click.echo(f"pass this folder to `ser-cache extract`: {report.folder}")
 
 # --- using a trained head --------------------------------------------------------------------
 

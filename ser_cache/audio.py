@@ -1,0 +1,126 @@
+"""Audio files -> 16 kHz mono float32, the only input Whisper takes.
+
+Any format and rate that libsndfile reads (WAV, FLAC, OGG, ...) is accepted; channels are
+averaged and the rate converted with soxr (a band-limited resampler: naive decimation would
+fold high frequencies back into the speech band). Utterances longer than Whisper's 30 s window
+are never cut silently: `LONG_AUDIO_POLICIES` says what may happen to them.
+
+Every problem with a file raises `AudioError` whose `reason` is a short sentence that ends up
+in the cache's table of skipped utterances.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000  # Hz, what Whisper was trained on
+WINDOW_SECONDS = 30  # Whisper's fixed input window
+WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480000 samples in a 30-second window
+SAMPLES_PER_FRAME = 320  # 2 mel hops of 160 samples: one encoder frame every 20 ms
+
+# What to do with an utterance longer than one window:
+#   refuse:   skip it, with a reason that names the other policies (default)
+#   truncate: keep the first 30 s only (recorded as a note in the cache)
+#   windows:  encode consecutive 30 s windows and join their frames (nothing lost)
+LONG_AUDIO_POLICIES = ("refuse", "truncate", "windows")
+
+
+class AudioError(Exception):
+    """A file that cannot become Whisper input; `reason` says why in one line."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_audio(path: str) -> tuple[np.ndarray, int]:
+    """Read a file as it is: (samples, channels) float32 and its sample rate in Hz.
+
+    Raises AudioError for missing, unreadable or non-audio files.
+    """
+    if not os.path.exists(path):
+        raise AudioError("file not found")
+    if os.path.isdir(path):
+        raise AudioError("is a folder, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError("empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise AudioError("permission denied: make the file readable")
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+        raise AudioError(f"not a readable audio file ({_first_line(e)})") from e
+    except OSError as e:
+        raise AudioError(f"cannot read: {e.strerror or e}") from e
+    return data, rate
+
+
+def to_whisper_input(data: np.ndarray, rate: int) -> np.ndarray:
+    """Mix to mono and resample to 16 kHz.
+
+    data: (samples, channels) float32 at `rate` Hz. Returns (samples_16k,) float32.
+    Raises AudioError for empty audio, NaN or infinite samples, or audio shorter than one
+    encoder frame (20 ms).
+    """
+    if data.shape[0] == 0:
+        raise AudioError("no samples (zero-length audio)")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise AudioError(f"{bad} NaN or infinite samples: the file is damaged")
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+    if len(mono) < SAMPLES_PER_FRAME:
+        ms = 1000 * len(mono) / SAMPLE_RATE
+        raise AudioError(f"too short: {ms:.1f} ms, shorter than one 20 ms encoder frame")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def apply_long_policy(audio: np.ndarray, policy: str) -> tuple[list[np.ndarray], str]:
+    """Split 16 kHz audio into the windows the encoder will see.
+
+    Returns (windows, note): one window for audio of at most 30 s; for longer audio, what
+    `policy` says (see LONG_AUDIO_POLICIES), and a note for the cache ("" when nothing
+    happened). Raises AudioError under the "refuse" policy.
+    """
+    if policy not in LONG_AUDIO_POLICIES:
+        raise ValueError(f"unknown long-audio policy {policy!r}; choose one of {LONG_AUDIO_POLICIES}")
+    if len(audio) <= WINDOW_SAMPLES:
+        return [audio], ""
+    seconds = len(audio) / SAMPLE_RATE
+    if policy == "refuse":
+        raise AudioError(
+            f"longer than {WINDOW_SECONDS} s ({seconds:.1f} s): pass --long-audio windows to keep "
+            f"all of it, or --long-audio truncate to keep the first {WINDOW_SECONDS} s"
+        )
+    if policy == "truncate":
+        return [audio[:WINDOW_SAMPLES]], f"truncated from {seconds:.1f} s to {WINDOW_SECONDS} s"
+    n = math.ceil(len(audio) / WINDOW_SAMPLES)
+    # A last window of a few samples is fine: it is zero-padded to whole frames like any other.
+    windows = [audio[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES] for i in range(n)]
+    return windows, f"{seconds:.1f} s encoded as {len(windows)} windows of up to {WINDOW_SECONDS} s"
+
+
+def load_utterance(path: str, long_policy: str = "refuse") -> tuple[list[np.ndarray], list[str]]:
+    """Read one utterance as Whisper windows: ([(samples,) float32 at 16 kHz, ...], notes).
+
+    Notes are things worth knowing that do not stop the file from being used (digital
+    silence, truncation). Raises AudioError for anything that does.
+    """
+    data, rate = read_audio(path)
+    audio = to_whisper_input(data, rate)
+    notes = []
+    if not np.any(audio):
+        notes.append("digital silence (every sample is zero)")
+    windows, note = apply_long_policy(audio, long_policy)
+    if note:
+        notes.append(note)
+    return windows, notes
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,439 @@
+"""The feature cache: every kept encoder state of a corpus, in HDF5 shards.
+
+Layout of a cache folder:
+
+    cache.json              settings that must match for reuse, plus provenance (versions)
+    records.jsonl           the utterance records the cache was planned from
+    plan.json               which utterance ids go to which shard (fixed before any work)
+    shards/shard-00000.h5   one complete shard
+    shards/shard-00000.json its SHA-256, size and counts, written before the shard appears
+
+Inside a shard, utterances are stored back to back, one contiguous dataset per layer:
+
+    ids, labels, speakers, groups   (n,) str
+    n_frames                        (n,) int32    frames stored per utterance
+    speech_frames                   (n,) int32    frames that cover the speech
+    offsets                         (n + 1,) int64
+    layer_07                        (total_frames, dim) float16 (or float32)
+    skipped_ids/_paths/_reasons     (k,) str      planned utterances that could not be used
+    note_ids/note_texts             (m,) str      kept utterances with something to know
+
+so one layer of the whole corpus is read with one large read per shard (`read_layer`).
+
+Crash safety: a shard is written to a temporary name, flushed to disk, described by its JSON
+sidecar, then renamed; a shard without both files is not complete and is re-done by the next
+`extract`. The plan is a pure function of the records and settings, so `--shard I/N` jobs
+(shards k with k % N == I) can fill one folder from several machines.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .features import LayerData
+from .records import Utterance, load_records
+
+CACHE_FORMAT = 1
+SETTINGS_FILE = "cache.json"
+RECORDS_FILE = "records.jsonl"
+PLAN_FILE = "plan.json"
+SHARD_DIR = "shards"
+DTYPES = ("float16", "float32")
+META_FIELDS = ("ids", "labels", "speakers", "groups")
+STR = h5py.string_dtype()
+
+
+class CacheError(Exception):
+    """A cache that cannot be used as asked; the message says what differs or is broken, and the fix."""
+
+
+@dataclass
+class CacheSettings:
+    """Everything that decides the bytes of a cache. Two runs may share a cache only if equal."""
+
+    corpus: str
+    model: str
+    model_sha256: str
+    dims: dict
+    mode: str
+    dtype: str
+    layers: list[int]
+    long_audio: str
+    records_hash: str
+    n_records: int
+    shard_bytes: int
+    sample_rate: int = 16000
+    format: int = CACHE_FORMAT
+
+    def differences(self, other: "CacheSettings") -> list[str]:
+        """Human-readable list of the settings in which `other` differs from self."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: cache has {mine[k]!r}, asked for {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+def layer_name(state: int) -> str:
+    return f"layer_{state:02d}"
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+# --- planning -------------------------------------------------------------------------------
+
+
+def plan_shards(records: list[Utterance], bytes_per_second: float, shard_bytes: int) -> list[list[str]]:
+    """Split utterance ids into shards of about `shard_bytes` each, in id order.
+
+    bytes_per_second: estimated cache bytes per second of audio (all kept layers), or per
+    utterance for the padded mode (pass duration-free estimates through `records`' durations).
+    Deterministic: the same records and settings always give the same plan.
+    """
+    shards: list[list[str]] = [[]]
+    size = 0.0
+    for r in sorted(records, key=lambda r: r.id):
+        cost = max(r.duration, 0.02) * bytes_per_second
+        if shards[-1] and size + cost > shard_bytes:
+            shards.append([])
+            size = 0.0
+        shards[-1].append(r.id)
+        size += cost
+    return shards
+
+
+# --- writing a shard ------------------------------------------------------------------------
+
+
+@dataclass
+class ShardContent:
+    """What one shard holds, in plan order. states[i] maps state index -> (n_frames_i, dim)."""
+
+    records: list[Utterance] = field(default_factory=list)
+    states: list[dict[int, np.ndarray]] = field(default_factory=list)
+    speech_frames: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, path, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (id, text)
+
+
+def write_shard(folder: Path, k: int, content: ShardContent, layers: list[int], dim: int, dtype: str) -> dict:
+    """Write shard k crash-safely (temporary file, fsync, sidecar, rename). Returns the sidecar.
+
+    Raises OSError on write failure, after removing the temporary file.
+    """
+    folder = Path(folder)
+    final, sidecar = folder / f"{shard_name(k)}.h5", folder / f"{shard_name(k)}.json"
+    tmp = folder / f"{shard_name(k)}.h5.tmp"
+    n_frames = np.array([len(s[layers[0]]) if s else 0 for s in content.states], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(n_frames, dtype=np.int64)]).astype(np.int64)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["shard"] = k
+            f.attrs["format"] = CACHE_FORMAT
+            for name, values in zip(META_FIELDS, _columns(content.records)):
+                f.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
+            f.create_dataset("n_frames", data=n_frames)
+            f.create_dataset("speech_frames", data=np.array(content.speech_frames, dtype=np.int32))
+            f.create_dataset("offsets", data=offsets)
+            for s in layers:
+                ds = f.create_dataset(layer_name(s), shape=(int(offsets[-1]), dim), dtype=dtype)
+                for i, states in enumerate(content.states):
+                    if n_frames[i]:
+                        ds[offsets[i] : offsets[i + 1]] = states[s]
+            for name, column in zip(("skipped_ids", "skipped_paths", "skipped_reasons"), _transpose(content.skipped, 3)):
+                f.create_dataset(name, data=np.array(column, dtype=object), dtype=STR)
+            for name, column in zip(("note_ids", "note_texts"), _transpose(content.notes, 2)):
+                f.create_dataset(name, data=np.array(column, dtype=object), dtype=STR)
+        _fsync(tmp)
+        info = {
+            "shard": k,
+            "sha256": file_sha256(tmp),
+            "bytes": tmp.stat().st_size,
+            "utterances": len(content.records),
+            "skipped": len(content.skipped),
+            "frames": int(offsets[-1]),
+        }
+        _write_json_atomic(sidecar, info)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        return info
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _columns(records: list[Utterance]):
+    return [r.id for r in records], [r.label for r in records], [r.speaker for r in records], [r.group for r in records]
+
+
+def _transpose(rows: list[tuple], width: int) -> list[list[str]]:
+    return [[row[j] for row in rows] for j in range(width)]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    # A per-process temporary name: several `--shard I/N` jobs may write the same file at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- opening and reading --------------------------------------------------------------------
+
+
+class Cache:
+    """A cache folder, opened for reading. Cheap to open: shards are read on demand."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        settings_path = self.root / SETTINGS_FILE
+        if not settings_path.is_file():
+            raise CacheError(f"{self.root} is not a ser-cache cache (no {SETTINGS_FILE}): run `ser-cache extract` first")
+        meta = json.loads(settings_path.read_text(encoding="utf-8"))
+        if meta.get("settings", {}).get("format") != CACHE_FORMAT:
+            raise CacheError(f"{self.root}: cache format {meta.get('settings', {}).get('format')}, this version reads {CACHE_FORMAT}")
+        self.settings = CacheSettings(**meta["settings"])
+        self.provenance = meta.get("provenance", {})
+        self.plan: list[list[str]] = json.loads((self.root / PLAN_FILE).read_text(encoding="utf-8"))
+
+    # settings, as properties so callers need not know the file layout
+    @property
+    def layers(self) -> list[int]:
+        return list(self.settings.layers)
+
+    @property
+    def dim(self) -> int:
+        return int(self.settings.dims["n_audio_state"])
+
+    @property
+    def corpus(self) -> str:
+        return self.settings.corpus
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / SHARD_DIR
+
+    def records(self) -> list[Utterance]:
+        return load_records(self.root / RECORDS_FILE)
+
+    @property
+    def fingerprint(self) -> dict:
+        """What identifies this cache's content, for a run's config.json."""
+        s = asdict(self.settings)
+        s["path"] = str(self.root.resolve())
+        s["shard_sha256"] = hashlib.sha256(
+            "".join(self.sidecar(k).get("sha256", "") for k in range(len(self.plan))).encode()
+        ).hexdigest()
+        return s
+
+    def sidecar(self, k: int) -> dict:
+        path = self.shard_dir / f"{shard_name(k)}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def shard_path(self, k: int) -> Path:
+        return self.shard_dir / f"{shard_name(k)}.h5"
+
+    def shard_problem(self, k: int) -> str:
+        """Why shard k is not usable, from cheap checks only (presence and size), or ""."""
+        path, info = self.shard_path(k), self.sidecar(k)
+        if not path.exists():
+            return "missing"
+        if not info:
+            return "its checksum file is missing or unreadable"
+        size = path.stat().st_size
+        if size != info.get("bytes"):
+            return f"size {size} bytes, {info.get('bytes')} recorded when written (truncated or altered)"
+        return ""
+
+    def complete_shards(self) -> list[int]:
+        return [k for k in range(len(self.plan)) if not self.shard_problem(k)]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.complete_shards()) == len(self.plan)
+
+    def check(self) -> None:
+        """Cheap checks before training: every planned shard present, with its recorded size,
+        and its counts matching the plan. Raises CacheError naming every problem and the fix."""
+        problems = []
+        for k in range(len(self.plan)):
+            why = self.shard_problem(k)
+            if why:
+                problems.append(f"{shard_name(k)}: {why}")
+                continue
+            try:
+                with h5py.File(self.shard_path(k), "r") as f:
+                    n, skipped = len(f["ids"]), len(f["skipped_ids"])
+                    missing = [layer_name(s) for s in self.layers if layer_name(s) not in f]
+            except (OSError, KeyError) as e:
+                problems.append(f"{shard_name(k)}: unreadable ({e})")
+                continue
+            if n + skipped != len(self.plan[k]):
+                problems.append(f"{shard_name(k)}: {n} utterances + {skipped} skipped, plan has {len(self.plan[k])}")
+            if missing:
+                problems.append(f"{shard_name(k)}: datasets missing: {missing}")
+        if problems:
+            raise CacheError(
+                f"cache {self.root} is incomplete or damaged:\n  " + "\n  ".join(problems[:20])
+                + ("\n  ..." if len(problems) > 20 else "")
+                + "\nFix: re-run the same `ser-cache extract` command to finish it "
+                "(add --repair to re-create damaged shards); `ser-cache verify` checks every byte"
+            )
+
+    def read_meta(self) -> dict[str, np.ndarray]:
+        """Per-utterance metadata of all complete shards: ids, labels, speakers, groups, n_frames."""
+        cols = {name: [] for name in (*META_FIELDS, "n_frames", "speech_frames")}
+        for k in self.complete_shards():
+            with h5py.File(self.shard_path(k), "r") as f:
+                for name in cols:
+                    data = f[name][()]
+                    cols[name].append(data.astype(str) if data.dtype == object else data)
+        return {n: (np.concatenate(v) if v else np.array([], dtype=str if n in META_FIELDS else np.int32)) for n, v in cols.items()}
+
+    def read_layer(self, state: int, dtype=None) -> LayerData:
+        """Load one state of every utterance: one large read per shard into one array.
+
+        Peak memory is about the layer's size (frames x dim x itemsize) plus metadata.
+        dtype: the in-memory dtype (default: as stored).
+        """
+        if state not in self.layers:
+            raise CacheError(f"layer {state} is not in this cache; it holds layers {self.layers}")
+        self.check()
+        meta = self.read_meta()
+        offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
+        frames = np.empty((int(offsets[-1]), self.dim), dtype=dtype or self.settings.dtype)
+        row = 0
+        for k in self.complete_shards():
+            with h5py.File(self.shard_path(k), "r") as f:
+                ds = f[layer_name(state)]
+                n = ds.shape[0]
+                if n:
+                    if ds.dtype == frames.dtype:
+                        ds.read_direct(frames, dest_sel=np.s_[row : row + n])
+                    else:
+                        frames[row : row + n] = ds[()]
+                row += n
+        assert row == len(frames), f"read {row} frames, metadata says {len(frames)}"
+        return LayerData(
+            frames=frames, offsets=offsets, ids=meta["ids"], labels=meta["labels"],
+            speakers=meta["speakers"], groups=meta["groups"], layer=state,
+        )
+
+    def skipped(self) -> list[dict]:
+        """Every planned utterance that could not be used: [{id, path, reason}]."""
+        out = []
+        for k in self.complete_shards():
+            with h5py.File(self.shard_path(k), "r") as f:
+                for i, p, r in zip(*(f[n][()] for n in ("skipped_ids", "skipped_paths", "skipped_reasons"))):
+                    out.append({"id": _s(i), "path": _s(p), "reason": _s(r)})
+        return out
+
+    def notes(self) -> list[dict]:
+        out = []
+        for k in self.complete_shards():
+            with h5py.File(self.shard_path(k), "r") as f:
+                for i, t in zip(f["note_ids"][()], f["note_texts"][()]):
+                    out.append({"id": _s(i), "note": _s(t)})
+        return out
+
+    def summary(self) -> dict:
+        """What `ser-cache inspect --json` prints."""
+        done = self.complete_shards()
+        infos = [self.sidecar(k) for k in done]
+        s = self.settings
+        return {
+            "path": str(self.root),
+            "corpus": s.corpus,
+            "model": s.model,
+            "model_sha256": s.model_sha256,
+            "dims": s.dims,
+            "dim": self.dim,
+            "mode": s.mode,
+            "dtype": s.dtype,
+            "layers": self.layers,
+            "long_audio": s.long_audio,
+            "records": s.n_records,
+            "utterances": sum(i["utterances"] for i in infos),
+            "frames": sum(i["frames"] for i in infos),
+            "bytes": sum(i["bytes"] for i in infos),
+            "shards": len(done),
+            "shards_planned": len(self.plan),
+            "missing_shards": [k for k in range(len(self.plan)) if k not in set(done)],
+            "skipped": self.skipped(),
+            "notes": self.notes(),
+            "complete": len(done) == len(self.plan),
+            "records_hash": s.records_hash,
+            "provenance": self.provenance,
+        }
+
+    def verify(self) -> dict[int, str]:
+        """Full check of every planned shard: bytes against the recorded SHA-256, structure and
+        counts. Returns {shard: problem} for every damaged or missing shard (empty = all good)."""
+        problems = {}
+        for k, ids in enumerate(self.plan):
+            why = self.shard_problem(k)
+            if not why and file_sha256(self.shard_path(k)) != self.sidecar(k).get("sha256"):
+                why = "SHA-256 differs from the one recorded when written (bytes altered)"
+            if not why:
+                why = self._structure_problem(k, ids)
+            if why:
+                problems[k] = why
+        return problems
+
+    def _structure_problem(self, k: int, planned_ids: list[str]) -> str:
+        try:
+            with h5py.File(self.shard_path(k), "r") as f:
+                ids = [_s(i) for i in f["ids"][()]]
+                skipped = [_s(i) for i in f["skipped_ids"][()]]
+                if sorted(ids + skipped) != sorted(planned_ids):
+                    return "its utterance ids differ from the plan"
+                offsets, n_frames = f["offsets"][()], f["n_frames"][()]
+                if offsets[-1] != n_frames.sum() or np.any(np.diff(offsets) != n_frames):
+                    return "offsets and frame counts disagree"
+                for s in self.layers:
+                    if f[layer_name(s)].shape != (offsets[-1], self.dim):
+                        return f"{layer_name(s)} has shape {f[layer_name(s)].shape}"
+        except (OSError, KeyError, ValueError) as e:
+            return f"unreadable ({e})"
+        return ""
+
+
+def _s(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def open_cache(path) -> Cache:
+    """Open a cache folder for reading (see `Cache`)."""
+    return Cache(Path(path))

@@ -1,0 +1,189 @@
+"""Whisper's audio encoder, run so that every intermediate state can be kept.
+
+State numbering (see PAPER.md): state 0 is the input embedding (two convolutions plus the
+positional embedding), state i is the output of block i, and the last state (n = number of
+blocks) is the last block's output after the final LayerNorm `ln_post`. n + 1 states in all.
+
+Three input modes decide what the encoder sees and what is kept:
+
+    padded  30 s window, all 1500 frames kept              (the paper's layout)
+    trim    30 s window, only the speech frames kept       (ceil(samples / 320) frames)
+    short   only the speech frames are encoded              (positional embedding sliced)
+
+`short` changes the states slightly (self-attention no longer sees the padding) and is several
+times faster on short clips. Utterances of different lengths are batched with a key-padding
+mask and zeroed convolution inputs, so a batched `short` run gives the states an unbatched one
+would.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .audio import SAMPLES_PER_FRAME, WINDOW_SAMPLES
+
+MODES = ("padded", "trim", "short")
+N_WINDOW_FRAMES = WINDOW_SAMPLES // SAMPLES_PER_FRAME  # 1500 encoder frames in 30 s
+
+
+@dataclass
+class LoadedEncoder:
+    """A Whisper audio encoder with what identifies it.
+
+    name: what the user asked for (a model name, or a checkpoint file name).
+    sha256: hex digest of the checkpoint file's bytes.
+    dims: the checkpoint's ModelDimensions as a dict (n_mels, n_audio_state, ...).
+    """
+
+    encoder: torch.nn.Module
+    name: str
+    sha256: str
+    dims: dict
+
+    @property
+    def n_states(self) -> int:
+        return self.dims["n_audio_layer"] + 1
+
+    @property
+    def dim(self) -> int:
+        return self.dims["n_audio_state"]
+
+
+def _whisper():
+    try:
+        import whisper
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "openai-whisper is not installed: run `make install`, or "
+            "`pip install --no-deps openai-whisper` plus more-itertools numba tiktoken"
+        ) from e
+    return whisper
+
+
+def checkpoint_bytes(name_or_path: str, download_root: str | None = None) -> tuple[bytes, str]:
+    """The raw checkpoint and a display name, from a file path or an official model name.
+
+    A name such as "base" is fetched (or taken from the download folder) by openai-whisper,
+    which checks the SHA-256 that its download address carries.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.read_bytes(), path.stem
+    whisper = _whisper()
+    if name_or_path not in whisper._MODELS:
+        raise ValueError(
+            f"{name_or_path!r} is neither a checkpoint file nor a Whisper model name; "
+            f"names: {', '.join(whisper.available_models())}"
+        )
+    root = download_root or os.path.join(os.path.expanduser("~"), ".cache", "whisper")
+    return whisper._download(whisper._MODELS[name_or_path], root, in_memory=True), name_or_path
+
+
+def load_encoder(name_or_path: str, device: str | torch.device = "cpu", download_root: str | None = None) -> LoadedEncoder:
+    """Load only the audio encoder of a Whisper checkpoint, in float32, in eval mode."""
+    raw, name = checkpoint_bytes(name_or_path, download_root)
+    sha = hashlib.sha256(raw).hexdigest()
+    ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    del raw
+    encoder = build_encoder(ckpt["dims"])
+    prefix = "encoder."
+    state = {k[len(prefix) :]: v for k, v in ckpt["model_state_dict"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(state)
+    encoder.to(device).eval()
+    return LoadedEncoder(encoder=encoder, name=name, sha256=sha, dims=dict(ckpt["dims"]))
+
+
+def build_encoder(dims: dict) -> torch.nn.Module:
+    """A randomly initialised openai-whisper AudioEncoder of the given dimensions."""
+    from whisper.model import AudioEncoder
+
+    return AudioEncoder(
+        dims["n_mels"], dims["n_audio_ctx"], dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_layer"]
+    )
+
+
+def speech_frames(n_samples: int) -> int:
+    """Encoder frames that cover n_samples of 16 kHz audio: one per 320 samples, rounded up."""
+    return math.ceil(n_samples / SAMPLES_PER_FRAME)
+
+
+def log_mel(audio: np.ndarray, n_mels: int, mode: str) -> torch.Tensor:
+    """Whisper's log-mel input for one window of 16 kHz audio.
+
+    audio: (samples,) float32, at most 30 s. Returns (n_mels, 2 * frames) float32, where
+    frames is 1500 for padded/trim and speech_frames(samples) for short.
+    Computed one utterance at a time on purpose: Whisper's log-mel clamps relative to the
+    loudest bin of its input, so batching audio would couple utterances.
+    """
+    from whisper.audio import log_mel_spectrogram
+
+    assert len(audio) <= WINDOW_SAMPLES, f"window of {len(audio)} samples is over 30 s"
+    target = WINDOW_SAMPLES if mode in ("padded", "trim") else speech_frames(len(audio)) * SAMPLES_PER_FRAME
+    padded = np.zeros(target, dtype=np.float32)
+    padded[: len(audio)] = audio
+    return log_mel_spectrogram(torch.from_numpy(padded), n_mels=n_mels)
+
+
+def _attention(attn, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Whisper's self-attention with an optional key-padding mask (B, T) bool, True = real."""
+    b, t, d = x.shape
+    heads = attn.n_head
+    q, k, v = (proj(x).view(b, t, heads, d // heads).transpose(1, 2) for proj in (attn.query, attn.key, attn.value))
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attn.out(a.transpose(1, 2).flatten(start_dim=2))
+
+
+def _block(block, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """One ResidualAttentionBlock, as openai-whisper computes it, plus the key mask."""
+    x = x + _attention(block.attn, block.attn_ln(x), key_mask)
+    return x + block.mlp(block.mlp_ln(x))
+
+
+@torch.inference_mode()
+def encode(encoder, mel: torch.Tensor, n_frames: torch.Tensor | None, keep: list[int]) -> dict[int, torch.Tensor]:
+    """Run the encoder and return the states listed in `keep`.
+
+    mel: (B, n_mels, 2T) log-mel, zero beyond each utterance's 2 * n_frames[b] columns.
+    n_frames: (B,) valid encoder frames per utterance, or None when every column is real
+      input (padded and trim modes, where the whole 30 s window is encoded).
+    keep: state indices, 0..n_blocks. Blocks after the last kept state are not run.
+    Returns {state: (B, T, dim)} in the encoder's dtype.
+    """
+    n_blocks = len(encoder.blocks)
+    assert keep and all(0 <= s <= n_blocks for s in keep), f"states {keep} outside 0..{n_blocks}"
+    t = mel.shape[-1] // 2
+    key_mask = None
+    if n_frames is not None:
+        key_mask = torch.arange(t, device=mel.device)[None, :] < n_frames[:, None]  # (B, T)
+        mel_mask = torch.arange(2 * t, device=mel.device)[None, :] < 2 * n_frames[:, None]
+    x = F.gelu(encoder.conv1(mel))
+    if key_mask is not None:
+        # An unbatched short utterance sees zero padding after its last column in conv2; zero
+        # conv1's output past it so batch neighbours do not leak in.
+        x = x * mel_mask[:, None, :].to(x.dtype)
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = (x + encoder.positional_embedding[:t]).to(x.dtype)
+    states = {}
+    if 0 in keep:
+        states[0] = x
+    for i, block in enumerate(encoder.blocks[: max(keep)], start=1):
+        x = _block(block, x, key_mask)
+        if i in keep and i < n_blocks:
+            states[i] = x
+    if n_blocks in keep:
+        states[n_blocks] = encoder.ln_post(x)
+    return states
+
+
+def dims_dict(dims) -> dict:
+    """ModelDimensions (or a dict of them) as a plain dict."""
+    return dict(dims) if isinstance(dims, dict) else asdict(dims)

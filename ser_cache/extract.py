@@ -1,0 +1,396 @@
+"""Stage 1: run the Whisper encoder once over a corpus and fill a cache (see cache.py).
+
+Three things happen at once so the encoder never waits:
+
+    loader threads   read, resample and turn audio into log-mel, a few utterances ahead
+    main thread      batches log-mels through the encoder, keeps the asked-for states
+    writer thread    writes each finished shard to disk (temporary file, fsync, rename)
+
+A file that cannot be used is skipped with its reason (recorded in its shard), never dropped
+silently. Re-running the same command resumes: shards already complete are not redone.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import cache as C
+from .audio import AudioError, LONG_AUDIO_POLICIES, SAMPLE_RATE, load_utterance
+from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encode, log_mel, speech_frames
+from .records import Utterance, records_hash, save_records
+
+DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer, bounded writer memory
+PREFETCH = 16  # utterances decoded ahead of the encoder
+
+
+@dataclass
+class ExtractOptions:
+    """Settings of one extraction run (those that change the cache go into CacheSettings)."""
+
+    mode: str = "trim"
+    layers: list[int] | None = None  # None = all states
+    dtype: str = "float16"
+    batch_size: int = 8
+    shard: tuple[int, int] = (0, 1)  # (I, N): this job does shards k with k % N == I
+    long_audio: str = "refuse"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    strict: bool = False
+    repair: bool = False
+    workers: int = 2
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    shards_done_before: int = 0
+    shards_written: int = 0
+    shards_planned: int = 0
+    shards_this_job: int = 0
+    utterances: int = 0
+    audio_seconds: float = 0.0
+    skipped: list[dict] = field(default_factory=list)
+    notes: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    repaired: list[int] = field(default_factory=list)
+
+
+def parse_layers(spec: str, n_states: int) -> list[int]:
+    """'all', '6', '0,3,6' or '2-5' -> sorted state indices, each in 0..n_states-1."""
+    if spec.strip().lower() == "all":
+        return list(range(n_states))
+    out = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, _, hi = part.partition("-")
+        try:
+            rng = range(int(lo), int(hi) + 1) if hi else [int(lo)]
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: use 'all', a number, a list '0,3,6' or a range '2-5'") from None
+        out.update(rng)
+    bad = sorted(s for s in out if not 0 <= s < n_states)
+    if bad or not out:
+        raise ValueError(f"--layers {spec!r}: this model has states 0..{n_states - 1} (0 = input embedding, {n_states - 1} = last)")
+    return sorted(out)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N. For a SLURM array: --shard $SLURM_ARRAY_TASK_ID/N."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: write I/N, for example 0/4 for the first of 4 jobs") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {spec!r}: need 0 <= I < N (I counts from 0)")
+    return i, n
+
+
+def bytes_per_second(mode: str, dim: int, n_layers: int, dtype: str) -> float:
+    """Estimated cache bytes per second of audio, for planning shard sizes."""
+    itemsize = np.dtype(dtype).itemsize
+    frames = 50.0 if mode != "padded" else N_WINDOW_FRAMES  # padded: 1500 frames whatever the length
+    per = frames * dim * n_layers * itemsize
+    # padded: cost per utterance, not per second; plan_shards multiplies by duration, so
+    # divide by a typical duration instead (3 s) to keep shards near the target.
+    return per if mode != "padded" else per / 3.0
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("ser-cache", "torch", "openai-whisper", "numpy", "h5py", "soundfile", "soxr"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedEncoder, opts: ExtractOptions) -> C.Cache:
+    """Create the cache folder, or check that the existing one was made with the same settings."""
+    layers = opts.layers if opts.layers is not None else list(range(enc.n_states))
+    settings = C.CacheSettings(
+        corpus=corpus, model=enc.name, model_sha256=enc.sha256, dims=dict(enc.dims), mode=opts.mode,
+        dtype=opts.dtype, layers=layers, long_audio=opts.long_audio, records_hash=records_hash(records),
+        n_records=len(records), shard_bytes=opts.shard_bytes,
+    )
+    out = Path(out)
+    if (out / C.SETTINGS_FILE).exists():
+        existing = C.open_cache(out)
+        diffs = existing.settings.differences(settings)
+        if diffs:
+            raise C.CacheError(
+                f"{out} holds a cache made with other settings, so it cannot be reused or extended:\n  "
+                + "\n  ".join(diffs)
+                + "\nFix: pass a new --out folder, or the settings the cache was made with"
+            )
+        return existing
+    if out.exists() and any(out.iterdir()):
+        raise C.CacheError(f"{out} exists, is not empty and is not a cache: pass a new or empty --out folder")
+    (out / C.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    plan = C.plan_shards(records, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
+    # records and plan first, settings last: a folder with cache.json is a whole cache
+    save_records(records, out / C.RECORDS_FILE)
+    C._write_json_atomic(out / C.PLAN_FILE, plan)
+    C._write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": {"versions": package_versions()}})
+    return C.open_cache(out)
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """One utterance ready for the encoder: its windows' log-mels, or the reason it cannot be."""
+
+    record: Utterance
+    mels: list[torch.Tensor] = field(default_factory=list)  # each (n_mels, 2 * frames)
+    frames: list[int] = field(default_factory=list)  # speech frames per window
+    notes: list[str] = field(default_factory=list)
+    samples: int = 0
+    error: str = ""
+
+
+def load_for_encoder(record: Utterance, n_mels: int, mode: str, long_audio: str) -> Loaded:
+    try:
+        windows, notes = load_utterance(record.path, long_audio)
+    except AudioError as e:
+        return Loaded(record, error=e.reason)
+    return Loaded(
+        record,
+        mels=[log_mel(w, n_mels, mode) for w in windows],
+        frames=[speech_frames(len(w)) for w in windows],
+        notes=notes,
+        samples=sum(len(w) for w in windows),
+    )
+
+
+def prefetch(pool: ThreadPoolExecutor, fn, items, ahead: int):
+    """Like pool.map(fn, items) in order, but with at most `ahead` items in flight."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, int]], mode: str, layers: list[int],
+                 dtype: str, device) -> list[dict[int, np.ndarray]]:
+    """Encode windows [(utt, window, mel, frames)] -> per window {state: (kept_frames, dim)}.
+
+    padded keeps all 1500 frames, trim and short the speech frames only.
+    """
+    mels = [m for _, _, m, _ in batch]
+    frames = torch.tensor([f for *_, f in batch])
+    if mode == "short":
+        width = max(m.shape[-1] for m in mels)
+        x = torch.zeros(len(mels), mels[0].shape[0], width)
+        for i, m in enumerate(mels):
+            x[i, :, : m.shape[-1]] = m
+        states = encode(enc.encoder, x.to(device), frames.to(device), layers)
+    else:
+        states = encode(enc.encoder, torch.stack(mels).to(device), None, layers)
+    np_dtype = np.dtype(dtype)
+    out = []
+    for i, f in enumerate(frames.tolist()):
+        keep = N_WINDOW_FRAMES if mode == "padded" else f
+        win = {}
+        for s in layers:
+            a = states[s][i, :keep].float().cpu().numpy().astype(np_dtype)
+            if not np.isfinite(a).all():
+                raise OverflowError(f"state {s} overflows {dtype}: pass --dtype float32")
+            win[s] = a
+        out.append(win)
+    return out
+
+
+class ShardWriter:
+    """Writes shards on a background thread, one at a time; re-raises its errors on the caller."""
+
+    def __init__(self, folder: Path, layers: list[int], dim: int, dtype: str):
+        self.args = (folder, layers, dim, dtype)
+        self.jobs: queue.Queue = queue.Queue(maxsize=1)  # at most one shard waits: bounded memory
+        self.error: BaseException | None = None
+        self.written: list[int] = []
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            k, content = job
+            if self.error is None:
+                try:
+                    folder, layers, dim, dtype = self.args
+                    C.write_shard(folder, k, content, layers, dim, dtype)
+                    self.written.append(k)
+                except BaseException as e:  # handed to the main thread
+                    self.error = e
+
+    def submit(self, k: int, content: C.ShardContent):
+        self.raise_error()
+        self.jobs.put((k, content))
+
+    def raise_error(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        """Wait for the queued shards to be written (also on Ctrl-C: no half-written shard)."""
+        self.jobs.put(None)
+        self.thread.join()
+        self.raise_error()
+
+
+def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder, opts: ExtractOptions,
+            device: str | torch.device = "cpu") -> ExtractSummary:
+    """Fill the cache at `out` with the states of `records` (the part of them this job owns)."""
+    if opts.mode not in MODES:
+        raise ValueError(f"mode {opts.mode!r}: choose one of {MODES}")
+    if opts.long_audio not in LONG_AUDIO_POLICIES:
+        raise ValueError(f"long-audio policy {opts.long_audio!r}: choose one of {LONG_AUDIO_POLICIES}")
+    if opts.dtype not in C.DTYPES:
+        raise ValueError(f"dtype {opts.dtype!r}: choose one of {C.DTYPES}")
+    start = time.perf_counter()
+    cache = prepare_cache(out, records, corpus, enc, opts)
+    summary = ExtractSummary(shards_planned=len(cache.plan))
+    part, n_parts = opts.shard
+    mine = [k for k in range(len(cache.plan)) if k % n_parts == part]
+    summary.shards_this_job = len(mine)
+    if opts.repair:
+        damaged = cache.verify()
+        for k in damaged:
+            if k in mine and cache.shard_path(k).exists():
+                cache.shard_path(k).rename(cache.shard_path(k).with_suffix(".h5.damaged"))
+                summary.repaired.append(k)
+    for k in mine:  # leftovers of an interrupted run of this job
+        (cache.shard_dir / f"{C.shard_name(k)}.h5.tmp").unlink(missing_ok=True)
+    done = set(cache.complete_shards())
+    todo = [k for k in mine if k not in done]
+    summary.shards_done_before = len(mine) - len(todo)
+    if not todo:
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    by_id = {r.id: r for r in records}
+    layers = cache.layers
+    shard_utts = {k: [by_id[i] for i in cache.plan[k]] for k in todo}
+    # Within a shard, encode in order of length so batches of the short mode carry little padding.
+    order = [(k, r) for k in todo for r in sorted(shard_utts[k], key=lambda r: (r.duration, r.id))]
+    n_mels = enc.dims["n_mels"]
+    writer = ShardWriter(cache.shard_dir, layers, enc.dim, opts.dtype)
+    bar = tqdm(total=len(order), unit="utt", disable=not opts.progress, desc=f"extract {opts.mode}", dynamic_ncols=True)
+    try:
+        with ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="audio") as pool:
+            loaded_iter = prefetch(pool, lambda kr: (kr[0], load_for_encoder(kr[1], n_mels, opts.mode, opts.long_audio)), order, PREFETCH)
+            _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer, summary, bar, start)
+        writer.close()
+    except BaseException:
+        # Ctrl-C or an error: let the writer finish the shards already handed to it (they are
+        # complete), then stop. Its own error, if any, matters less than the one being raised.
+        bar.close()
+        try:
+            writer.close()
+        except Exception:
+            pass
+        raise
+    bar.close()
+    summary.shards_written = len(writer.written)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer, summary, bar, start):
+    """Main loop: gather loaded utterances into batches, encode, assemble and submit shards."""
+    results: dict[int, dict[str, tuple[Loaded, list]]] = {k: {} for k in todo}
+    remaining = {k: len(shard_utts[k]) for k in todo}
+    batch: list[tuple[int, int, torch.Tensor, int]] = []
+    owners: list[tuple[int, Loaded]] = []
+
+    def flush():
+        if not batch:
+            return
+        outs = encode_batch(enc, batch, opts.mode, layers, opts.dtype, device)
+        for (k, loaded), (_, w, _, _), states in zip(owners, batch, outs):
+            results[k][loaded.record.id][1][w] = states
+            if all(s is not None for s in results[k][loaded.record.id][1]):
+                finish(k, loaded)
+        batch.clear()
+        owners.clear()
+
+    def finish(k, loaded):
+        remaining[k] -= 1
+        summary.utterances += 0 if loaded.error else 1
+        summary.audio_seconds += loaded.samples / SAMPLE_RATE
+        bar.update(1)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(audio_s_per_s=f"{summary.audio_seconds / elapsed:.1f}", skipped=len(summary.skipped), refresh=False)
+        if remaining[k] == 0:
+            writer.submit(k, assemble(shard_utts[k], results.pop(k), opts.mode))
+
+    for k, loaded in loaded_iter:
+        rid = loaded.record.id
+        results[k][rid] = (loaded, [None] * len(loaded.mels))
+        if loaded.error:
+            summary.skipped.append({"id": rid, "path": loaded.record.path, "reason": loaded.error})
+            if opts.strict:
+                raise AudioError(f"{loaded.record.path}: {loaded.error} (--strict stops at the first bad file)")
+            finish(k, loaded)
+            continue
+        summary.notes.extend({"id": rid, "note": n} for n in loaded.notes)
+        for w, (mel, f) in enumerate(zip(loaded.mels, loaded.frames)):
+            batch.append((k, w, mel, f))
+            owners.append((k, loaded))
+            if len(batch) >= opts.batch_size:
+                flush()
+    flush()
+
+
+def assemble(planned: list[Utterance], results: dict[str, tuple[Loaded, list]], mode: str) -> C.ShardContent:
+    """A shard's content in plan order; windows of one utterance joined along time."""
+    content = C.ShardContent()
+    for r in planned:
+        loaded, windows = results[r.id]
+        if loaded.error:
+            content.skipped.append((r.id, r.path, loaded.error))
+            continue
+        states = {s: np.concatenate([w[s] for w in windows]) if len(windows) > 1 else windows[0][s] for s in windows[0]}
+        content.records.append(r)
+        content.states.append(states)
+        content.speech_frames.append(sum(loaded.frames))
+        content.notes.extend((r.id, n) for n in loaded.notes)
+    return content
+
+
+def summary_text(summary: ExtractSummary) -> str:
+    lines = [
+        f"shards: {summary.shards_written} written now, {summary.shards_done_before} already complete, "
+        f"{summary.shards_this_job} for this job, {summary.shards_planned} planned in all",
+        f"utterances encoded: {summary.utterances} ({summary.audio_seconds:.1f} s of audio) in {summary.seconds:.1f} s",
+    ]
+    if summary.repaired:
+        lines.append(f"damaged shards re-created: {summary.repaired}")
+    if summary.skipped:
+        lines.append(f"skipped: {len(summary.skipped)} utterances (recorded in the cache; `ser-cache inspect` lists them)")
+        lines += [f"  {s['id']}: {s['reason']}  [{s['path']}]" for s in summary.skipped[:20]]
+        if len(summary.skipped) > 20:
+            lines.append(f"  ... and {len(summary.skipped) - 20} more")
+    if summary.notes:
+        lines.append(f"notes: {len(summary.notes)}")
+        lines += [f"  {n['id']}: {n['note']}" for n in summary.notes[:10]]
+    return "\n".join(lines)
+
+
+def to_json(summary: ExtractSummary) -> str:
+    return json.dumps(asdict(summary), indent=1)
