@@ -186,6 +186,7 @@ def check_corpus_cmd(corpus, folder):
     click.echo(report.summary())
     click.echo(f"pass this folder to `ser-cache extract`: {report.folder}")
 
+
 # --- using a trained head --------------------------------------------------------------------
 
 
