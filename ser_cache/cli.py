@@ -166,7 +166,7 @@ def download_cmd(corpus, to, base_url):
         raise click.ClickException(str(e)) from e
     click.echo(report.summary())
     click.echo(f"archives kept in {to / _dl.ARCHIVE_DIR}; delete them if you need the space")
-    click.echo(f"pass this folder to `ser-cache extract`: {report.folder}")
+    click.echo(f"pass this folder to `ser-cache extract`: {report.corpus_dir}")
 
 
 @main.command("check-corpus")
@@ -184,7 +184,7 @@ def check_corpus_cmd(corpus, folder):
     if not report.passed:
         raise click.ClickException(report.summary())
     click.echo(report.summary())
-    click.echo(f"pass this folder to `ser-cache extract`: {report.folder}")
+    click.echo(f"pass this folder to `ser-cache extract`: {report.corpus_dir}")
 
 
 # --- using a trained head --------------------------------------------------------------------

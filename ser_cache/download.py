@@ -65,8 +65,8 @@ class Corpus:
 
     archives: (file name, url) of each release archive; empty when it cannot be downloaded.
     checksums: file name of its list in CHECKSUM_DIR, or None when none is shipped.
-    subfolder: of the unpacked tree: the list's paths are relative to it, and it is the folder
-        to pass to `ser-cache extract`.
+    subfolder: of the unpacked tree, that the list's paths are relative to (EmoDB's wav/). The
+        folder to pass to `ser-cache extract` is the one above it, as the corpus recipes expect.
     """
 
     name: str
@@ -113,7 +113,7 @@ class VerificationError(DownloadError):
 class Report:
     """Outcome of checking a corpus folder against its checksum list.
 
-    folder: where the list's paths were looked up (the folder to pass to `ser-cache extract`).
+    folder: where the list's paths were looked up (see `corpus_dir` for `ser-cache extract`).
     listed: number of files in the list; 0 when none is shipped (then nothing was verified).
     missing / altered: listed files absent / with another SHA-256 (errors).
     converted: listed files absent but present under another extension (not the original release).
@@ -133,6 +133,15 @@ class Report:
     @property
     def passed(self) -> bool:
         return not (self.missing or self.altered or self.converted)
+
+    @property
+    def corpus_dir(self) -> Path:
+        """The folder to pass to `ser-cache extract`: `folder` without the corpus's subfolder
+        (data/emodb for data/emodb/wav), which is the layout the recipes in corpora.py document."""
+        sub = CORPORA[self.corpus].subfolder
+        if sub != "." and self.folder.as_posix().endswith("/" + sub):
+            return self.folder.parents[len(PurePosixPath(sub).parts) - 1]
+        return self.folder
 
     def summary(self) -> str:
         if self.note:

@@ -130,6 +130,7 @@ def test_clean_download_unpacks_and_verifies(release, tmp_path, corpus, folder):
     report = dl.download(corpus, to, base_url=srv.url, progress=False)
     assert report.passed and report.ok == len(listed(corpus)) > 0
     assert report.folder == to / folder
+    assert report.corpus_dir == to  # the layout corpora.py documents: Actor_XX/ or wav/ inside
     assert (to / dl.MARKER).exists()
     for rel, data in listed(corpus).items():
         assert (to / folder / rel).read_bytes() == data
@@ -284,7 +285,7 @@ def test_check_corpus_accepts_the_folder_its_parent_or_the_list_folder(release, 
     write_tree(top, {n: d for n, d in RELEASES["emodb"]["download.zip"].items()})
     (top / "wav" / "notes.txt").write_text("mine")
     report = dl.check_corpus("emodb", (top / given).resolve(), progress=False)
-    assert report.passed and report.folder == top / "wav"
+    assert report.passed and report.folder == top / "wav" and report.corpus_dir == top
     assert report.extra == ["notes.txt"]
 
 
