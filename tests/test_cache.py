@@ -1,0 +1,129 @@
+"""The cache: settings must match to reuse it, shards resume, parts add up, inspect reports."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ser_cache.cache import CacheError, open_cache, shard_name
+from ser_cache.cli import main
+from ser_cache.encoder import load_encoder
+from ser_cache.extract import ExtractOptions, extract, parse_layers, parse_shard
+
+from conftest import make_checkpoint, write_corpus
+
+SMALL_SHARDS = 20_000  # bytes: a few utterances per shard, so plans have several shards
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_checkpoint):
+    return load_encoder(str(tiny_checkpoint))
+
+
+@pytest.fixture()
+def records(tmp_path):
+    return write_corpus(tmp_path / "corpus", n_speakers=3, per_speaker=4)
+
+
+def run(records, out, enc, **kw):
+    opts = ExtractOptions(progress=False, shard_bytes=SMALL_SHARDS, **kw)
+    return extract(records, out, "csv", enc, opts)
+
+
+def all_layers(path):
+    cache = open_cache(path)
+    return {s: cache.read_layer(s) for s in cache.layers}
+
+
+def assert_same_cache(a, b):
+    la, lb = all_layers(a), all_layers(b)
+    assert la.keys() == lb.keys()
+    for s in la:
+        assert list(la[s].ids) == list(lb[s].ids)
+        np.testing.assert_array_equal(la[s].offsets, lb[s].offsets)
+        np.testing.assert_array_equal(la[s].frames, lb[s].frames)
+
+
+def test_plan_has_several_shards_and_read_layer_is_in_id_order(records, enc, tmp_path):
+    run(records, tmp_path / "c", enc)
+    cache = open_cache(tmp_path / "c")
+    assert len(cache.plan) > 1 and cache.complete
+    layer = cache.read_layer(1)
+    assert list(layer.ids) == sorted(r.id for r in records)
+    assert layer.frames.dtype == np.float16 and layer.dim == enc.dim
+    by_id = {r.id: r for r in records}
+    assert [by_id[i].label for i in layer.ids] == list(layer.labels)
+
+
+@pytest.mark.parametrize("change, word", [
+    (dict(mode="short"), "mode"),
+    (dict(dtype="float32"), "dtype"),
+    (dict(layers=[0, 1]), "layers"),
+    (dict(long_audio="truncate"), "long_audio"),
+])
+def test_other_settings_are_refused(records, enc, tmp_path, change, word):
+    run(records, tmp_path / "c", enc)
+    with pytest.raises(CacheError, match=word):
+        run(records, tmp_path / "c", enc, **change)
+
+
+def test_other_model_or_records_are_refused(records, enc, tmp_path):
+    run(records, tmp_path / "c", enc)
+    other = load_encoder(str(make_checkpoint(tmp_path / "other.pt", seed=1)))
+    with pytest.raises(CacheError, match="model_sha256"):
+        run(records, tmp_path / "c", other)
+    with pytest.raises(CacheError, match="records_hash"):
+        run(records[:-1], tmp_path / "c", enc)
+    with pytest.raises(CacheError, match="records_hash"):
+        run([replace(records[0], label="sad" if records[0].label != "sad" else "happy")] + records[1:], tmp_path / "c", enc)
+
+
+def test_rerun_resumes_missing_shards_only(records, enc, tmp_path):
+    run(records, tmp_path / "whole", enc)
+    run(records, tmp_path / "c", enc)
+    cache = open_cache(tmp_path / "c")
+    for k in (0, len(cache.plan) - 1):
+        cache.shard_path(k).unlink()  # as if killed before these shards were renamed
+    (cache.shard_dir / f"{shard_name(1)}.h5.tmp").write_bytes(b"half a shard")
+    assert not cache.complete
+    with pytest.raises(CacheError, match="incomplete"):
+        cache.read_layer(0)
+    summary = run(records, tmp_path / "c", enc)
+    assert summary.shards_written == 2 and summary.shards_done_before == len(cache.plan) - 2
+    assert not (cache.shard_dir / f"{shard_name(1)}.h5.tmp").exists()
+    assert_same_cache(tmp_path / "c", tmp_path / "whole")
+    assert run(records, tmp_path / "c", enc).shards_written == 0
+
+
+def test_shard_jobs_fill_one_cache(records, enc, tmp_path):
+    run(records, tmp_path / "whole", enc)
+    for i in range(3):
+        s = run(records, tmp_path / "parts", enc, shard=(i, 3))
+        assert s.shards_this_job == len(range(i, s.shards_planned, 3))
+        assert open_cache(tmp_path / "parts").complete == (i == 2)
+    assert_same_cache(tmp_path / "parts", tmp_path / "whole")
+
+
+def test_inspect_json_contract(records, enc, tmp_path):
+    run(records, tmp_path / "c", enc, layers=[0, 2])
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "c"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    for key in ("utterances", "layers", "dim", "model", "model_sha256", "mode", "dtype", "shards", "skipped", "complete"):
+        assert key in info
+    assert info["utterances"] == len(records) and info["layers"] == [0, 2] and info["dim"] == enc.dim
+    assert info["model_sha256"] == enc.sha256 and info["complete"] is True and info["skipped"] == []
+
+
+def test_layer_and_shard_specs():
+    assert parse_layers("all", 5) == [0, 1, 2, 3, 4]
+    assert parse_layers("0,2-3", 5) == [0, 2, 3]
+    with pytest.raises(ValueError, match="0..4"):
+        parse_layers("5", 5)
+    with pytest.raises(ValueError, match="I/N"):
+        parse_shard("3")
+    with pytest.raises(ValueError, match="0 <= I < N"):
+        parse_shard("3/3")
