@@ -45,6 +45,7 @@ RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
 SHARD_DIR = "shards"
 DTYPES = ("float16", "float32")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 META_FIELDS = ("ids", "labels", "speakers", "groups")
 STR = h5py.string_dtype()
 
@@ -68,6 +69,7 @@ class CacheSettings:
     records_hash: str
     n_records: int
     shard_bytes: int
+    compute_dtype: str = "float32"  # precision of the encoder's arithmetic (bfloat16 changes states)
     sample_rate: int = 16000
     format: int = CACHE_FORMAT
 

@@ -42,6 +42,7 @@ class ExtractOptions:
     mode: str = "trim"
     layers: list[int] | None = None  # None = all states
     dtype: str = "float16"
+    compute_dtype: str = "float32"  # bfloat16: faster where the CPU has it (AMX, AVX512-BF16), states change
     batch_size: int = 8
     shard: tuple[int, int] = (0, 1)  # (I, N): this job does shards k with k % N == I
     long_audio: str = "refuse"
@@ -122,7 +123,7 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
     settings = C.CacheSettings(
         corpus=corpus, model=enc.name, model_sha256=enc.sha256, dims=dict(enc.dims), mode=opts.mode,
         dtype=opts.dtype, layers=layers, long_audio=opts.long_audio, records_hash=records_hash(records),
-        n_records=len(records), shard_bytes=opts.shard_bytes,
+        n_records=len(records), shard_bytes=opts.shard_bytes, compute_dtype=opts.compute_dtype,
     )
     out = Path(out)
     if (out / C.SETTINGS_FILE).exists():
@@ -187,21 +188,23 @@ def prefetch(pool: ThreadPoolExecutor, fn, items, ahead: int):
 
 
 def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, int]], mode: str, layers: list[int],
-                 dtype: str, device) -> list[dict[int, np.ndarray]]:
+                 dtype: str, device, compute_dtype: str = "float32") -> list[dict[int, np.ndarray]]:
     """Encode windows [(utt, window, mel, frames)] -> per window {state: (kept_frames, dim)}.
 
     padded keeps all 1500 frames, trim and short the speech frames only.
     """
     mels = [m for _, _, m, _ in batch]
     frames = torch.tensor([f for *_, f in batch])
-    if mode == "short":
-        width = max(m.shape[-1] for m in mels)
-        x = torch.zeros(len(mels), mels[0].shape[0], width)
-        for i, m in enumerate(mels):
-            x[i, :, : m.shape[-1]] = m
-        states = encode(enc.encoder, x.to(device), frames.to(device), layers)
-    else:
-        states = encode(enc.encoder, torch.stack(mels).to(device), None, layers)
+    device = torch.device(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+        if mode == "short":
+            width = max(m.shape[-1] for m in mels)
+            x = torch.zeros(len(mels), mels[0].shape[0], width)
+            for i, m in enumerate(mels):
+                x[i, :, : m.shape[-1]] = m
+            states = encode(enc.encoder, x.to(device), frames.to(device), layers)
+        else:
+            states = encode(enc.encoder, torch.stack(mels).to(device), None, layers)
     np_dtype = np.dtype(dtype)
     out = []
     for i, f in enumerate(frames.tolist()):
@@ -262,6 +265,8 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
         raise ValueError(f"long-audio policy {opts.long_audio!r}: choose one of {LONG_AUDIO_POLICIES}")
     if opts.dtype not in C.DTYPES:
         raise ValueError(f"dtype {opts.dtype!r}: choose one of {C.DTYPES}")
+    if opts.compute_dtype not in C.COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {opts.compute_dtype!r}: choose one of {C.COMPUTE_DTYPES}")
     start = time.perf_counter()
     cache = prepare_cache(out, records, corpus, enc, opts)
     summary = ExtractSummary(shards_planned=len(cache.plan))
@@ -321,7 +326,7 @@ def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer
     def flush():
         if not batch:
             return
-        outs = encode_batch(enc, batch, opts.mode, layers, opts.dtype, device)
+        outs = encode_batch(enc, batch, opts.mode, layers, opts.dtype, device, opts.compute_dtype)
         for (k, loaded), (_, w, _, _), states in zip(owners, batch, outs):
             results[k][loaded.record.id][1][w] = states
             if all(s is not None for s in results[k][loaded.record.id][1]):
