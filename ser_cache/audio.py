@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import numpy as np
 import soundfile as sf
@@ -28,6 +29,10 @@ SAMPLES_PER_FRAME = 320  # 2 mel hops of 160 samples: one encoder frame every 20
 #   windows:  encode consecutive 30 s windows and join their frames (nothing lost)
 LONG_AUDIO_POLICIES = ("refuse", "truncate", "windows")
 
+# Data sizes that streaming WAV writers leave in the header when they cannot seek back to fill
+# it in: not a promise of that many bytes, so not a sign of truncation.
+WAV_SIZE_PLACEHOLDERS = (0, 0xFFFFFFFF)
+
 
 class AudioError(Exception):
     """A file that cannot become Whisper input; `reason` says why in one line."""
@@ -40,7 +45,7 @@ class AudioError(Exception):
 def read_audio(path: str) -> tuple[np.ndarray, int]:
     """Read a file as it is: (samples, channels) float32 and its sample rate in Hz.
 
-    Raises AudioError for missing, unreadable or non-audio files.
+    Raises AudioError for missing, unreadable, truncated or non-audio files.
     """
     if not os.path.exists(path):
         raise AudioError("file not found")
@@ -50,6 +55,9 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
         raise AudioError("empty file (0 bytes)")
     if not os.access(path, os.R_OK):
         raise AudioError("permission denied: make the file readable")
+    cut = wav_truncation(path)
+    if cut:
+        raise AudioError(cut)
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
@@ -57,6 +65,42 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
     except OSError as e:
         raise AudioError(f"cannot read: {e.strerror or e}") from e
     return data, rate
+
+
+def wav_truncation(path: str) -> str:
+    """Why a WAV file's data is shorter than its header says (a cut copy), or "".
+
+    libsndfile reads such a file without complaint and returns the samples that are there, so
+    a half-copied utterance would pass for a shorter one. Non-WAV files give "" (their decoders
+    report damage themselves: a cut FLAC fails to decode).
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return ""
+            pos, byte_rate = 12, 0
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk, n = struct.unpack("<4sI", f.read(8))
+                if chunk == b"fmt " and n >= 12:
+                    fmt = f.read(12)
+                    byte_rate = struct.unpack("<I", fmt[8:12])[0] if len(fmt) == 12 else 0
+                if chunk == b"data":
+                    present = size - pos - 8
+                    if n in WAV_SIZE_PLACEHOLDERS or present >= n:
+                        return ""
+                    if byte_rate:
+                        said, held = f"{n / byte_rate:.2f} s", f"{present / byte_rate:.2f} s"
+                    else:
+                        said, held = f"{n} bytes", f"{present} bytes"
+                    return (f"truncated: the header declares {said} of audio, the file holds {held} "
+                            "(an incomplete copy?): copy the file again")
+                pos += 8 + n + (n & 1)  # chunks are padded to an even size
+    except OSError:
+        return ""  # let the decoder say what is wrong
+    return ""
 
 
 def to_whisper_input(data: np.ndarray, rate: int) -> np.ndarray:
