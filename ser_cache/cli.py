@@ -58,8 +58,9 @@ def main():
 @click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--workers", type=click.IntRange(1), default=2, help="Threads that read and prepare audio while the encoder runs.")
+@click.option("--shard-mb", type=click.FloatRange(0, min_open=True), default=256.0, help="Advanced: target shard size in MiB. Smaller shards lose less work to a crash and make --repair cheaper, at the cost of more files; part of the cache settings, so a resume must pass the same value.")
 def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, batch_size, shard_spec, limit, label_map, csv_path,
-            long_audio, strict, repair, device, workers):
+            long_audio, strict, repair, device, workers, shard_mb):
     """Encode a corpus with Whisper once and cache every kept encoder state.
 
     Re-running the same command resumes an interrupted extraction.
@@ -77,7 +78,8 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
         dev = pick_device(device)
         enc = load_encoder(model, device=dev)
         opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
-                              shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers)
+                              shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers,
+                              shard_bytes=int(shard_mb * 2**20))
         click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
         summary = run_extract(records, out, corpus, enc, opts, device=dev)
     except KeyboardInterrupt:
