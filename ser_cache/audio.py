@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 
 import numpy as np
@@ -167,4 +168,8 @@ def load_utterance(path: str, long_policy: str = "refuse") -> tuple[list[np.ndar
 
 
 def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    # libsndfile starts with "Error opening '<path>': ": the path is recorded beside the reason
+    return re.sub(r"^Error opening .*?: ", "", text.splitlines()[0])

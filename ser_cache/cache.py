@@ -320,8 +320,9 @@ class Cache:
         for k in self.complete_shards():
             with h5py.File(self.shard_path(k), "r") as f:
                 for name in cols:
-                    data = f[name][()]
-                    cols[name].append(data.astype(str) if data.dtype == object else data)
+                    ds = f[name]
+                    # asstr(): h5py hands strings back as UTF-8 bytes, which numpy decodes as ASCII
+                    cols[name].append(ds.asstr()[()].astype(str) if h5py.check_string_dtype(ds.dtype) else ds[()])
         return {n: (np.concatenate(v) if v else np.array([], dtype=str if n in META_FIELDS else np.int32)) for n, v in cols.items()}
 
     def read_layer(self, state: int, dtype=None) -> LayerData:
@@ -353,10 +354,12 @@ class Cache:
             speakers=meta["speakers"], groups=meta["groups"], layer=state,
         )
 
-    def skipped(self) -> list[dict]:
-        """Every planned utterance that could not be used: [{id, path, reason}]."""
+    def skipped(self, shards: list[int] | None = None) -> list[dict]:
+        """Every planned utterance that could not be used: [{id, path, reason}].
+
+        shards: only those listed (default: every complete shard)."""
         out = []
-        for k in self.complete_shards():
+        for k in self.complete_shards() if shards is None else shards:
             with h5py.File(self.shard_path(k), "r") as f:
                 for i, p, r in zip(*(f[n][()] for n in ("skipped_ids", "skipped_paths", "skipped_reasons"))):
                     out.append({"id": _s(i), "path": _s(p), "reason": _s(r)})

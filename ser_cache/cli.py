@@ -13,7 +13,7 @@ import click
 
 from .audio import LONG_AUDIO_POLICIES, AudioError
 from .cache import COMPUTE_DTYPES, DTYPES, CacheError, open_cache, shard_name
-from .corpora import CORPORA, prepare
+from .corpora import CORPORA, check_splittable, prepare
 from .device import pick_device
 from .encoder import MODES
 from .records import RecordsError, Utterance
@@ -75,6 +75,7 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
         click.echo(prepared.summary())
         if limit:
             click.echo(f"--limit {limit}: using {len(records)} of {len(prepared.records)} utterances")
+        check_splittable(records)  # refused before the model loads: no speaker-independent fold could test it
         dev = pick_device(device)
         enc = load_encoder(model, device=dev)
         opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
@@ -91,7 +92,8 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     click.echo(summary_text(summary))
     cache = open_cache(out)
     state = "complete" if cache.complete else f"{len(cache.complete_shards())} of {len(cache.plan)} shards (other --shard jobs pending)"
-    click.echo(f"cache {out}: {state}")
+    skipped = len(cache.skipped())  # this run's and earlier runs' (a resumed run shows only its own above)
+    click.echo(f"cache {out}: {state}; {skipped} skipped" + (f" (`ser-cache inspect {out}` lists them)" if skipped else ""))
 
 
 @main.command()

@@ -284,6 +284,8 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
     done = set(cache.complete_shards())
     todo = [k for k in mine if k not in done]
     summary.shards_done_before = len(mine) - len(todo)
+    if opts.strict:
+        refuse_recorded_skips(cache, [k for k in mine if k in done])
     if not todo:
         summary.seconds = time.perf_counter() - start
         return summary
@@ -314,6 +316,18 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
     summary.shards_written = len(writer.written)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def refuse_recorded_skips(cache: C.Cache, shards: list[int]) -> None:
+    """--strict on a cache whose complete shards already list skipped utterances (from a run
+    without --strict): fail now, since those shards will not be encoded again."""
+    skipped = cache.skipped(shards)
+    if skipped:
+        listed = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        raise C.CacheError(
+            f"--strict: {len(skipped)} utterances were skipped by an earlier run into {cache.root} ({listed}). "
+            "Fix those files and extract into a new --out folder, or run without --strict"
+        )
 
 
 def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer, summary, bar, start):

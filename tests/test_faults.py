@@ -1,0 +1,330 @@
+"""Fault injection on the `ser-cache extract / inspect / verify` commands.
+
+Bad audio is skipped with its reason, recorded in the cache, counted and shown; bad metadata
+is refused before any model is loaded; a run killed (SIGKILL) or interrupted (SIGINT) at any
+point and then re-run gives exactly the cache of an uninterrupted run; a failing disk leaves
+no shard that passes for complete; a damaged shard is named by `verify`, refused by the cheap
+`Cache.check`, and re-created alone by `extract --repair`.
+
+Everything runs on synthetic audio and the tiny random checkpoint of conftest.py, with small
+shards (`--shard-mb`) so that a corpus of a few dozen utterances spans many shards.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+
+from ser_cache import audio, cache as C, encoder
+from ser_cache.cache import CacheError, open_cache, shard_name
+from ser_cache.cli import main
+
+from conftest import tone, write_corpus
+
+SEED = int(os.environ.get("SER_CACHE_FAULT_SEED", "1234"))  # the random kill points and byte flips
+SHARD_MB = "0.01"  # about 10 KB: one or two utterances per shard in short mode
+
+
+# --- corpora -------------------------------------------------------------------------------------
+
+
+def write_csv(folder: Path, rows: list[tuple[str, str, str]], header=("path", "label", "speaker")) -> Path:
+    path = folder / "utterances.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def good_rows(folder: Path, n_speakers: int = 4, per_speaker: int = 3, seed: int = 0) -> list[tuple[str, str, str]]:
+    records = write_corpus(folder, n_speakers=n_speakers, per_speaker=per_speaker, seed=seed)
+    return [(Path(r.path).name, r.label, r.speaker) for r in records]
+
+
+def _wav_bytes(seconds=0.5, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, tone(seconds, **kw), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _with(samples, subtype, rate=16000):
+    return lambda p: sf.write(p, samples, rate, subtype=subtype)
+
+
+def _nan():
+    x = tone(0.5)
+    x[100] = np.nan
+    return x
+
+
+def _inf():
+    x = tone(0.5)
+    x[100:103] = np.inf
+    return x
+
+
+# file name -> (how to make it, or None for a file that is not there; words of the recorded reason)
+BAD_FILES = {
+    "missing.wav": (None, "file not found"),
+    "zero bytes.wav": (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    "text.wav": (lambda p: p.write_text("id,label\n1,angry\n"), "not a readable audio file"),
+    "random.wav": (lambda p: p.write_bytes(np.random.default_rng(3).bytes(6000)), "not a readable audio file"),
+    "cut header.wav": (lambda p: p.write_bytes(_wav_bytes()[:30]), "not a readable audio file"),
+    "cut data.wav": (lambda p: p.write_bytes(_wav_bytes()[:5000]), "truncated: the header declares 0.50 s"),
+    "no samples.wav": (_with(np.zeros((0, 1), np.float32), "PCM_16"), "no samples"),
+    "too short.wav": (_with(tone(0.005), "PCM_16"), "shorter than one 20 ms encoder frame"),
+    "nan.wav": (_with(_nan(), "FLOAT"), "1 NaN or infinite samples"),
+    "inf.wav": (_with(_inf(), "DOUBLE"), "3 NaN or infinite samples"),
+    "long.wav": (_with(tone(31.0), "PCM_16"), "longer than 30 s (31.0 s): pass --long-audio"),
+    "locked.wav": (_with(tone(0.5), "PCM_16"), "permission denied: make the file readable"),
+}
+# usable files with something unusual: (how to make it, note recorded or "")
+ODD_FILES = {
+    "silence.wav": (_with(np.zeros((8000, 1), np.float32), "PCM_16"), "digital silence (every sample is zero)"),
+    "8 channels 96k.wav": (_with(tone(0.6, rate=96000, channels=8), "PCM_24", 96000), ""),
+    "stereo 44k.flac": (_with(tone(0.4, rate=44100, channels=2), "PCM_16", 44100), ""),
+    "mono 8k.wav": (_with(tone(0.7, rate=8000), "PCM_16", 8000), ""),
+    "dossier à espaces/émotion fâchée ñ 音声.wav": (_with(tone(0.5, freq=300), "PCM_16"), ""),
+}
+
+
+def uid(name: str) -> str:
+    return os.path.splitext(name)[0]
+
+
+def bad_corpus(folder: Path, monkeypatch) -> tuple[list[tuple], dict]:
+    """Good files of 4 speakers plus every bad and odd file; returns (rows, {bad id: reason words})."""
+    rows = good_rows(folder)
+    labels = ["angry", "happy", "sad"]
+    for i, (name, (make, _)) in enumerate({**BAD_FILES, **ODD_FILES}.items()):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if make:
+            make(path)
+        rows.append((name, labels[i % 3], f"spk{i % 4}"))
+    locked = folder / "locked.wav"
+    if os.geteuid() == 0:  # root reads a chmod 000 file: refuse access to it as a user would be refused
+        real = os.access
+        monkeypatch.setattr(audio.os, "access", lambda p, m, **kw: False if Path(p) == locked.resolve() else real(p, m, **kw))
+    else:
+        locked.chmod(0)
+    write_csv(folder, rows)
+    return rows, {uid(n): words for n, (_, words) in BAD_FILES.items()}
+
+
+# --- running the CLI -----------------------------------------------------------------------------
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def extract_args(corpus: Path, checkpoint: Path, out: Path, *extra) -> list[str]:
+    return ["extract", str(corpus), "--corpus", "csv", "--model", str(checkpoint), "--out", str(out),
+            "--device", "cpu", "--mode", "short", "--shard-mb", SHARD_MB, *extra]
+
+
+def snapshot(out: Path) -> dict:
+    """Everything a cache holds that a user can see, per layer, for exact comparison."""
+    cache = open_cache(out)
+    cache.check()
+    layers = {s: cache.read_layer(s) for s in cache.layers}
+    return {
+        "plan": cache.plan,
+        "ids": {s: list(d.ids) for s, d in layers.items()},
+        "labels": {s: list(d.labels) for s, d in layers.items()},
+        "offsets": {s: d.offsets for s, d in layers.items()},
+        "frames": {s: d.frames for s, d in layers.items()},
+        "skipped": sorted(cache.skipped(), key=lambda s: s["id"]),
+        "notes": sorted(cache.notes(), key=lambda n: n["id"]),
+    }
+
+
+def assert_same_cache(out: Path, reference: dict):
+    got = snapshot(out)
+    assert got["plan"] == reference["plan"]
+    assert got["skipped"] == reference["skipped"] and got["notes"] == reference["notes"]
+    for s in reference["frames"]:
+        assert got["ids"][s] == reference["ids"][s], f"layer {s}: ids differ"
+        assert got["labels"][s] == reference["labels"][s]
+        np.testing.assert_array_equal(got["offsets"][s], reference["offsets"][s])
+        np.testing.assert_array_equal(got["frames"][s], reference["frames"][s], err_msg=f"layer {s}")
+    assert open_cache(out).verify() == {}
+    leftovers = [p.name for p in (out / C.SHARD_DIR).iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == [], f"temporary files left behind: {leftovers}"
+
+
+# --- bad audio: skipped, recorded, counted, shown ------------------------------------------------
+
+
+def test_every_bad_file_is_skipped_recorded_counted_and_inspected(tmp_path, tiny_checkpoint, monkeypatch):
+    corpus, out = tmp_path / "corpus", tmp_path / "cache"
+    rows, bad = bad_corpus(corpus, monkeypatch)
+    result = cli(*extract_args(corpus, tiny_checkpoint, out))
+    assert result.exit_code == 0, result.output
+    n_bad = len(bad)
+
+    # the final summary names every skipped utterance with its reason, and the progress counts them
+    assert f"skipped: {n_bad} utterances" in result.output
+    for i, words in bad.items():
+        assert any(line.strip().startswith(f"{i}: ") and words in line for line in result.output.splitlines()), (i, words)
+    assert f"skipped={n_bad}" in result.stderr  # the progress bar's counter
+    assert f"{n_bad} skipped" in result.stdout.splitlines()[-1]  # the cache-wide count, last line
+
+    # the cache records them: id, path, reason
+    cache = open_cache(out)
+    assert cache.complete and len(cache.plan) > 3
+    skipped = {s["id"]: s for s in cache.skipped()}
+    assert sorted(skipped) == sorted(bad)
+    for i, words in bad.items():
+        assert words in skipped[i]["reason"]
+        assert skipped[i]["path"] == str((corpus / f"{i}.wav").resolve())
+    notes = {n["id"]: n["note"] for n in cache.notes()}
+    assert notes == {uid(n): note for n, (_, note) in ODD_FILES.items() if note}
+
+    # everything else is there, odd files and odd names included, in id order
+    kept = sorted(uid(r[0]) for r in rows if uid(r[0]) not in bad)
+    layer = cache.read_layer(cache.layers[-1])
+    assert list(layer.ids) == kept
+    assert len(layer.ids) + len(skipped) == len(rows)
+    odd = list(layer.ids).index("dossier à espaces/émotion fâchée ñ 音声")
+    assert layer.n_frames[odd] == 25  # 0.5 s at one frame per 20 ms
+
+    # `inspect` shows them, as text and as JSON
+    shown = cli("inspect", out)
+    assert shown.exit_code == 0 and f"skipped {n_bad}" in shown.output
+    for i, words in bad.items():
+        assert f"{i}: " in shown.output and words in shown.output
+    as_json = json.loads(cli("inspect", out, "--json").output)
+    assert sorted(as_json["skipped"], key=lambda s: s["id"]) == sorted(skipped.values(), key=lambda s: s["id"])
+
+
+@pytest.mark.parametrize("policy,frames,note", [
+    ("refuse", None, None),
+    ("truncate", 1500, "truncated from 31.0 s to 30 s"),
+    ("windows", 1550, "31.0 s encoded as 2 windows of up to 30 s"),
+])
+def test_long_audio_policy(tmp_path, tiny_checkpoint, policy, frames, note):
+    corpus, out = tmp_path / "corpus", tmp_path / "cache"
+    rows = good_rows(corpus, per_speaker=2)
+    sf.write(corpus / "long.wav", tone(31.0), 16000)
+    write_csv(corpus, rows + [("long.wav", "sad", "spk0")])
+    result = cli(*extract_args(corpus, tiny_checkpoint, out, "--long-audio", policy, "--layers", "0"))
+    assert result.exit_code == 0, result.output
+    cache = open_cache(out)
+    meta = cache.read_meta()
+    if frames is None:
+        assert [s["id"] for s in cache.skipped()] == ["long"] and "long" not in meta["ids"]
+        assert "--long-audio windows" in cache.skipped()[0]["reason"]
+    else:
+        assert cache.skipped() == []
+        assert meta["n_frames"][list(meta["ids"]).index("long")] == frames
+        assert {"id": "long", "note": note} in cache.notes()
+
+
+def test_strict_fails_on_a_bad_file_and_on_a_cache_with_skips(tmp_path, tiny_checkpoint):
+    corpus, out = tmp_path / "corpus", tmp_path / "cache"
+    rows = good_rows(corpus)
+    (corpus / "text.wav").write_text("not audio")
+    write_csv(corpus, rows + [("text.wav", "sad", "spk1")])
+
+    strict = cli(*extract_args(corpus, tiny_checkpoint, out, "--strict"))
+    assert strict.exit_code != 0
+    assert "text.wav: not a readable audio file" in strict.output and "--strict" in strict.output
+
+    lenient = cli(*extract_args(corpus, tiny_checkpoint, out))  # resumes the same cache
+    assert lenient.exit_code == 0, lenient.output
+    assert [s["id"] for s in open_cache(out).skipped()] == ["text"]
+
+    again = cli(*extract_args(corpus, tiny_checkpoint, out, "--strict"))  # nothing left to encode
+    assert again.exit_code != 0
+    assert "--strict" in again.output and "text" in again.output
+
+
+# --- bad metadata: refused before any model is loaded --------------------------------------------
+
+
+CSV_CASES = {
+    "duplicate path": ("path,label,speaker\na.wav,angry,s1\nb.wav,sad,s2\na.wav,angry,s1\n", r"utterances.csv, rows 2 and 4 have the same id 'a'"),
+    "duplicate id": ("id,path,label,speaker\nu1,a.wav,angry,s1\nu1,b.wav,sad,s2\n", r"utterances.csv, rows 2 and 3 have the same id 'u1'"),
+    "empty field": ("path,label,speaker\na.wav,angry,s1\nb.wav,,s2\n", r"utterances.csv, row 3: the label field is empty: fill it in"),
+    "short row": ("path,label,speaker\na.wav,angry,s1\nb.wav,sad\n", r"utterances.csv, row 3: the speaker field is empty"),
+    "long row": ("path,label,speaker\na.wav,angry,s1,x\n", r"utterances.csv, row 2: 4 fields but the header names 3: quote"),
+    "no speaker column": ("path,label\na.wav,angry\n", r"utterances.csv, row 1: missing column\(s\) speaker"),
+    "outside folder": ("path,label,speaker\na.wav,angry,s1\n../../etc/passwd,sad,s2\n", r"utterances.csv, row 3: path '../../etc/passwd' points outside.*put the audio under"),
+    "header only": ("path,label,speaker\n", r"has a header but no rows: add one row per utterance"),
+    "empty csv": ("", r"utterances.csv, row 1: missing column\(s\) path, label, speaker"),
+    "single speaker": ("path,label,speaker\na.wav,angry,s1\nb.wav,angry,s2\nc.wav,sad,s1\nd.wav,sad,s1\n",
+                       r"label 'sad' has only speaker 's1'.*drop the label"),
+}
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fail loudly if the command gets as far as loading a model."""
+    def load_encoder(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(encoder, "load_encoder", load_encoder)
+
+
+@pytest.mark.parametrize("case", sorted(CSV_CASES))
+def test_bad_metadata_is_refused_before_the_model_loads(tmp_path, no_model, case):
+    text, message = CSV_CASES[case]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in "abcd":
+        sf.write(corpus / f"{name}.wav", tone(0.3), 16000)
+    (corpus / "utterances.csv").write_text(text, encoding="utf-8")
+    result = cli(*extract_args(corpus, "unused.pt", tmp_path / "cache"))
+    assert result.exit_code == 1
+    error = result.output.split("Error: ", 1)[-1]
+    assert re.search(message, error, re.S), result.output
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), r"CSV file .*utterances.csv does not exist: pass --csv PATH"),
+    (("--label-map", "emo5"), r"unknown label map 'emo5'; known label maps: .*'none'"),
+])
+def test_no_csv_and_unknown_label_map(tmp_path, no_model, args, message):
+    (tmp_path / "corpus").mkdir()
+    if args:
+        write_csv(tmp_path / "corpus", [("a.wav", "angry", "s1")])
+    result = cli(*extract_args(tmp_path / "corpus", "unused.pt", tmp_path / "cache", *args))
+    assert result.exit_code == 1
+    assert re.search(message, result.output), result.output
+
+
+def test_unknown_labels_of_a_label_map_are_counted_or_refused(tmp_path, no_model):
+    corpus = tmp_path / "corpus"
+    rows = good_rows(corpus)  # angry, happy, sad from 4 speakers
+    shutil.copy(corpus / rows[0][0], corpus / "typo.wav")
+    write_csv(corpus, rows + [("typo.wav", "angy", "spk3")])
+    # one misspelt label among known ones: dropped and counted before the model loads, never silently
+    result = CliRunner().invoke(main, extract_args(corpus, "unused.pt", tmp_path / "cache", "--label-map", "shemo4"))
+    assert isinstance(result.exception, AssertionError)  # not refused: it went on to load the model
+    assert "dropped 1 utterances whose original label is not in label map shemo4: angy 1" in result.output
+    # labels the map does not know at all: refused
+    write_csv(corpus, [(p, "colère", spk) for p, _, spk in rows])
+    result = cli(*extract_args(corpus, "unused.pt", tmp_path / "cache", "--label-map", "shemo4"))
+    assert result.exit_code == 1 and "label map 'shemo4' keeps none of the" in result.output
