@@ -195,5 +195,69 @@ def check_corpus_cmd(corpus, folder):
 # --- using a trained head --------------------------------------------------------------------
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The file to write (e.g. model.pt).")
+@click.option("--fold", type=click.IntRange(0), default=None, help="Export fold K's saved head as is, instead of training on all speakers.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Torch heads on all speakers: train a full N-epoch schedule. Default: the run's schedule stopped at the median epoch chosen on validation.")
+@click.option("--cache", "cache_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="The run's cache, if it moved (default: the path recorded in the run).")
+@click.option("--device", default=None, help="Where to train: auto, cpu, cuda[:N] (default: the run's setting).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
+    """Turn a `ser-cache train` run into one file that `predict` uses on new audio.
+
+    By default the head is trained again on every speaker of the run's layer with the run's
+    settings (its cross-validated metrics remain the estimate of how well it does); --fold K
+    takes fold K's head instead. The file records the labels, layer, input mode and the Whisper
+    checkpoint (name, SHA-256) the head needs.
+    """
+    from .predict import PredictError, export_run
+    from .training import ConfigError, NonFiniteLossError
+
+    try:
+        saved = export_run(run_dir, out, fold=fold, epochs=epochs, cache_path=cache_path, device=device, overwrite=overwrite)
+    except (PredictError, ConfigError, NonFiniteLossError, CacheError, OSError) as e:
+        raise click.ClickException(str(e))
+    p, w = saved["provenance"], saved["whisper"]
+    detail = f"{p['epochs']} epochs" if "epochs" in p else f"C {p.get('C')}"
+    click.echo(f"{saved['head']} head on layer {saved['layer']}, trained on {p['trained_on']}"
+               + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
+    click.echo(f"labels: {', '.join(saved['labels'])}")
+    click.echo(f"needs Whisper {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
+    click.echo(f"wrote {out}; use it with: ser-cache predict {out} AUDIO...")
+
+
+@main.command("predict")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "whisper_model", default=None, help="Whisper name or checkpoint path (default: the name recorded in MODEL_FILE).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of a table.")
+@click.option("--allow-other-model", is_flag=True, help="Use a Whisper checkpoint whose SHA-256 differs from the one the head was trained on.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+def predict(model_file, audio, whisper_model, as_json, allow_other_model, device):
+    """Predict the emotion of each AUDIO file with a head written by `ser-cache export`.
+
+    Prints the predicted emotion and every class probability. Files over 30 s are cut into
+    30 s windows, each shown with its own probabilities; the file's are their mean weighted
+    by window duration. The Whisper encoder runs only up to the head's layer. Files that
+    cannot be read are reported and the others still processed (the exit status is then 1).
+    """
+    from .predict import PredictError, format_table, load_predictor, to_json
+
+    try:
+        predictor = load_predictor(model_file, whisper_model, allow_other_model, device=pick_device(device))
+    except (PredictError, ValueError) as e:
+        raise click.ClickException(str(e))
+    ex, enc = predictor.exported, predictor.enc
+    click.echo(f"{ex.head} head on layer {ex.layer} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
+               f"{enc.n_states - 1} blocks, {ex.layer} run), mode {ex.mode}", err=True)
+    results = [predictor.predict_file(path) for path in audio]
+    click.echo(to_json(results, predictor.labels) if as_json else format_table(results, predictor.labels))
+    failed = [r for r in results if r.error]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(results)} files could not be used: "
+                                   + "; ".join(f"{r.path}: {r.error}" for r in failed))
+
+
 if __name__ == "__main__":
     main()
