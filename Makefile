@@ -72,3 +72,29 @@ train: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# The whole path in one command: RAVDESS -> cache of every layer -> sweep of the linear and
+# qkv heads over all layers -> the table and the plots.
+#   make demo                               downloads RAVDESS into data/ravdess and Whisper base by name
+#   make demo DATA=path MODEL=ckpt.pt       offline: a RAVDESS folder and a Whisper checkpoint file
+#   make demo DEMO_LIMIT=240                a fixed subset of 240 utterances, for a quick look
+# short mode by default (only the speech is encoded: several times faster on 3 s clips);
+# MODE=trim or MODE=padded on the command line uses that mode instead.
+DEMO_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),data/ravdess)
+DEMO_MODE := $(if $(filter command line,$(origin MODE)),$(MODE),short)
+DEMO_LIMIT ?=
+DEMO_HEADS ?= linear,qkv
+DEMO_CACHE ?= cache/demo-ravdess-$(notdir $(basename $(MODEL)))-$(DEMO_MODE)$(if $(DEMO_LIMIT),-limit$(DEMO_LIMIT))
+DEMO_SWEEP ?= sweeps/$(notdir $(DEMO_CACHE))
+DEMO_SWEEP_ARGS ?=
+
+.PHONY: demo
+demo: install
+ifeq ($(filter command line,$(origin DATA)),)
+	$(BIN)/ser-cache download ravdess --to "$(DEMO_DATA)"
+endif
+	$(BIN)/ser-cache extract "$(DEMO_DATA)" --corpus ravdess --model "$(MODEL)" --out "$(DEMO_CACHE)" \
+		--mode $(DEMO_MODE) $(if $(DEMO_LIMIT),--limit $(DEMO_LIMIT))
+	$(BIN)/ser-cache sweep "$(DEMO_CACHE)" --layers all --heads $(DEMO_HEADS) --out "$(DEMO_SWEEP)" $(DEMO_SWEEP_ARGS)
+	@echo; cat "$(DEMO_SWEEP)/summary.md"
+	@echo; echo "plots:"; ls -1 "$(DEMO_SWEEP)"/*.png
