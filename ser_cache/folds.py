@@ -1,0 +1,313 @@
+"""Speaker-independent folds: which utterances each fold trains, validates and tests on.
+
+Folds are data, not code paths. A `Folds` holds, for every utterance, the 0-based fold in
+which it is tested, and for every fold the training speakers held out for validation. It
+is built from manifest fields (ids, labels, speakers, groups) with a local RNG, saved next to
+every run (`folds.csv` + `folds.json`), and checked on construction:
+
+- every utterance is tested in exactly one fold, and no fold's test set is empty;
+- no speaker appears in two test folds (so never on both sides of a split);
+- the validation speakers of a fold are training speakers of that fold, never test speakers.
+
+Three protocols:
+
+    loso   one fold per group (IEMOCAP: leave one session out);
+    kfold  speaker-independent k-fold, stratified by label where the speakers allow it
+           (scikit-learn's StratifiedGroupKFold, shuffled with the seed); the default for
+           corpora without groups, k from DEFAULT_N_FOLDS;
+    file   the user's own CSV `id,fold` (0-based folds; every utterance listed once).
+
+Validation split, the same rule for every protocol: from the training speakers of fold k,
+hold out `max(1, n_train_speakers // n_folds)` speakers (IEMOCAP loso: 8 // 5 = 1 speaker;
+RAVDESS 6 folds: 20 // 6 = 3 actors; ShEMO 10 folds: about 7 speakers). Among 256 random draws
+of that many speakers the one kept is, in order of priority: the one that leaves every class
+in training, then covers the most classes, then whose label proportions and share of the
+utterances are closest to the training pool's. Held-out speakers stay out of training for that
+fold, so the epoch is chosen on speakers the head has never seen, like the test speakers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROTOCOLS = ("loso", "kfold", "file")
+DEFAULT_N_FOLDS = {"ravdess": 6, "shemo": 10, "emodb": 5}  # RAVDESS: 24 actors, 4 per fold
+FALLBACK_N_FOLDS = 5
+VAL_CANDIDATES = 256  # random speaker draws scored per fold when carving the validation split
+
+
+class FoldsError(ValueError):
+    """Folds that cannot be built or trusted; the message names the fix."""
+
+
+def default_n_folds(corpus: str) -> int:
+    """Number of k-fold folds for a corpus name (5 when the corpus is not listed)."""
+    return DEFAULT_N_FOLDS.get(corpus.lower(), FALLBACK_N_FOLDS)
+
+
+@dataclass
+class Folds:
+    """Test fold per utterance, and validation speakers per fold.
+
+    ids, speakers: (n,) str, in the order of the data they were built for.
+    test_fold: (n,) int64, 0-based fold in which each utterance is tested.
+    val_speakers: per fold, the sorted training speakers held out for validation.
+    protocol: "loso", "kfold" or "file"; seed: the seed of the local RNG that built them.
+    """
+
+    ids: np.ndarray
+    speakers: np.ndarray
+    test_fold: np.ndarray
+    val_speakers: list[list[str]]
+    protocol: str
+    seed: int
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids).astype(str)
+        self.speakers = np.asarray(self.speakers).astype(str)
+        self.test_fold = np.asarray(self.test_fold, dtype=np.int64)
+        self.val_speakers = [sorted(str(s) for s in v) for v in self.val_speakers]
+        self.check()
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.val_speakers)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def check(self) -> None:
+        """Raise FoldsError unless the folds are a speaker-independent partition."""
+        n, k = len(self.ids), self.n_folds
+        if self.speakers.shape != (n,) or self.test_fold.shape != (n,):
+            raise FoldsError(f"ids {self.ids.shape}, speakers {self.speakers.shape}, "
+                             f"test_fold {self.test_fold.shape} must all be ({n},)")
+        if len(set(self.ids)) != n:
+            raise FoldsError("utterance ids are not unique: fix the corpus records")
+        if n and (self.test_fold.min() < 0 or self.test_fold.max() >= k):
+            raise FoldsError(f"test folds must be 0 .. {k - 1}, found {self.test_fold.min()} .. "
+                             f"{self.test_fold.max()}")
+        empty = sorted(set(range(k)) - set(self.test_fold.tolist()))
+        if empty:
+            raise FoldsError(f"folds {empty} test no utterance: use fewer folds")
+        spk_folds: dict[str, set] = {}
+        for s, f in zip(self.speakers, self.test_fold):
+            spk_folds.setdefault(s, set()).add(int(f))
+        crossing = {s: sorted(f) for s, f in spk_folds.items() if len(f) > 1}
+        if crossing:
+            s, f = next(iter(crossing.items()))
+            s = str(s)
+            raise FoldsError(f"{len(crossing)} speakers are tested in several folds, e.g. {s!r} "
+                             f"in folds {f}: put all utterances of a speaker in one fold")
+        for fold, val in enumerate(self.val_speakers):
+            bad = [str(s) for s in val if spk_folds.get(s, {fold}) == {fold}]
+            if bad:
+                raise FoldsError(f"fold {fold}: validation speakers {bad} are not training "
+                                 "speakers of that fold (unknown, or tested in it)")
+
+    def split(self, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train_idx, val_idx, test_idx) of fold `fold`: sorted int64 indices, disjoint."""
+        if not 0 <= fold < self.n_folds:
+            raise FoldsError(f"fold {fold} does not exist: folds are 0 .. {self.n_folds - 1}")
+        test = self.test_fold == fold
+        val = ~test & np.isin(self.speakers, self.val_speakers[fold])
+        train = ~test & ~val
+        return np.flatnonzero(train), np.flatnonzero(val), np.flatnonzero(test)
+
+    def save(self, path: Path) -> None:
+        """Write `path` (CSV id,speaker,fold) and `path` with suffix .json (the rest)."""
+        path = Path(path)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "speaker", "fold"])
+            w.writerows(zip(self.ids, self.speakers, self.test_fold.tolist()))
+        meta = {"protocol": self.protocol, "seed": self.seed, "n_folds": self.n_folds,
+                "val_speakers": self.val_speakers}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "Folds":
+        """Read folds written by `save` (the CSV path; the JSON is found beside it)."""
+        path = Path(path)
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        return cls(ids=[r["id"] for r in rows], speakers=[r["speaker"] for r in rows],
+                   test_fold=[int(r["fold"]) for r in rows], val_speakers=meta["val_speakers"],
+                   protocol=meta["protocol"], seed=meta["seed"])
+
+    def aligned_to(self, ids) -> "Folds":
+        """The same folds with rows in the order of `ids` (which must hold the same ids)."""
+        ids = np.asarray(ids).astype(str)
+        if np.array_equal(ids, self.ids):
+            return self
+        pos = {u: i for i, u in enumerate(self.ids)}
+        missing = [str(u) for u in ids if u not in pos]
+        if missing or len(ids) != len(self.ids):
+            raise FoldsError(f"the folds were built for other utterances ({len(missing)} of "
+                             f"{len(ids)} ids unknown, e.g. {missing[:3]}): rebuild the folds "
+                             "from this cache")
+        order = np.array([pos[u] for u in ids])
+        return Folds(self.ids[order], self.speakers[order], self.test_fold[order],
+                     self.val_speakers, self.protocol, self.seed)
+
+
+# --- builders --------------------------------------------------------------------------------
+
+
+def make_folds(ids, labels, speakers, groups=None, *, protocol: str | None = None,
+               n_folds: int | None = None, corpus: str = "", fold_file: Path | None = None,
+               seed: int = 0) -> Folds:
+    """Folds by protocol name. protocol None: "file" if a fold file is given, "loso" if the
+    utterances have groups, else "kfold" with n_folds (default from DEFAULT_N_FOLDS[corpus])."""
+    groups = np.full(len(ids), "") if groups is None else np.asarray(groups).astype(str)
+    if protocol is None:
+        protocol = "file" if fold_file else ("loso" if (groups != "").all() else "kfold")
+    if protocol not in PROTOCOLS:
+        raise FoldsError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
+    if fold_file is not None and protocol != "file":
+        raise FoldsError(f"a fold file was given with protocol {protocol!r}: use protocol 'file'")
+    if protocol == "loso":
+        if n_folds is not None and n_folds != len(set(groups)):
+            raise FoldsError(f"loso makes one fold per group ({len(set(groups))}), not {n_folds}: "
+                             "drop the number of folds or use protocol 'kfold'")
+        return loso_folds(ids, labels, speakers, groups, seed=seed)
+    if protocol == "kfold":
+        return kfold_folds(ids, labels, speakers, n_folds or default_n_folds(corpus), seed=seed)
+    if fold_file is None:
+        raise FoldsError("protocol 'file' needs a fold file (CSV with columns id,fold)")
+    return file_folds(ids, labels, speakers, fold_file, seed=seed)
+
+
+def loso_folds(ids, labels, speakers, groups, seed: int = 0) -> Folds:
+    """One fold per group, groups in sorted order (fold 0 tests the first group)."""
+    ids, labels, speakers, groups = _arrays(ids, labels, speakers, groups)
+    if (groups == "").any():
+        raise FoldsError(f"{(groups == '').sum()} utterances have no group, so leave-one-group-"
+                         "out is impossible: use protocol 'kfold'")
+    spk_groups = {}
+    for s, g in zip(speakers, groups):
+        if spk_groups.setdefault(s, g) != g:
+            raise FoldsError(f"speaker {s!r} is in groups {spk_groups[s]!r} and {g!r}: "
+                             "leave-one-group-out would not be speaker-independent")
+    names = sorted(set(groups))
+    if len(names) < 2:
+        raise FoldsError(f"only one group ({names}): loso needs at least 2; use 'kfold'")
+    _check_labels(labels, speakers)
+    test_fold = np.searchsorted(names, groups)
+    return _with_validation(ids, labels, speakers, test_fold, "loso", seed)
+
+
+def kfold_folds(ids, labels, speakers, n_folds: int, seed: int = 0) -> Folds:
+    """Speaker-independent k-fold, label-stratified where possible, shuffled with `seed`."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    ids, labels, speakers, _ = _arrays(ids, labels, speakers)
+    n_spk = len(set(speakers))
+    if n_folds < 2:
+        raise FoldsError(f"k-fold needs at least 2 folds, got {n_folds}")
+    if n_folds > n_spk:
+        raise FoldsError(f"{n_folds} folds but only {n_spk} speakers: every fold needs its own "
+                         f"test speakers, so use at most {n_spk} folds")
+    _check_labels(labels, speakers)
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    test_fold = np.full(len(ids), -1, dtype=np.int64)
+    for fold, (_, test) in enumerate(sgkf.split(np.zeros(len(ids)), labels, groups=speakers)):
+        test_fold[test] = fold
+    assert (test_fold >= 0).all(), "StratifiedGroupKFold left utterances untested"
+    return _with_validation(ids, labels, speakers, test_fold, "kfold", seed)
+
+
+def file_folds(ids, labels, speakers, path: Path, seed: int = 0) -> Folds:
+    """Folds read from the user's CSV with columns id,fold (0-based, every id exactly once)."""
+    ids, labels, speakers, _ = _arrays(ids, labels, speakers)
+    path = Path(path)
+    if not path.is_file():
+        raise FoldsError(f"fold file {path} not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"id", "fold"} <= set(reader.fieldnames or []):
+            raise FoldsError(f"{path}: needs a header with columns id,fold, found "
+                             f"{reader.fieldnames}")
+        rows = list(reader)
+    given: dict[str, int] = {}
+    for line, r in enumerate(rows, 2):
+        try:
+            fold = int(r["fold"])
+        except ValueError:
+            raise FoldsError(f"{path}:{line}: fold {r['fold']!r} is not an integer") from None
+        if r["id"] in given:
+            raise FoldsError(f"{path}:{line}: id {r['id']!r} is listed twice")
+        given[r["id"]] = fold
+    missing = [str(u) for u in ids if u not in given]
+    if missing:
+        raise FoldsError(f"{path}: {len(missing)} utterances of the cache have no fold, e.g. "
+                         f"{missing[:3]}: list every id")
+    unknown = sorted(set(given) - set(ids))
+    if unknown:
+        raise FoldsError(f"{path}: {len(unknown)} ids are not in the cache, e.g. {unknown[:3]}")
+    test_fold = np.array([given[u] for u in ids], dtype=np.int64)
+    if test_fold.min() != 0:
+        raise FoldsError(f"{path}: folds must start at 0 (found {test_fold.min()})")
+    _check_labels(labels, speakers)
+    return _with_validation(ids, labels, speakers, test_fold, "file", seed)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _arrays(*columns):
+    out = [np.asarray(c).astype(str) for c in columns]
+    n = len(out[0])
+    assert all(len(c) == n for c in out), f"columns of lengths {[len(c) for c in out]}"
+    return out + [None] * (4 - len(out))
+
+
+def _check_labels(labels: np.ndarray, speakers: np.ndarray) -> None:
+    """A class spoken by one speaker only cannot be both trained and tested speaker-independently."""
+    spk_per_label = {lab: len(set(speakers[labels == lab])) for lab in np.unique(labels)}
+    single = sorted(str(lab) for lab, n in spk_per_label.items() if n < 2)
+    if single:
+        raise FoldsError(f"classes {single} are spoken by a single speaker, so a speaker-"
+                         "independent split cannot both train and test them: drop or merge "
+                         "these classes in the corpus label map")
+
+
+def _with_validation(ids, labels, speakers, test_fold, protocol, seed) -> Folds:
+    n_folds = int(test_fold.max()) + 1
+    names, spk = np.unique(speakers, return_inverse=True)
+    _, lab = np.unique(labels, return_inverse=True)
+    counts = np.zeros((len(names), lab.max() + 1), dtype=np.int64)  # (speakers, classes)
+    np.add.at(counts, (spk, lab), 1)
+    rng = np.random.default_rng([seed, 0x5E7])  # local: the folds never touch global RNG state
+    val = []
+    for k in range(n_folds):
+        # training speakers: some utterances outside fold k, none in it (a speaker crossing
+        # folds is left out here and refused by Folds.check)
+        pool = np.setdiff1d(spk[test_fold != k], spk[test_fold == k])
+        val.append(names[pool[_carve_validation(counts[pool], n_folds, rng)]].tolist())
+    return Folds(ids, speakers, test_fold, val, protocol, seed)
+
+
+def _carve_validation(counts: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices (into the rows of `counts`, (pool speakers, classes)) of the speakers held out
+    for validation; the rule is in the module docstring."""
+    n_pool = len(counts)
+    if n_pool < 2:
+        raise FoldsError(f"a fold has only {n_pool} training speaker(s), none can be held "
+                         "out for validation: use fewer folds or more speakers")
+    n_val = max(1, n_pool // n_folds)
+    total = counts.sum(axis=0)  # (classes,) of the training pool
+    present = total > 0
+    cands = np.argsort(rng.random((VAL_CANDIDATES, n_pool)), axis=1)[:, :n_val]  # (cand, n_val)
+    val = counts[cands].sum(axis=1)  # (cand, classes)
+    lost = ((total - val == 0) & present).sum(axis=1)  # classes gone from training: avoid first
+    uncovered = ((val == 0) & present).sum(axis=1)  # classes missing from validation
+    distance = np.abs(val / val.sum(axis=1, keepdims=True) - total / total.sum()).sum(axis=1)
+    distance += np.abs(val.sum(axis=1) / total.sum() - n_val / n_pool)
+    best = np.lexsort((distance, uncovered, lost))[0]
+    return np.sort(cands[best])
