@@ -251,6 +251,9 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
     ex, enc = predictor.exported, predictor.enc
     click.echo(f"{ex.head} head on layer {ex.layer} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
                f"{enc.n_states - 1} blocks, {ex.layer} run), mode {ex.mode}", err=True)
+    if enc.sha256 != ex.whisper["sha256"]:
+        click.echo(f"warning: the head was trained on Whisper {ex.whisper['name']} (sha256 "
+                   f"{ex.whisper['sha256'][:12]}...), not this checkpoint (--allow-other-model)", err=True)
     results = [predictor.predict_file(path) for path in audio]
     click.echo(to_json(results, predictor.labels) if as_json else format_table(results, predictor.labels))
     failed = [r for r in results if r.error]

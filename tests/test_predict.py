@@ -104,6 +104,13 @@ def test_linear_head_survives_the_round_trip_as_arrays(runs, exported, tmp_path)
     assert load_exported(exported["linear"]).provenance["trained_on"] == "all speakers"
 
 
+def test_export_refuses_a_cache_with_other_states(runs, corpus, tiny_checkpoint, tmp_path):
+    root, records = corpus
+    other = make_cache(root, records, tiny_checkpoint, "short")
+    with pytest.raises(PredictError, match="mode: run has 'trim', cache has 'short'"):
+        export_run(runs["qkv"], tmp_path / "m.pt", cache_path=other)
+
+
 def test_export_cli_and_explicit_epochs(runs, tmp_path):
     result = invoke("export", runs["qkv"], "--out", tmp_path / "m.pt", "--epochs", "2")
     assert result.exit_code == 0, result.output
@@ -173,6 +180,7 @@ def test_other_checkpoint_is_refused_unless_allowed(exported, corpus, tmp_path):
     assert result.exit_code != 0 and "sha256" in result.output and "--allow-other-model" in result.output
     result = invoke("predict", exported["qkv"], records[0].path, "--model", other, "--allow-other-model")
     assert result.exit_code == 0, result.output
+    assert "warning: the head was trained on" in result.stderr
 
 
 def test_other_shape_is_refused_even_when_allowed(exported, tmp_path):
