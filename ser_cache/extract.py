@@ -359,6 +359,10 @@ def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer
             writer.submit(k, assemble(shard_utts[k], results.pop(k), opts.mode))
 
     for k, loaded in loaded_iter:
+        if batch and batch[-1][0] != k:
+            # Batches never straddle two shards: the short mode's padding depends on the batch,
+            # so a shard re-done after a crash or by --repair must see the same batches.
+            flush()
         rid = loaded.record.id
         results[k][rid] = (loaded, [None] * len(loaded.mels))
         if loaded.error:
