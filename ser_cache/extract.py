@@ -11,6 +11,7 @@ silently. Re-running the same command resumes: shards already complete are not r
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
 import json
 import platform
@@ -136,7 +137,7 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
                 + "\nFix: pass a new --out folder, or the settings the cache was made with"
             )
         return existing
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()) and not interrupted_creation(out):
         raise C.CacheError(f"{out} exists, is not empty and is not a cache: pass a new or empty --out folder")
     (out / C.SHARD_DIR).mkdir(parents=True, exist_ok=True)
     plan = C.plan_shards(records, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
@@ -145,6 +146,20 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
     C._write_json_atomic(out / C.PLAN_FILE, plan)
     C._write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": {"versions": package_versions()}})
     return C.open_cache(out)
+
+
+# What a run killed while creating a cache leaves behind (cache.json is written last).
+CREATION_LEFTOVERS = (C.RECORDS_FILE, C.RECORDS_FILE + ".tmp", C.PLAN_FILE, C.PLAN_FILE + ".*.tmp", C.SETTINGS_FILE + ".*.tmp")
+
+
+def interrupted_creation(out: Path) -> bool:
+    """True when `out` holds only the leftovers of a cache creation that never finished."""
+    for p in out.iterdir():
+        if p.name == C.SHARD_DIR and p.is_dir() and not any(p.iterdir()):
+            continue
+        if not any(fnmatch.fnmatch(p.name, pattern) for pattern in CREATION_LEFTOVERS):
+            return False
+    return True
 
 
 # --- the pipeline ---------------------------------------------------------------------------
@@ -234,10 +249,17 @@ class ShardWriter:
         while (job := self.jobs.get()) is not None:
             k, content = job
             if self.error is None:
+                folder, layers, dim, dtype = self.args
                 try:
-                    folder, layers, dim, dtype = self.args
                     C.write_shard(folder, k, content, layers, dim, dtype)
                     self.written.append(k)
+                except OSError as e:  # disk full, I/O error, permissions: say what to do
+                    self.error = C.CacheError(
+                        f"cannot write {C.shard_name(k)} in {folder}: {e.strerror or e}. That shard was not kept "
+                        "and every shard written before it is complete: free some space (or fix the folder) "
+                        "and re-run the same command to resume"
+                    )
+                    self.error.__cause__ = e
                 except BaseException as e:  # handed to the main thread
                     self.error = e
 
@@ -281,6 +303,8 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
                 summary.repaired.append(k)
     for k in mine:  # leftovers of an interrupted run of this job
         (cache.shard_dir / f"{C.shard_name(k)}.h5.tmp").unlink(missing_ok=True)
+        for stale in cache.shard_dir.glob(f"{C.shard_name(k)}.json.*.tmp"):
+            stale.unlink(missing_ok=True)
     done = set(cache.complete_shards())
     todo = [k for k in mine if k not in done]
     summary.shards_done_before = len(mine) - len(todo)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from ser_cache.cli import main
 from conftest import tone, write_corpus
 
 SEED = int(os.environ.get("SER_CACHE_FAULT_SEED", "1234"))  # the random kill points and byte flips
-SHARD_MB = "0.01"  # about 10 KB: one or two utterances per shard in short mode
+SHARD_MB = "0.02"  # about 20 KB: one to three utterances per shard in short mode
 
 
 # --- corpora -------------------------------------------------------------------------------------
@@ -328,3 +328,308 @@ def test_unknown_labels_of_a_label_map_are_counted_or_refused(tmp_path, no_model
     write_csv(corpus, [(p, "colère", spk) for p, _, spk in rows])
     result = cli(*extract_args(corpus, "unused.pt", tmp_path / "cache", "--label-map", "shemo4"))
     assert result.exit_code == 1 and "label map 'shemo4' keeps none of the" in result.output
+
+
+# --- interruptions: killed at any point, re-run, same cache --------------------------------------
+
+
+# Batches of several utterances, so that a batch could straddle two shards; float32, so that no
+# difference in the arithmetic hides in float16 rounding.
+RUN_ARGS = ("--batch-size", "4", "--dtype", "float32")
+
+
+@pytest.fixture(scope="module")
+def kill_corpus(tmp_path_factory, tiny_checkpoint):
+    """A corpus of 34 planned utterances (2 bad) over many shards, and its uninterrupted cache."""
+    forkserver()
+    multiprocessing.forkserver.ensure_running()  # imports torch in the background meanwhile
+    folder = tmp_path_factory.mktemp("kill")
+    corpus = folder / "corpus"
+    rows = good_rows(corpus, n_speakers=4, per_speaker=8, seed=1)
+    (corpus / "text.wav").write_text("not audio")
+    write_csv(corpus, rows + [("text.wav", "sad", "spk2"), ("missing.wav", "happy", "spk1")])
+    result = cli(*extract_args(corpus, tiny_checkpoint, folder / "reference", *RUN_ARGS))
+    assert result.exit_code == 0, result.output
+    reference = snapshot(folder / "reference")
+    assert len(reference["plan"]) >= 15 and len(reference["skipped"]) == 2
+    return corpus, reference, folder / "reference"
+
+
+def _cli_in_child(args: list[str], log: str, threads: int) -> None:
+    """Body of a child process: `ser-cache ARGS`, output to LOG; exits with the CLI's status."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(threads)  # the arithmetic of this process, so shards compare exactly
+    main(args=args, prog_name="ser-cache")
+
+
+def forkserver():
+    """The multiprocessing context whose server process has imported torch, Whisper and this module."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["ser_cache.cli", "ser_cache.extract", "whisper", __name__])
+    return ctx
+
+
+def spawn(args: list[str], log: Path):
+    """Start `ser-cache ARGS` in a separate process that can be killed like any other.
+
+    The processes are forked from a server that has imported torch and Whisper once (a fresh
+    interpreter spends seconds on that import), so many kill points stay cheap.
+    """
+    proc = forkserver().Process(target=_cli_in_child, args=(args, str(log), torch.get_num_threads()), daemon=True)
+    proc.start()
+    return proc
+
+
+def shards_written(out: Path) -> int:
+    return len(list((out / C.SHARD_DIR).glob("*.h5"))) if (out / C.SHARD_DIR).is_dir() else 0
+
+
+def tmp_shard_present(out: Path) -> bool:
+    return (out / C.SHARD_DIR).is_dir() and any((out / C.SHARD_DIR).glob("*.h5.tmp"))
+
+
+class After:
+    """A kill condition: `delay` seconds after `ready(out)` first holds."""
+
+    def __init__(self, ready, delay: float = 0.0):
+        self.ready, self.delay, self.since = ready, delay, None
+
+    def __call__(self, out: Path) -> bool:
+        if self.since is None and self.ready(out):
+            self.since = time.monotonic()
+        return self.since is not None and time.monotonic() - self.since >= self.delay
+
+
+def kill_when(jobs: list[dict], timeout: float = 60.0) -> None:
+    """Poll every job's cache folder; send its signal as soon as its condition holds."""
+    deadline = time.monotonic() + timeout
+    pending = list(jobs)
+    while pending and time.monotonic() < deadline:
+        for job in list(pending):
+            if not job["proc"].is_alive():  # ended before its kill point: reported by the test
+                pending.remove(job)
+            elif job["when"](job["out"]):
+                os.kill(job["proc"].pid, job["signal"])
+                job["fired"] = True
+                pending.remove(job)
+        time.sleep(0.002)
+    for job in jobs:
+        job["proc"].join(timeout=max(1.0, deadline - time.monotonic()))
+        if job["proc"].is_alive():
+            job["proc"].kill()
+            raise TimeoutError(f"{job['name']}: still running after {timeout} s")
+
+
+def test_kill_and_interrupt_at_random_points_then_resume(kill_corpus, tiny_checkpoint, tmp_path):
+    corpus, reference, _ = kill_corpus
+    n = len(reference["plan"])
+    rng = random.Random(SEED)
+    points = [
+        ("SIGKILL while the first shard is being written", signal.SIGKILL, After(tmp_shard_present)),
+        *[(f"SIGKILL once {k} shards are written", signal.SIGKILL, After(lambda out, k=k: shards_written(out) >= k))
+          for k in sorted(rng.sample(range(1, n - 2), 2))],
+        *[(f"SIGKILL {d:.3f} s after the cache folder was created", signal.SIGKILL,
+           After(lambda out: (out / C.SETTINGS_FILE).exists(), d)) for d in [rng.uniform(0.0, 0.15)]],
+        *[(f"SIGINT once {k} shards are written", signal.SIGINT, After(lambda out, k=k: shards_written(out) >= k))
+          for k in [rng.randrange(1, n - 2)]],
+    ]
+    jobs = []
+    for i, (name, sig, when) in enumerate(points):
+        out = tmp_path / f"cache{i}"
+        args = extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS)
+        jobs.append({"name": name, "signal": sig, "when": when, "out": out, "args": args,
+                     "log": tmp_path / f"log{i}.txt", "fired": False})
+        jobs[-1]["proc"] = spawn(args, jobs[-1]["log"])
+    kill_when(jobs)
+
+    for job in jobs:
+        out, log = job["out"], job["log"].read_text()
+        assert job["fired"], f"{job['name']}: the run ended before the kill point (seed {SEED}):\n{log}"
+        before = shards_written(out)
+        assert before < n, f"{job['name']}: every shard was written before the signal arrived"
+        if job["signal"] == signal.SIGINT:
+            assert job["proc"].exitcode == 1, log
+            assert "interrupted; every shard written so far is complete. Re-run the same command to resume" in log
+            assert not tmp_shard_present(out)  # Ctrl-C lets the shard being written finish or vanish
+            assert all(why == "missing" for why in open_cache(out).verify().values())
+        else:
+            assert job["proc"].exitcode == -signal.SIGKILL
+        resumed = cli(*job["args"])
+        assert resumed.exit_code == 0, f"{job['name']}: {resumed.output}"
+        assert f"{before} already complete" in resumed.output
+        assert_same_cache(out, reference)
+
+
+def test_crash_while_the_cache_folder_was_created(kill_corpus, tiny_checkpoint, tmp_path):
+    """Killed after records or plan were written but before cache.json: not a foreign folder."""
+    corpus, reference, _ = kill_corpus
+    out = tmp_path / "cache"
+    (out / C.SHARD_DIR).mkdir(parents=True)
+    (out / C.RECORDS_FILE).write_text('{"id": "half a li')
+    (out / f"{C.PLAN_FILE}.4242.tmp").write_text("[[")
+    result = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
+    assert result.exit_code == 0, result.output
+    assert_same_cache(out, reference)
+
+    foreign = tmp_path / "mine"  # a folder with anything else in it is still refused
+    foreign.mkdir()
+    (foreign / C.RECORDS_FILE).write_text("")
+    (foreign / "thesis.tex").write_text("")
+    result = cli(*extract_args(corpus, tiny_checkpoint, foreign, *RUN_ARGS))
+    assert result.exit_code == 1 and "is not empty and is not a cache" in result.output
+    assert (foreign / "thesis.tex").exists()
+
+
+def test_crash_between_the_checksum_file_and_the_rename(kill_corpus, tiny_checkpoint, tmp_path):
+    """The states a kill can leave inside shards/: a finished .h5.tmp whose sidecar exists but
+    which was never renamed, and a half-written sidecar. Both shards are re-done, nothing else."""
+    corpus, reference, reference_dir = kill_corpus
+    out = tmp_path / "cache"
+    shutil.copytree(reference_dir, out)
+    shards = out / C.SHARD_DIR
+    (shards / "shard-00002.h5").rename(shards / "shard-00002.h5.tmp")
+    (shards / "shard-00005.h5").unlink()
+    (shards / "shard-00005.json.4242.tmp").write_text('{"shard": 5, "sha2')
+    untouched = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.h5")}
+    result = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
+    assert result.exit_code == 0, result.output
+    assert f"2 written now, {len(reference['plan']) - 2} already complete" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("*.h5") if p.name in untouched} == untouched
+    assert_same_cache(out, reference)
+
+
+# --- write failures: a clear error, and no partial shard taken as complete -----------------------
+
+
+FAIL_AT = 3  # the shard whose writing fails
+
+
+def _enospc():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["dataset write", "fsync", "checksum file"])
+def test_disk_full_is_a_clear_error_and_no_partial_shard_counts(kill_corpus, tiny_checkpoint, tmp_path, monkeypatch, where):
+    corpus, reference, _ = kill_corpus
+    out = tmp_path / "cache"
+    writing = {"k": None}
+    real_write_shard, real_fsync, real_dump, real_setitem = C.write_shard, C._fsync, json.dump, h5py.Dataset.__setitem__
+
+    def write_shard(folder, k, *a, **kw):
+        writing["k"] = k
+        return real_write_shard(folder, k, *a, **kw)
+
+    monkeypatch.setattr(C, "write_shard", write_shard)
+    if where == "dataset write":  # h5py reports a full disk as an OSError from the write
+        monkeypatch.setattr(h5py.Dataset, "__setitem__",
+                            lambda self, key, v: _enospc() if writing["k"] == FAIL_AT else real_setitem(self, key, v))
+    elif where == "fsync":
+        monkeypatch.setattr(C, "_fsync", lambda path: _enospc() if writing["k"] == FAIL_AT else real_fsync(path))
+    else:  # the sidecar's temporary file is created, then the disk fills up
+        monkeypatch.setattr(C.json, "dump", lambda obj, f, **kw: _enospc()
+                            if isinstance(obj, dict) and obj.get("shard") == FAIL_AT else real_dump(obj, f, **kw))
+
+    result = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
+    assert result.exit_code == 1
+    error = result.output.split("Error: ", 1)[-1]
+    assert f"cannot write {shard_name(FAIL_AT)} in {out / C.SHARD_DIR}: No space left on device" in error
+    assert "re-run the same command to resume" in error
+
+    names = sorted(p.name for p in (out / C.SHARD_DIR).iterdir())
+    assert f"{shard_name(FAIL_AT)}.h5" not in names and f"{shard_name(FAIL_AT)}.json" not in names
+    assert [n for n in names if n.endswith(".tmp")] == []
+    cache = open_cache(out)
+    assert FAIL_AT not in cache.complete_shards() and set(range(FAIL_AT)) <= set(cache.complete_shards())
+    problems = cache.verify()
+    assert FAIL_AT in problems and set(problems.values()) == {"missing"}  # nothing half-written
+    with pytest.raises(CacheError, match=f"{shard_name(FAIL_AT)}: missing"):
+        cache.check()
+
+    monkeypatch.undo()  # space freed: the same command finishes the job
+    resumed = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{FAIL_AT} already complete" in resumed.output or f"{len(cache.complete_shards())} already complete" in resumed.output
+    assert_same_cache(out, reference)
+
+
+# --- corruption: verify names it, check refuses it, --repair re-creates it alone ------------------
+
+
+def verify_output(out: Path):
+    result = CliRunner().invoke(main, ["verify", str(out)])
+    named = [line.split(":")[0] for line in result.output.splitlines() if line.startswith("shard-")]
+    return result, named
+
+
+def test_verify_names_a_shard_with_flipped_bytes(kill_corpus, tmp_path):
+    _, reference, reference_dir = kill_corpus
+    out = tmp_path / "cache"
+    shutil.copytree(reference_dir, out)
+    rng = random.Random(SEED)
+    k = rng.randrange(len(reference["plan"]))
+    path = open_cache(out).shard_path(k)
+    raw = path.read_bytes()
+    positions = [0, 100, len(raw) // 2, len(raw) - 1, *rng.sample(range(len(raw)), 4)]
+    for pos in positions:
+        damaged = bytearray(raw)
+        damaged[pos] ^= 1 << rng.randrange(8)  # one bit
+        path.write_bytes(bytes(damaged))
+        result, named = verify_output(out)
+        assert result.exit_code == 1, f"flip at byte {pos} of {len(raw)} not caught (seed {SEED})"
+        assert named == [shard_name(k)], result.output
+        assert f"{shard_name(k)}: SHA-256 differs" in result.output
+        assert "1 of" in result.output and "--repair" in result.output
+    path.write_bytes(raw)
+    result, named = verify_output(out)
+    assert result.exit_code == 0 and named == [] and f"all {len(reference['plan'])} shards verified" in result.output
+
+
+def test_truncated_and_altered_shards_are_refused_then_repaired_alone(kill_corpus, tiny_checkpoint, tmp_path):
+    corpus, reference, reference_dir = kill_corpus
+    out = tmp_path / "cache"
+    shutil.copytree(reference_dir, out)
+    cache = open_cache(out)
+    cut, flipped, no_sidecar = 1, 4, 6
+    path = cache.shard_path(cut)
+    os.truncate(path, path.stat().st_size // 2)
+    raw = bytearray(cache.shard_path(flipped).read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    cache.shard_path(flipped).write_bytes(bytes(raw))
+    (cache.shard_dir / f"{shard_name(no_sidecar)}.json").unlink()
+
+    # the cheap checks (run before any training) refuse the truncated shard and the lost sidecar
+    with pytest.raises(CacheError) as e:
+        cache.check()
+    message = str(e.value)
+    assert f"{shard_name(cut)}: size " in message and "truncated or altered" in message
+    assert f"{shard_name(no_sidecar)}: its checksum file is missing" in message
+    assert "--repair" in message and shard_name(flipped) not in message  # a flipped bit keeps the size
+    with pytest.raises(CacheError):
+        cache.read_layer(cache.layers[0])
+
+    result, named = verify_output(out)
+    assert result.exit_code == 1 and named == [shard_name(k) for k in sorted((cut, flipped, no_sidecar))]
+
+    untouched = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.shard_dir.glob("*.h5")
+                 if p.name not in {f"{shard_name(k)}.h5" for k in (cut, flipped, no_sidecar)}}
+    repaired = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS, "--repair"))
+    assert repaired.exit_code == 0, repaired.output
+    assert f"damaged shards re-created: {[cut, flipped, no_sidecar]}" in repaired.output  # unverifiable = damaged
+    assert f"3 written now, {len(reference['plan']) - 3} already complete" in repaired.output
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.shard_dir.glob("*.h5")
+            if p.name in untouched} == untouched
+    assert verify_output(out)[0].exit_code == 0
+    assert_same_cache(out, reference)
+
+
+def test_a_truncated_shard_is_redone_by_a_plain_rerun(kill_corpus, tiny_checkpoint, tmp_path):
+    corpus, reference, reference_dir = kill_corpus
+    out = tmp_path / "cache"
+    shutil.copytree(reference_dir, out)
+    path = open_cache(out).shard_path(0)
+    os.truncate(path, 100)
+    result = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
+    assert result.exit_code == 0 and "1 written now" in result.output
+    assert_same_cache(out, reference)
