@@ -224,12 +224,31 @@ class Cache:
         settings_path = self.root / SETTINGS_FILE
         if not settings_path.is_file():
             raise CacheError(f"{self.root} is not a ser-cache cache (no {SETTINGS_FILE}): run `ser-cache extract` first")
-        meta = json.loads(settings_path.read_text(encoding="utf-8"))
+        meta = self._read_json(SETTINGS_FILE)
         if meta.get("settings", {}).get("format") != CACHE_FORMAT:
             raise CacheError(f"{self.root}: cache format {meta.get('settings', {}).get('format')}, this version reads {CACHE_FORMAT}")
         self.settings = CacheSettings(**meta["settings"])
         self.provenance = meta.get("provenance", {})
-        self.plan: list[list[str]] = json.loads((self.root / PLAN_FILE).read_text(encoding="utf-8"))
+        self.plan: list[list[str]] = self._read_json(PLAN_FILE)
+
+    def _read_json(self, name: str):
+        try:
+            return json.loads((self.root / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # missing, unreadable, or cut short
+            raise CacheError(
+                f"{self.root}: {name} cannot be read ({e}); without it the cache can be neither checked "
+                "nor extended: extract into a new --out folder"
+            ) from e
+
+    def open_shard(self, k: int) -> h5py.File:
+        """Shard k opened for reading; CacheError naming it (and the fix) when HDF5 cannot open it."""
+        try:
+            return h5py.File(self.shard_path(k), "r")
+        except OSError as e:
+            raise CacheError(
+                f"{shard_name(k)} of {self.root} cannot be read ({e}): `ser-cache verify` checks every shard, "
+                "and the same `ser-cache extract` command with --repair re-creates the damaged ones"
+            ) from e
 
     # settings, as properties so callers need not know the file layout
     @property
@@ -322,7 +341,7 @@ class Cache:
         """Per-utterance metadata of all complete shards: ids, labels, speakers, groups, n_frames."""
         cols = {name: [] for name in (*META_FIELDS, "n_frames", "speech_frames")}
         for k in self.complete_shards():
-            with h5py.File(self.shard_path(k), "r") as f:
+            with self.open_shard(k) as f:
                 for name in cols:
                     ds = f[name]
                     # asstr(): h5py hands strings back as UTF-8 bytes, which numpy decodes as ASCII
@@ -343,7 +362,7 @@ class Cache:
         frames = np.empty((int(offsets[-1]), self.dim), dtype=dtype or self.settings.dtype)
         row = 0
         for k in self.complete_shards():
-            with h5py.File(self.shard_path(k), "r") as f:
+            with self.open_shard(k) as f:
                 ds = f[layer_name(state)]
                 n = ds.shape[0]
                 if n:
@@ -364,7 +383,7 @@ class Cache:
         shards: only those listed (default: every complete shard)."""
         out = []
         for k in self.complete_shards() if shards is None else shards:
-            with h5py.File(self.shard_path(k), "r") as f:
+            with self.open_shard(k) as f:
                 for i, p, r in zip(*(f[n][()] for n in ("skipped_ids", "skipped_paths", "skipped_reasons"))):
                     out.append({"id": _s(i), "path": _s(p), "reason": _s(r)})
         return out
@@ -372,7 +391,7 @@ class Cache:
     def notes(self) -> list[dict]:
         out = []
         for k in self.complete_shards():
-            with h5py.File(self.shard_path(k), "r") as f:
+            with self.open_shard(k) as f:
                 for i, t in zip(f["note_ids"][()], f["note_texts"][()]):
                     out.append({"id": _s(i), "note": _s(t)})
         return out

@@ -633,3 +633,31 @@ def test_a_truncated_shard_is_redone_by_a_plain_rerun(kill_corpus, tiny_checkpoi
     result = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
     assert result.exit_code == 0 and "1 written now" in result.output
     assert_same_cache(out, reference)
+
+
+def test_inspect_and_read_layer_name_a_shard_hdf5_cannot_open(kill_corpus, tmp_path):
+    _, reference, reference_dir = kill_corpus
+    out = tmp_path / "cache"
+    shutil.copytree(reference_dir, out)
+    path = open_cache(out).shard_path(2)
+    raw = bytearray(path.read_bytes())
+    raw[0] ^= 0xFF  # the HDF5 signature: same size, so only the full checks see it
+    path.write_bytes(bytes(raw))
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 1  # an error message, not a traceback
+    assert f"Error: {shard_name(2)} of {out} cannot be read" in result.output and "--repair" in result.output
+    with pytest.raises(CacheError, match=f"{shard_name(2)}: unreadable"):
+        open_cache(out).read_layer(0)  # refused by the cheap checks that training runs too
+
+
+@pytest.mark.parametrize("name", [C.SETTINGS_FILE, C.PLAN_FILE])
+def test_a_damaged_settings_or_plan_file_is_named(kill_corpus, tiny_checkpoint, tmp_path, name):
+    corpus, _, reference_dir = kill_corpus
+    out = tmp_path / "cache"
+    shutil.copytree(reference_dir, out)
+    text = (out / name).read_text()
+    (out / name).write_text(text[: len(text) // 2])
+    for args in (["verify", out], ["inspect", out], extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS)):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 1 and not isinstance(result.exception, ValueError), result.output
+        assert f"Error: {out}: {name} cannot be read" in result.output and "new --out folder" in result.output
