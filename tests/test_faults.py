@@ -429,7 +429,7 @@ def test_kill_and_interrupt_at_random_points_then_resume(kill_corpus, tiny_check
     points = [
         ("SIGKILL while the first shard is being written", signal.SIGKILL, After(tmp_shard_present)),
         *[(f"SIGKILL once {k} shards are written", signal.SIGKILL, After(lambda out, k=k: shards_written(out) >= k))
-          for k in sorted(rng.sample(range(1, n - 2), 2))],
+          for k in sorted(rng.sample(range(1, n - 4), 2))],
         *[(f"SIGKILL {d:.3f} s after the cache folder was created", signal.SIGKILL,
            After(lambda out: (out / C.SETTINGS_FILE).exists(), d)) for d in [rng.uniform(0.0, 0.15)]],
         *[(f"SIGINT once {k} shards are written", signal.SIGINT, After(lambda out, k=k: shards_written(out) >= k))
@@ -443,6 +443,14 @@ def test_kill_and_interrupt_at_random_points_then_resume(kill_corpus, tiny_check
                      "log": tmp_path / f"log{i}.txt", "fired": False})
         jobs[-1]["proc"] = spawn(args, jobs[-1]["log"])
     kill_when(jobs)
+
+    # one run is killed twice: resumed in a new process, then killed again further on
+    twice = jobs[1]  # the earlier of the two "once k shards" kills
+    assert twice["fired"] and twice["signal"] == signal.SIGKILL
+    k2 = rng.randrange(min(shards_written(twice["out"]) + 2, n - 2), n - 1)
+    twice.update(name=f"{twice['name']}, then again once {k2} are", when=After(lambda out: shards_written(out) >= k2),
+                 fired=False, proc=spawn(twice["args"], twice["log"]))
+    kill_when([twice])
 
     for job in jobs:
         out, log = job["out"], job["log"].read_text()
