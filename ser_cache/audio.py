@@ -172,4 +172,4 @@ def _first_line(e: Exception) -> str:
     if not text:
         return type(e).__name__
     # libsndfile starts with "Error opening '<path>': ": the path is recorded beside the reason
-    return re.sub(r"^Error opening .*?: ", "", text.splitlines()[0])
+    return re.sub(r"^Error opening '.*': ", "", text.splitlines()[0])
