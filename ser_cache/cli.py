@@ -146,6 +146,60 @@ def verify(cache_dir):
 
 # --- stage 2: cache -> heads, metrics ------------------------------------------------------
 
+from . import training as _training  # noqa: E402
+from .folds import PROTOCOLS as _FOLD_PROTOCOLS  # noqa: E402
+from .heads import HEADS as _HEADS  # noqa: E402
+
+_TRAIN = _training.TrainConfig()  # the defaults shown in --help
+
+
+@main.command("train")
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--layer", type=click.IntRange(0), required=True, help="Encoder state to train on: 0 = input embedding, last = after ln_post (see `ser-cache inspect`).")
+@click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive or qkv.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: config.json, metrics.json, predictions.csv, folds.csv and one head file per fold.")
+@click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified) or file; default: file with --fold-file, loso when the corpus has groups, else kfold.")
+@click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, EmoDB and others 5).")
+@click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold (0-based) with your own folds; every utterance listed once.")
+@click.option("--epochs", type=click.IntRange(1), default=_TRAIN.epochs, help="Epochs per fold; the epoch kept is the one with the best validation UA.")
+@click.option("--seed", type=int, default=_TRAIN.seed, help="Fixes the folds' validation split, initialisation, batch order and dropout.")
+@click.option("--batch-size", type=click.IntRange(1), default=_TRAIN.batch_size, help="Training batch size.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=_TRAIN.lr, help="Peak AdamW learning rate (warm-up, then cosine decay).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.dropout, help="Dropout of the attention projections (attentive, qkv).")
+@click.option("--heads", "n_heads", type=click.IntRange(1), default=_TRAIN.n_heads, help="Attention heads (attentive, qkv).")
+@click.option("--head-dim", type=click.IntRange(1), default=_TRAIN.head_dim, help="Size of each attention head: d_a (attentive) or d_k (qkv).")
+@click.option("--class-weights/--no-class-weights", default=_TRAIN.class_weights, help="Weight the cross-entropy by inverse class frequency of each fold's training split.")
+@click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
+@click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
+@click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, seed, batch_size, lr, dropout,
+              n_heads, head_dim, class_weights, compat_select_on_test, compat_eval_dropout, device, overwrite):
+    """Train a pooling head on one cached layer, across speaker-independent folds.
+
+    For each fold the epoch is chosen on validation speakers carved from the training
+    speakers, then the test speakers are evaluated once. Prints a table per fold with the
+    mean and std of UA, WA and F1, and writes everything into --out.
+    """
+    import logging
+
+    from .folds import FoldsError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = _training.TrainConfig.from_dict(dict(
+            epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, dropout=dropout, n_heads=n_heads,
+            head_dim=head_dim, class_weights=class_weights, device=device,
+            compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
+        result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
+                                            n_folds=n_folds, fold_file=fold_file, overwrite=overwrite)
+    except (CacheError, FoldsError, _training.ConfigError, _training.NonFiniteLossError, OSError) as e:
+        raise click.ClickException(str(e))
+    click.echo(result.table())
+    click.echo(f"run saved in {out}")
+
+
+
 # --- layer-wise comparisons ----------------------------------------------------------------
 
 # --- corpora: download and check -----------------------------------------------------------
