@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -87,7 +88,8 @@ def records_hash(records: Iterable[Utterance]) -> str:
 def save_records(records: Iterable[Utterance], path: Path) -> None:
     """Write records as JSON Lines (one object per utterance), atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    # A per-process temporary name: several `--shard I/N` jobs may write the same file at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
