@@ -149,7 +149,7 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
 
 
 # What a run killed while creating a cache leaves behind (cache.json is written last).
-CREATION_LEFTOVERS = (C.RECORDS_FILE, C.RECORDS_FILE + ".tmp", C.PLAN_FILE, C.PLAN_FILE + ".*.tmp", C.SETTINGS_FILE + ".*.tmp")
+CREATION_LEFTOVERS = (C.RECORDS_FILE, C.RECORDS_FILE + ".*.tmp", C.PLAN_FILE, C.PLAN_FILE + ".*.tmp", C.SETTINGS_FILE + ".*.tmp")
 
 
 def interrupted_creation(out: Path) -> bool:
