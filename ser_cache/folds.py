@@ -7,7 +7,8 @@ every run (`folds.csv` + `folds.json`), and checked on construction:
 
 - every utterance is tested in exactly one fold, and no fold's test set is empty;
 - no speaker appears in two test folds (so never on both sides of a split);
-- the validation speakers of a fold are training speakers of that fold, never test speakers.
+- every fold holds out >= 1 validation speaker: a training speaker of that fold, never a
+  test speaker.
 
 Three protocols:
 
@@ -104,6 +105,9 @@ class Folds:
             raise FoldsError(f"{len(crossing)} speakers are tested in several folds, e.g. {s!r} "
                              f"in folds {f}: put all utterances of a speaker in one fold")
         for fold, val in enumerate(self.val_speakers):
+            if not val:
+                raise FoldsError(f"fold {fold} has no validation speakers: the epoch could only be "
+                                 "chosen on the test speakers; give every fold at least one")
             bad = [str(s) for s in val if spk_folds.get(s, {fold}) == {fold}]
             if bad:
                 raise FoldsError(f"fold {fold}: validation speakers {bad} are not training "

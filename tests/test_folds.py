@@ -185,3 +185,5 @@ def test_folds_check_refuses_val_from_test():
     with pytest.raises(FoldsError, match="not training speakers"):
         Folds(folds.ids, folds.speakers, folds.test_fold, [[test_speaker]] + folds.val_speakers[1:],
               "kfold", 0)
+    with pytest.raises(FoldsError, match="no validation speakers"):
+        Folds(folds.ids, folds.speakers, folds.test_fold, [[]] + folds.val_speakers[1:], "kfold", 0)
