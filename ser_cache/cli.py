@@ -199,8 +199,96 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     click.echo(f"run saved in {out}")
 
 
-
 # --- layer-wise comparisons ----------------------------------------------------------------
+
+from .folds import PROTOCOLS as _PROTOCOLS  # noqa: E402
+from .training import TrainConfig as _TrainConfig  # noqa: E402
+
+
+@main.command("sweep")
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Sweep folder: results, table and plots (created, or resumed if it holds the same sweep).")
+@click.option("--layers", default="all", help="States to compare in every cache: all, 6, 0,3,6 or 2-5.")
+@click.option("--heads", default="linear,mean,attentive,qkv", help="Heads to compare, comma-separated.")
+@click.option("--seeds", default="0", help="Seeds, comma-separated (e.g. 0,1,2); each seed builds its own folds and initialisations.")
+@click.option("--grid", multiple=True, help="Hyperparameters searched on the validation speakers, e.g. 'heads=4,8,12 head_dim=4,16,64' (quote it, or repeat --grid per key).")
+@click.option("--epochs", type=click.IntRange(1), default=_TrainConfig.epochs, help="Training epochs per fold (the epoch kept is chosen on validation).")
+@click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
+@click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
+@click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
+@click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: 2 on a CPU (measured faster than 1 x 2 threads), 1 on a GPU.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, protocol, n_folds, fold_file, jobs, device):
+    """Compare heads on every layer of one or more caches, over the same folds.
+
+    Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
+    chosen on the validation speakers only. Writes results.csv, summary.md and plots into --out.
+    Re-running the same command resumes an interrupted sweep.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .folds import FoldsError
+    from .report import write_report
+    from .sweep import SweepError, SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
+    from .training import ConfigError
+
+    for c in caches:
+        if not c.is_dir():
+            hint = (" (a grid key? give each one its own --grid, or quote them together)"
+                    if "=" in c.name else "")
+            raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
+    try:
+        spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
+                         grid=parse_grid(grid), train=_TrainConfig(epochs=epochs), protocol=protocol,
+                         n_folds=n_folds, fold_file=fold_file)
+        outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
+        paths = write_report([out], out)
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted; every finished fold is saved. Re-run the same command to resume ({out})")
+    except BrokenProcessPool as e:
+        raise click.ClickException(f"a worker process died ({e}), e.g. out of memory: re-run with fewer --jobs to resume")
+    except (SweepError, CacheError, FoldsError, ConfigError, OSError) as e:
+        raise click.ClickException(str(e))
+    t = outcome.timing
+    click.echo(f"{outcome.tasks_run} folds run, {outcome.tasks_done_before} done before, of {outcome.tasks_total} "
+               f"({t['jobs']} job(s) x {t['threads_per_job']} thread(s) on {t['device']})")
+    click.echo(f"wall {t['wall_seconds']:.0f} s: reading layers {t['read_seconds']:.1f} s, training "
+               f"{t['train_seconds'] + t['prepare_seconds']:.0f} s, evaluation {t['eval_seconds']:.1f} s "
+               "(training and evaluation summed over jobs)")
+    _echo_report(paths)
+    if outcome.failures:
+        for task, why in outcome.failures:
+            click.echo(f"FAILED {task}: {why}", err=True)
+        raise click.ClickException(f"{len(outcome.failures)} folds failed (listed above); re-run the same command to retry them")
+
+
+@main.command("report")
+@click.argument("sweeps", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for the table and plots; default: the sweep folder itself (required with several sweeps).")
+def report_cmd(sweeps, out):
+    """Rebuild results.csv, summary.md and the plots from saved sweep results.
+
+    With several sweeps (e.g. tiny.en vs base, or padded vs trim vs short), puts them side by
+    side: one panel per sweep and cache.
+    """
+    from .report import write_report
+    from .sweep import SweepError
+
+    if out is None:
+        if len(sweeps) > 1:
+            raise click.BadParameter("several sweeps need --out, the folder for the joint table and plots", param_hint="--out")
+        out = sweeps[0]
+    try:
+        paths = write_report(list(sweeps), out)
+    except (SweepError, OSError, KeyError, ValueError) as e:
+        raise click.ClickException(f"cannot build the report: {e}")
+    _echo_report(paths)
+
+
+def _echo_report(paths: dict) -> None:
+    click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\n"
+               f"plots: {paths['layers']}, {paths['confusion']}")
+
 
 # --- corpora: download and check -----------------------------------------------------------
 

@@ -1,0 +1,349 @@
+"""Tables and plots of layer-wise sweeps, rebuilt at any time from what a sweep saved.
+
+    SWEEP/cells/**/*.json  (one per finished fold of a cell)  --write_report-->
+        results.csv         one row per cell and fold
+        summary.md          UA mean ± std per layer and head, best cells marked, time spent
+        ua_by_layer.png     UA against layer, one line per head, a band for the std over folds;
+                            one panel per cache (per sweep and cache when sweeps are compared)
+        confusion_best.png  the best cell's confusion matrix per panel, normalised by row
+
+Two cells are marked in each panel. The best mean test UA (★) describes where emotion is
+most linearly/attentively readable; as a choice it would be optimistic, since the test folds
+pick it. The best mean validation UA (†) is the cell an honest selection would take.
+Means and stds pool every fold of every seed (population std, like metrics.py).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .sweep import CELL_DIR, CONFIG_FILE, FOLD_DIR, TIMING_FILE, SweepError
+
+RESULTS_FILE = "results.csv"
+SUMMARY_FILE = "summary.md"
+LAYER_PLOT = "ua_by_layer.png"
+CONFUSION_PLOT = "confusion_best.png"
+RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ua", "wa",
+                  "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test")
+PANEL_COLUMNS = 3  # panels per row of a figure
+
+
+@dataclass
+class Sweep:
+    """A sweep folder as saved: its config, its finished tasks' records, its run timings."""
+
+    folder: Path
+    config: dict
+    records: list[dict]
+    timing: list[dict]
+
+    @property
+    def name(self) -> str:
+        return self.folder.resolve().name
+
+
+@dataclass
+class Cell:
+    """One (layer, head) of a panel, pooled over folds and seeds. Metrics in [0, 1]."""
+
+    layer: int
+    head: str
+    ua: tuple[float, float]  # (mean, std)
+    wa: tuple[float, float]
+    macro_f1: tuple[float, float]
+    val_ua: float
+    n: int  # fold x seed results pooled
+    settings: Counter
+    seconds: float
+    confusion: np.ndarray  # (classes, classes) counts summed over folds and seeds
+
+
+@dataclass
+class Panel:
+    """One cache of one sweep: its cells, and what describes it."""
+
+    title: str
+    sweep: Sweep
+    cache: str
+    heads: list[str]
+    labels: list[str]
+    cells: dict[tuple[int, str], Cell]
+    folds: dict  # protocol, n_folds, seeds, n_utterances
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.cells})
+
+    @property
+    def best(self) -> Cell:
+        return max(self.cells.values(), key=lambda c: (c.ua[0], -c.layer))
+
+    @property
+    def best_val(self) -> Cell:
+        return max(self.cells.values(), key=lambda c: (c.val_ua, -c.layer))
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_sweep(folder: Path) -> Sweep:
+    """Read a sweep folder. Raises SweepError if it is not one."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise SweepError(f"{folder} is not a sweep folder (no {CONFIG_FILE}): run `ser-cache sweep` first")
+    config = json.loads(path.read_text(encoding="utf-8"))["config"]
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((folder / CELL_DIR).glob("*/*/*.json"))]
+    head_order = {h: i for i, h in enumerate(config["heads"])}
+    cache_order = {c: i for i, c in enumerate(config["caches"])}
+    records.sort(key=lambda r: (cache_order.get(r["cache"], len(cache_order)), r["layer"],
+                                head_order.get(r["head"], len(head_order)), r["seed"], r["fold"]))
+    timing_path = folder / TIMING_FILE
+    timing = json.loads(timing_path.read_text(encoding="utf-8"))["runs"] if timing_path.exists() else []
+    return Sweep(folder, config, records, timing)
+
+
+def panels_of(sweeps: list[Sweep]) -> list[Panel]:
+    """One panel per cache of each sweep, in order; titles name the sweep when several."""
+    panels = []
+    for sweep in sweeps:
+        for cache in sweep.config["caches"]:
+            records = [r for r in sweep.records if r["cache"] == cache]
+            if not records:
+                continue
+            first = records[0]
+            title = f"{cache} ({first['model']}, {first['mode']})"
+            if len(sweeps) > 1:
+                title = f"{sweep.name}: {title}"
+            panels.append(Panel(title, sweep, cache, list(sweep.config["heads"]), first["labels"],
+                                _cells(records), _fold_info(sweep, cache, records)))
+    return panels
+
+
+def _cells(records: list[dict]) -> dict[tuple[int, str], Cell]:
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["layer"], r["head"]), []).append(r)
+    cells = {}
+    for (layer, head), rs in groups.items():
+        def stat(name):
+            v = np.array([r[name] for r in rs], dtype=np.float64)
+            return float(v.mean()), float(v.std())
+        cells[layer, head] = Cell(
+            layer, head, stat("ua"), stat("wa"), stat("macro_f1"), stat("val_ua")[0], len(rs),
+            Counter(r["setting"] for r in rs), float(sum(r["seconds"] for r in rs)),
+            np.sum([r["confusion"] for r in rs], axis=0))
+    return cells
+
+
+def _fold_info(sweep: Sweep, cache: str, records: list[dict]) -> dict:
+    seeds = sweep.config["seeds"]
+    meta_path = sweep.folder / FOLD_DIR / f"{cache}-seed{seeds[0]}.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    r = records[0]
+    return {"protocol": meta.get("protocol", "?"), "n_folds": meta.get("n_folds", "?"),
+            "seeds": seeds, "n_utterances": r["n_train"] + r["n_val"] + r["n_test"]}
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
+    """Write results.csv, summary.md and the plots of `sweeps` into `out`; returns their paths.
+    Raises SweepError when a folder is not a sweep or nothing has finished yet."""
+    loaded = [load_sweep(s) for s in sweeps]
+    panels = panels_of(loaded)
+    if not panels:
+        raise SweepError(f"no finished cells in {', '.join(str(s) for s in sweeps)}: run or resume "
+                         "the sweep first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE,
+             "layers": out / LAYER_PLOT, "confusion": out / CONFUSION_PLOT}
+    write_results_csv(loaded, paths["results"])
+    paths["summary"].write_text(summary_markdown(loaded, panels), encoding="utf-8")
+    plot_layers(panels, paths["layers"])
+    plot_confusions(panels, paths["confusion"])
+    return paths
+
+
+def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
+    """One row per cell and fold; a leading `sweep` column when several sweeps are joined."""
+    several = len(sweeps) > 1
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow((["sweep"] if several else []) + list(RESULT_COLUMNS))
+        for sweep in sweeps:
+            for r in sweep.records:
+                row = {**r, "epoch": r["selected"].get("epoch", "")}
+                cells = [_csv_value(row[c]) for c in RESULT_COLUMNS]
+                w.writerow(([sweep.name] if several else []) + cells)
+
+
+def _csv_value(v):
+    return f"{v:.6f}" if isinstance(v, float) else v
+
+
+def pct(pair) -> str:
+    return f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
+
+
+def summary_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
+    """The summary: a layer x head UA table per panel, the best cells, all cells, time spent."""
+    names = ", ".join(s.name for s in sweeps)
+    lines = [f"# Layer-wise sweep: {names}", "",
+             "UA = unweighted accuracy (mean per-class recall), WA = accuracy, in %: mean ± std over "
+             "every fold of every seed (population std). Epochs, the linear head's C and grid "
+             "settings were chosen on validation speakers only; the test speakers scored the "
+             "choice once.", "",
+             "★ best mean test UA in the panel (descriptive: the test folds pick it). "
+             "† best mean validation UA (the cell an honest selection would pick).", ""]
+    for p in panels:
+        lines += _panel_markdown(p)
+    lines += _timing_markdown(sweeps)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _panel_markdown(p: Panel) -> list[str]:
+    f = p.folds
+    n_classes = len(p.labels)
+    lines = [f"## {p.title}", "",
+             f"{f['n_utterances']} utterances, {n_classes} classes ({', '.join(p.labels)}; chance UA "
+             f"{100 / n_classes:.1f}); {f['n_folds']} speaker-independent folds ({f['protocol']}) "
+             f"x seeds {f['seeds']}.", "",
+             "UA % by layer (rows) and head (columns):", "",
+             "| layer | " + " | ".join(p.heads) + " |",
+             "|---:|" + "---:|" * len(p.heads)]
+    best, best_val = p.best, p.best_val
+    for layer in p.layers:
+        row = []
+        for head in p.heads:
+            c = p.cells.get((layer, head))
+            if c is None:
+                row.append("–")
+                continue
+            text = pct(c.ua)
+            if c is best:
+                text = f"**{text}** ★"
+            if c is best_val:
+                text += " †"
+            row.append(text)
+        lines.append(f"| {layer} | " + " | ".join(row) + " |")
+    lines += ["", f"Best cell ★: layer {best.layer}, {best.head}: UA {pct(best.ua)}, WA {pct(best.wa)}, "
+              f"macro-F1 {pct(best.macro_f1)} ({best.n} fold results).",
+              f"Best on validation †: layer {best_val.layer}, {best_val.head}: validation UA "
+              f"{100 * best_val.val_ua:.1f}, test UA {pct(best_val.ua)}.", "",
+              "<details><summary>All cells</summary>", "",
+              "| layer | head | UA | WA | macro-F1 | val UA | folds x seeds | chosen on validation | seconds |",
+              "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+    for layer in p.layers:
+        for head in p.heads:
+            c = p.cells.get((layer, head))
+            if c is None:
+                continue
+            chosen = ", ".join(f"{s} ×{n}" if len(c.settings) > 1 else s
+                               for s, n in sorted(c.settings.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"| {layer} | {head} | {pct(c.ua)} | {pct(c.wa)} | {pct(c.macro_f1)} | "
+                         f"{100 * c.val_ua:.1f} | {c.n} | {chosen} | {c.seconds:.0f} |")
+    lines += ["", "</details>", ""]
+    return lines
+
+
+def _timing_markdown(sweeps: list[Sweep]) -> list[str]:
+    lines = ["## Time", "",
+             "Reading: layers read from the cache (once per layer, in the main process). Training "
+             "(with per-epoch validation) and test evaluation are summed over worker processes, so "
+             "with several jobs they can exceed the wall time.", "",
+             "| sweep | run started | jobs x threads | device | folds run | layers read | wall s | "
+             "reading s | training s | evaluation s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in sweeps:
+        for r in s.timing:
+            lines.append(
+                f"| {s.name} | {r['started']} | {r['jobs']} x {r['threads_per_job']} | {r['device']} | "
+                f"{r['tasks_run']} of {r['tasks_total']} | {r['layers_read']} | {r['wall_seconds']:.0f} | "
+                f"{r['read_seconds']:.1f} | {r['train_seconds'] + r['prepare_seconds']:.0f} | "
+                f"{r['eval_seconds']:.1f} |")
+    return lines + [""]
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int, width: float, height: float):
+    plt = _pyplot()
+    cols = min(n, PANEL_COLUMNS)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:n])
+
+
+def plot_layers(panels: list[Panel], path: Path) -> None:
+    """UA (%) against layer: one line per head with a ±std band, one panel per cache."""
+    plt, fig, axes = _grid(len(panels), 6.4, 4.6)
+    all_heads = list(dict.fromkeys(h for p in panels for h in p.heads))
+    colors = {h: plt.get_cmap("tab10")(i) for i, h in enumerate(all_heads)}
+    for ax, p in zip(axes, panels):
+        for head in p.heads:
+            cells = [p.cells[layer, head] for layer in p.layers if (layer, head) in p.cells]
+            if not cells:
+                continue
+            x = np.array([c.layer for c in cells])
+            mean = 100 * np.array([c.ua[0] for c in cells])
+            std = 100 * np.array([c.ua[1] for c in cells])
+            ax.plot(x, mean, marker="o", color=colors[head], label=head)
+            ax.fill_between(x, mean - std, mean + std, color=colors[head], alpha=0.15, linewidth=0)
+        best = p.best
+        ax.plot([best.layer], [100 * best.ua[0]], marker="*", markersize=16, color=colors[best.head],
+                markeredgecolor="black", linestyle="none", label=f"best: layer {best.layer}, {best.head}")
+        ax.axhline(100 / len(p.labels), color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(p.layers)
+        ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
+        ax.set_ylabel("UA % (test, mean ± std over folds)")
+        ax.set_title(p.title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Where emotion lives: UA by Whisper encoder layer", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusions(panels: list[Panel], path: Path) -> None:
+    """The best cell's confusion matrix per panel, rows normalised to 100 % (recall per class)."""
+    plt, fig, axes = _grid(len(panels), 5.2, 4.8)
+    for ax, p in zip(axes, panels):
+        best = p.best
+        counts = best.confusion.astype(np.float64)
+        rows = counts.sum(axis=1, keepdims=True)
+        norm = 100 * np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=100)
+        n = len(p.labels)
+        ax.set_xticks(range(n), p.labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(n), p.labels, fontsize=8)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{norm[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 60 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true (row = 100 %)")
+        ax.set_title(f"{p.title}\nlayer {best.layer}, {best.head}: UA {pct(best.ua)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,678 @@
+"""Layer-wise comparison sweeps: every (cache, layer, head, seed) cell over the same folds.
+
+    caches --read each layer once--> tasks (one fold of one cell) --workers--> cells/*.json
+                                                                     --report.py--> table, plots
+
+A *cell* is one head with one seed on one layer of one cache, evaluated on every fold; a *task*
+is one fold of a cell, the unit that runs, is saved and is resumed. All cells of a cache use
+the same folds: they are built once per cache and seed from the cache's utterance metadata
+and saved in SWEEP/folds/, so the cells of a table differ only in layer and head.
+
+Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains every grid
+setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
+validation speakers (carved from the training speakers, see folds.py), and only then scores
+the chosen setting on the test speakers, once. The test speakers never influence a choice.
+Each task records the validation UA of every setting it tried and which one it chose. A grid
+key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs: every
+torch head); other heads run once with the defaults. The linear head also picks its C on
+validation (training.py).
+
+Reading and running. A layer is read once (`Cache.read_layer`), put in shared memory, and
+all its tasks go to a pool of `jobs` worker processes with cores // jobs torch threads each;
+the next layer is read while the workers train on the current one (at most two layers held).
+With jobs == 1 everything runs in this process (the default on a GPU).
+
+Crash safety and resume. A worker writes each finished task as one JSON file (temporary
+name, fsync, rename), so a file exists only when its task is complete. A re-run with the same
+settings skips those tasks; a re-run with other settings is refused, naming what differs
+(SWEEP/sweep.json holds the settings).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import Cache, open_cache
+from .extract import parse_layers
+from .features import LayerData
+from .folds import Folds, make_folds
+from .heads import HEADS, frame_statistics
+from .metrics import fold_metrics, json_safe
+from .training import (EVAL_BATCH_SIZE, TrainConfig, head_kwargs, make_batches, predict,
+                       resolve_device, train_linear_fold, train_torch_fold)
+
+log = logging.getLogger(__name__)
+
+SWEEP_FORMAT = 1
+CONFIG_FILE = "sweep.json"
+TIMING_FILE = "timing.json"
+CELL_DIR = "cells"
+FOLD_DIR = "folds"
+DEFAULT_HEADS = ("linear", "mean", "attentive", "qkv")
+# Measured on the shared 2-core development machine (RAVDESS, Whisper base layer 6, 960
+# utterances, same work either way): 2 processes x 1 torch thread trained qkv 5.7-7.3x and mean
+# 4-8x faster than 1 process x 2 threads. Batches of 16 make each op small, so a second
+# thread mostly waits at barriers, and waits far longer when the cores are shared.
+DEFAULT_JOBS_CPU = 2
+LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
+GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
+GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
+             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights")
+TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "class_weights")
+# Not part of what a sweep computes (where it runs, not what): a re-run may change these.
+FREE_TRAIN_KEYS = ("seed", "device")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot run as asked; the message names the fix."""
+
+
+# --- parsing the command line's lists ---------------------------------------------------------
+
+
+def parse_heads(spec: str) -> list[str]:
+    heads = [h.strip() for h in spec.split(",") if h.strip()]
+    unknown = [h for h in heads if h not in HEADS]
+    if not heads or unknown:
+        raise SweepError(f"heads {unknown or spec!r} not found; available heads = {sorted(HEADS)}")
+    if len(set(heads)) != len(heads):
+        raise SweepError(f"heads {spec!r} lists a head twice")
+    return heads
+
+
+def parse_seeds(spec: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(spec).split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"seeds {spec!r}: give integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SweepError(f"seeds {spec!r}: give distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+def parse_grid(specs) -> dict[str, list]:
+    """['n_heads=4,8 head_dim=4,16', 'lr=1e-3,3e-4'] -> {'n_heads': [4, 8], 'head_dim': [4, 16],
+    'lr': [0.001, 0.0003]}, values typed like TrainConfig's defaults; `heads` means n_heads."""
+    defaults = TrainConfig()
+    grid: dict[str, list] = {}
+    for spec in specs:
+        for item in spec.replace(";", " ").split():
+            key, eq, values = item.partition("=")
+            key = GRID_ALIASES.get(key.strip(), key.strip())
+            if not eq or not values:
+                raise SweepError(f"grid item {item!r}: write key=v1,v2,... e.g. heads=4,8,12")
+            if key not in GRID_KEYS:
+                raise SweepError(f"grid key {key!r} unknown; grid keys = {list(GRID_KEYS)} "
+                                 f"(aliases {GRID_ALIASES})")
+            if key in grid:
+                raise SweepError(f"grid key {key!r} given twice")
+            parsed = [_parse_value(key, v, getattr(defaults, key)) for v in values.split(",")]
+            if len(set(parsed)) != len(parsed):
+                raise SweepError(f"grid key {key!r} repeats a value: {values}")
+            grid[key] = parsed
+    return grid
+
+
+def _parse_value(key: str, text: str, default):
+    text = text.strip()
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return type(default)(text) if not isinstance(default, int) else int(text)
+    except ValueError:
+        raise SweepError(f"grid {key}={text!r}: must be {type(default).__name__}") from None
+
+
+def head_settings(head: str, grid: dict[str, list], base: TrainConfig) -> list[dict]:
+    """The grid points that matter for `head`, in grid order ([{}] when none does).
+
+    A key matters if it changes the head's constructor arguments (head_kwargs), or if it is a
+    training-loop setting and the head is trained by gradient descent (not linear)."""
+    relevant = {}
+    for key, values in grid.items():
+        if head != "linear" and key in TRAINING_KEYS:
+            relevant[key] = values
+            continue
+        variants = {json.dumps(head_kwargs(head, replace(base, **{key: v}), 1, 2), sort_keys=True)
+                    for v in values}
+        if len(variants) > 1:
+            relevant[key] = values
+    return [dict(zip(relevant, point)) for point in itertools.product(*relevant.values())]
+
+
+def setting_label(values: dict) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+# --- what a sweep is --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """One fold of one cell: the unit that runs, is saved and is resumed."""
+
+    cache: str  # the cache's key in this sweep (its folder name, made unique)
+    layer: int
+    head: str
+    seed: int
+    fold: int
+
+    def path(self, root: Path) -> Path:
+        return (Path(root) / CELL_DIR / self.cache / f"layer_{self.layer:02d}"
+                / f"{self.head}-seed{self.seed}-fold{self.fold}.json")
+
+
+@dataclass
+class SweepSpec:
+    """What to compare. Resolved against the caches by `plan_sweep`."""
+
+    caches: list[Path]
+    layers: str = "all"
+    heads: list[str] = field(default_factory=lambda: list(DEFAULT_HEADS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    grid: dict[str, list] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    protocol: str | None = None
+    n_folds: int | None = None
+    fold_file: Path | None = None
+
+
+@dataclass
+class SweepPlan:
+    """A spec resolved against opened caches: keys, layers, settings per head, and the config
+    that is stored in sweep.json and must match on a re-run."""
+
+    spec: SweepSpec
+    caches: dict[str, Cache]
+    layers: dict[str, list[int]]
+    settings: dict[str, list[dict]]
+    config: dict
+
+    def tasks(self, n_folds: dict[tuple[str, int], int]) -> list[Task]:
+        """Every task, layer by layer (n_folds: (cache key, seed) -> number of folds)."""
+        return [Task(key, layer, head, seed, fold)
+                for key in self.caches for layer in self.layers[key]
+                for head in self.spec.heads for seed in self.spec.seeds
+                for fold in range(n_folds[key, seed])]
+
+
+def cache_keys(paths: list[Path]) -> list[str]:
+    """Folder names, made filesystem-safe and unique (a -2, -3 suffix on repeats)."""
+    keys, seen = [], {}
+    for p in paths:
+        base = re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(p).resolve().name) or "cache"
+        seen[base] = seen.get(base, 0) + 1
+        keys.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return keys
+
+
+def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Open and check the caches, resolve layers and grid settings, build the config."""
+    if not spec.caches:
+        raise SweepError("no cache given: pass one or more cache folders made by `ser-cache extract`")
+    heads = parse_heads(",".join(spec.heads))
+    caches, layers = {}, {}
+    for key, path in zip(cache_keys(spec.caches), spec.caches):
+        cache = open_cache(path)
+        cache.check()
+        try:
+            wanted = parse_layers(spec.layers, max(cache.layers) + 1)
+        except ValueError as e:
+            raise SweepError(f"--layers {spec.layers!r}: {e}") from None
+        missing = sorted(set(wanted) - set(cache.layers))
+        if missing:
+            raise SweepError(f"layers {missing} are not in the cache {path}; it holds {cache.layers}")
+        caches[key], layers[key] = cache, wanted
+    settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
+    train = {k: v for k, v in spec.train.to_dict().items() if k not in FREE_TRAIN_KEYS}
+    if spec.train.flawed:
+        raise SweepError("the compatibility switches (selection on the test fold, dropout at "
+                         "evaluation) are not offered in sweeps: a sweep compares honestly")
+    config = {
+        "format": SWEEP_FORMAT,
+        "caches": {key: _cache_identity(c) for key, c in caches.items()},
+        "layers": layers,
+        "heads": heads,
+        "seeds": list(spec.seeds),
+        "grid": spec.grid,
+        "train": train,
+        "folds": {"protocol": spec.protocol, "n_folds": spec.n_folds,
+                  "fold_file_sha256": _sha256(spec.fold_file) if spec.fold_file else None},
+    }
+    return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)))
+
+
+def _cache_identity(cache: Cache) -> dict:
+    """What decides a cache's content (not where it lies, so a moved cache still resumes)."""
+    fp = cache.fingerprint
+    return {k: fp[k] for k in ("corpus", "model", "model_sha256", "mode", "dtype", "records_hash",
+                               "n_records", "shard_sha256")}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def config_differences(stored: dict, asked: dict, prefix: str = "") -> list[str]:
+    """'key: sweep has X, asked for Y' for every leaf in which two configs differ."""
+    out = []
+    for k in sorted(set(stored) | set(asked)):
+        a, b = stored.get(k), asked.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: sweep has {a!r}, asked for {b!r}")
+    return out
+
+
+def claim_folder(out: Path, plan: SweepPlan) -> None:
+    """Create SWEEP with the plan's config, or check that it holds the same config."""
+    out = Path(out)
+    path = out / CONFIG_FILE
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        diff = config_differences(stored.get("config", {}), plan.config)
+        if diff:
+            raise SweepError(
+                f"{out} holds a sweep with other settings:\n  " + "\n  ".join(diff)
+                + "\nRepeat the original options to resume it, or choose another --out folder")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SweepError(f"{out} exists and is not a sweep folder (no {CONFIG_FILE}): choose "
+                         "another --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {key: str(c.root.resolve()) for key, c in plan.caches.items()}
+    write_json_atomic(path, {"config": plan.config, "cache_paths": paths})
+
+
+def sweep_folds(out: Path, key: str, cache: Cache, seed: int, spec: SweepSpec) -> Folds:
+    """The folds of one cache and seed: loaded from SWEEP/folds/ if saved, else built from the
+    cache's utterance metadata (no layer read) and saved, so every cell uses the same ones."""
+    path = Path(out) / FOLD_DIR / f"{key}-seed{seed}.csv"
+    meta = cache.read_meta()
+    if path.exists() and path.with_suffix(".json").exists():
+        return Folds.load(path).aligned_to(meta["ids"])
+    folds = make_folds(meta["ids"], meta["labels"], meta["speakers"], meta["groups"],
+                       protocol=spec.protocol, n_folds=spec.n_folds, corpus=cache.corpus,
+                       fold_file=spec.fold_file, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folds.save(path)
+    return folds
+
+
+# --- one task ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskJob:
+    """Everything a worker needs for one task besides the layer (pickled to the worker)."""
+
+    task: Task
+    folds: Folds
+    settings: list[dict]
+    train: TrainConfig
+    cache_info: dict  # corpus, model, mode
+    out: Path
+
+
+def run_task(data: LayerData, job: TaskJob, features: np.ndarray | None = None) -> dict:
+    """Grid-search one fold on its validation speakers, test the chosen setting once, and
+    return the task's record (not yet saved). features: frame_statistics(data) for `linear`."""
+    t_start = time.perf_counter()
+    task = job.task
+    labels = sorted(set(data.labels.tolist()))
+    y = np.searchsorted(labels, data.labels).astype(np.int64)
+    n_classes = len(labels)
+    device = resolve_device(job.train.device)
+    folds = job.folds.aligned_to(data.ids)
+    train, val, test = folds.split(task.fold)
+    prepare_seconds = 0.0
+    if task.head == "linear" and features is None:
+        t0 = time.perf_counter()
+        features = frame_statistics(data)
+        prepare_seconds = time.perf_counter() - t0
+
+    trials, best, best_values, train_seconds = [], None, None, 0.0
+    for values in job.settings:
+        config = replace(job.train, seed=task.seed, **values)
+        split = (train, val, None)  # no test set: the choice is made on validation only
+        if task.head == "linear":
+            r = train_linear_fold(features, y, split, config, n_classes, task.fold)
+        else:
+            r = train_torch_fold(data, y, split, task.head, config, n_classes, task.fold, device)
+        train_seconds += r.train_seconds
+        trials.append({"setting": setting_label(values), "values": values, "val_ua": r.selected["ua"],
+                       "selected": r.selected})
+        if best is None or r.selected["ua"] > best.selected["ua"]:  # ties keep the earlier setting
+            best, best_values = r, values
+
+    t0 = time.perf_counter()
+    probs, order = test_head(best.head, task.head, data, features, y, test, device)
+    eval_seconds = time.perf_counter() - t0
+    metrics = fold_metrics(y[order], probs.argmax(axis=1), n_classes)
+    chosen = setting_label(best_values)
+    if task.head == "linear":
+        chosen = " ".join(filter(None, [chosen, f"C={best.selected['C']:g}"]))
+    return json_safe({
+        "cache": task.cache, **job.cache_info, "layer": task.layer, "head": task.head,
+        "seed": task.seed, "fold": task.fold, "setting": chosen or "default",
+        "values": best_values, "selected": best.selected, "val_ua": best.selected["ua"],
+        "grid": trials, "labels": labels, **metrics,
+        "n_train": len(train), "n_val": len(val), "n_test": len(test),
+        "prepare_seconds": prepare_seconds, "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds, "seconds": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(), "device": str(device),
+    })
+
+
+def test_head(model, head: str, data: LayerData, features, y, test, device) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (n_test, n_classes), utterance index of each row) of a trained head on `test`."""
+    if head == "linear":
+        return model.predict_proba(features[test]), np.asarray(test)
+    batches, order = make_batches(data, y, test, EVAL_BATCH_SIZE, device)
+    return predict(model, batches), order
+
+
+def save_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Temporary file (per process), fsync, rename: the file is either absent or complete."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- sharing a layer with worker processes ----------------------------------------------------
+
+
+@dataclass
+class LayerRef:
+    """A LayerData whose frames live in shared memory `name` (everything else is small)."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    offsets: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    speakers: np.ndarray
+    groups: np.ndarray
+    layer: int
+
+
+class SharedLayer:
+    """Copies a layer's frames into shared memory once; `close()` frees it."""
+
+    def __init__(self, data: LayerData):
+        self.shm = shared_memory.SharedMemory(create=True, size=max(1, data.frames.nbytes))
+        np.ndarray(data.frames.shape, data.frames.dtype, buffer=self.shm.buf)[...] = data.frames
+        self.ref = LayerRef(self.shm.name, data.frames.shape, str(data.frames.dtype), data.offsets,
+                            data.ids, data.labels, data.speakers, data.groups, data.layer)
+
+    def close(self) -> None:
+        self.shm.close()
+        self.shm.unlink()
+
+
+class LoadedLayer:
+    """One layer in memory, with the linear head's frame statistics computed on first use."""
+
+    def __init__(self, data: LayerData):
+        self.data, self._features = data, None
+
+    def run(self, job: TaskJob) -> dict:
+        """Run one task on this layer, save its record, return it."""
+        prepare = 0.0
+        if job.task.head == "linear" and self._features is None:
+            t0 = time.perf_counter()
+            self._features = frame_statistics(self.data)
+            prepare = time.perf_counter() - t0
+        record = run_task(self.data, job, self._features if job.task.head == "linear" else None)
+        record["prepare_seconds"] = prepare
+        save_record(job.task.path(job.out), record)
+        return record
+
+
+_WORKER: dict = {}  # in a worker process: {"name", "shm", "layer"} of the attached layer
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_run(ref: LayerRef, job: TaskJob) -> dict:
+    """In a worker process: attach the shared layer (once per layer), run and save one task."""
+    if _WORKER.get("name") != ref.name:
+        if "shm" in _WORKER:
+            _WORKER.pop("layer")
+            try:
+                _WORKER.pop("shm").close()
+            except BufferError:  # a view still alive somewhere: the mapping goes at exit
+                pass
+        # Spawned workers share the parent's resource tracker, so attaching here registers the
+        # same name again (a set) and the parent's unlink() unregisters it for both.
+        shm = shared_memory.SharedMemory(name=ref.name)
+        frames = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
+        data = LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer)
+        _WORKER.update(name=ref.name, shm=shm, layer=LoadedLayer(data))
+    return _WORKER["layer"].run(job)
+
+
+# --- running a sweep --------------------------------------------------------------------------
+
+
+@dataclass
+class SweepOutcome:
+    """What one `run_sweep` call did. timing: this run's entry of timing.json."""
+
+    out: Path
+    tasks_total: int
+    tasks_done_before: int
+    tasks_run: int
+    failures: list[tuple[Task, str]]
+    timing: dict
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Worker processes by default: 1 on a GPU, else DEFAULT_JOBS_CPU (at most the cores)."""
+    if resolve_device(device).type != "cpu":
+        return 1
+    return max(1, min(DEFAULT_JOBS_CPU, available_cores()))
+
+
+def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str = "auto",
+              progress: bool = True, write_report: bool = True) -> SweepOutcome:
+    """Run every task of `spec` not yet saved in `out`, then write the report there.
+
+    Raises SweepError (bad request, or a folder holding another sweep), CacheError, FoldsError.
+    A task whose training diverges (NonFiniteLossError) is logged, listed in the outcome and
+    left unsaved, so a re-run retries it; any other error stops the sweep (finished tasks stay).
+    """
+    out = Path(out)
+    spec = replace(spec, train=replace(spec.train, device=device))
+    plan = plan_sweep(spec)
+    claim_folder(out, plan)
+    with _exclusive(out):
+        folds = {(key, seed): sweep_folds(out, key, cache, seed, spec)
+                 for key, cache in plan.caches.items() for seed in spec.seeds}
+        tasks = plan.tasks({k: f.n_folds for k, f in folds.items()})
+        todo = [t for t in tasks if not t.path(out).exists()]
+        jobs = jobs or default_jobs(device)
+        threads = max(1, available_cores() // jobs)
+        by_layer: dict[tuple[str, int], list[Task]] = {}
+        for t in todo:
+            by_layer.setdefault((t.cache, t.layer), []).append(t)
+        info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode}
+                for key, c in plan.caches.items()}
+
+        def job_for(task: Task) -> TaskJob:
+            return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
+                           spec.train, info[task.cache], out)
+
+        def read(key: str, layer: int) -> LayerData:
+            t0 = time.perf_counter()
+            data = plan.caches[key].read_layer(layer)
+            timing["read_seconds"] += time.perf_counter() - t0
+            timing["layers_read"] += 1
+            return data
+
+        timing = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "jobs": jobs, "threads_per_job": threads, "device": str(resolve_device(device)),
+                  "tasks_total": len(tasks), "tasks_done_before": len(tasks) - len(todo),
+                  "read_seconds": 0.0, "layers_read": 0}
+        records, failures = [], []
+        log.info("sweep %s: %d tasks, %d already done; %d job(s) x %d thread(s)",
+                 out, len(tasks), len(tasks) - len(todo), jobs, threads)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="fold", desc="sweep",
+                   disable=not progress, dynamic_ncols=True)
+        t_wall = time.perf_counter()
+        try:
+            run = _run_inline if jobs == 1 else _run_pool
+            run(by_layer, read, job_for, jobs, threads, bar, records, failures)
+        finally:
+            bar.close()
+            timing.update(_timing_of(records), wall_seconds=time.perf_counter() - t_wall,
+                          tasks_run=len(records), tasks_failed=len(failures))
+            append_timing(out, timing)
+    for task, why in failures:
+        log.warning("failed, will be retried by a re-run: %s: %s", task, why)
+    if write_report:
+        from .report import write_report as _write_report
+
+        _write_report([out], out)
+    return SweepOutcome(out, len(tasks), timing["tasks_done_before"], len(records), failures, timing)
+
+
+def _run_inline(by_layer, read, job_for, jobs, threads, bar, records, failures) -> None:
+    """jobs == 1: every task in this process, one layer at a time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (key, layer), group in by_layer.items():
+            loaded = LoadedLayer(read(key, layer))
+            for task in group:
+                bar.set_postfix_str(f"{key} layer {layer} {task.head}")
+                _collect(lambda: loaded.run(job_for(task)), task, records, failures)
+                bar.update(1)
+            del loaded
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) -> None:
+    """jobs > 1: worker processes; each layer read once into shared memory, the next layer
+    read while the workers train on the current one."""
+    context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's thread pools
+    pool = cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                                  initargs=(threads,))
+    inflight: deque = deque()  # (SharedLayer, {future: task}) in submission order
+
+    def finish(shared, futures):
+        try:
+            for f in cf.as_completed(futures):
+                _collect(f.result, futures[f], records, failures)
+        finally:
+            shared.close()
+
+    try:
+        for (key, layer), group in by_layer.items():
+            while len(inflight) >= LAYERS_IN_FLIGHT:
+                finish(*inflight.popleft())
+            data = read(key, layer)
+            shared = SharedLayer(data)
+            del data
+            futures = {}
+            try:
+                for task in group:
+                    f = pool.submit(_worker_run, shared.ref, job_for(task))
+                    f.add_done_callback(lambda _: bar.update(1))
+                    futures[f] = task
+            finally:
+                inflight.append((shared, futures))
+        while inflight:
+            finish(*inflight.popleft())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        for shared, _ in inflight:
+            shared.close()
+        pool.shutdown(wait=True)
+
+
+def _collect(result, task: Task, records: list, failures: list) -> None:
+    """Call result(); a diverged training is a task failure, anything else stops the sweep."""
+    from .training import NonFiniteLossError
+
+    try:
+        records.append(result())
+    except NonFiniteLossError as e:
+        failures.append((task, str(e)))
+
+
+def _timing_of(records: list[dict]) -> dict:
+    return {f"{k}_seconds": float(sum(r.get(f"{k}_seconds", 0.0) for r in records))
+            for k in ("prepare", "train", "eval")}
+
+
+def append_timing(out: Path, run: dict) -> None:
+    """Add one run's timing to SWEEP/timing.json ({"runs": [...]})."""
+    path = Path(out) / TIMING_FILE
+    runs = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.exists() else []
+    write_json_atomic(path, {"runs": runs + [run]})
+
+
+class _exclusive:
+    """An advisory lock on SWEEP/.lock: two sweeps never write into one folder at once.
+    Also removes temporary files left by a killed run (safe: nobody else is writing)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise SweepError(f"another sweep is writing into {self.path.parent}: wait for it "
+                             "to end, or use another --out folder") from None
+        for tmp in self.path.parent.glob(f"{CELL_DIR}/**/*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

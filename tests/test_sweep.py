@@ -1,0 +1,246 @@
+"""Sweeps: same folds for every cell, grid chosen on validation, resume, refusal, reports."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ser_cache import sweep as S
+from ser_cache.cli import main
+from ser_cache.encoder import load_encoder
+from ser_cache.extract import ExtractOptions, extract
+from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, load_sweep, write_report
+from ser_cache.sweep import SweepError, SweepSpec, Task, head_settings, parse_grid, run_sweep
+from ser_cache.training import FoldResult, TrainConfig
+
+from conftest import write_corpus
+
+HEADS = ["linear", "mean", "qkv"]
+N_FOLDS = 3
+TRAIN = TrainConfig(epochs=2, n_heads=2, head_dim=2, linear_c=(1.0,))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_job():
+    """Tiny heads run fastest on one torch thread (a second one only waits at barriers)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "available_cores", lambda: 1)
+        yield
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_checkpoint, tmp_path_factory):
+    """Two tiny caches of one corpus (6 speakers x 4 utterances, 3 classes): trim and short."""
+    root = tmp_path_factory.mktemp("sweep-caches")
+    records = write_corpus(root / "corpus", n_speakers=6, per_speaker=4)
+    enc = load_encoder(str(tiny_checkpoint))
+    out = {}
+    for mode in ("trim", "short"):
+        extract(records, root / f"tiny-{mode}", "csv", enc, ExtractOptions(mode=mode, progress=False))
+        out[mode] = root / f"tiny-{mode}"
+    return out
+
+
+def spec_for(cache, **kw) -> SweepSpec:
+    return SweepSpec(caches=[cache], **{"heads": HEADS, "train": TRAIN, "n_folds": N_FOLDS, **kw})
+
+
+def tasks_on_disk(folder: Path) -> list[Path]:
+    return sorted((folder / S.CELL_DIR).glob("*/*/*.json"))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def full(caches, tmp_path_factory):
+    """One uninterrupted sweep (2 seeds), run in this process."""
+    out = tmp_path_factory.mktemp("sweeps") / "full"
+    outcome = run_sweep(spec_for(caches["trim"], seeds=[0, 1]), out, jobs=1, progress=False)
+    return out, outcome
+
+
+def test_sweep_writes_one_row_per_cell_and_fold_over_the_same_folds(full):
+    out, outcome = full
+    n_layers = 3  # tiny Whisper: 2 blocks -> states 0, 1, 2
+    total = n_layers * len(HEADS) * 2 * N_FOLDS
+    assert outcome.tasks_total == outcome.tasks_run == total and not outcome.failures
+    rows = read_csv(out / RESULTS_FILE)
+    assert len(rows) == total
+    assert list(rows[0])[:12] == ["cache", "model", "mode", "layer", "head", "setting", "seed", "fold",
+                                  "ua", "wa", "macro_f1", "seconds"]
+    assert {r["mode"] for r in rows} == {"trim"} and {r["cache"] for r in rows} == {"tiny-trim"}
+    # one fold file per cache and seed, and every cell of a seed tested the same utterances
+    assert sorted(p.name for p in (out / S.FOLD_DIR).glob("*.csv")) == ["tiny-trim-seed0.csv", "tiny-trim-seed1.csv"]
+    for seed in (0, 1):
+        n_test: dict[tuple, list] = {}
+        for r in rows:
+            if r["seed"] == str(seed):
+                n_test.setdefault((r["layer"], r["head"]), []).append(r["n_test"])
+        assert len({tuple(v) for v in n_test.values()}) == 1, n_test
+    for r in rows:
+        assert 0 <= float(r["ua"]) <= 1 and 0 <= float(r["val_ua"]) <= 1
+    assert (out / LAYER_PLOT).stat().st_size > 10_000 and (out / CONFUSION_PLOT).stat().st_size > 10_000
+    summary = (out / SUMMARY_FILE).read_text(encoding="utf-8")
+    assert "| layer | linear | mean | qkv |" in summary and summary.count("★") >= 2
+    timing = json.loads((out / S.TIMING_FILE).read_text())["runs"]
+    assert len(timing) == 1 and timing[0]["layers_read"] == n_layers  # each layer read once
+    assert timing[0]["train_seconds"] > 0 and timing[0]["read_seconds"] > 0
+
+
+def test_interrupted_sweep_resumes_without_duplicates_and_same_results(caches, full, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    real, calls = S.run_task, []
+
+    def crash_after_five(*args, **kw):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the sixth task
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(S, "run_task", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec_for(caches["trim"], seeds=[0, 1]), out, jobs=1, progress=False)
+    assert len(tasks_on_disk(out)) == 5
+    monkeypatch.setattr(S, "run_task", real)
+
+    outcome = run_sweep(spec_for(caches["trim"], seeds=[0, 1]), out, jobs=1, progress=False)
+    assert outcome.tasks_done_before == 5 and outcome.tasks_run == outcome.tasks_total - 5
+    again = run_sweep(spec_for(caches["trim"], seeds=[0, 1]), out, jobs=1, progress=False)
+    assert again.tasks_run == 0  # nothing left: nothing re-run
+    rows, reference = read_csv(out / RESULTS_FILE), read_csv(full[0] / RESULTS_FILE)
+    key = lambda r: (r["layer"], r["head"], r["seed"], r["fold"])  # noqa: E731
+    assert len({key(r) for r in rows}) == len(rows) == len(reference)
+    assert [(key(r), r["ua"], r["setting"]) for r in rows] == [(key(r), r["ua"], r["setting"]) for r in reference]
+    assert len(json.loads((out / S.TIMING_FILE).read_text())["runs"]) == 3
+
+
+def test_a_changed_config_into_the_same_sweep_is_refused(caches, full):
+    out = full[0]
+    with pytest.raises(SweepError, match=r"train\.epochs: sweep has 2, asked for 3"):
+        run_sweep(spec_for(caches["trim"], seeds=[0, 1], train=replace(TRAIN, epochs=3)), out, jobs=1, progress=False)
+    with pytest.raises(SweepError, match=r"heads: sweep has"):
+        run_sweep(spec_for(caches["trim"], seeds=[0, 1], heads=["mean"]), out, jobs=1, progress=False)
+    with pytest.raises(SweepError, match=r"caches"):
+        run_sweep(spec_for(caches["short"], seeds=[0, 1]), out, jobs=1, progress=False)
+    result = CliRunner().invoke(main, ["sweep", str(caches["trim"]), "--out", str(out), "--epochs", "3",
+                                       "--heads", ",".join(HEADS), "--seeds", "0,1", "--folds", "3"])
+    assert result.exit_code != 0 and "epochs: sweep has 2, asked for 3" in result.output
+
+
+def test_report_rebuilds_the_same_summary(full, tmp_path):
+    copy = tmp_path / full[0].name  # the same folder name: the summary's title is the sweep's name
+    shutil.copytree(full[0], copy)
+    original = (copy / SUMMARY_FILE).read_text(encoding="utf-8")
+    original_csv = (copy / RESULTS_FILE).read_text(encoding="utf-8")
+    for name in (SUMMARY_FILE, RESULTS_FILE, LAYER_PLOT, CONFUSION_PLOT):
+        (copy / name).unlink()
+    result = CliRunner().invoke(main, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (copy / SUMMARY_FILE).read_text(encoding="utf-8") == original
+    assert (copy / RESULTS_FILE).read_text(encoding="utf-8") == original_csv
+    assert (copy / LAYER_PLOT).exists() and (copy / CONFUSION_PLOT).exists()
+
+
+def test_report_puts_two_sweeps_side_by_side(caches, full, tmp_path):
+    short = tmp_path / "short"
+    run_sweep(spec_for(caches["short"], heads=["mean"], layers="1-2"), short, jobs=1, progress=False)
+    joint = tmp_path / "joint"
+    result = CliRunner().invoke(main, ["report", str(full[0]), str(short), "--out", str(joint)])
+    assert result.exit_code == 0, result.output
+    summary = (joint / SUMMARY_FILE).read_text(encoding="utf-8")
+    assert "## full: tiny-trim (" in summary and "## short: tiny-short (" in summary
+    rows = read_csv(joint / RESULTS_FILE)
+    assert {r["sweep"] for r in rows} == {"full", "short"}
+    assert {r["layer"] for r in rows if r["sweep"] == "short"} == {"1", "2"}
+    assert len(load_sweep(short).records) == 2 * N_FOLDS
+    assert (joint / LAYER_PLOT).stat().st_size > 10_000
+    result = CliRunner().invoke(main, ["report", str(full[0]), str(short)])
+    assert result.exit_code != 0 and "--out" in result.output
+
+
+def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, monkeypatch):
+    """Validation favours n_heads=2, test data would favour n_heads=4: every fold must pick 2,
+    train without seeing its test set, and test only the chosen head, once."""
+    tested = []
+
+    class Marker:
+        def __init__(self, n_heads):
+            self.n_heads = n_heads
+
+    def fake_train(data, y, split, head, config, n_classes, fold, device):
+        train, val, test = split
+        assert test is None, "the test set reached training"
+        assert not set(train) & set(val)
+        val_ua = {2: 0.9, 4: 0.4}[config.n_heads]
+        return FoldResult(fold, np.zeros(0, np.int64), np.zeros((0, n_classes)), {},
+                          {"epoch": 0, "ua": val_ua}, len(train), len(val), 0.01, 0.0, [],
+                          Marker(config.n_heads), {})
+
+    def fake_test(model, head, data, features, y, test, device):
+        tested.append(model.n_heads)
+        # perfect predictions for n_heads=4, always wrong for n_heads=2
+        n_classes = int(y.max()) + 1
+        pred = y[test] if model.n_heads == 4 else (y[test] + 1) % n_classes
+        return np.eye(n_classes)[pred], np.asarray(test)
+
+    monkeypatch.setattr(S, "train_torch_fold", fake_train)
+    monkeypatch.setattr(S, "test_head", fake_test)
+    spec = spec_for(caches["trim"], heads=["qkv"], layers="2", grid=parse_grid(["heads=2,4"]))
+    run_sweep(spec, tmp_path / "grid", jobs=1, progress=False)
+    records = load_sweep(tmp_path / "grid").records
+    assert len(records) == N_FOLDS and tested == [2] * N_FOLDS
+    for r in records:
+        assert r["setting"] == "n_heads=2" and r["values"] == {"n_heads": 2}
+        assert r["val_ua"] == 0.9 and r["ua"] == 0.0
+        assert [(g["setting"], g["val_ua"]) for g in r["grid"]] == [("n_heads=2", 0.9), ("n_heads=4", 0.4)]
+    assert "n_heads=2" in (tmp_path / "grid" / SUMMARY_FILE).read_text()
+
+
+def test_grid_keys_apply_only_to_the_heads_they_change():
+    grid = parse_grid(["heads=4,8 head_dim=4,16", "lr=1e-3,3e-4 class_weights=true,false"])
+    assert grid == {"n_heads": [4, 8], "head_dim": [4, 16], "lr": [1e-3, 3e-4], "class_weights": [True, False]}
+    base = TrainConfig()
+    assert len(head_settings("qkv", grid, base)) == 16
+    assert head_settings("mean", grid, base) == [{"lr": 1e-3, "class_weights": True}, {"lr": 1e-3, "class_weights": False},
+                                                 {"lr": 3e-4, "class_weights": True}, {"lr": 3e-4, "class_weights": False}]
+    assert head_settings("linear", grid, base) == [{"class_weights": True}, {"class_weights": False}]
+    assert head_settings("linear", parse_grid(["heads=4,8"]), base) == [{}]
+    for bad, message in (("heads=4,x", "must be int"), ("colour=1", "unknown"), ("heads", "key=v1"),
+                         ("heads=4,4", "repeats")):
+        with pytest.raises(SweepError, match=message):
+            parse_grid([bad])
+
+
+def test_worker_processes_share_one_read_of_each_layer(caches, full, tmp_path):
+    out = tmp_path / "pool"
+    shm_before = set(Path("/dev/shm").glob("psm_*"))
+    outcome = run_sweep(spec_for(caches["trim"], heads=["linear", "mean"], layers="1-2"), out, jobs=2, progress=False)
+    assert outcome.tasks_run == 2 * 2 * N_FOLDS and not outcome.failures
+    assert outcome.timing["layers_read"] == 2 and outcome.timing["jobs"] == 2
+    records = load_sweep(out).records
+    assert {r["threads"] for r in records} == {1}
+    # the linear head is deterministic, so it matches the in-process sweep exactly
+    reference = {(r["layer"], r["fold"]): r["ua"] for r in load_sweep(full[0]).records
+                 if r["head"] == "linear" and r["seed"] == 0}
+    assert all(r["ua"] == reference[r["layer"], r["fold"]] for r in records if r["head"] == "linear")
+    assert set(Path("/dev/shm").glob("psm_*")) <= shm_before  # every shared layer was freed
+
+
+def test_cli_names_the_fix_for_a_stray_grid_key(caches, tmp_path):
+    result = CliRunner().invoke(main, ["sweep", str(caches["trim"]), "--out", str(tmp_path / "x"),
+                                       "--grid", "heads=4,8", "head_dim=4,16"])
+    assert result.exit_code != 0 and "give each one its own --grid" in result.output
+
+
+def test_task_paths_are_unique_per_cell_and_fold(tmp_path):
+    tasks = {Task("c", layer, head, seed, fold) for layer in (0, 1) for head in HEADS for seed in (0, 1) for fold in range(3)}
+    assert len({t.path(tmp_path) for t in tasks}) == len(tasks)
