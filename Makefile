@@ -98,3 +98,18 @@ endif
 	$(BIN)/ser-cache sweep "$(DEMO_CACHE)" --layers all --heads $(DEMO_HEADS) --out "$(DEMO_SWEEP)" $(DEMO_SWEEP_ARGS)
 	@echo; cat "$(DEMO_SWEEP)/summary.md"
 	@echo; echo "plots:"; ls -1 "$(DEMO_SWEEP)"/*.png
+
+# Layer-wise comparison of heads on every layer of CACHE, then a table and plots in SWEEP
+# (summary.md, ua_by_layer.png, confusion_best.png). Re-running resumes an interrupted sweep.
+#   make sweep [CACHE=] [HEADS=linear,mean,attentive,qkv] [SWEEP=] [SWEEP_ARGS='--epochs 10 --seeds 0,1']
+#   make report [SWEEP=]          rebuild the table and plots from the saved results
+HEADS ?= linear,mean,attentive,qkv
+SWEEP ?= sweeps/$(notdir $(CACHE))
+SWEEP_ARGS ?=
+
+.PHONY: sweep report
+sweep: install
+	$(BIN)/ser-cache sweep "$(CACHE)" --layers all --heads $(HEADS) --out "$(SWEEP)" $(SWEEP_ARGS)
+
+report: install
+	$(BIN)/ser-cache report "$(SWEEP)"
