@@ -35,8 +35,8 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,8 +265,7 @@ def _plain(value):
 
 def _save_atomic(obj: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False) as f:
-        tmp = Path(f.name)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # whole or absent, never half-written
     try:
         torch.save(obj, tmp)
         tmp.replace(out)
