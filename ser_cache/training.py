@@ -19,7 +19,8 @@ adds candidates (`--epochs 10` gives the paper's attentive schedule).
 Compatibility switches reproduce two flaws of the reference code, for comparison only:
 `compat_select_on_test` trains on all non-test speakers and picks the epoch (or the linear
 head's C) on the test fold, which is optimistic; `compat_eval_dropout` leaves dropout on at
-evaluation. Results made with either are marked in config.json and in the printed table.
+evaluation (a no-op for the mean and linear heads, which have no dropout). Results made with
+either are marked in config.json and in the printed table.
 
 Efficiency: the cost is the front Linear over every frame, so batches are padded once per fold
 (lengths bucketed to limit padding, kept in the cache's dtype, moved to the device once) and
