@@ -182,6 +182,9 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
                           class_counts=dict(zip(labels, np.bincount(y, minlength=n_classes).tolist())),
                           selected_per_fold=selected)
         if head == "linear":
+            if epochs is not None:
+                raise PredictError("--epochs applies to the torch heads; the linear head is fitted with the "
+                                   "median C chosen per fold")
             c = float(median_selected([s["C"] for s in selected]))
             kwargs = {**head_kwargs("linear", config, data.dim, n_classes), "C": c}
             model = LinearHead(**kwargs).fit(frame_statistics(data), y)

@@ -118,6 +118,8 @@ def test_export_cli_and_explicit_epochs(runs, tmp_path):
     assert load_exported(tmp_path / "m.pt").provenance["schedule_epochs"] == 2
     result = invoke("export", runs["qkv"], "--out", tmp_path / "n.pt", "--epochs", "2", "--fold", "0")
     assert result.exit_code != 0 and "--fold" in result.output
+    with pytest.raises(PredictError, match="median C"):
+        export_run(runs["linear"], tmp_path / "l.pt", epochs=2)
 
 
 @pytest.mark.parametrize("head", ["qkv", "linear"])
