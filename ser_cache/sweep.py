@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -462,6 +463,9 @@ _WORKER: dict = {}  # in a worker process: {"name", "shm", "layer"} of the attac
 
 
 def _worker_init(threads: int) -> None:
+    # Ctrl-C reaches the whole process group; the parent alone handles it and stops the workers
+    # (a worker would otherwise return the KeyboardInterrupt as a result and take the next task).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
 
 
@@ -616,14 +620,19 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
             try:
                 for task in group:
                     f = pool.submit(_worker_run, shared.ref, job_for(task))
-                    f.add_done_callback(lambda _: bar.update(1))
+                    f.add_done_callback(lambda f: f.cancelled() or bar.update(1))
                     futures[f] = task
             finally:
                 inflight.append((shared, futures))
         while inflight:
             finish(*inflight.popleft())
     except BaseException:
+        # Stop now: finished tasks are saved, a task cut short leaves only a temporary file.
+        # Executors have no public way to stop running workers before Python 3.14.
+        workers = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for w in workers:
+            w.terminate()
         raise
     finally:
         for shared, _ in inflight:

@@ -244,3 +244,30 @@ def test_cli_names_the_fix_for_a_stray_grid_key(caches, tmp_path):
 def test_task_paths_are_unique_per_cell_and_fold(tmp_path):
     tasks = {Task("c", layer, head, seed, fold) for layer in (0, 1) for head in HEADS for seed in (0, 1) for fold in range(3)}
     assert len({t.path(tmp_path) for t in tasks}) == len(tasks)
+
+
+def test_an_interrupt_stops_the_workers_at_once_and_the_rerun_finishes(caches, tmp_path, monkeypatch):
+    """Ctrl-C while workers train layer 1 (simulated when layer 2 is read): workers are stopped,
+    shared memory freed; a re-run does exactly the tasks that are missing."""
+    from ser_cache.cache import Cache
+
+    out, real_read, reads = tmp_path / "interrupted", Cache.read_layer, []
+
+    def read_then_interrupt(self, state, dtype=None):
+        reads.append(state)
+        if len(reads) == 2:
+            raise KeyboardInterrupt
+        return real_read(self, state, dtype)
+
+    shm_before = set(Path("/dev/shm").glob("psm_*"))
+    spec = spec_for(caches["trim"], heads=["mean"], layers="1-2")
+    monkeypatch.setattr(Cache, "read_layer", read_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, out, jobs=2, progress=False)
+    monkeypatch.setattr(Cache, "read_layer", real_read)
+    assert set(Path("/dev/shm").glob("psm_*")) <= shm_before
+    done_before = len(tasks_on_disk(out))
+    assert done_before < 2 * N_FOLDS
+    outcome = run_sweep(spec, out, jobs=1, progress=False)
+    assert outcome.tasks_done_before == done_before and outcome.tasks_run == 2 * N_FOLDS - done_before
+    assert len(load_sweep(out).records) == 2 * N_FOLDS
