@@ -216,7 +216,7 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
-@click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: 2 on a CPU (measured faster than 1 x 2 threads), 1 on a GPU.")
+@click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, protocol, n_folds, fold_file, jobs, device):
     """Compare heads on every layer of one or more caches, over the same folds.

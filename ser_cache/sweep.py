@@ -65,11 +65,12 @@ TIMING_FILE = "timing.json"
 CELL_DIR = "cells"
 FOLD_DIR = "folds"
 DEFAULT_HEADS = ("linear", "mean", "attentive", "qkv")
-# Measured on the shared 2-core development machine (RAVDESS, Whisper base layer 6, 960
-# utterances, same work either way): 2 processes x 1 torch thread trained qkv 5.7-7.3x and mean
-# 4-8x faster than 1 process x 2 threads. Batches of 16 make each op small, so a second
-# thread mostly waits at barriers, and waits far longer when the cores are shared.
-DEFAULT_JOBS_CPU = 2
+# On a CPU, one worker process per core with one torch thread each. Measured on the shared
+# 2-core development machine (RAVDESS, Whisper base layer 6, 960 utterances, same work either
+# way): 2 processes x 1 thread trained qkv 5.7-7.3x and mean 4-8x faster than 1 process x 2
+# threads. Batches of 16 make each op small, so a second thread mostly waits at barriers, and
+# far longer when the cores are shared. Each worker holds about one layer of padded batches.
+MAX_DEFAULT_JOBS = 8
 LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
 GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
@@ -365,7 +366,7 @@ def run_task(data: LayerData, job: TaskJob, features: np.ndarray | None = None) 
             best, best_values = r, values
 
     t0 = time.perf_counter()
-    probs, order = test_head(best.head, task.head, data, features, y, test, device)
+    probs, order = score_on_test(best.head, task.head, data, features, y, test, device)
     eval_seconds = time.perf_counter() - t0
     metrics = fold_metrics(y[order], probs.argmax(axis=1), n_classes)
     chosen = setting_label(best_values)
@@ -383,7 +384,7 @@ def run_task(data: LayerData, job: TaskJob, features: np.ndarray | None = None) 
     })
 
 
-def test_head(model, head: str, data: LayerData, features, y, test, device) -> tuple[np.ndarray, np.ndarray]:
+def score_on_test(model, head: str, data: LayerData, features, y, test, device) -> tuple[np.ndarray, np.ndarray]:
     """(probs (n_test, n_classes), utterance index of each row) of a trained head on `test`."""
     if head == "linear":
         return model.predict_proba(features[test]), np.asarray(test)
@@ -507,10 +508,10 @@ def available_cores() -> int:
 
 
 def default_jobs(device: str = "auto") -> int:
-    """Worker processes by default: 1 on a GPU, else DEFAULT_JOBS_CPU (at most the cores)."""
+    """Worker processes by default: 1 on a GPU, else one per core (at most MAX_DEFAULT_JOBS)."""
     if resolve_device(device).type != "cpu":
         return 1
-    return max(1, min(DEFAULT_JOBS_CPU, available_cores()))
+    return max(1, min(MAX_DEFAULT_JOBS, available_cores()))
 
 
 def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str = "auto",
@@ -679,7 +680,7 @@ class _exclusive:
             self.f.close()
             raise SweepError(f"another sweep is writing into {self.path.parent}: wait for it "
                              "to end, or use another --out folder") from None
-        for tmp in self.path.parent.glob(f"{CELL_DIR}/**/*.tmp"):
+        for tmp in [*self.path.parent.glob("*.tmp"), *self.path.parent.glob(f"{CELL_DIR}/**/*.tmp")]:
             tmp.unlink(missing_ok=True)
         return self
 

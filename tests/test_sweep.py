@@ -193,7 +193,7 @@ def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, mo
         return np.eye(n_classes)[pred], np.asarray(test)
 
     monkeypatch.setattr(S, "train_torch_fold", fake_train)
-    monkeypatch.setattr(S, "test_head", fake_test)
+    monkeypatch.setattr(S, "score_on_test", fake_test)
     spec = spec_for(caches["trim"], heads=["qkv"], layers="2", grid=parse_grid(["heads=2,4"]))
     run_sweep(spec, tmp_path / "grid", jobs=1, progress=False)
     records = load_sweep(tmp_path / "grid").records
