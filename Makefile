@@ -113,3 +113,10 @@ sweep: install
 
 report: install
 	$(BIN)/ser-cache report "$(SWEEP)"
+
+# Both stages against their limits, side by side in one run (not a test; about 15 minutes on
+# 2 cores): bench/results/<date>-<machine>.json and a Markdown table. BENCH_ARGS=--full for all.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: install weights
+	$(BIN)/python bench/bench.py --data "$(DATA)" --weights-dir "$(WEIGHTS_DIR)" $(BENCH_ARGS)

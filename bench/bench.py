@@ -1,0 +1,381 @@
+#!/usr/bin/env python3
+"""`make bench`: both stages against their limits, measured side by side in one run.
+
+The machine is shared and noisy, so every target is a ratio of two things timed in this
+same run, never an absolute time:
+
+  1. extraction overhead   full `extract` pipeline / bare encoder forward    target <= 1.10
+  2. input modes           padded time / short time, per utterance           target >= 7
+  3. arithmetic limit      encoder FLOPs / measured matmul rate / encoder time, float32 and bfloat16
+  4. cache footprint       reference layout bytes / our bytes (trim)          target >= 12
+  5. layer read            our MB/s / numpy.fromfile MB/s                      target >= 0.5
+                           peak memory / layer size                            target <= 1.5
+  6. training              per epoch, per fold, a full layer sweep, and the sweep's cost
+                           if every cell re-ran Whisper instead of reading the cache
+
+    python bench/bench.py [--full] [--data DIR] [--weights-dir DIR] [--out bench/results]
+
+Results go to bench/results/<date>-<machine>.json, and a Markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ser_cache.audio import load_utterance
+from ser_cache.cache import open_cache
+from ser_cache.corpora import prepare
+from ser_cache.encoder import N_WINDOW_FRAMES, encode, load_encoder, log_mel, speech_frames
+from ser_cache.extract import ExtractOptions, encode_batch, extract
+from ser_cache.records import Utterance
+
+HERE = Path(__file__).resolve().parent
+BATCH = 8
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def pick(records: list[Utterance], n: int) -> list[Utterance]:
+    """A fixed spread of n utterances: every k-th in id order (all actors and emotions)."""
+    records = sorted(records, key=lambda r: r.id)
+    step = max(1, len(records) // n)
+    return records[::step][:n]
+
+
+def timed(fn, *args, **kw):
+    gc.collect()
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - t, out
+
+
+def bare_encoder(enc, mels_frames, mode: str, compute_dtype: str = "float32") -> float:
+    """Seconds to run only the encoder forward over prepared log-mels, in batches of BATCH."""
+    batches = [mels_frames[i : i + BATCH] for i in range(0, len(mels_frames), BATCH)]
+    keep = list(range(enc.n_states))
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+        for b in batches:
+            mels = [m for m, _ in b]
+            if mode == "short":
+                x = torch.zeros(len(b), mels[0].shape[0], max(m.shape[-1] for m in mels))
+                for i, m in enumerate(mels):
+                    x[i, :, : m.shape[-1]] = m
+                encode(enc.encoder, x, torch.tensor([f for _, f in b]), keep)
+            else:
+                encode(enc.encoder, torch.stack(mels), None, keep)
+    return time.perf_counter() - t
+
+
+def prepared_mels(records, n_mels: int, mode: str):
+    """Log-mels in the order extract() encodes them (by duration): audio already in memory."""
+    out = []
+    for r in sorted(records, key=lambda r: (r.duration, r.id)):
+        audio = load_utterance(r.path)[0][0]
+        out.append((log_mel(audio, n_mels, mode), speech_frames(len(audio))))
+    return out
+
+
+def encoder_flops(dims: dict, frames: int) -> float:
+    """Multiply-adds x 2 of one encoder forward over `frames` encoder frames.
+
+    Convolutions: conv1 (n_mels -> d, k=3) over 2*frames mel columns, conv2 (d -> d, k=3).
+    Each block: q,k,v,out projections 4*d*d, MLP 8*d*d per frame; attention scores and
+    weighted sum 2*frames*d per frame.
+    """
+    d, n_mels, n_blocks = dims["n_audio_state"], dims["n_mels"], dims["n_audio_layer"]
+    conv = 2 * frames * n_mels * d * 3 + frames * d * d * 3
+    block = frames * (4 * d * d + 8 * d * d) + 2 * frames * frames * d
+    return 2.0 * (conv + n_blocks * block)
+
+
+def matmul_rate(dtype=torch.float32, n: int = 1024, seconds: float = 2.0) -> float:
+    """This machine's dense matmul rate in FLOP/s, with all torch threads, at the encoder's scale."""
+    a, b = torch.randn(n * 2, n, dtype=dtype), torch.randn(n, n * 2, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        reps += 1
+    return reps * 2.0 * (2 * n) * n * (2 * n) / (time.perf_counter() - t)
+
+
+# --- the measurements ---------------------------------------------------------------------
+
+
+def bench_extraction(enc, records, mode: str, tmp: Path) -> dict:
+    """1. Full pipeline (decode, resample, mel, encoder, HDF5) against the bare encoder."""
+    mels = prepared_mels(records, enc.dims["n_mels"], mode)
+    bare_encoder(enc, mels[:BATCH], mode)  # warm-up
+    bare = bare_encoder(enc, mels, mode)
+    out = tmp / f"overhead-{enc.name}-{mode}"
+    opts = ExtractOptions(mode=mode, batch_size=BATCH, progress=False)
+    full, _ = timed(extract, records, out, "ravdess", enc, opts)
+    # A second bare run after, so drift of the shared machine shows as a spread.
+    bare2 = bare_encoder(enc, mels, mode)
+    size = sum(p.stat().st_size for p in (out / "shards").glob("*.h5"))
+    shutil.rmtree(out)
+    bare_mean = (bare + bare2) / 2
+    return {"model": enc.name, "mode": mode, "utterances": len(records), "pipeline_s": full,
+            "bare_encoder_s": [bare, bare2], "ratio": full / bare_mean, "cache_bytes": size}
+
+
+def bench_modes(enc, records, rate32: float, rate16: float, bf16_ok: bool) -> dict:
+    """2 + 3. Per-utterance encoder time per mode, FLOPs, how close to the matmul limit; bf16."""
+    out = {"model": enc.name, "utterances": len(records), "modes": {}}
+    for mode in ("padded", "short"):
+        mels = prepared_mels(records, enc.dims["n_mels"], mode)
+        bare_encoder(enc, mels[:2], mode)
+        t32 = bare_encoder(enc, mels, mode) / len(records)
+        frames = np.mean([f for _, f in mels]) if mode == "short" else N_WINDOW_FRAMES
+        flops = encoder_flops(enc.dims, int(round(frames)))
+        row = {"s_per_utt": t32, "frames": float(frames), "gflop_per_utt": flops / 1e9,
+               "achieved_gflops": flops / t32 / 1e9, "fraction_of_matmul_rate": flops / t32 / rate32}
+        if bf16_ok:
+            bare_encoder(enc, mels[:2], mode, "bfloat16")
+            t16 = bare_encoder(enc, mels, mode, "bfloat16") / len(records)
+            row.update(bf16_s_per_utt=t16, bf16_speedup=t32 / t16, bf16_fraction_of_matmul_rate=flops / t16 / rate16)
+        out["modes"][mode] = row
+    # trim encodes exactly what padded encodes (30 s window); only storage differs.
+    out["modes"]["trim"] = dict(out["modes"]["padded"], note="same encoder work as padded; keeps speech frames only")
+    out["short_speedup_over_padded"] = out["modes"]["padded"]["s_per_utt"] / out["modes"]["short"]["s_per_utt"]
+    return out
+
+
+def bench_bf16_states(enc, records) -> dict:
+    """How much bfloat16 arithmetic changes the states (relative to float32), per state."""
+    mels = prepared_mels(records[:8], enc.dims["n_mels"], "short")
+    batch = [(0, 0, m, f) for m, f in mels]
+    a = encode_batch(enc, batch, "short", list(range(enc.n_states)), "float32", "cpu", "float32")
+    b = encode_batch(enc, batch, "short", list(range(enc.n_states)), "float32", "cpu", "bfloat16")
+    rel = {}
+    for s in range(enc.n_states):
+        x = np.concatenate([w[s] for w in a])
+        y = np.concatenate([w[s] for w in b])
+        rel[s] = float(np.linalg.norm(x - y) / np.linalg.norm(x))
+    return {"relative_l2_change_per_state": rel}
+
+
+def bench_footprint(enc, records, tmp: Path) -> dict:
+    """4. Bytes per utterance per mode against the reference layout (float32, 1500 frames, per layer)."""
+    reference = N_WINDOW_FRAMES * enc.dim * 4 * enc.n_states
+    out = {"model": enc.name, "reference_bytes_per_utt": reference, "modes": {}}
+    for mode in ("padded", "trim", "short"):
+        path = tmp / f"footprint-{mode}"
+        extract(records, path, "ravdess", enc, ExtractOptions(mode=mode, progress=False))
+        size = sum(p.stat().st_size for p in (path / "shards").glob("*.h5")) / len(records)
+        out["modes"][mode] = {"bytes_per_utt": size, "smaller_than_reference": reference / size}
+        shutil.rmtree(path)
+    return out
+
+
+def bench_layer_read(cache_path: Path, state: int) -> dict:
+    """5. One layer of a whole cache, from a warm page cache, against numpy.fromfile of as many bytes."""
+    cache = open_cache(cache_path)
+    layer = cache.read_layer(state)  # warms the page cache and gives the size
+    nbytes = layer.frames.nbytes
+    del layer
+    tracemalloc.start()
+    t, layer = timed(cache.read_layer, state)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del layer
+    # The plain read: the same number of bytes, from the same files, in one call per file.
+    shards = [cache.shard_path(k) for k in cache.complete_shards()]
+    share = nbytes // len(shards)
+    for p in shards:  # warm
+        np.fromfile(p, dtype=np.uint8, count=share)
+    t0 = time.perf_counter()
+    for p in shards:
+        np.fromfile(p, dtype=np.uint8, count=min(share, p.stat().st_size))
+    plain = time.perf_counter() - t0
+    return {"cache": str(cache_path), "state": state, "layer_bytes": nbytes, "seconds": t,
+            "mb_per_s": nbytes / t / 1e6, "plain_mb_per_s": nbytes / plain / 1e6,
+            "ratio_to_plain": (nbytes / t) / (nbytes / plain), "peak_bytes": peak, "peak_over_layer": peak / nbytes}
+
+
+def bench_training(cache_path: Path, state: int, encode_s_per_utt: float, epochs: int) -> dict:
+    """6. Per epoch and per fold for each head; a full layer sweep; the sweep if Whisper re-ran per cell."""
+    from ser_cache.folds import make_folds
+    from ser_cache.heads import HEADS
+    from ser_cache.training import TrainConfig, run_folds
+
+    cache = open_cache(cache_path)
+    t_read, data = timed(cache.read_layer, state)
+    folds = make_folds(data.ids, data.labels, data.speakers, data.groups, corpus=cache.corpus, seed=0)
+    heads = {}
+    for head in sorted(HEADS):
+        config = TrainConfig(epochs=epochs, seed=0)
+        t, result = timed(run_folds, data, folds, head, config)
+        n_folds = len(result.folds)
+        heads[head] = {"seconds": t, "per_fold_s": t / n_folds, "per_epoch_s": (t / n_folds / epochs) if head != "linear" else None,
+                       "ua_mean": result.metrics["ua"]["mean"]}
+    # A sweep runs every head on every layer with the same folds and epochs: estimated from
+    # the per-layer cost measured here (layers of one cache cost the same to train).
+    per_layer = t_read + sum(h["seconds"] for h in heads.values())
+    n_layers = len(cache.layers)
+    sweep_s = per_layer * n_layers
+    cells = n_layers * len(heads)
+    whisper_per_cell = encode_s_per_utt * len(data)  # re-encoding the corpus once per cell
+    return {"cache": str(cache_path), "utterances": len(data), "epochs": epochs, "read_s": t_read, "heads": heads,
+            "sweep_s": sweep_s, "sweep_cells": cells,
+            "sweep_if_whisper_rerun_s": sweep_s + cells * whisper_per_cell,
+            "cache_saves_ratio": (sweep_s + cells * whisper_per_cell) / sweep_s}
+
+
+# --- driver -------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="all 1440 utterances and both models (about an hour)")
+    ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "ravdess")
+    ap.add_argument("--weights-dir", type=Path, default=Path(os.environ.get("WHISPER_OFFLINE_DIR", Path.home() / ".cache" / "whisper-offline")))
+    ap.add_argument("--cache", type=Path, default=None, help="an existing full RAVDESS base cache for 5 and 6 (else one is built, short mode)")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--utterances", type=int, default=None, help="override the number of utterances of 1 (smoke runs)")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    records = prepare("ravdess", args.data).records
+    n_small = args.utterances or (len(records) if args.full else 64)
+    small = pick(records, n_small)
+    modes_set = pick(records, 64 if args.full else 16)
+    bf16_ok = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") or "amx" in _cpu_flags() or "avx512_bf16" in _cpu_flags()
+    models = ["tiny.en", "base"]
+    results = {"date": dt.date.today().isoformat(), "machine": socket.gethostname(), "cpu": _cpu_name(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "full": args.full, "bf16_capable_cpu": bf16_ok}
+    with tempfile.TemporaryDirectory(prefix="ser-cache-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        print("matmul rate ...", flush=True)
+        rate32 = matmul_rate(torch.float32)
+        rate16 = matmul_rate(torch.bfloat16) if bf16_ok else float("nan")
+        results["matmul_gflops"] = {"float32": rate32 / 1e9, "bfloat16": rate16 / 1e9}
+        encs = {m: load_encoder(str(args.weights_dir / f"{m}.pt")) for m in models}
+        results["extraction"] = []
+        for m in models if args.full else ["tiny.en", "base"]:
+            for mode in ("short", "trim") if (args.full or m == "base") else ("short",):
+                subset = small if mode == "short" else small[: max(16, len(small) // 4)]
+                print(f"1. extraction overhead {m} {mode} ({len(subset)} utterances) ...", flush=True)
+                results["extraction"].append(bench_extraction(encs[m], subset, mode, tmp))
+        results["modes"] = []
+        for m in models:
+            print(f"2-3. modes and arithmetic limit {m} ...", flush=True)
+            results["modes"].append(bench_modes(encs[m], modes_set, rate32, rate16, bf16_ok))
+        if bf16_ok:
+            results["bf16_states"] = bench_bf16_states(encs["base"], modes_set)
+        print("4. footprint ...", flush=True)
+        results["footprint"] = bench_footprint(encs["base"], pick(records, 16), tmp)
+        cache = args.cache
+        if cache is None:
+            cache = tmp / "ravdess-base-short"
+            print("building the full RAVDESS base cache (short mode) for 5-6 ...", flush=True)
+            t, _ = timed(extract, records, cache, "ravdess", encs["base"], ExtractOptions(mode="short", progress=False))
+            results["full_cache_build_s"] = t
+        print("5. layer read ...", flush=True)
+        results["layer_read"] = bench_layer_read(cache, 6)
+        enc_s = next(r for r in results["modes"] if r["model"] == "base")["modes"]["short"]["s_per_utt"]
+        print("6. training ...", flush=True)
+        results["training"] = bench_training(cache, 4, enc_s, epochs=30 if args.full else 3)
+        if bf16_ok:
+            results["bf16_accuracy"] = bench_bf16_accuracy(encs["base"], records, tmp, cache)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{results['date']}-{results['machine']}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"\nresults: {path}")
+    return 0
+
+
+def bench_bf16_accuracy(enc, records, tmp: Path, fp32_cache: Path) -> dict:
+    """UA of the linear head on the last state, float32 against bfloat16 arithmetic, same folds."""
+    from ser_cache.folds import make_folds
+    from ser_cache.training import TrainConfig, run_folds
+
+    path = tmp / "ravdess-base-short-bf16"
+    t, _ = timed(extract, records, path, "ravdess", enc, ExtractOptions(mode="short", compute_dtype="bfloat16", progress=False))
+    out = {"bf16_cache_build_s": t}
+    for name, p in (("float32", fp32_cache), ("bfloat16", path)):
+        data = open_cache(p).read_layer(enc.n_states - 1)
+        folds = make_folds(data.ids, data.labels, data.speakers, data.groups, corpus="ravdess", seed=0)
+        out[f"ua_{name}"] = run_folds(data, folds, "linear", TrainConfig(seed=0)).metrics["ua"]["mean"]
+    return out
+
+
+def table(r: dict) -> str:
+    """The Markdown table the README shows."""
+    rows = [("measure", "value", "target", "met")]
+    for e in r["extraction"]:
+        rows.append((f"extract / bare encoder, {e['model']} {e['mode']} ({e['utterances']} utt)", f"{e['ratio']:.2f}x", "<= 1.10x", _ok(e["ratio"] <= 1.10)))
+    for m in r["modes"]:
+        for mode, row in m["modes"].items():
+            if mode == "trim":
+                continue
+            rows.append((f"{m['model']} {mode}: s per utterance", f"{row['s_per_utt']:.3f}", "", ""))
+            rows.append((f"{m['model']} {mode}: GFLOP/utt, share of matmul rate", f"{row['gflop_per_utt']:.1f}, {row['fraction_of_matmul_rate']:.0%}", "", ""))
+            if "bf16_speedup" in row:
+                rows.append((f"{m['model']} {mode}: bfloat16 speed-up", f"{row['bf16_speedup']:.2f}x", "", ""))
+        rows.append((f"{m['model']} short speed-up over padded", f"{m['short_speedup_over_padded']:.1f}x", ">= 7x", _ok(m["short_speedup_over_padded"] >= 7)))
+    rows.append(("matmul rate float32 / bfloat16", f"{r['matmul_gflops']['float32']:.0f} / {r['matmul_gflops']['bfloat16']:.0f} GFLOP/s", "", ""))
+    if "bf16_states" in r:
+        ch = r["bf16_states"]["relative_l2_change_per_state"]
+        rows.append(("bfloat16: relative change of the states (first..last)", ", ".join(f"{v:.3f}" for v in ch.values()), "", ""))
+    if "bf16_accuracy" in r:
+        a = r["bf16_accuracy"]
+        rows.append(("bfloat16: linear-head UA, last state (fp32 -> bf16)", f"{a['ua_float32']:.3f} -> {a['ua_bfloat16']:.3f}", "", ""))
+    f = r["footprint"]
+    for mode, row in f["modes"].items():
+        target = ">= 12x" if mode == "trim" else ""
+        rows.append((f"cache bytes/utt {mode} (reference {f['reference_bytes_per_utt'] / 1e6:.1f} MB)", f"{row['bytes_per_utt'] / 1e6:.2f} MB, {row['smaller_than_reference']:.1f}x smaller", target, _ok(row["smaller_than_reference"] >= 12) if target else ""))
+    lr = r["layer_read"]
+    rows.append((f"layer read ({lr['layer_bytes'] / 1e6:.0f} MB)", f"{lr['mb_per_s']:.0f} MB/s vs plain {lr['plain_mb_per_s']:.0f} MB/s = {lr['ratio_to_plain']:.2f}", ">= 0.5", _ok(lr["ratio_to_plain"] >= 0.5)))
+    rows.append(("layer read peak memory / layer size", f"{lr['peak_over_layer']:.2f}", "<= 1.5", _ok(lr["peak_over_layer"] <= 1.5)))
+    t = r["training"]
+    for head, h in t["heads"].items():
+        per_epoch = f", {h['per_epoch_s']:.2f} s/epoch" if h["per_epoch_s"] else ""
+        rows.append((f"train {head} ({t['utterances']} utt, {t['epochs']} epochs)", f"{h['per_fold_s']:.1f} s/fold{per_epoch}", "", ""))
+    rows.append((f"layer sweep ({t['sweep_cells']} cells, {t['epochs']} epochs, estimated from the above)", f"{t['sweep_s']:.0f} s", "", ""))
+    rows.append(("same sweep re-running Whisper per cell", f"{t['sweep_if_whisper_rerun_s']:.0f} s ({t['cache_saves_ratio']:.1f}x)", "", ""))
+    width = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, width)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
+    head = f"{r['date']}, {r['cpu']}, {r['threads']} threads, torch {r['torch']}" + (" (--full)" if r["full"] else "")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _cpu_name() -> str:
+    for line in _cpu_flags().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
