@@ -50,7 +50,7 @@ from .extract import encode_batch, package_versions
 from .features import LayerData
 from .heads import LinearHead, build_head, frame_statistics, load_head
 from .training import (NonFiniteLossError, TrainConfig, class_weights, get_lr, head_kwargs,
-                       make_batches, resolve_device)
+                       make_batches, resolve_device, train_epoch)
 
 EXPORT_FORMAT = 1
 EXPORT_KIND = "ser-cache exported head"
@@ -109,20 +109,8 @@ def train_torch_all(data: LayerData, y: np.ndarray, head: str, config: TrainConf
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         weight = class_weights(y, n_classes).to(device) if config.class_weights else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)
-        model.train()
         for epoch in range(epochs):
-            lr = get_lr(epoch, schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            total = torch.zeros((), device=device)
-            for b in rng.permutation(len(batches)):
-                x, mask, yb = batches[b]
-                loss = loss_fn(model(x.float(), mask), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach() * len(yb)
-            if not math.isfinite(total.item()):
+            if not math.isfinite(train_epoch(model, optimizer, loss_fn, batches, rng, get_lr(epoch, schedule))):
                 raise NonFiniteLossError(f"epoch {epoch}: the training loss is not finite; lower the learning rate")
     return model.eval().cpu()
 

@@ -254,6 +254,26 @@ class FoldResult:
     kwargs: dict = field(default_factory=dict)
 
 
+def train_epoch(model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float) -> float:
+    """One pass over `batches` (in an order drawn from rng) at learning rate lr.
+
+    Returns the mean training loss per utterance (may be NaN or inf: the caller decides).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    total, count = None, 0
+    for b in rng.permutation(len(batches)):
+        x, mask, yb = batches[b]
+        loss = loss_fn(model(x.float(), mask), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total = loss.detach() * len(yb) + (0 if total is None else total)
+        count += len(yb)
+    return total.item() / count
+
+
 def train_torch_fold(data: LayerData, y: np.ndarray, split, head: str, config: TrainConfig,
                      n_classes: int, fold: int, device: torch.device) -> FoldResult:
     """Train a torch head on split = (train, select, test) indices, choose the epoch on
@@ -276,18 +296,7 @@ def train_torch_fold(data: LayerData, y: np.ndarray, split, head: str, config: T
         best_ua, best_epoch, best_state, history = -1.0, -1, None, []
         for epoch in range(config.epochs):
             lr = get_lr(epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            total = torch.zeros((), device=device)
-            for b in rng.permutation(len(train_batches)):
-                x, mask, yb = train_batches[b]
-                loss = loss_fn(model(x.float(), mask), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach() * len(yb)
-            train_loss = total.item() / len(train)
+            train_loss = train_epoch(model, optimizer, loss_fn, train_batches, rng, lr)
             if not math.isfinite(train_loss):
                 raise NonFiniteLossError(
                     f"fold {fold}, epoch {epoch}: the training loss is {train_loss}; lower the "
