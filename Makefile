@@ -1,7 +1,9 @@
 # ser-cache: everything a user runs, with sensible defaults. `make help` lists the targets.
+#   make demo [DATA=dir MODEL=ckpt.pt] [DEMO_LIMIT=240]   the main job end to end: extract, sweep, table, plot
 #   make test                               install, then run every test (end-to-end ones too when ../shared is there)
 #   make extract [DATA=] [CORPUS=] [MODEL=] [CACHE=] [MODE=]
 #   make train LAYER=n [HEAD=qkv] [CACHE=] [RUN=]
+#   make sweep [CACHE=] [HEADS=] / make report [SWEEP=] / make bench [BENCH_ARGS=--full]
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,7 +34,7 @@ TRAIN_ARGS ?=
 .PHONY: help install test test-fast weights extract train clean
 
 help:
-	@sed -n '1,5p' Makefile
+	@sed -n '2,6p' Makefile
 
 install: $(VENV)/.installed
 
