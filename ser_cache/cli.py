@@ -250,11 +250,14 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, protocol, n_folds
     except (SweepError, CacheError, FoldsError, ConfigError, OSError) as e:
         raise click.ClickException(str(e))
     t = outcome.timing
-    click.echo(f"{outcome.tasks_run} folds run, {outcome.tasks_done_before} done before, of {outcome.tasks_total} "
-               f"({t['jobs']} job(s) x {t['threads_per_job']} thread(s) on {t['device']})")
-    click.echo(f"wall {t['wall_seconds']:.0f} s: reading layers {t['read_seconds']:.1f} s, training "
-               f"{t['train_seconds'] + t['prepare_seconds']:.0f} s, evaluation {t['eval_seconds']:.1f} s "
-               "(training and evaluation summed over jobs)")
+    if outcome.tasks_done_before == outcome.tasks_total:
+        click.echo(f"all {outcome.tasks_total} folds were already done; report rebuilt")
+    else:
+        click.echo(f"{outcome.tasks_run} folds run, {outcome.tasks_done_before} done before, of {outcome.tasks_total} "
+                   f"({t['jobs']} job(s) x {t['threads_per_job']} thread(s) on {t['device']})")
+        click.echo(f"wall {t['wall_seconds']:.0f} s: reading layers {t['read_seconds']:.1f} s, training "
+                   f"{t['train_seconds'] + t['prepare_seconds']:.0f} s, evaluation {t['eval_seconds']:.1f} s "
+                   "(training and evaluation summed over jobs)")
     _echo_report(paths)
     if outcome.failures:
         for task, why in outcome.failures:

@@ -215,7 +215,7 @@ def _panel_markdown(p: Panel) -> list[str]:
     lines = [f"## {p.title}", "",
              f"{f['n_utterances']} utterances, {n_classes} classes ({', '.join(p.labels)}; chance UA "
              f"{100 / n_classes:.1f}); {f['n_folds']} speaker-independent folds ({f['protocol']}) "
-             f"x seeds {f['seeds']}.", "",
+             f"x seeds {f['seeds']}. {_training_line(p.sweep.config)}", "",
              "UA % by layer (rows) and head (columns):", "",
              "| layer | " + " | ".join(p.heads) + " |",
              "|---:|" + "---:|" * len(p.heads)]
@@ -252,6 +252,16 @@ def _panel_markdown(p: Panel) -> list[str]:
                          f"{100 * c.val_ua:.1f} | {c.n} | {chosen} | {c.seconds:.0f} |")
     lines += ["", "</details>", ""]
     return lines
+
+
+def _training_line(config: dict) -> str:
+    t = config["train"]
+    line = (f"Training: {t['epochs']} epochs (the epoch kept chosen on validation), batch "
+            f"{t['batch_size']}, lr {t['lr']:g}, heads {t['n_heads']} x {t['head_dim']}")
+    if config["grid"]:
+        grid = "; ".join(f"{k} {', '.join(str(v) for v in vs)}" for k, vs in config["grid"].items())
+        line += f"; grid searched on validation: {grid}"
+    return line + "."
 
 
 def _timing_markdown(sweeps: list[Sweep]) -> list[str]:
@@ -316,7 +326,7 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
         ax.set_xticks(p.layers)
         ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
         ax.set_ylabel("UA % (test, mean ± std over folds)")
-        ax.set_title(p.title, fontsize=10)
+        ax.set_title(f"{p.title}, {p.sweep.config['train']['epochs']} epochs", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle("Where emotion lives: UA by Whisper encoder layer", fontsize=12)

@@ -569,7 +569,8 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
             bar.close()
             timing.update(_timing_of(records), wall_seconds=time.perf_counter() - t_wall,
                           tasks_run=len(records), tasks_failed=len(failures))
-            append_timing(out, timing)
+            if todo:  # a re-run of a finished sweep did nothing worth a line
+                append_timing(out, timing)
     for task, why in failures:
         log.warning("failed, will be retried by a re-run: %s: %s", task, why)
     if write_report:
