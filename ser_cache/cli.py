@@ -169,12 +169,13 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--heads", "n_heads", type=click.IntRange(1), default=_TRAIN.n_heads, help="Attention heads (attentive, qkv).")
 @click.option("--head-dim", type=click.IntRange(1), default=_TRAIN.head_dim, help="Size of each attention head: d_a (attentive) or d_k (qkv).")
 @click.option("--class-weights/--no-class-weights", default=_TRAIN.class_weights, help="Weight the cross-entropy by inverse class frequency of each fold's training split.")
+@click.option("--standardize/--no-standardize", default=_TRAIN.standardize, help="Standardise input frames with the training speakers' per-dimension mean and std (same heads, better conditioned; --no-standardize trains on raw states as the reference code does).")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, seed, batch_size, lr, dropout,
-              n_heads, head_dim, class_weights, compat_select_on_test, compat_eval_dropout, device, overwrite):
+              n_heads, head_dim, class_weights, standardize, compat_select_on_test, compat_eval_dropout, device, overwrite):
     """Train a pooling head on one cached layer, across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
@@ -189,7 +190,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     try:
         config = _training.TrainConfig.from_dict(dict(
             epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, dropout=dropout, n_heads=n_heads,
-            head_dim=head_dim, class_weights=class_weights, device=device,
+            head_dim=head_dim, class_weights=class_weights, standardize=standardize, device=device,
             compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
         result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
                                             n_folds=n_folds, fold_file=fold_file, overwrite=overwrite)

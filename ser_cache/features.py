@@ -76,6 +76,23 @@ class LayerData:
             torch.from_numpy(mask).to(device),
         )
 
+    def moments(self, index) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std, (dim,) float64 each, over every frame of utterances `index`.
+
+        Accumulated one utterance at a time in float64, so no copy of the frames is made.
+        """
+        total = np.zeros(self.dim)
+        squares = np.zeros(self.dim)
+        count = 0
+        for i in np.asarray(index):
+            u = self.utterance(int(i)).astype(np.float64)
+            total += u.sum(axis=0)
+            squares += np.square(u).sum(axis=0)
+            count += len(u)
+        assert count > 0, "moments of no frames"
+        mean = total / count
+        return mean, np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+
     def subset(self, index) -> "LayerData":
         """A new LayerData holding only the utterances `index` (frames copied)."""
         index = np.asarray(index, dtype=np.int64)

@@ -44,6 +44,14 @@ class PoolingHead(nn.Module):
     def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int):
         super().__init__()
         self.pooled_dim = pooled_dim
+        # Per-dimension standardisation of the input frames, fixed before training from the
+        # training speakers' frames (identity until `standardize_inputs` is called). It is a
+        # reparametrisation of the front Linear, so the heads stay the paper's function class;
+        # it only conditions the optimisation: raw Whisper states carry per-dimension offsets
+        # and scales that, measured on RAVDESS base layer 2, held the mean head at 27% UA after
+        # 5 epochs against 70% with standardised inputs.
+        self.register_buffer("input_mean", torch.zeros(dim))
+        self.register_buffer("input_scale", torch.ones(dim))
         self.front = nn.Sequential(nn.Linear(dim, d_model), nn.LayerNorm(d_model))
         self.back = nn.Sequential(
             nn.Linear(pooled_dim, d_model), nn.LayerNorm(d_model), nn.Linear(d_model, n_classes)
@@ -52,8 +60,14 @@ class PoolingHead(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, T, dim) float, mask: (B, T) bool True on real frames -> logits (B, n_classes)."""
         assert x.shape[:2] == mask.shape, f"x {tuple(x.shape)} vs mask {tuple(mask.shape)}"
+        x = (x - self.input_mean) * self.input_scale
         h = self.front(x).masked_fill(~mask[..., None], 0.0)  # (B, T, d_model), padding = 0
         return self.back(self.pool(h, mask))
+
+    def standardize_inputs(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Fix the input standardisation: mean and std are (dim,) over training frames."""
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_scale.copy_(1.0 / torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-5))
 
     def pool(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

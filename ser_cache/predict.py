@@ -105,7 +105,10 @@ def train_torch_all(data: LayerData, y: np.ndarray, head: str, config: TrainConf
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
         batches, _ = make_batches(data, y, np.arange(len(data)), config.batch_size, device, rng)
-        model = build_head(head, **kwargs).to(device)
+        model = build_head(head, **kwargs)
+        if config.standardize:
+            model.standardize_inputs(*data.moments(np.arange(len(data))))
+        model = model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         weight = class_weights(y, n_classes).to(device) if config.class_weights else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)

@@ -77,6 +77,7 @@ class TrainConfig:
     head_dim: int = 4  # attentive (d_a) and qkv (d_k)
     attention_scale: bool = True  # attentive: divide scores by sqrt(head_dim)
     class_weights: bool = False  # inverse-frequency cross-entropy weights from the training split
+    standardize: bool = True  # standardise input frames with the training split's mean and std (heads.PoolingHead)
     linear_c: tuple = (0.01, 0.1, 1.0, 10.0)  # linear head: C grid, chosen on validation
     linear_max_iter: int = 2000
     seed: int = 0
@@ -288,7 +289,10 @@ def train_torch_fold(data: LayerData, y: np.ndarray, split, head: str, config: T
         rng = np.random.default_rng(seed)
         train_batches, _ = make_batches(data, y, train, config.batch_size, device, rng)
         select_batches, select_order = make_batches(data, y, select, EVAL_BATCH_SIZE, device)
-        model = build_head(head, **kwargs).to(device)
+        model = build_head(head, **kwargs)
+        if config.standardize:
+            model.standardize_inputs(*data.moments(train))
+        model = model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)

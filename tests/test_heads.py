@@ -125,3 +125,23 @@ def test_linear_head_fits_and_round_trips(tmp_path):
     again, info = load_head(tmp_path / "h.joblib")
     assert info["head"] == "linear" and info["labels"] == list("abcd")
     np.testing.assert_array_equal(again.predict_proba(feats), probs)
+
+
+def test_input_standardisation_is_applied_and_saved():
+    """standardize_inputs changes what the front sees and travels in the state dict."""
+    torch.manual_seed(0)
+    head = build_head("mean", dim=6, n_classes=3).eval()
+    x, mask = torch.randn(2, 5, 6) * 3 + 7, torch.ones(2, 5, dtype=torch.bool)
+    raw = head(x, mask)
+    mean, std = x.reshape(-1, 6).mean(0).numpy(), x.reshape(-1, 6).std(0).numpy()
+    head.standardize_inputs(mean, std)
+    standardised = head(x, mask)
+    assert not torch.allclose(raw, standardised)
+    twin = build_head("mean", dim=6, n_classes=3).eval()
+    twin.load_state_dict(head.state_dict())
+    torch.testing.assert_close(twin(x, mask), standardised)
+    # Same as feeding pre-standardised frames to an identity-standardised copy.
+    plain = build_head("mean", dim=6, n_classes=3).eval()
+    plain.load_state_dict({k: v for k, v in head.state_dict().items()} | {
+        "input_mean": torch.zeros(6), "input_scale": torch.ones(6)})
+    torch.testing.assert_close(plain((x - torch.tensor(mean)) / torch.tensor(std), mask), standardised, atol=1e-5, rtol=1e-5)
