@@ -59,7 +59,7 @@ endif
 # End-to-end tests need the real weights and RAVDESS beside the project; where they are,
 # they must run (SER_CACHE_REQUIRE_E2E=1 turns a skip into a failure).
 test: install $(if $(OFFLINE_TOOL),weights)
-	SER_CACHE_WEIGHTS_DIR=$(WEIGHTS_DIR) SER_CACHE_RAVDESS=$(DATA) \
+	SER_CACHE_WEIGHTS_DIR=$(abspath $(WEIGHTS_DIR)) SER_CACHE_RAVDESS=$(abspath $(DATA)) \
 	SER_CACHE_REQUIRE_E2E=$(if $(OFFLINE_TOOL),1,0) $(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -80,7 +80,8 @@ def real_checkpoint(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def ravdess_dir() -> Path:
-    path = Path(os.environ.get("SER_CACHE_RAVDESS", Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess"))
+    # resolve(): the tests link to actor folders, and a relative link target would dangle.
+    path = Path(os.environ.get("SER_CACHE_RAVDESS", Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess")).resolve()
     if not (path / "Actor_01").is_dir():
         _e2e_missing(str(path))
     return path
