@@ -271,21 +271,36 @@ SHEMO_NAME = re.compile(r"([FM])(\d+)([AHNSWF])(\d+)")
 
 def prepare_shemo(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
     """ShEMO: id = file stem ("F21N37"), speaker = gender + number ("F21"), 6 classes."""
-    corpus_dir = corpus_folder(corpus_dir, "shemo", SHEMO_LAYOUT)
+    records = records_from_names(
+        corpus_dir, "shemo", SHEMO_LAYOUT, SHEMO_NAME,
+        "F21N37 (gender F/M, speaker number, emotion letter "
+        f"{'/'.join(SHEMO_EMOTIONS)}, utterance number)",
+        lambda m: (SHEMO_EMOTIONS[m[3]], m[1] + m[2]),
+    )
+    return mapped(records, "shemo", label_map)
+
+
+def records_from_names(corpus_dir: Path, corpus: str, layout: str, pattern: re.Pattern, scheme: str,
+                       label_and_speaker) -> list[Utterance]:
+    """Records of a corpus that spells label and speaker in its file names.
+
+    label_and_speaker(match) -> (label, speaker) for a file stem that fully matches `pattern`;
+    files that do not match are refused together, with `scheme` in the message.
+    """
+    corpus_dir = corpus_folder(corpus_dir, corpus, layout)
     records, bad = [], []
-    for path in find_audio(corpus_dir, "shemo", SHEMO_LAYOUT):
-        m = SHEMO_NAME.fullmatch(path.stem)
+    for path in find_audio(corpus_dir, corpus, layout):
+        m = pattern.fullmatch(path.stem)
         if not m:
             bad.append(path)
             continue
-        label = SHEMO_EMOTIONS[m[3]]
+        label, speaker = label_and_speaker(m)
         records.append(Utterance(
-            id=path.stem, path=str(path), label=label, speaker=m[1] + m[2],
+            id=path.stem, path=str(path), label=label, speaker=speaker,
             duration=audio_duration(path), original_label=label,
         ))
-    refuse_unmatched(bad, "shemo", "F21N37 (gender F/M, speaker number, emotion letter "
-                     f"{'/'.join(SHEMO_EMOTIONS)}, utterance number)")
-    return mapped(records, "shemo", label_map)
+    refuse_unmatched(bad, corpus, scheme)
+    return records
 
 
 EMODB_LAYOUT = "wav/03a01Fa.wav (speaker, text, emotion letter, version)"
@@ -294,20 +309,12 @@ EMODB_NAME = re.compile(r"(\d\d)([a-z]\d\d)([WLEAFTN])([a-z])")
 
 def prepare_emodb(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
     """EmoDB: id = file stem ("03a01Fa"), speaker = its first two digits ("03"), 7 classes."""
-    corpus_dir = corpus_folder(corpus_dir, "emodb", EMODB_LAYOUT)
-    records, bad = [], []
-    for path in find_audio(corpus_dir, "emodb", EMODB_LAYOUT):
-        m = EMODB_NAME.fullmatch(path.stem)
-        if not m:
-            bad.append(path)
-            continue
-        label = EMODB_EMOTIONS[m[3]]
-        records.append(Utterance(
-            id=path.stem, path=str(path), label=label, speaker=m[1],
-            duration=audio_duration(path), original_label=label,
-        ))
-    refuse_unmatched(bad, "emodb", "03a01Fa (speaker 2 digits, text 3 characters, emotion letter "
-                     f"{'/'.join(EMODB_EMOTIONS)}, version letter)")
+    records = records_from_names(
+        corpus_dir, "emodb", EMODB_LAYOUT, EMODB_NAME,
+        "03a01Fa (speaker 2 digits, text 3 characters, emotion letter "
+        f"{'/'.join(EMODB_EMOTIONS)}, version letter)",
+        lambda m: (EMODB_EMOTIONS[m[3]], m[1]),
+    )
     return mapped(records, "emodb", label_map)
 
 

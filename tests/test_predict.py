@@ -18,7 +18,7 @@ from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.heads import load_head
-from ser_cache.predict import PredictError, Predictor, export_run, load_exported, load_predictor
+from ser_cache.predict import PredictError, export_run, load_exported, load_predictor
 from ser_cache.training import TrainConfig, train_from_cache
 
 from conftest import make_checkpoint, tone, write_corpus

@@ -15,7 +15,7 @@ from ser_cache import sweep as S
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
-from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, load_sweep, write_report
+from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, load_sweep
 from ser_cache.sweep import SweepError, SweepSpec, Task, head_settings, parse_grid, run_sweep
 from ser_cache.training import FoldResult, TrainConfig
 
