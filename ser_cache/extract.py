@@ -34,6 +34,7 @@ from .records import Utterance, records_hash, save_records
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer, bounded writer memory
 PREFETCH = 16  # utterances decoded ahead of the encoder
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -220,13 +221,14 @@ def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, i
             states = encode(enc.encoder, x.to(device), frames.to(device), layers)
         else:
             states = encode(enc.encoder, torch.stack(mels).to(device), None, layers)
-    np_dtype = np.dtype(dtype)
     out = []
     for i, f in enumerate(frames.tolist()):
         keep = N_WINDOW_FRAMES if mode == "padded" else f
         win = {}
         for s in layers:
-            a = states[s][i, :keep].float().cpu().numpy().astype(np_dtype)
+            # One cast, in torch, straight to the storage dtype (float32 -> numpy -> float16
+            # was a second pass over every state on the encoder's thread).
+            a = states[s][i, :keep].to(TORCH_DTYPES[dtype]).cpu().numpy()
             if not np.isfinite(a).all():
                 raise OverflowError(f"state {s} overflows {dtype}: pass --dtype float32")
             win[s] = a
