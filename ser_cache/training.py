@@ -484,8 +484,7 @@ def train_from_cache(cache_path: Path, layer: int, head: str, out_dir: Path | No
     from ser_cache.cache import open_cache
 
     config = config or TrainConfig()
-    cache = open_cache(cache_path)
-    cache.check()
+    cache = open_cache(cache_path)  # read_layer runs the cheap checks (Cache.check) itself
     if layer not in cache.layers:
         raise ConfigError(f"layer {layer} is not in the cache {cache_path}; cached layers = {cache.layers}")
     data = cache.read_layer(layer)
