@@ -1,0 +1,58 @@
+"""One small run of every head, pinned: refactoring stage 2 must not move its metrics.
+
+`tests/data/pinned_run.json` was written by `current_run()` on the code before the head
+interface was introduced (commit 8b5736f), with the pinned CPU torch of `make install`. The
+test compares today's run with it: the epoch or C chosen on validation in every fold must be
+the same, and every test probability within 1e-5 (float32 training on one thread).
+Regenerate only for an intended change of results:
+    PYTHONPATH=tests .venv/bin/python -c "import test_pinned_run as t; t.write_pinned()"
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ser_cache.training import TrainConfig, run_folds
+from test_training import SMALL, folds_of, layer_data
+
+PINNED = Path(__file__).parent / "data" / "pinned_run.json"
+HEAD_NAMES = ("linear", "mean", "attentive", "qkv")
+
+
+def current_run() -> dict:
+    """{head: {"selected": [...], "ua": [...], "probs": (n, classes) list}} of a 3-fold run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = layer_data(n_speakers=6, per_speaker=6, seed=3)
+        folds = folds_of(data, n_folds=3, seed=0)
+        out = {}
+        for head in HEAD_NAMES:
+            result = run_folds(data, folds, head, TrainConfig(**SMALL, seed=1))
+            probs = np.zeros((len(data), len(result.labels)))
+            for f in result.folds:
+                probs[f.test_idx] = f.probs
+            out[head] = {"selected": [{k: v for k, v in f.selected.items() if k != "ua"} for f in result.folds],
+                         "ua": [f.metrics["ua"] for f in result.folds], "probs": probs.round(7).tolist()}
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_pinned() -> None:
+    PINNED.write_text(json.dumps(current_run(), indent=0) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def now():
+    return current_run()
+
+
+@pytest.mark.parametrize("head", HEAD_NAMES)
+def test_metrics_are_those_pinned_before_the_refactor(now, head):
+    pinned = json.loads(PINNED.read_text(encoding="utf-8"))[head]
+    assert now[head]["selected"] == pinned["selected"]
+    np.testing.assert_allclose(now[head]["ua"], pinned["ua"], atol=1e-9)
+    np.testing.assert_allclose(now[head]["probs"], pinned["probs"], atol=1e-5)
