@@ -26,11 +26,11 @@ def current_run() -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        data = layer_data(n_speakers=6, per_speaker=6, seed=3)
+        data = layer_data(n_speakers=6, per_speaker=8, seed=3)
         folds = folds_of(data, n_folds=3, seed=0)
         out = {}
         for head in HEAD_NAMES:
-            result = run_folds(data, folds, head, TrainConfig(**SMALL, seed=1))
+            result = run_folds(data, folds, head, TrainConfig(**{**SMALL, "epochs": 8}, lr=3e-3, seed=1))
             probs = np.zeros((len(data), len(result.labels)))
             for f in result.folds:
                 probs[f.test_idx] = f.probs
