@@ -255,10 +255,9 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, protocol, n_folds
         click.echo(f"all {outcome.tasks_total} folds were already done; report rebuilt")
     else:
         click.echo(f"{outcome.tasks_run} folds run, {outcome.tasks_done_before} done before, of {outcome.tasks_total} "
-                   f"({t['jobs']} job(s) x {t['threads_per_job']} thread(s) on {t['device']})")
-        click.echo(f"wall {t['wall_seconds']:.0f} s: reading layers {t['read_seconds']:.1f} s, training "
-                   f"{t['train_seconds'] + t['prepare_seconds']:.0f} s, evaluation {t['eval_seconds']:.1f} s "
-                   "(training and evaluation summed over jobs)")
+                   f"({t.jobs} job(s) x {t.threads_per_job} thread(s) on {t.device})")
+        click.echo(f"wall {t.wall_seconds:.0f} s: reading layers {t.read_seconds:.1f} s, training "
+                   f"{t.train_seconds:.0f} s, evaluation {t.eval_seconds:.1f} s (training and evaluation summed over jobs)")
     _echo_report(paths)
     if outcome.failures:
         for task, why in outcome.failures:
@@ -365,7 +364,7 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     except (PredictError, ConfigError, NonFiniteLossError, CacheError, OSError) as e:
         raise click.ClickException(str(e))
     p, w = saved["provenance"], saved["whisper"]
-    detail = f"{p['epochs']} epochs" if "epochs" in p else f"C {p.get('C')}"
+    detail = f"{p['epochs']} epochs" if "epochs" in p else ", ".join(f"{k} {v:g}" for k, v in p.get("choice", {}).items())
     click.echo(f"{saved['head']} head on layer {saved['layer']}, trained on {p['trained_on']}"
                + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
     click.echo(f"labels: {', '.join(saved['labels'])}")

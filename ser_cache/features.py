@@ -11,6 +11,7 @@ which is what the heads take.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -54,6 +55,22 @@ class LayerData:
     def n_frames(self) -> np.ndarray:
         """(n,) number of valid frames per utterance."""
         return np.diff(self.offsets)
+
+    def classes(self) -> tuple[list[str], np.ndarray]:
+        """(class names, sorted; (n,) int64 class number of each utterance): the one label
+        encoding of stage 2, records.labels_of's order."""
+        names = sorted(set(self.labels.tolist()))
+        return names, np.searchsorted(names, self.labels).astype(np.int64)
+
+    @cached_property
+    def statistics(self) -> np.ndarray:
+        """(n, 2 * dim) float64: mean and std over each utterance's frames (the linear probe's
+        input), computed once per LayerData."""
+        out = np.empty((len(self), 2 * self.dim))
+        for i in range(len(self)):
+            u = self.utterance(i).astype(np.float64)
+            out[i, : self.dim], out[i, self.dim :] = u.mean(axis=0), u.std(axis=0)
+        return out
 
     def utterance(self, i: int) -> np.ndarray:
         """(n_frames[i], dim) states of utterance i (a view, no copy)."""

@@ -1,6 +1,17 @@
-"""Pooling heads: one layer's frame states (B, T, d) -> class scores (B, n_classes).
+"""Heads: one layer's frame states (B, T, d) and mask (B, T) -> class logits (B, n_classes).
 
-The three neural heads share the paper's front and back and differ only in how they pool
+Every head is a torch module with the same interface (`Head`), so training, sweeps, export and
+prediction treat them alike and never ask which head they hold:
+
+    options(config, dim, n_classes)   constructor arguments taken from a TrainConfig
+    selects                           what fitting chooses on validation speakers: "epoch" or "C"
+    prepare(data, index)              fix input statistics from the training utterances
+    forward(x, mask)                  logits; padding never changes them
+
+How a head is fitted (a gradient loop with the epoch chosen on validation, or a scikit-learn
+fit with C chosen on validation) is training.py's business, chosen by `selects`.
+
+The three pooling heads share the paper's front and back and differ only in how they pool
 over time:
 
     front   Linear(d -> d_model), LayerNorm(d_model)                 per frame
@@ -15,9 +26,12 @@ Padding never changes the output: padded frames are zeroed right after the front
 NaN padding cannot leak through a product with a zero weight), and excluded from every time
 average or softmax with the mask (-inf scores, masked sums). Every row needs >= 1 real frame.
 
-`linear` is the odd one out: not a torch module but a scikit-learn pipeline on the mean and
-standard deviation of the raw frames (StandardScaler + LogisticRegression), a fast, strong
-baseline. All heads are saved with what rebuilds them (`save_head` / `load_head`).
+`linear` is the strong, fast baseline: logistic regression on the standardised mean and
+standard deviation of the raw frames. It is a module like the others (its statistics,
+standardisation and weights are float64 buffers), fitted by scikit-learn.
+
+Every head is saved as its registry name, constructor options and state dict
+(`save_head` / `load_head`), which loads with `weights_only=True`: no pickled code.
 
 Default sizes: 12 heads of 4 dimensions for both attentive and QKV pooling. 12 x 4 is the
 paper's QKV setting and the attentive setting of its one IEMOCAP number that could be read
@@ -38,7 +52,28 @@ HEAD_DIM = 4
 DROPOUT = 0.3
 
 
-class PoolingHead(nn.Module):
+class Head(nn.Module):
+    """What every head offers (see the module docstring). Subclasses set `selects` and
+    implement `options`, `prepare` and `forward`."""
+
+    selects: str = "epoch"  # the choice fitting makes on validation speakers: "epoch" or "C"
+
+    @classmethod
+    def options(cls, config, dim: int, n_classes: int) -> dict:
+        """Constructor arguments of this head from a TrainConfig (`config`): what save_head
+        records and what rebuilds the head."""
+        return {"dim": dim, "n_classes": n_classes}
+
+    def prepare(self, data, index: np.ndarray, config) -> None:
+        """Fix what the head learns from its training utterances `index` of a LayerData
+        before fitting (input statistics). Default: nothing."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, dim) float, mask: (B, T) bool True on real frames -> logits (B, n_classes)."""
+        raise NotImplementedError
+
+
+class PoolingHead(Head):
     """Shared front and back; subclasses define `pool`, which returns (B, pooled_dim)."""
 
     def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int):
@@ -57,8 +92,15 @@ class PoolingHead(nn.Module):
             nn.Linear(pooled_dim, d_model), nn.LayerNorm(d_model), nn.Linear(d_model, n_classes)
         )
 
+    @classmethod
+    def options(cls, config, dim: int, n_classes: int) -> dict:
+        return {"dim": dim, "n_classes": n_classes, "d_model": config.d_model}
+
+    def prepare(self, data, index: np.ndarray, config) -> None:
+        if config.standardize:
+            self.standardize_inputs(*data.moments(index))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, dim) float, mask: (B, T) bool True on real frames -> logits (B, n_classes)."""
         assert x.shape[:2] == mask.shape, f"x {tuple(x.shape)} vs mask {tuple(mask.shape)}"
         x = (x - self.input_mean) * self.input_scale
         h = self.front(x).masked_fill(~mask[..., None], 0.0)  # (B, T, d_model), padding = 0
@@ -110,6 +152,11 @@ class AttentivePoolHead(PoolingHead):
         self.w_v = nn.Linear(d_model, n_heads * head_dim)
         self.dropout = nn.Dropout(dropout)
 
+    @classmethod
+    def options(cls, config, dim, n_classes):
+        return {**super().options(config, dim, n_classes), "n_heads": config.n_heads,
+                "head_dim": config.head_dim, "dropout": config.dropout, "scale": config.attention_scale}
+
     def pool(self, h, mask):
         B, T, _ = h.shape
         scores = self.w_s(torch.tanh(self.dropout(self.w_a(h))))  # (B, T, H)
@@ -137,6 +184,11 @@ class QKVPoolHead(PoolingHead):
         self.w_v = nn.Linear(d_model, n_heads * head_dim)
         self.dropout = nn.Dropout(dropout)
 
+    @classmethod
+    def options(cls, config, dim, n_classes):
+        return {**super().options(config, dim, n_classes), "n_heads": config.n_heads,
+                "head_dim": config.head_dim, "dropout": config.dropout}
+
     def pool(self, h, mask):
         B, T, _ = h.shape
         H, D = self.n_heads, self.head_dim
@@ -148,84 +200,90 @@ class QKVPoolHead(PoolingHead):
         return torch.einsum("bth,bthd->bhd", weights, v).reshape(B, self.pooled_dim)
 
 
-class LinearHead:
-    """Mean and std of the raw frames -> StandardScaler -> LogisticRegression (scikit-learn).
+class LinearProbe(Head):
+    """Logistic regression on the standardised mean and std of the raw frames.
 
-    Not a torch module: `fit(features, y)` and `predict_proba(features)` on the (n, 2 * dim)
-    output of `frame_statistics`.
+    forward: x (B, T, dim), mask (B, T) -> logits (B, n_classes), computed in float64 so that
+    its probabilities are those of the scikit-learn pipeline it was fitted as (StandardScaler,
+    LogisticRegression) to rounding. A class absent from the training split has logit -inf
+    (probability 0). Fitted by training.py (`selects` C on validation), loaded with
+    `from_fitted`.
     """
 
-    def __init__(self, dim: int, n_classes: int, C: float = 1.0, max_iter: int = 2000,
-                 class_weight: str | None = None, seed: int = 0):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+    selects = "C"
 
-        self.dim, self.n_classes = dim, n_classes
-        self.pipeline = make_pipeline(
-            StandardScaler(),
-            LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight, random_state=seed),
-        )
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("feature_mean", torch.zeros(2 * dim, **f64))
+        self.register_buffer("feature_scale", torch.ones(2 * dim, **f64))
+        self.register_buffer("weight", torch.zeros(n_classes, 2 * dim, **f64))
+        self.register_buffer("bias", torch.zeros(n_classes, **f64))
 
-    def fit(self, features: np.ndarray, y: np.ndarray) -> "LinearHead":
-        assert features.shape == (len(y), 2 * self.dim), f"features {features.shape}, dim {self.dim}"
-        self.pipeline.fit(features, y)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        features = masked_statistics(x.double(), mask)
+        return ((features - self.feature_mean) / self.feature_scale) @ self.weight.T + self.bias
+
+    def from_fitted(self, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: np.ndarray,
+                    classes: np.ndarray) -> "LinearProbe":
+        """Take a fitted StandardScaler's mean_ and scale_ ((2 dim,)) and LogisticRegression's
+        coef_ ((k, 2 dim), k = 1 for two classes), intercept_ and classes_ (the class numbers
+        seen in training)."""
+        coef, intercept = np.atleast_2d(coef), np.atleast_1d(intercept)
+        if len(classes) == 2 and len(coef) == 1:  # binary: p(class 1) = sigmoid(w.x + b)
+            coef, intercept = np.stack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, intercept[0]])
+        weight = np.zeros(tuple(self.weight.shape))
+        bias = np.full(len(self.bias), -np.inf)
+        weight[classes], bias[classes] = coef, intercept
+        for name, value in (("feature_mean", mean), ("feature_scale", scale), ("weight", weight), ("bias", bias)):
+            getattr(self, name).copy_(torch.from_numpy(np.asarray(value, dtype=np.float64)))
         return self
 
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """(n, 2 * dim) -> (n, n_classes); classes absent from training get probability 0."""
-        probs = np.zeros((len(features), self.n_classes))
-        probs[:, self.pipeline.classes_] = self.pipeline.predict_proba(features)
-        return probs
+
+def masked_statistics(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2 dim): mean and (population) std over each row's real frames of x (B, T, dim);
+    two passes, like numpy's std, and padding of any value ignored."""
+    pad = ~mask[..., None]
+    n = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+    mean = x.masked_fill(pad, 0.0).sum(dim=1) / n
+    var = (x - mean[:, None]).masked_fill(pad, 0.0).square().sum(dim=1) / n
+    return torch.cat([mean, var.sqrt()], dim=1)
 
 
-def frame_statistics(data) -> np.ndarray:
-    """(n, 2 * dim) float64: mean and std over each utterance's frames of a LayerData."""
-    out = np.empty((len(data), 2 * data.dim))
-    for i in range(len(data)):
-        u = data.utterance(i).astype(np.float64)
-        out[i, : data.dim], out[i, data.dim :] = u.mean(axis=0), u.std(axis=0)
-    return out
-
-
-HEADS = {
-    "linear": LinearHead,
+HEADS: dict[str, type[Head]] = {
+    "linear": LinearProbe,
     "mean": MeanPoolHead,
     "attentive": AttentivePoolHead,
     "qkv": QKVPoolHead,
 }
 
 
-def build_head(name: str, dim: int, n_classes: int, **kwargs):
-    """A fresh head from its registry name; kwargs are that head's own options."""
+def head_class(name: str) -> type[Head]:
+    """The registered class of head `name`."""
     if name not in HEADS:
         raise ValueError(f"head {name!r} not found; available heads = {sorted(HEADS)}")
-    return HEADS[name](dim, n_classes, **kwargs)
+    return HEADS[name]
 
 
-def save_head(path: Path, head, name: str, kwargs: dict, labels: list[str], layer: int,
+def build_head(name: str, dim: int, n_classes: int, **options) -> Head:
+    """A fresh head from its registry name; options are that head's own constructor arguments."""
+    return head_class(name)(dim, n_classes, **options)
+
+
+def save_head(path: Path, head: Head, name: str, options: dict, labels: list[str], layer: int,
               **extra) -> None:
-    """Save a trained head with what rebuilds it: name, kwargs (with dim and n_classes), label
-    names and layer. Torch heads: a torch.save dict with the state_dict (loads with
-    weights_only=True). The linear head: the same dict with the fitted object, via joblib."""
-    info = {"head": name, "kwargs": dict(kwargs), "labels": list(labels), "layer": int(layer), **extra}
-    if isinstance(head, nn.Module):
-        state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-        torch.save({**info, "state_dict": state}, path)
-    else:
-        import joblib
+    """Save a trained head with what rebuilds it, atomically: a torch.save dict of the registry
+    name, constructor options (with dim and n_classes), label names, layer, `extra` (plain
+    values) and the state dict. Loads with weights_only=True."""
+    from .results import save_torch_atomic
 
-        joblib.dump({**info, "model": head}, path)
+    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    info = {"head": name, "kwargs": dict(options), "labels": list(labels), "layer": int(layer), **extra}
+    save_torch_atomic(path, {**info, "state_dict": state})
 
 
-def load_head(path: Path):
-    """(head ready for inference, info dict) from a file written by `save_head`."""
-    path = Path(path)
-    if path.suffix == ".joblib":
-        import joblib
-
-        info = joblib.load(path)
-        return info.pop("model"), info
+def load_head(path: Path) -> tuple[Head, dict]:
+    """(head in eval mode, its info dict) from a file written by `save_head`."""
     info = torch.load(path, map_location="cpu", weights_only=True)
     head = build_head(info["head"], **info["kwargs"])
     head.load_state_dict(info.pop("state_dict"))

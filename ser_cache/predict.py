@@ -6,20 +6,19 @@ An exported file is self-contained: the head's weights and what rebuilds it, the
 the layer, how the cache was made (input mode, storage dtype, encoder arithmetic) and which
 Whisper checkpoint made it (name, SHA-256, dims), plus where the head came from. It is a
 `torch.save` dict of tensors and plain values only, so it loads with `weights_only=True`: no
-pickled code runs when you open a file someone sent you. The linear head is stored as the
-fitted arrays of its scikit-learn pipeline (scaler mean and scale, logistic-regression
-coefficients) and rebuilt into that pipeline on load.
+pickled code runs when you open a file someone sent you. Every head is stored the same way
+(registry name, constructor options, state dict; heads.py).
 
 Two ways to export a run:
 
-    all speakers (default)  retrain on every utterance of the layer with the run's settings.
-                            Torch heads: the run's lr schedule (config.epochs long) is followed
-                            and stopped after epoch e, e = the median (the lower middle one for
-                            an even number of folds, so an epoch some fold chose) of the epochs
-                            picked on validation; with `epochs=N`, a fresh N-epoch schedule is
-                            run to its end instead. Linear: C = the same median of the C values
-                            picked per fold. No data is left to check this head on: the run's
-                            cross-validated metrics are its estimate (kept in the provenance).
+    all speakers (default)  retrain on every utterance of the layer with the run's settings and
+                            the choice the folds made on validation: the median (the lower middle
+                            one for an even number of folds, so a value some fold chose) of the
+                            epoch (the run's lr schedule, config.epochs long, stopped after that
+                            epoch) or of C (the linear probe). With `epochs=N` (heads trained by
+                            epochs), a fresh N-epoch schedule is run to its end instead. No data
+                            is left to check this head on: the run's cross-validated metrics are
+                            its estimate (kept in the provenance).
     fold K                  fold K's saved head as is (trained without fold K's test speakers).
 
 Prediction follows extraction exactly: same input mode, same encoder arithmetic, states rounded
@@ -34,25 +33,22 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES, AudioError, load_utterance
 from .encoder import LoadedEncoder, load_encoder, log_mel, speech_frames
 from .extract import encode_batch, package_versions
 from .features import LayerData
-from .heads import LinearHead, build_head, frame_statistics, load_head
-from .training import (NonFiniteLossError, TrainConfig, class_weights, get_lr, head_kwargs,
-                       make_batches, resolve_device, train_epoch)
+from .heads import Head, build_head, head_class, load_head
+from .results import ResultsError, RunFolder, RunMetrics, save_torch_atomic
+from .training import TrainConfig, fit_head, predict_proba, resolve_device
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
 EXPORT_KIND = "ser-cache exported head"
 WINDOW_BATCH = 8  # 30 s windows per encoder forward when predicting a long recording
 # Cache settings that decide the states a head was trained on: a cache used for an all-speaker
@@ -67,55 +63,10 @@ class PredictError(Exception):
 # --- exporting a run -------------------------------------------------------------------------
 
 
-def read_run(run_dir: Path) -> tuple[dict, dict | None]:
-    """(config.json, metrics.json or None) of a `ser-cache train` run folder."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise PredictError(f"{run_dir} is not a training run (no config.json): pass a folder made by `ser-cache train`")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    missing = [k for k in ("head", "layer", "labels", "config", "cache") if k not in config]
-    cache = config.get("cache", {})
-    missing += [f"cache.{k}" for k in ("model", "model_sha256", "mode", "dims") if k not in cache]
-    if missing:
-        raise PredictError(f"{path} lacks {missing}: it was not written by this version of `ser-cache train`; re-run it")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
-    return config, metrics
-
-
 def median_selected(values: list) -> float:
     """The median of per-fold choices, the lower middle one for an even count: always a value
     some fold actually chose (an epoch, or a C of the grid)."""
     return statistics.median_low(values)
-
-
-def train_torch_all(data: LayerData, y: np.ndarray, head: str, config: TrainConfig, n_classes: int,
-                    epochs: int, schedule_epochs: int, device: torch.device) -> nn.Module:
-    """Train `head` on every utterance of `data` for `epochs` epochs of the lr schedule of a
-    `schedule_epochs`-long run (training.get_lr) and return it as it is after the last one.
-
-    The loop is train_torch_fold's without a validation split: same batches (built once, their
-    order shuffled every epoch), optimiser, loss and seeding (config.seed).
-    """
-    assert 1 <= epochs <= schedule_epochs, f"{epochs} epochs of a {schedule_epochs}-epoch schedule"
-    schedule = dataclasses.replace(config, epochs=schedule_epochs)
-    kwargs = head_kwargs(head, config, data.dim, n_classes)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        rng = np.random.default_rng(config.seed)
-        batches, _ = make_batches(data, y, np.arange(len(data)), config.batch_size, device, rng)
-        model = build_head(head, **kwargs)
-        if config.standardize:
-            model.standardize_inputs(*data.moments(np.arange(len(data))))
-        model = model.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        weight = class_weights(y, n_classes).to(device) if config.class_weights else None
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
-        for epoch in range(epochs):
-            if not math.isfinite(train_epoch(model, optimizer, loss_fn, batches, rng, get_lr(epoch, schedule))):
-                raise NonFiniteLossError(f"epoch {epoch}: the training loss is not finite; lower the learning rate")
-    return model.eval().cpu()
 
 
 def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | None = None,
@@ -123,8 +74,8 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
     """Write one file with the head of the run at `run_dir` (see the module docstring).
 
     fold: export fold `fold`'s saved head as is; None: train on all speakers.
-    epochs: (all speakers, torch heads) train a fresh schedule of this many epochs instead of
-      stopping the run's schedule at the median selected epoch.
+    epochs: (all speakers, heads trained by epochs) train a fresh schedule of this many epochs
+      instead of stopping the run's schedule at the median selected epoch.
     cache_path: the cache to train on (default: the one recorded in the run); it must hold
       the same states (CACHE_KEYS).
     device: where to train (default: the run's setting).
@@ -135,81 +86,98 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
         raise PredictError("--fold exports a saved head as it is; --epochs applies only to training on all speakers")
     if out.exists() and not overwrite:
         raise PredictError(f"{out} exists: choose another output file or allow overwriting")
-    run, metrics = read_run(run_dir)
-    head, layer, labels = run["head"], int(run["layer"]), list(run["labels"])
-    config = TrainConfig.from_dict(run["config"])
-    cache = run["cache"]
+    folder = RunFolder(run_dir)
+    try:
+        run, metrics = folder.read_config(), folder.read_metrics()
+    except ResultsError as e:
+        raise PredictError(str(e)) from None
+    missing = [f"cache.{k}" for k in ("model", "model_sha256", "mode", "dims") if k not in run.cache]
+    if missing:
+        raise PredictError(f"{folder.root / RunFolder.CONFIG} lacks {missing}: the run was not trained from a "
+                           "cache by `ser-cache train`; re-run it")
+    config = TrainConfig.from_dict(run.config)
     provenance = {
         "run": str(run_dir.resolve()),
-        "corpus": cache.get("corpus"),
-        "cache": {k: cache.get(k) for k in ("path", "records_hash", "shard_sha256", "n_records")},
+        "corpus": run.cache.get("corpus"),
+        "cache": {k: run.cache.get(k) for k in ("path", "records_hash", "shard_sha256", "n_records")},
         "config": config.to_dict(),
-        "folds": run.get("folds"),
-        "flawed_compat": bool(run.get("flawed_compat", False)),
+        "folds": run.folds,
+        "flawed_compat": run.flawed_compat,
         "run_metrics": _run_metrics(metrics),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
     }
-
     if fold is not None:
-        path = next((p for p in (run_dir / f"fold_{fold}.pt", run_dir / f"fold_{fold}.joblib") if p.is_file()), None)
-        if path is None:
-            saved = sorted(p.name for p in run_dir.glob("fold_*.*"))
-            raise PredictError(f"{run_dir} has no saved head for fold {fold}; it has {saved or 'none'}")
-        model, info = load_head(path)
-        if info["head"] != head or int(info["layer"]) != layer or list(info["labels"]) != labels:
-            raise PredictError(f"{path} does not belong to this run (head, layer or labels differ from config.json)")
-        kwargs = dict(info["kwargs"])
-        provenance.update(trained_on=f"fold {fold}", selected=info.get("selected"),
+        model, options = _fold_head(folder, fold, run)
+        provenance.update(trained_on=f"fold {fold}", selected=_fold_selected(folder, fold),
                           fold_metrics=_fold_metrics(metrics, fold))
     else:
-        if metrics is None or "fold_details" not in metrics:
-            raise PredictError(f"{run_dir} has no metrics.json: the run did not finish. Re-run it, or "
-                               "export one fold's saved head with --fold K")
-        selected = [d["selected"] for d in metrics["fold_details"]]
-        data, y = _training_data(cache, layer, labels, cache_path)
-        n_classes = len(labels)
-        provenance.update(trained_on="all speakers", n_utterances=len(data),
-                          class_counts=dict(zip(labels, np.bincount(y, minlength=n_classes).tolist())),
-                          selected_per_fold=selected)
-        if head == "linear":
-            if epochs is not None:
-                raise PredictError("--epochs applies to the torch heads; the linear head is fitted with the "
-                                   "median C chosen per fold")
-            c = float(median_selected([s["C"] for s in selected]))
-            kwargs = {**head_kwargs("linear", config, data.dim, n_classes), "C": c}
-            model = LinearHead(**kwargs).fit(frame_statistics(data), y)
-            provenance.update(C=c, rule="C: median (lower middle) of the C chosen per fold")
-        else:
-            if epochs is None:
-                chosen = int(median_selected([s["epoch"] for s in selected]))
-                n, schedule = chosen + 1, config.epochs
-                rule = (f"the run's {schedule}-epoch schedule stopped after epoch {chosen} (0-based), the "
-                        "median (lower middle) of the epochs chosen on validation per fold")
-            else:
-                n, schedule, rule = epochs, epochs, f"--epochs {epochs}: a full {epochs}-epoch schedule"
-            dev = resolve_device(device or config.device)
-            model = train_torch_all(data, y, head, config, n_classes, n, schedule, dev)
-            kwargs = head_kwargs(head, config, data.dim, n_classes)
-            provenance.update(epochs=n, schedule_epochs=schedule, rule=rule)
+        if metrics is None:
+            raise PredictError(f"{run_dir} has no metrics.json: the run did not finish. Re-run it (it resumes), "
+                               "or export one fold's saved head with --fold K")
+        model, options, detail = _train_on_all(run, config, metrics, epochs, cache_path, device)
+        provenance.update(trained_on="all speakers", **detail)
 
     saved = {
         "kind": EXPORT_KIND,
         "format": EXPORT_FORMAT,
-        "head": head,
-        "kwargs": kwargs,
-        "labels": labels,
-        "layer": layer,
-        "mode": cache["mode"],
-        "dtype": cache.get("dtype", "float16"),
-        "compute_dtype": cache.get("compute_dtype", "float32"),
-        "whisper": {"name": cache["model"], "sha256": cache["model_sha256"], "dims": dict(cache["dims"])},
+        "head": run.head,
+        "kwargs": options,
+        "labels": run.labels,
+        "layer": run.layer,
+        "mode": run.cache["mode"],
+        "dtype": run.cache.get("dtype", "float16"),
+        "compute_dtype": run.cache.get("compute_dtype", "float32"),
+        "whisper": {"name": run.cache["model"], "sha256": run.cache["model_sha256"], "dims": dict(run.cache["dims"])},
         "provenance": _plain(provenance),
     }
-    weights = {"linear": linear_arrays(model)} if head == "linear" else {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    _save_atomic({**saved, **weights}, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(out, {**saved, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
     return saved
+
+
+def _fold_head(folder: RunFolder, fold: int, run) -> tuple[Head, dict]:
+    """Fold `fold`'s saved head and its constructor options, checked against the run."""
+    path = folder.head_path(fold)
+    if not path.is_file():
+        saved = sorted(p.name for p in folder.root.glob("fold_*.pt"))
+        raise PredictError(f"{folder.root} has no saved head for fold {fold}; it has {saved or 'none'}")
+    model, info = load_head(path)
+    if info["head"] != run.head or int(info["layer"]) != run.layer or list(info["labels"]) != run.labels:
+        raise PredictError(f"{path} does not belong to this run (head, layer or labels differ from config.json)")
+    return model, dict(info["kwargs"])
+
+
+def _fold_selected(folder: RunFolder, fold: int):
+    return torch.load(folder.head_path(fold), map_location="cpu", weights_only=True).get("selected")
+
+
+def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | None,
+                  cache_path: Path | None, device: str | None) -> tuple[Head, dict, dict]:
+    """The run's head retrained on every utterance with the median choice of its folds (or a
+    fresh `epochs`-long schedule); returns (head, options, provenance details)."""
+    key = head_class(run.head).selects
+    selected = [d["selected"] for d in metrics.fold_details]
+    choice = {key: median_selected([s[key] for s in selected])}
+    rule = f"{key}: the median (lower middle) of the {key} chosen on validation per fold"
+    if key == "epoch":
+        rule = (f"the run's {config.epochs}-epoch schedule stopped after epoch {choice['epoch']} (0-based), the "
+                "median (lower middle) of the epochs chosen on validation per fold")
+    if epochs is not None:
+        if key != "epoch":
+            raise PredictError(f"--epochs applies to heads trained by epochs; the {run.head} head is fitted with "
+                               f"the median {key} chosen per fold")
+        config, choice = dataclasses.replace(config, epochs=epochs), {"epoch": epochs - 1}
+        rule = f"--epochs {epochs}: a full {epochs}-epoch schedule"
+    data, y = _training_data(run.cache, run.layer, run.labels, cache_path)
+    n_classes = len(run.labels)
+    dev = resolve_device(device or config.device)
+    fit = fit_head(run.head, data, y, np.arange(len(data)), None, config, n_classes, config.seed, dev, fixed=choice)
+    detail = {"n_utterances": len(data), "selected_per_fold": selected, "choice": choice, "rule": rule,
+              "class_counts": dict(zip(run.labels, np.bincount(y, minlength=n_classes).tolist()))}
+    if key == "epoch":
+        detail.update(epochs=choice["epoch"] + 1, schedule_epochs=config.epochs)
+    return fit.model.cpu().eval(), fit.options, detail
 
 
 def _training_data(cache_info: dict, layer: int, labels: list[str], cache_path: Path | None):
@@ -232,24 +200,25 @@ def _training_data(cache_info: dict, layer: int, labels: list[str], cache_path: 
         data = cache.read_layer(layer)
     except CacheError as e:
         raise PredictError(str(e)) from None
-    found = sorted(set(data.labels.tolist()))
+    found, y = data.classes()
     if found != labels:
         raise PredictError(f"the cache has labels {found}, the run {labels}: pass --cache with the run's cache")
-    return data, np.searchsorted(labels, data.labels).astype(np.int64)
+    return data, y
 
 
-def _run_metrics(metrics: dict | None) -> dict:
+def _run_metrics(metrics: RunMetrics | None) -> dict:
     if not metrics:
         return {}
-    return {k: {"mean": metrics[k]["mean"], "std": metrics[k]["std"]}
-            for k in ("ua", "wa", "macro_f1", "weighted_f1") if k in metrics}
+    s = metrics.summary
+    return {k: {"mean": s[k]["mean"], "std": s[k]["std"]} for k in ("ua", "wa", "macro_f1", "weighted_f1") if k in s}
 
 
-def _fold_metrics(metrics: dict | None, fold: int) -> dict:
+def _fold_metrics(metrics: RunMetrics | None, fold: int) -> dict:
     if not metrics:
         return {}
-    return {k: metrics[k]["folds"][fold] for k in ("ua", "wa", "macro_f1", "weighted_f1")
-            if k in metrics and fold < len(metrics[k]["folds"])}
+    s = metrics.summary
+    return {k: s[k]["folds"][fold] for k in ("ua", "wa", "macro_f1", "weighted_f1")
+            if k in s and fold < len(s[k]["folds"])}
 
 
 def _plain(value):
@@ -257,55 +226,14 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _save_atomic(obj: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # whole or absent, never half-written
-    try:
-        torch.save(obj, tmp)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# --- the linear head as arrays ---------------------------------------------------------------
-
-
-def linear_arrays(head: LinearHead) -> dict[str, torch.Tensor]:
-    """The fitted numbers of a LinearHead's pipeline (StandardScaler, LogisticRegression)."""
-    scaler, logreg = head.pipeline[0], head.pipeline[-1]
-    return {
-        "mean": torch.from_numpy(np.asarray(scaler.mean_, dtype=np.float64)),
-        "scale": torch.from_numpy(np.asarray(scaler.scale_, dtype=np.float64)),
-        "coef": torch.from_numpy(np.asarray(logreg.coef_, dtype=np.float64)),
-        "intercept": torch.from_numpy(np.asarray(logreg.intercept_, dtype=np.float64)),
-        "classes": torch.from_numpy(np.asarray(logreg.classes_, dtype=np.int64)),
-    }
-
-
-def linear_from_arrays(arrays: dict[str, torch.Tensor], kwargs: dict) -> LinearHead:
-    """A LinearHead whose pipeline carries the fitted numbers again (predict_proba works)."""
-    head = LinearHead(**kwargs)
-    scaler, logreg = head.pipeline[0], head.pipeline[-1]
-    scaler.mean_ = arrays["mean"].numpy()
-    scaler.scale_ = arrays["scale"].numpy()
-    scaler.var_ = scaler.scale_**2
-    scaler.n_features_in_ = len(scaler.mean_)
-    logreg.coef_ = arrays["coef"].numpy()
-    logreg.intercept_ = arrays["intercept"].numpy()
-    logreg.classes_ = arrays["classes"].numpy()
-    logreg.n_features_in_ = logreg.coef_.shape[1]
-    return head
-
-
 # --- loading an exported file ----------------------------------------------------------------
 
 
 @dataclass
 class Exported:
-    """An exported head, rebuilt. `model` is a torch module in eval mode, or a LinearHead."""
+    """An exported head, rebuilt. `model` is a head (heads.Head) in eval mode."""
 
-    model: object
+    model: Head
     head: str
     labels: list[str]
     layer: int
@@ -327,14 +255,16 @@ def load_exported(path: Path) -> Exported:
         raise PredictError(f"{path} is not a file written by `ser-cache export` (a fold_K.pt of a run? "
                            "export it first: ser-cache export RUN --fold K --out model.pt)")
     if saved.get("format") != EXPORT_FORMAT:
-        raise PredictError(f"{path}: export format {saved.get('format')}, this version reads {EXPORT_FORMAT}")
+        raise PredictError(f"{path}: export format {saved.get('format')}, this version reads {EXPORT_FORMAT}: "
+                           "export the run again with this version (`ser-cache export RUN --out FILE`)")
     kwargs = dict(saved["kwargs"])
-    if saved["head"] == "linear":
-        model = linear_from_arrays(saved["linear"], kwargs)
-    else:
+    try:
         model = build_head(saved["head"], **kwargs)
         model.load_state_dict(saved["state_dict"])
-        model.eval()
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise PredictError(f"{path}: the head in it cannot be rebuilt ({str(e).splitlines()[0]}); export the run "
+                           "again with this version") from None
+    model.eval()
     return Exported(model, saved["head"], list(saved["labels"]), int(saved["layer"]), saved["mode"], saved["dtype"],
                     saved["compute_dtype"], dict(saved["whisper"]), dict(saved["provenance"]), kwargs)
 
@@ -370,8 +300,7 @@ class Predictor:
     def __init__(self, exported: Exported, enc: LoadedEncoder, device: str | torch.device = "cpu",
                  early_stop: bool = True):
         self.exported, self.enc, self.device, self.early_stop = exported, enc, torch.device(device), early_stop
-        if isinstance(exported.model, nn.Module):
-            exported.model.to(self.device)
+        exported.model.to(self.device)
 
     @property
     def labels(self) -> list[str]:
@@ -392,15 +321,11 @@ class Predictor:
     def head_probs(self, states: list[np.ndarray]) -> np.ndarray:
         """(n_windows, n_classes) class probabilities from per-window states [(frames, dim)]."""
         lengths = np.array([len(s) for s in states])
+        blank = np.array([""] * len(states))
         data = LayerData(frames=np.concatenate(states), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                         ids=np.array([str(i) for i in range(len(states))]), labels=np.array([""] * len(states)),
-                         speakers=np.array([""] * len(states)), groups=np.array([""] * len(states)), layer=self.exported.layer)
-        model = self.exported.model
-        if isinstance(model, LinearHead):
-            return model.predict_proba(frame_statistics(data))
-        x, mask = data.batch(np.arange(len(states)), dtype=torch.from_numpy(data.frames[:0]).dtype, device=self.device)
-        with torch.no_grad():
-            return model(x.float(), mask).softmax(dim=-1).cpu().numpy().astype(np.float64)
+                         ids=np.array([str(i) for i in range(len(states))]), labels=blank, speakers=blank,
+                         groups=blank, layer=self.exported.layer)
+        return predict_proba(self.exported.model, data, np.arange(len(states)), self.device)
 
     def predict_audio(self, windows: list[np.ndarray]) -> tuple[list[WindowPrediction], np.ndarray]:
         """Per-window predictions and the file's probabilities (duration-weighted mean)."""

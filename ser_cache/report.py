@@ -15,14 +15,13 @@ Means and stds pool every fold of every seed (population std, like metrics.py).
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .sweep import CELL_DIR, CONFIG_FILE, FOLD_DIR, TIMING_FILE, SweepError
+from .results import CellResult, SweepError, SweepFolder, SweepTiming
 
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
@@ -37,14 +36,14 @@ PANEL_COLUMNS = 3  # panels per row of a figure
 class Sweep:
     """A sweep folder as saved: its config, its finished tasks' records, its run timings."""
 
-    folder: Path
+    folder: SweepFolder
     config: dict
-    records: list[dict]
-    timing: list[dict]
+    records: list[CellResult]
+    timing: list[SweepTiming]
 
     @property
     def name(self) -> str:
-        return self.folder.resolve().name
+        return self.folder.name
 
 
 @dataclass
@@ -91,21 +90,15 @@ class Panel:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load_sweep(folder: Path) -> Sweep:
+def load_sweep(path: Path) -> Sweep:
     """Read a sweep folder. Raises SweepError if it is not one."""
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise SweepError(f"{folder} is not a sweep folder (no {CONFIG_FILE}): run `ser-cache sweep` first")
-    config = json.loads(path.read_text(encoding="utf-8"))["config"]
-    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((folder / CELL_DIR).glob("*/*/*.json"))]
+    folder = SweepFolder(path)
+    config = folder.read_config()
     head_order = {h: i for i, h in enumerate(config["heads"])}
     cache_order = {c: i for i, c in enumerate(config["caches"])}
-    records.sort(key=lambda r: (cache_order.get(r["cache"], len(cache_order)), r["layer"],
-                                head_order.get(r["head"], len(head_order)), r["seed"], r["fold"]))
-    timing_path = folder / TIMING_FILE
-    timing = json.loads(timing_path.read_text(encoding="utf-8"))["runs"] if timing_path.exists() else []
-    return Sweep(folder, config, records, timing)
+    records = sorted(folder.cells(), key=lambda r: (cache_order.get(r.cache, len(cache_order)), r.layer,
+                                                    head_order.get(r.head, len(head_order)), r.seed, r.fold))
+    return Sweep(folder, config, records, folder.timing())
 
 
 def panels_of(sweeps: list[Sweep]) -> list[Panel]:
@@ -113,41 +106,40 @@ def panels_of(sweeps: list[Sweep]) -> list[Panel]:
     panels = []
     for sweep in sweeps:
         for cache in sweep.config["caches"]:
-            records = [r for r in sweep.records if r["cache"] == cache]
+            records = [r for r in sweep.records if r.cache == cache]
             if not records:
                 continue
             first = records[0]
-            title = f"{cache} ({first['model']}, {first['mode']})"
+            title = f"{cache} ({first.model}, {first.mode})"
             if len(sweeps) > 1:
                 title = f"{sweep.name}: {title}"
-            panels.append(Panel(title, sweep, cache, list(sweep.config["heads"]), first["labels"],
+            panels.append(Panel(title, sweep, cache, list(sweep.config["heads"]), first.labels,
                                 _cells(records), _fold_info(sweep, cache, records)))
     return panels
 
 
-def _cells(records: list[dict]) -> dict[tuple[int, str], Cell]:
-    groups: dict[tuple[int, str], list[dict]] = {}
+def _cells(records: list[CellResult]) -> dict[tuple[int, str], Cell]:
+    groups: dict[tuple[int, str], list[CellResult]] = {}
     for r in records:
-        groups.setdefault((r["layer"], r["head"]), []).append(r)
+        groups.setdefault((r.layer, r.head), []).append(r)
     cells = {}
     for (layer, head), rs in groups.items():
         def stat(name):
-            v = np.array([r[name] for r in rs], dtype=np.float64)
+            v = np.array([getattr(r, name) for r in rs], dtype=np.float64)
             return float(v.mean()), float(v.std())
         cells[layer, head] = Cell(
             layer, head, stat("ua"), stat("wa"), stat("macro_f1"), stat("val_ua")[0], len(rs),
-            Counter(r["setting"] for r in rs), float(sum(r["seconds"] for r in rs)),
-            np.sum([r["confusion"] for r in rs], axis=0))
+            Counter(r.setting for r in rs), float(sum(r.seconds for r in rs)),
+            np.sum([r.confusion for r in rs], axis=0))
     return cells
 
 
-def _fold_info(sweep: Sweep, cache: str, records: list[dict]) -> dict:
+def _fold_info(sweep: Sweep, cache: str, records: list[CellResult]) -> dict:
     seeds = sweep.config["seeds"]
-    meta_path = sweep.folder / FOLD_DIR / f"{cache}-seed{seeds[0]}.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    meta = sweep.folder.fold_meta(cache, seeds[0])
     r = records[0]
     return {"protocol": meta.get("protocol", "?"), "n_folds": meta.get("n_folds", "?"),
-            "seeds": seeds, "n_utterances": r["n_train"] + r["n_val"] + r["n_test"]}
+            "seeds": seeds, "n_utterances": r.n_train + r.n_val + r.n_test}
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -180,7 +172,7 @@ def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
         w.writerow((["sweep"] if several else []) + list(RESULT_COLUMNS))
         for sweep in sweeps:
             for r in sweep.records:
-                row = {**r, "epoch": r["selected"].get("epoch", "")}
+                row = {**r.to_dict(), "epoch": r.selected.get("epoch", "")}
                 cells = [_csv_value(row[c]) for c in RESULT_COLUMNS]
                 w.writerow(([sweep.name] if several else []) + cells)
 
@@ -275,10 +267,9 @@ def _timing_markdown(sweeps: list[Sweep]) -> list[str]:
     for s in sweeps:
         for r in s.timing:
             lines.append(
-                f"| {s.name} | {r['started']} | {r['jobs']} x {r['threads_per_job']} | {r['device']} | "
-                f"{r['tasks_run']} of {r['tasks_total']} | {r['layers_read']} | {r['wall_seconds']:.0f} | "
-                f"{r['read_seconds']:.1f} | {r['train_seconds'] + r['prepare_seconds']:.0f} | "
-                f"{r['eval_seconds']:.1f} |")
+                f"| {s.name} | {r.started} | {r.jobs} x {r.threads_per_job} | {r.device} | "
+                f"{r.tasks_run} of {r.tasks_total} | {r.layers_read} | {r.wall_seconds:.0f} | "
+                f"{r.read_seconds:.1f} | {r.train_seconds:.0f} | {r.eval_seconds:.1f} |")
     return lines + [""]
 
 

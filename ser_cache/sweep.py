@@ -25,7 +25,8 @@ With jobs == 1 everything runs in this process (the default on a GPU).
 Crash safety and resume. A worker writes each finished task as one JSON file (temporary
 name, fsync, rename), so a file exists only when its task is complete. A re-run with the same
 settings skips those tasks; a re-run with other settings is refused, naming what differs
-(SWEEP/sweep.json holds the settings).
+(SWEEP/sweep.json holds the settings). The folder's layout and record types belong to
+results.py (SweepFolder, CellResult, SweepTiming), which report.py reads through.
 """
 from __future__ import annotations
 
@@ -52,18 +53,15 @@ from .cache import Cache, open_cache
 from .extract import parse_layers
 from .features import LayerData
 from .folds import Folds, make_folds
-from .heads import HEADS, frame_statistics
-from .metrics import fold_metrics, json_safe
-from .training import (EVAL_BATCH_SIZE, TrainConfig, head_kwargs, make_batches, predict,
-                       resolve_device, train_linear_fold, train_torch_fold)
+from .heads import HEADS
+from .metrics import fold_metrics
+from .results import CellResult, SweepError, SweepFolder, SweepTiming
+from .training import (NonFiniteLossError, TrainConfig, fit_head, fold_seed, predict_proba, resolve_device,
+                       settings_read)
 
 log = logging.getLogger(__name__)
 
 SWEEP_FORMAT = 1
-CONFIG_FILE = "sweep.json"
-TIMING_FILE = "timing.json"
-CELL_DIR = "cells"
-FOLD_DIR = "folds"
 DEFAULT_HEADS = ("linear", "mean", "attentive", "qkv")
 # On a CPU, one worker process per core with one torch thread each. Measured on the shared
 # 2-core development machine (RAVDESS, Whisper base layer 6, 960 utterances, same work either
@@ -75,13 +73,8 @@ LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, th
 GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
              "d_model", "n_heads", "head_dim", "attention_scale", "class_weights")
-TRAINING_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "class_weights")
 # Not part of what a sweep computes (where it runs, not what): a re-run may change these.
 FREE_TRAIN_KEYS = ("seed", "device")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as asked; the message names the fix."""
 
 
 # --- parsing the command line's lists ---------------------------------------------------------
@@ -145,15 +138,11 @@ def _parse_value(key: str, text: str, default):
 def head_settings(head: str, grid: dict[str, list], base: TrainConfig) -> list[dict]:
     """The grid points that matter for `head`, in grid order ([{}] when none does).
 
-    A key matters if it changes the head's constructor arguments (head_kwargs), or if it is a
-    training-loop setting and the head is trained by gradient descent (not linear)."""
+    A key matters if it changes a setting the head's fitting reads or its constructor options
+    (training.settings_read)."""
     relevant = {}
     for key, values in grid.items():
-        if head != "linear" and key in TRAINING_KEYS:
-            relevant[key] = values
-            continue
-        variants = {json.dumps(head_kwargs(head, replace(base, **{key: v}), 1, 2), sort_keys=True)
-                    for v in values}
+        variants = {json.dumps(settings_read(head, replace(base, **{key: v})), sort_keys=True) for v in values}
         if len(variants) > 1:
             relevant[key] = values
     return [dict(zip(relevant, point)) for point in itertools.product(*relevant.values())]
@@ -177,8 +166,7 @@ class Task:
     fold: int
 
     def path(self, root: Path) -> Path:
-        return (Path(root) / CELL_DIR / self.cache / f"layer_{self.layer:02d}"
-                / f"{self.head}-seed{self.seed}-fold{self.fold}.json")
+        return SweepFolder(root).cell_path(self.cache, self.layer, self.head, self.seed, self.fold)
 
 
 @dataclass
@@ -284,30 +272,27 @@ def config_differences(stored: dict, asked: dict, prefix: str = "") -> list[str]
     return out
 
 
-def claim_folder(out: Path, plan: SweepPlan) -> None:
+def claim_folder(out: Path, plan: SweepPlan) -> SweepFolder:
     """Create SWEEP with the plan's config, or check that it holds the same config."""
-    out = Path(out)
-    path = out / CONFIG_FILE
-    if path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        diff = config_differences(stored.get("config", {}), plan.config)
+    folder = SweepFolder(out)
+    if folder.is_sweep():
+        diff = config_differences(folder.read_config(), plan.config)
         if diff:
             raise SweepError(
                 f"{out} holds a sweep with other settings:\n  " + "\n  ".join(diff)
                 + "\nRepeat the original options to resume it, or choose another --out folder")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise SweepError(f"{out} exists and is not a sweep folder (no {CONFIG_FILE}): choose "
+        return folder
+    if folder.root.exists() and any(folder.root.iterdir()):
+        raise SweepError(f"{out} exists and is not a sweep folder (no {SweepFolder.CONFIG}): choose "
                          "another --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {key: str(c.root.resolve()) for key, c in plan.caches.items()}
-    write_json_atomic(path, {"config": plan.config, "cache_paths": paths})
+    folder.write_config(plan.config, {key: str(c.root.resolve()) for key, c in plan.caches.items()})
+    return folder
 
 
-def sweep_folds(out: Path, key: str, cache: Cache, seed: int, spec: SweepSpec) -> Folds:
+def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: SweepSpec) -> Folds:
     """The folds of one cache and seed: loaded from SWEEP/folds/ if saved, else built from the
     cache's utterance metadata (no layer read) and saved, so every cell uses the same ones."""
-    path = Path(out) / FOLD_DIR / f"{key}-seed{seed}.csv"
+    path = folder.folds_path(key, seed)
     meta = cache.read_meta()
     if path.exists() and path.with_suffix(".json").exists():
         return Folds.load(path).aligned_to(meta["ids"])
@@ -334,79 +319,40 @@ class TaskJob:
     out: Path
 
 
-def run_task(data: LayerData, job: TaskJob, features: np.ndarray | None = None) -> dict:
+def run_task(data: LayerData, job: TaskJob) -> CellResult:
     """Grid-search one fold on its validation speakers, test the chosen setting once, and
-    return the task's record (not yet saved). features: frame_statistics(data) for `linear`."""
+    return the task's result (not yet saved)."""
     t_start = time.perf_counter()
     task = job.task
-    labels = sorted(set(data.labels.tolist()))
-    y = np.searchsorted(labels, data.labels).astype(np.int64)
+    labels, y = data.classes()
     n_classes = len(labels)
     device = resolve_device(job.train.device)
-    folds = job.folds.aligned_to(data.ids)
-    train, val, test = folds.split(task.fold)
-    prepare_seconds = 0.0
-    if task.head == "linear" and features is None:
-        t0 = time.perf_counter()
-        features = frame_statistics(data)
-        prepare_seconds = time.perf_counter() - t0
+    train, val, test = job.folds.aligned_to(data.ids).split(task.fold)
 
     trials, best, best_values, train_seconds = [], None, None, 0.0
     for values in job.settings:
         config = replace(job.train, seed=task.seed, **values)
-        split = (train, val, None)  # no test set: the choice is made on validation only
-        if task.head == "linear":
-            r = train_linear_fold(features, y, split, config, n_classes, task.fold)
-        else:
-            r = train_torch_fold(data, y, split, task.head, config, n_classes, task.fold, device)
-        train_seconds += r.train_seconds
-        trials.append({"setting": setting_label(values), "values": values, "val_ua": r.selected["ua"],
-                       "selected": r.selected})
-        if best is None or r.selected["ua"] > best.selected["ua"]:  # ties keep the earlier setting
-            best, best_values = r, values
+        # No test set here: the choice is made on validation only.
+        fit = fit_head(task.head, data, y, train, val, config, n_classes, fold_seed(task.seed, task.fold), device)
+        train_seconds += fit.seconds
+        trials.append({"setting": setting_label(values), "values": values, "val_ua": fit.selected["ua"],
+                       "selected": fit.selected})
+        if best is None or fit.selected["ua"] > best.selected["ua"]:  # ties keep the earlier setting
+            best, best_values = fit, values
 
     t0 = time.perf_counter()
-    probs, order = score_on_test(best.head, task.head, data, features, y, test, device)
+    probs = predict_proba(best.model, data, test, device)
     eval_seconds = time.perf_counter() - t0
-    metrics = fold_metrics(y[order], probs.argmax(axis=1), n_classes)
-    chosen = setting_label(best_values)
-    if task.head == "linear":
-        chosen = " ".join(filter(None, [chosen, f"C={best.selected['C']:g}"]))
-    return json_safe({
-        "cache": task.cache, **job.cache_info, "layer": task.layer, "head": task.head,
-        "seed": task.seed, "fold": task.fold, "setting": chosen or "default",
-        "values": best_values, "selected": best.selected, "val_ua": best.selected["ua"],
-        "grid": trials, "labels": labels, **metrics,
-        "n_train": len(train), "n_val": len(val), "n_test": len(test),
-        "prepare_seconds": prepare_seconds, "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds, "seconds": time.perf_counter() - t_start,
-        "threads": torch.get_num_threads(), "device": str(device),
-    })
-
-
-def score_on_test(model, head: str, data: LayerData, features, y, test, device) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (n_test, n_classes), utterance index of each row) of a trained head on `test`."""
-    if head == "linear":
-        return model.predict_proba(features[test]), np.asarray(test)
-    batches, order = make_batches(data, y, test, EVAL_BATCH_SIZE, device)
-    return predict(model, batches), order
-
-
-def save_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, record)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Temporary file (per process), fsync, rename: the file is either absent or complete."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    metrics = fold_metrics(y[test], probs.argmax(axis=1), n_classes)
+    choice = {k: v for k, v in best.selected.items() if k not in ("ua", "epoch")}  # e.g. the linear probe's C
+    chosen = " ".join(filter(None, [setting_label(best_values), setting_label(choice)]))
+    return CellResult(
+        cache=task.cache, **job.cache_info, layer=task.layer, head=task.head, seed=task.seed,
+        fold=task.fold, setting=chosen or "default", values=best_values, selected=best.selected,
+        val_ua=best.selected["ua"], grid=trials, labels=labels, **metrics,
+        n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
+        eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
+        threads=torch.get_num_threads(), device=str(device))
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------
@@ -442,22 +388,16 @@ class SharedLayer:
 
 
 class LoadedLayer:
-    """One layer in memory, with the linear head's frame statistics computed on first use."""
+    """One layer in memory, in this process."""
 
     def __init__(self, data: LayerData):
-        self.data, self._features = data, None
+        self.data = data
 
-    def run(self, job: TaskJob) -> dict:
-        """Run one task on this layer, save its record, return it."""
-        prepare = 0.0
-        if job.task.head == "linear" and self._features is None:
-            t0 = time.perf_counter()
-            self._features = frame_statistics(self.data)
-            prepare = time.perf_counter() - t0
-        record = run_task(self.data, job, self._features if job.task.head == "linear" else None)
-        record["prepare_seconds"] = prepare
-        save_record(job.task.path(job.out), record)
-        return record
+    def run(self, job: TaskJob) -> CellResult:
+        """Run one task on this layer, save its result, return it."""
+        result = run_task(self.data, job)
+        SweepFolder(job.out).save_cell(result)
+        return result
 
 
 _WORKER: dict = {}  # in a worker process: {"name", "shm", "layer"} of the attached layer
@@ -500,7 +440,7 @@ class SweepOutcome:
     tasks_done_before: int
     tasks_run: int
     failures: list[tuple[Task, str]]
-    timing: dict
+    timing: SweepTiming
 
 
 def available_cores() -> int:
@@ -525,9 +465,9 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
     out = Path(out)
     spec = replace(spec, train=replace(spec.train, device=device))
     plan = plan_sweep(spec)
-    claim_folder(out, plan)
-    with _exclusive(out):
-        folds = {(key, seed): sweep_folds(out, key, cache, seed, spec)
+    folder = claim_folder(out, plan)
+    with folder.exclusive():
+        folds = {(key, seed): sweep_folds(folder, key, cache, seed, spec)
                  for key, cache in plan.caches.items() for seed in spec.seeds}
         tasks = plan.tasks({k: f.n_folds for k, f in folds.items()})
         todo = [t for t in tasks if not t.path(out).exists()]
@@ -546,14 +486,13 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
         def read(key: str, layer: int) -> LayerData:
             t0 = time.perf_counter()
             data = plan.caches[key].read_layer(layer)
-            timing["read_seconds"] += time.perf_counter() - t0
-            timing["layers_read"] += 1
+            timing.read_seconds += time.perf_counter() - t0
+            timing.layers_read += 1
             return data
 
-        timing = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "jobs": jobs, "threads_per_job": threads, "device": str(resolve_device(device)),
-                  "tasks_total": len(tasks), "tasks_done_before": len(tasks) - len(todo),
-                  "read_seconds": 0.0, "layers_read": 0}
+        timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
+                             threads_per_job=threads, device=str(resolve_device(device)),
+                             tasks_total=len(tasks), tasks_done_before=len(tasks) - len(todo))
         records, failures = [], []
         log.info("sweep %s: %d tasks, %d already done; %d job(s) x %d thread(s)",
                  out, len(tasks), len(tasks) - len(todo), jobs, threads)
@@ -567,17 +506,19 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
             run(by_layer, read, job_for, jobs, threads, bar, records, failures)
         finally:
             bar.close()
-            timing.update(_timing_of(records), wall_seconds=time.perf_counter() - t_wall,
-                          tasks_run=len(records), tasks_failed=len(failures))
+            timing.train_seconds = float(sum(r.train_seconds for r in records))
+            timing.eval_seconds = float(sum(r.eval_seconds for r in records))
+            timing.wall_seconds = time.perf_counter() - t_wall
+            timing.tasks_run, timing.tasks_failed = len(records), len(failures)
             if todo:  # a re-run of a finished sweep did nothing worth a line
-                append_timing(out, timing)
+                folder.append_timing(timing)
     for task, why in failures:
         log.warning("failed, will be retried by a re-run: %s: %s", task, why)
     if write_report:
         from .report import write_report as _write_report
 
         _write_report([out], out)
-    return SweepOutcome(out, len(tasks), timing["tasks_done_before"], len(records), failures, timing)
+    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing)
 
 
 def _run_inline(by_layer, read, job_for, jobs, threads, bar, records, failures) -> None:
@@ -644,46 +585,7 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
 
 def _collect(result, task: Task, records: list, failures: list) -> None:
     """Call result(); a diverged training is a task failure, anything else stops the sweep."""
-    from .training import NonFiniteLossError
-
     try:
         records.append(result())
     except NonFiniteLossError as e:
         failures.append((task, str(e)))
-
-
-def _timing_of(records: list[dict]) -> dict:
-    return {f"{k}_seconds": float(sum(r.get(f"{k}_seconds", 0.0) for r in records))
-            for k in ("prepare", "train", "eval")}
-
-
-def append_timing(out: Path, run: dict) -> None:
-    """Add one run's timing to SWEEP/timing.json ({"runs": [...]})."""
-    path = Path(out) / TIMING_FILE
-    runs = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.exists() else []
-    write_json_atomic(path, {"runs": runs + [run]})
-
-
-class _exclusive:
-    """An advisory lock on SWEEP/.lock: two sweeps never write into one folder at once.
-    Also removes temporary files left by a killed run (safe: nobody else is writing)."""
-
-    def __init__(self, out: Path):
-        self.path = Path(out) / ".lock"
-
-    def __enter__(self):
-        import fcntl
-
-        self.f = open(self.path, "w")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.close()
-            raise SweepError(f"another sweep is writing into {self.path.parent}: wait for it "
-                             "to end, or use another --out folder") from None
-        for tmp in [*self.path.parent.glob("*.tmp"), *self.path.parent.glob(f"{CELL_DIR}/**/*.tmp")]:
-            tmp.unlink(missing_ok=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()

@@ -1,14 +1,20 @@
-"""Train one pooling head on one cached layer across speaker-independent folds.
+"""Fit heads on cached layers: one training loop, and runs across speaker-independent folds.
 
-For every fold: train on the training speakers, pick the epoch with the best UA on the
-validation speakers (carved from the training speakers, see folds.py), then evaluate the test
-speakers once with that state and dropout off. One seed fixes everything: the folds' carving,
-every fold's initialisation, batch order and dropout masks (torch's global RNG is forked per
-fold and restored, numpy uses a local Generator), so the same command gives the same metrics
-on the same machine (on a GPU, up to non-deterministic kernels).
+    fit_head(name, data, y, train, select | fixed choice)    one head on one split  ->  Fit
+    run_folds(data, folds, name, TrainConfig[, run folder])  every fold, tested once ->  RunResult
 
-    data (LayerData) + folds (Folds) + head name + TrainConfig  --run_folds-->  RunResult
-                                                                 (and a run folder, if asked)
+A head is fitted by what it `selects` on validation speakers (heads.Head): the pooling heads
+by gradient descent with the epoch chosen on validation (`fit_by_epochs`, the one training
+loop, used for folds, sweeps and exports), the linear probe by scikit-learn with C chosen on
+validation (`fit_logistic`). With a `fixed` choice instead of validation utterances (an export
+on all speakers), the choice is applied as given.
+
+For every fold, run_folds trains on the training speakers, picks the epoch (or C) with the best
+UA on the validation speakers (carved from the training speakers, see folds.py), then evaluates
+the test speakers once with that state and dropout off. One seed fixes everything: the folds'
+carving, every fold's initialisation, batch order and dropout masks (torch's global RNG is
+forked per fold and restored, numpy uses a local Generator), so the same command gives the
+same metrics on the same machine (on a GPU, up to non-deterministic kernels).
 
 Schedule (PAPER.md): AdamW, lr 1e-3, batch 16, dropout 0.3, cross-entropy, cosine decay after a
 linear warm-up over the first tenth of the epochs, the lr set once per epoch (`get_lr`).
@@ -22,30 +28,35 @@ head's C) on the test fold, which is optimistic; `compat_eval_dropout` leaves dr
 evaluation (a no-op for the mean and linear heads, which have no dropout). Results made with
 either are marked in config.json and in the printed table.
 
+A run folder (results.RunFolder) is written fold by fold, each file atomically: a run killed
+at any point resumes from its finished folds when re-run with the same settings.
+
 Efficiency: the cost is the front Linear over every frame, so batches are padded once per fold
 (lengths bucketed to limit padding, kept in the cache's dtype, moved to the device once) and
 only their order is shuffled each epoch; compute is float32.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ser_cache.device import pick_device
-from ser_cache.features import LayerData
-from ser_cache.folds import Folds, make_folds
-from ser_cache.heads import HEADS, LinearHead, build_head, frame_statistics, save_head
-from ser_cache.metrics import fold_metrics, json_safe, summarize
+from .device import pick_device
+from .features import LayerData
+from .folds import Folds, make_folds
+from .heads import Head, head_class, load_head, save_head
+from .metrics import fold_metrics, summarize
+from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +149,6 @@ def _coerce(key, value, default):
     return value
 
 
-def head_kwargs(head: str, config: TrainConfig, dim: int, n_classes: int) -> dict:
-    """The constructor arguments of `head` taken from `config` (what save_head records)."""
-    kw = {"dim": dim, "n_classes": n_classes}
-    if head == "linear":
-        return {**kw, "max_iter": config.linear_max_iter, "seed": config.seed,
-                "class_weight": "balanced" if config.class_weights else None}
-    kw["d_model"] = config.d_model
-    if head in ("attentive", "qkv"):
-        kw.update(n_heads=config.n_heads, head_dim=config.head_dim, dropout=config.dropout)
-    if head == "attentive":
-        kw["scale"] = config.attention_scale
-    return kw
-
-
 def get_lr(epoch: int, config: TrainConfig) -> float:
     """lr of a 0-based epoch: linear warm-up over ceil(warmup_fraction * epochs) epochs, then
     cosine decay towards 0. Warm-up epoch e uses lr * (e + 1) / (warmup + 1), so that no epoch
@@ -187,16 +184,16 @@ def fold_seed(seed: int, fold: int) -> int:
 # --- batches ---------------------------------------------------------------------------------
 
 
-def make_batches(data: LayerData, y: np.ndarray, index: np.ndarray, batch_size: int,
+def make_batches(data: LayerData, y: np.ndarray | None, index: np.ndarray, batch_size: int,
                  device: torch.device, rng: np.random.Generator | None = None):
     """Padded batches of the utterances `index`, built once.
 
     Returns (batches, order): batches is a list of (x (B, T, dim) float32, or the cache's
-    dtype past FLOAT32_BATCH_BYTES,
-    mask (B, T) bool, y (B,) int64) on `device`; order (len(index),) gives the utterance of
-    each row, batch after batch. Without rng, utterances are sorted by length (evaluation);
-    with rng, they are shuffled, then sorted by length within buckets of BUCKET_BATCHES
-    batches, so that batches mix utterances but carry little padding.
+    dtype past FLOAT32_BATCH_BYTES, mask (B, T) bool, y (B,) int64 or None without y) on
+    `device`; order (len(index),) gives the utterance of each row, batch after batch. Without
+    rng, utterances are sorted by length (evaluation); with rng, they are shuffled, then
+    sorted by length within buckets of BUCKET_BATCHES batches, so that batches mix utterances
+    but carry little padding.
     """
     index = np.asarray(index)
     lengths = data.n_frames[index]
@@ -217,42 +214,101 @@ def make_batches(data: LayerData, y: np.ndarray, index: np.ndarray, batch_size: 
     for start in starts:
         rows = order[start : start + batch_size]
         x, mask = data.batch(rows, dtype=dtype, device=device)
-        batches.append((x, mask, torch.from_numpy(y[rows]).to(device)))
+        batches.append((x, mask, None if y is None else torch.from_numpy(y[rows]).to(device)))
     return batches, order
+
+
 
 
 @torch.no_grad()
 def predict(model: nn.Module, batches, dropout: bool = False) -> np.ndarray:
-    """(n, n_classes) class probabilities, rows in batch order. dropout=True is the flawed
-    reference behaviour (model left in training mode)."""
+    """(n, n_classes) float64 class probabilities, rows in batch order. dropout=True is the
+    flawed reference behaviour (model left in training mode)."""
     model.train(dropout)
     probs = [model(x.float(), mask).softmax(dim=-1).cpu() for x, mask, _ in batches]
     return torch.cat(probs).numpy().astype(np.float64)
+
+
+def predict_proba(model: nn.Module, data: LayerData, index, device: torch.device,
+                  dropout: bool = False) -> np.ndarray:
+    """(len(index), n_classes) class probabilities of the utterances `index`, in that order."""
+    index = np.asarray(index)
+    batches, order = make_batches(data, None, index, EVAL_BATCH_SIZE, device)
+    probs = predict(model, batches, dropout)
+    row = {int(u): i for i, u in enumerate(order)}
+    return probs[[row[int(u)] for u in index]]
 
 
 def ua_of(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
     return fold_metrics(y_true, probs.argmax(axis=1), n_classes)["ua"]
 
 
-# --- one fold --------------------------------------------------------------------------------
+def class_weights(y_train: np.ndarray, n_classes: int) -> torch.Tensor:
+    """(n_classes,) float32 n / (n_classes * count); 0 for a class absent from training."""
+    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
+    w = np.divide(len(y_train), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+# --- fitting one head ------------------------------------------------------------------------
 
 
 @dataclass
-class FoldResult:
-    """What one fold produced. probs: (n_test, n_classes), rows in the order of test_idx."""
+class Fit:
+    """A fitted head. selected: the choice ({"epoch": e} or {"C": c}) with "ua", its
+    validation UA (None when the choice was fixed); history: one entry per epoch or C tried."""
 
-    fold: int
-    test_idx: np.ndarray
-    probs: np.ndarray
-    metrics: dict
-    selected: dict  # {"epoch": k} or {"C": c}, with the selection UA
-    n_train: int
-    n_val: int
-    train_seconds: float
-    eval_seconds: float
-    history: list = field(default_factory=list)
-    head: object = None  # the trained head (torch module with the selected state, or LinearHead)
-    kwargs: dict = field(default_factory=dict)
+    model: Head
+    options: dict  # the head's constructor arguments
+    selected: dict
+    history: list
+    seconds: float
+
+
+def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
+                  config: TrainConfig, n_classes: int, seed: int, device: torch.device,
+                  fixed: dict | None = None) -> Fit:
+    """The training loop: AdamW over config.epochs epochs of the schedule, keeping the state
+    of the epoch with the best UA on `select`; with fixed={"epoch": e} (and select None),
+    train epochs 0..e of the same schedule and keep the last. Raises NonFiniteLossError if
+    the loss stops being finite."""
+    t0 = time.perf_counter()
+    options = cls.options(config, data.dim, n_classes)
+    last = config.epochs - 1 if fixed is None else int(fixed["epoch"])
+    assert 0 <= last < config.epochs, f"epoch {last} of a {config.epochs}-epoch schedule"
+    with fork_rng(device):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        train_batches, _ = make_batches(data, y, train, config.batch_size, device, rng)
+        if fixed is None:
+            select_batches, select_order = make_batches(data, y, select, EVAL_BATCH_SIZE, device)
+        model = cls(**options)
+        model.prepare(data, train, config)
+        model = model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+
+        best_ua, best_epoch, best_state, history = None, last, None, []
+        for epoch in range(last + 1):
+            lr = get_lr(epoch, config)
+            train_loss = train_epoch(model, optimizer, loss_fn, train_batches, rng, lr)
+            if not math.isfinite(train_loss):
+                raise NonFiniteLossError(
+                    f"epoch {epoch}: the training loss is {train_loss}; lower the learning rate (lr "
+                    f"{lr:g} at this epoch, --lr {config.lr:g}) or check the cache for NaN/inf frames")
+            entry = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+            if fixed is None:
+                probs = predict(model, select_batches, config.compat_eval_dropout)
+                entry["select_ua"] = ua = ua_of(y[select_order], probs, n_classes)
+                if best_ua is None or ua > best_ua:  # ties keep the earlier epoch
+                    best_ua, best_epoch = ua, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append(entry)
+            log.debug("epoch %d lr %.2e loss %.4f %s", epoch, lr, train_loss, entry.get("select_ua", ""))
+        if best_state is not None:
+            model.load_state_dict(best_state)
+    return Fit(model.eval(), options, {"epoch": best_epoch, "ua": best_ua}, history, time.perf_counter() - t0)
 
 
 def train_epoch(model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float) -> float:
@@ -275,94 +331,76 @@ def train_epoch(model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Ge
     return total.item() / count
 
 
-def train_torch_fold(data: LayerData, y: np.ndarray, split, head: str, config: TrainConfig,
-                     n_classes: int, fold: int, device: torch.device) -> FoldResult:
-    """Train a torch head on split = (train, select, test) indices, choose the epoch on
-    `select`, test once (test None: no test, for a grid search that tests only the setting it
-    picks on `select`). Raises NonFiniteLossError if the loss stops being finite."""
-    train, select, test = split
-    seed = fold_seed(config.seed, fold)
-    kwargs = head_kwargs(head, config, data.dim, n_classes)
+def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
+                 config: TrainConfig, n_classes: int, seed: int, device: torch.device,
+                 fixed: dict | None = None) -> Fit:
+    """Logistic regression on the standardised frame statistics (LayerData.statistics) for
+    each C of config.linear_c, keeping the best UA on `select`; with fixed={"C": c}, that C.
+    The result is the head `cls` (heads.LinearProbe) holding the fitted numbers."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     t0 = time.perf_counter()
-    with fork_rng(device):
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        train_batches, _ = make_batches(data, y, train, config.batch_size, device, rng)
-        select_batches, select_order = make_batches(data, y, select, EVAL_BATCH_SIZE, device)
-        model = build_head(head, **kwargs)
-        if config.standardize:
-            model.standardize_inputs(*data.moments(train))
-        model = model.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
-
-        best_ua, best_epoch, best_state, history = -1.0, -1, None, []
-        for epoch in range(config.epochs):
-            lr = get_lr(epoch, config)
-            train_loss = train_epoch(model, optimizer, loss_fn, train_batches, rng, lr)
-            if not math.isfinite(train_loss):
-                raise NonFiniteLossError(
-                    f"fold {fold}, epoch {epoch}: the training loss is {train_loss}; lower the "
-                    f"learning rate (lr {lr:g} at this epoch, --lr {config.lr:g}) or check the "
-                    "cache for NaN/inf frames"
-                )
-            ua = ua_of(y[select_order], predict(model, select_batches, config.compat_eval_dropout), n_classes)
-            history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "select_ua": ua})
-            log.debug("fold %d epoch %d lr %.2e loss %.4f select UA %.4f", fold, epoch, lr, train_loss, ua)
-            if ua > best_ua:  # ties keep the earlier epoch
-                best_ua, best_epoch = ua, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(best_state)
-        train_seconds = time.perf_counter() - t0
-        if test is None:
-            return FoldResult(fold, np.zeros(0, np.int64), np.zeros((0, n_classes)), {},
-                              {"epoch": best_epoch, "ua": best_ua}, len(train), len(select),
-                              train_seconds, 0.0, history, model.eval(), kwargs)
-
-        t0 = time.perf_counter()
-        test_batches, test_order = make_batches(data, y, test, EVAL_BATCH_SIZE, device)
-        probs = predict(model, test_batches, config.compat_eval_dropout)
-        eval_seconds = time.perf_counter() - t0
-    model.eval()
-    return FoldResult(fold, test_order, probs, fold_metrics(y[test_order], probs.argmax(1), n_classes),
-                      {"epoch": best_epoch, "ua": best_ua}, len(train), len(select),
-                      train_seconds, eval_seconds, history, model, kwargs)
+    features = data.statistics
+    best_ua, best_c, best, history = None, None, None, []
+    for c in config.linear_c if fixed is None else (float(fixed["C"]),):
+        pipeline = make_pipeline(StandardScaler(), LogisticRegression(
+            C=c, max_iter=config.linear_max_iter, random_state=seed,
+            class_weight="balanced" if config.class_weights else None)).fit(features[train], y[train])
+        ua = None
+        if fixed is None:
+            probs = np.zeros((len(select), n_classes))
+            probs[:, pipeline.classes_] = pipeline.predict_proba(features[select])
+            ua = ua_of(y[select], probs, n_classes)
+            history.append({"C": c, "select_ua": ua})
+        if best is None or ua > best_ua:  # ties keep the smaller C, the first of the grid
+            best_ua, best_c, best = ua, c, pipeline
+    options = cls.options(config, data.dim, n_classes)
+    scaler, logreg = best[0], best[-1]
+    model = cls(**options).from_fitted(scaler.mean_, scaler.scale_, logreg.coef_, logreg.intercept_,
+                                       logreg.classes_)
+    return Fit(model.to(device).eval(), options, {"C": best_c, "ua": best_ua}, history, time.perf_counter() - t0)
 
 
-def train_linear_fold(features: np.ndarray, y: np.ndarray, split, config: TrainConfig,
-                      n_classes: int, fold: int) -> FoldResult:
-    """Fit the linear head for each C of config.linear_c on train, keep the best UA on
-    `select`, test once (test None: no test, as in train_torch_fold). features: (n, 2 * dim)
-    from frame_statistics."""
-    train, select, test = split
-    kwargs = head_kwargs("linear", config, features.shape[1] // 2, n_classes)
-    t0 = time.perf_counter()
-    best_ua, best_c, best, history = -1.0, None, None, []
-    for c in config.linear_c:
-        model = LinearHead(**kwargs, C=c).fit(features[train], y[train])
-        ua = ua_of(y[select], model.predict_proba(features[select]), n_classes)
-        history.append({"C": c, "select_ua": ua})
-        if ua > best_ua:
-            best_ua, best_c, best = ua, c, model
-    train_seconds = time.perf_counter() - t0
-    if test is None:
-        return FoldResult(fold, np.zeros(0, np.int64), np.zeros((0, n_classes)), {},
-                          {"C": best_c, "ua": best_ua}, len(train), len(select),
-                          train_seconds, 0.0, history, best, {**kwargs, "C": best_c})
-    t0 = time.perf_counter()
-    probs = best.predict_proba(features[test])
-    eval_seconds = time.perf_counter() - t0
-    return FoldResult(fold, np.asarray(test), probs, fold_metrics(y[test], probs.argmax(1), n_classes),
-                      {"C": best_c, "ua": best_ua}, len(train), len(select),
-                      train_seconds, eval_seconds, history, best, {**kwargs, "C": best_c})
+@dataclass(frozen=True)
+class Fitter:
+    """How heads that select `key` are fitted, and which TrainConfig settings that reads
+    (besides the head's own constructor options)."""
+
+    fit: Callable[..., Fit]
+    settings: tuple[str, ...]
 
 
-def class_weights(y_train: np.ndarray, n_classes: int) -> torch.Tensor:
-    """(n_classes,) float32 n / (n_classes * count); 0 for a class absent from training."""
-    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
-    w = np.divide(len(y_train), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
-    return torch.tensor(w, dtype=torch.float32)
+FITTERS = {
+    "epoch": Fitter(fit_by_epochs, ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction",
+                                    "class_weights", "standardize")),
+    "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
+}
+
+
+def fitter_of(name: str) -> Fitter:
+    try:
+        return FITTERS[head_class(name).selects]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
+             n_classes: int, seed: int, device: torch.device, fixed: dict | None = None) -> Fit:
+    """Fit head `name` on the utterances `train`, choosing on `select` (validation), or with
+    the choice `fixed` (then select is None). y: (n,) class numbers of all of `data`."""
+    assert (select is None) == (fixed is not None), "give validation utterances or a fixed choice"
+    return fitter_of(name).fit(head_class(name), data, y, np.asarray(train), select, config,
+                               n_classes, seed, device, fixed)
+
+
+def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int = 2) -> dict:
+    """The TrainConfig settings that decide head `name`'s result: its fitter's settings and its
+    constructor options (what a grid key must change to matter for this head)."""
+    cls = head_class(name)
+    return {**{k: getattr(config, k) for k in FITTERS[cls.selects].settings},
+            **cls.options(config, dim, n_classes)}
 
 
 # --- all folds -------------------------------------------------------------------------------
@@ -370,23 +408,25 @@ def class_weights(y_train: np.ndarray, n_classes: int) -> torch.Tensor:
 
 @dataclass
 class RunResult:
-    """A head trained on every fold of one layer. metrics: the `summarize` dict."""
+    """A head trained on every fold of one layer. metrics: the `summarize` dict; models: the
+    fold heads (eval mode), in fold order."""
 
     head: str
     layer: int
     labels: list[str]
     config: TrainConfig
-    folds: list[FoldResult]
+    folds: list[FoldRecord]
     metrics: dict
+    models: list[Head] = field(default_factory=list)
 
     def table(self) -> str:
         """Per-fold and mean ± std table (percent), for printing."""
-        sel = "C" if self.head == "linear" else "epoch"
+        sel = head_class(self.head).selects
         lines = [f"{'fold':>6} {'n_test':>6} {sel:>6} {'UA':>6} {'WA':>6} {'mF1':>6} {'wF1':>6} "
                  f"{'train s':>8} {'eval s':>7}"]
         for f in self.folds:
             m = f.metrics
-            lines.append(f"{f.fold:>6} {len(f.test_idx):>6} {f.selected[sel]:>6g} {100 * m['ua']:6.2f} "
+            lines.append(f"{f.fold:>6} {len(f.test_ids):>6} {f.selected[sel]:>6g} {100 * m['ua']:6.2f} "
                          f"{100 * m['wa']:6.2f} {100 * m['macro_f1']:6.2f} {100 * m['weighted_f1']:6.2f} "
                          f"{f.train_seconds:8.1f} {f.eval_seconds:7.2f}")
         s = self.metrics
@@ -400,76 +440,131 @@ class RunResult:
         return "\n".join(lines)
 
 
+def fold_split(folds: Folds, k: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, select, test) of fold k. FLAWED compat_select_on_test: the reference code's
+    split, no validation speakers, the test fold picks the epoch."""
+    train, val, test = folds.split(k)
+    if config.compat_select_on_test:
+        return np.sort(np.concatenate([train, val])), test, test
+    return train, val, test
+
+
+def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, config: TrainConfig,
+               n_classes: int, device: torch.device) -> tuple[FoldRecord, Head]:
+    """Fit `head` on fold k's training speakers, choose on its validation speakers, test once."""
+    train, select, test = fold_split(folds, k, config)
+    seed = fold_seed(config.seed, k)
+    try:
+        fit = fit_head(head, data, y, train, select, config, n_classes, seed, device)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"fold {k}, {e}") from None
+    t0 = time.perf_counter()
+    with fork_rng(device):  # seeded: even the FLAWED dropout at evaluation is reproducible
+        torch.manual_seed(seed)
+        probs = predict_proba(fit.model, data, test, device, config.compat_eval_dropout)
+    record = FoldRecord(fold=k, selected=fit.selected, n_train=len(train), n_val=len(select),
+                        test_ids=data.ids[test].tolist(), probs=probs,
+                        metrics=fold_metrics(y[test], probs.argmax(axis=1), n_classes),
+                        train_seconds=fit.seconds, eval_seconds=time.perf_counter() - t0, history=fit.history)
+    return record, fit.model
+
+
 def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | None = None,
               out_dir: Path | None = None, cache: dict | None = None,
               overwrite: bool = False) -> RunResult:
     """Train and test `head` on every fold of `folds` over the utterances of `data`.
 
     cache: a JSON-able fingerprint of where `data` came from, stored in config.json.
-    out_dir: when given, the run folder to write (config.json, metrics.json, predictions.csv,
-    folds.csv/.json, fold_<k>.pt or fold_<k>.joblib); a folder already holding metrics.json is
-    refused unless overwrite.
+    out_dir: when given, the run folder to write (results.RunFolder), fold by fold. A folder
+    holding a finished run is refused unless overwrite; one holding an unfinished run of the
+    same settings is resumed from its finished folds; one of other settings is refused
+    (naming what differs) unless overwrite.
     """
     config = config or TrainConfig()
-    if head not in HEADS:
-        raise ConfigError(f"head {head!r} not found; available heads = {sorted(HEADS)}")
+    cls = head_class_or_error(head)
     folds = folds.aligned_to(data.ids)
     if (data.n_frames < 1).any():
         raise ConfigError(f"{(data.n_frames < 1).sum()} utterances have no frames, e.g. "
                           f"{data.ids[data.n_frames < 1][:3]}: rebuild the cache or drop them")
-    labels = sorted(set(data.labels.tolist()))
-    y = np.searchsorted(labels, data.labels).astype(np.int64)
+    labels, y = data.classes()
     n_classes = len(labels)
     device = resolve_device(config.device)
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        if (out_dir / "metrics.json").exists() and not overwrite:
-            raise ConfigError(f"{out_dir} already holds a finished run: choose another output "
-                              "folder or allow overwriting")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        folds.save(out_dir / "folds.csv")
-        _write_json(out_dir / "config.json", {
-            "head": head, "layer": int(data.layer), "labels": labels, "dim": int(data.dim),
-            "class_counts": dict(zip(labels, np.bincount(y, minlength=n_classes).tolist())),
-            "n_utterances": len(data), "device": str(device), "config": config.to_dict(),
-            "head_kwargs": head_kwargs(head, config, data.dim, n_classes),
-            "folds": {"protocol": folds.protocol, "n_folds": folds.n_folds, "seed": folds.seed},
-            "flawed_compat": config.flawed, "cache": cache or {},
-            "versions": {"torch": torch.__version__, "numpy": np.__version__},
-        })
+    run = RunConfig(
+        head=head, layer=int(data.layer), labels=labels, dim=int(data.dim),
+        class_counts=dict(zip(labels, np.bincount(y, minlength=n_classes).tolist())),
+        n_utterances=len(data), device=str(device), config=config.to_dict(),
+        head_kwargs=cls.options(config, data.dim, n_classes),
+        folds={"protocol": folds.protocol, "n_folds": folds.n_folds, "seed": folds.seed,
+               "sha256": folds_digest(folds)},
+        flawed_compat=config.flawed, cache=cache or {},
+        versions={"torch": torch.__version__, "numpy": np.__version__})
+    folder = open_run_folder(out_dir, run, folds, overwrite) if out_dir is not None else None
     log.info("%s head on layer %d: %d utterances, %d classes, %d folds (%s), device %s",
              head, data.layer, len(data), n_classes, folds.n_folds, folds.protocol, device)
 
-    features = frame_statistics(data) if head == "linear" else None
-    results = []
+    records, models = [], []
     for k in range(folds.n_folds):
-        train, val, test = folds.split(k)
-        if config.compat_select_on_test:  # the reference: no validation split, test picks the epoch
-            split = (np.sort(np.concatenate([train, val])), test, test)
+        record = folder.read_fold(k) if folder else None
+        if record is not None:
+            log.info("fold %d: finished in an earlier run, kept", k)
+            model = load_head(folder.head_path(k))[0]
         else:
-            split = (train, val, test)
-        if head == "linear":
-            r = train_linear_fold(features, y, split, config, n_classes, k)
-        else:
-            r = train_torch_fold(data, y, split, head, config, n_classes, k, device)
-        results.append(r)
-        log.info("fold %d: UA %.4f WA %.4f (selected %s) train %.1fs eval %.2fs", k, r.metrics["ua"],
-                 r.metrics["wa"], r.selected, r.train_seconds, r.eval_seconds)
-        if out_dir is not None:
-            suffix = ".joblib" if head == "linear" else ".pt"
-            save_head(out_dir / f"fold_{k}{suffix}", r.head, head, r.kwargs, labels, data.layer,
-                      fold=k, selected=r.selected)
+            record, model = train_fold(data, y, folds, k, head, config, n_classes, device)
+            if folder:
+                save_head(folder.head_path(k), model, head, run.head_kwargs, labels, data.layer,
+                          fold=k, selected=record.selected)
+                folder.write_fold(record)
+        records.append(record)
+        models.append(model)
+        log.info("fold %d: UA %.4f WA %.4f (selected %s) train %.1fs eval %.2fs", k, record.metrics["ua"],
+                 record.metrics["wa"], record.selected, record.train_seconds, record.eval_seconds)
 
-    result = RunResult(head, int(data.layer), labels, config, results,
-                       summarize([r.metrics for r in results], labels))
-    if out_dir is not None:
-        _write_predictions(out_dir / "predictions.csv", data, y, labels, results)
+    result = RunResult(head, int(data.layer), labels, config, records,
+                       summarize([r.metrics for r in records], labels), models)
+    if folder:
+        folder.write_predictions(data.ids, labels, y, records)
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
-                    "n_test": len(r.test_idx), "train_seconds": r.train_seconds,
-                    "eval_seconds": r.eval_seconds, "history": r.history} for r in results]
-        _write_json(out_dir / "metrics.json", {"head": head, "layer": int(data.layer), **result.metrics,
-                                               "fold_details": details})
+                    "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
+                    "eval_seconds": r.eval_seconds, "history": r.history} for r in records]
+        folder.write_metrics(RunMetrics(head, int(data.layer), result.metrics, details))  # last: marks it finished
     return result
+
+
+def head_class_or_error(name: str) -> type[Head]:
+    try:
+        return head_class(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def folds_digest(folds: Folds) -> str:
+    """SHA-256 of every fold's (train, validation, test) utterance ids: equal digests, same folds."""
+    h = hashlib.sha256()
+    for k in range(folds.n_folds):
+        h.update(json.dumps([folds.ids[i].tolist() for i in folds.split(k)]).encode())
+    return h.hexdigest()
+
+
+def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool) -> RunFolder:
+    """The run folder, created, resumed or refused (see run_folds); writes folds and config."""
+    folder = RunFolder(out_dir)
+    if (folder.root / RunFolder.CONFIG).is_file() and not overwrite:
+        if folder.finished:
+            raise ConfigError(f"{folder.root} already holds a finished run: choose another output folder "
+                              "or allow overwriting")
+        differences = folder.read_config().same_work(run)
+        if differences:
+            raise ConfigError(f"{folder.root} holds an unfinished run with other settings:\n  "
+                              + "\n  ".join(differences)
+                              + "\nRepeat its options to resume it, choose another output folder, or allow overwriting")
+    elif overwrite and folder.root.is_dir():
+        for old in [*folder.root.glob("fold_*.*"), folder.root / RunFolder.METRICS, folder.root / RunFolder.PREDICTIONS]:
+            old.unlink(missing_ok=True)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(folder.root)
+    folds.save(folder.root / RunFolder.FOLDS)
+    folder.write_config(run)
+    return folder
 
 
 def train_from_cache(cache_path: Path, layer: int, head: str, out_dir: Path | None,
@@ -481,9 +576,10 @@ def train_from_cache(cache_path: Path, layer: int, head: str, out_dir: Path | No
     protocol None: "file" with a fold file, "loso" when the corpus has groups, else "kfold"
     with n_folds (default per corpus, folds.DEFAULT_N_FOLDS).
     """
-    from ser_cache.cache import open_cache
+    from .cache import open_cache
 
     config = config or TrainConfig()
+    head_class_or_error(head)
     cache = open_cache(cache_path)  # read_layer runs the cheap checks (Cache.check) itself
     if layer not in cache.layers:
         raise ConfigError(f"layer {layer} is not in the cache {cache_path}; cached layers = {cache.layers}")
@@ -491,21 +587,3 @@ def train_from_cache(cache_path: Path, layer: int, head: str, out_dir: Path | No
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
                        n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed)
     return run_folds(data, folds, head, config, out_dir, cache=cache.fingerprint, overwrite=overwrite)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(json_safe(obj), indent=1) + "\n", encoding="utf-8")
-
-
-def _write_predictions(path: Path, data: LayerData, y, labels, results: list[FoldResult]) -> None:
-    """One row per utterance, in cache order: id, fold, label, prediction, prob_<class>..."""
-    rows = []
-    for r in results:
-        for i, p in zip(r.test_idx, r.probs):
-            rows.append((int(i), r.fold, p))
-    rows.sort(key=lambda row: row[0])
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "fold", "label", "prediction"] + [f"prob_{c}" for c in labels])
-        for i, fold, p in rows:
-            w.writerow([data.ids[i], fold, labels[y[i]], labels[int(p.argmax())]] + [f"{v:.6f}" for v in p])

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from ser_cache.features import LayerData
-from ser_cache.heads import HEADS, LinearHead, build_head, frame_statistics, load_head, save_head
+from ser_cache.heads import HEADS, build_head, load_head, save_head
+from ser_cache.training import TrainConfig, fit_head
 
-TORCH_HEADS = ["mean", "attentive", "qkv"]
+TORCH_HEADS = ["mean", "attentive", "qkv"]  # the pooling heads
 DIM, N_CLASSES = 12, 5
 
 
@@ -32,12 +33,23 @@ def test_shapes(name):
     assert head.pool(head.front(x), mask).shape == (4, head.pooled_dim)
 
 
-@pytest.mark.parametrize("name", TORCH_HEADS)
+def fresh(name):
+    """A head of each kind with non-trivial numbers (the linear probe starts all zero)."""
+    if name == "linear":
+        g = torch.Generator().manual_seed(1)
+        return build_head(name, DIM, N_CLASSES).from_fitted(
+            torch.randn(2 * DIM, generator=g).numpy(), 1 + torch.rand(2 * DIM, generator=g).numpy(),
+            torch.randn(N_CLASSES, 2 * DIM, generator=g).numpy(), torch.randn(N_CLASSES, generator=g).numpy(),
+            np.arange(N_CLASSES)).eval()
+    return build_head(name, DIM, N_CLASSES, d_model=32).eval()
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
 @pytest.mark.parametrize("junk", ["noise", "huge", "nan"])
 def test_padding_does_not_change_output(name, junk):
     """Appending padded frames (mask False) holding anything leaves the logits unchanged."""
     torch.manual_seed(0)
-    head = build_head(name, DIM, N_CLASSES, d_model=32).eval()
+    head = fresh(name)
     x, mask = make_batch()
     extra = {"noise": torch.randn(4, 7, DIM), "huge": torch.full((4, 7, DIM), 1e6),
              "nan": torch.full((4, 7, DIM), float("nan"))}[junk]
@@ -51,17 +63,17 @@ def test_padding_does_not_change_output(name, junk):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", TORCH_HEADS)
+@pytest.mark.parametrize("name", sorted(HEADS))
 def test_batch_equals_single(name):
     """An utterance gets the same logits alone as inside a padded batch."""
-    head = build_head(name, DIM, N_CLASSES, d_model=32).eval()
+    head = fresh(name)
     x, mask = make_batch()
     with torch.no_grad():
         batched = head(x, mask)
         for i in range(4):
             n = int(mask[i].sum())
             alone = head(x[i : i + 1, :n], mask[i : i + 1, :n])
-            torch.testing.assert_close(alone[0], batched[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(alone[0], batched[i], rtol=1e-5, atol=1e-5, check_dtype=False)
 
 
 def test_sizes_are_options():
@@ -81,12 +93,13 @@ def test_dropout_only_in_training_mode():
         assert not torch.equal(head(x, mask), head(x, mask))
 
 
-@pytest.mark.parametrize("name", TORCH_HEADS)
-def test_torch_head_round_trip(name, tmp_path):
-    kwargs = {"dim": DIM, "n_classes": N_CLASSES, "d_model": 16}
-    head = build_head(name, **kwargs).eval()
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_head_round_trip(name, tmp_path):
+    head = fresh(name)
+    kwargs = head.options(TrainConfig(d_model=32), DIM, N_CLASSES)
     labels = [f"c{i}" for i in range(N_CLASSES)]
     save_head(tmp_path / "h.pt", head, name, kwargs, labels, layer=3, fold=1)
+    torch.load(tmp_path / "h.pt", weights_only=True)  # tensors and plain values only: no pickled code
     again, info = load_head(tmp_path / "h.pt")
     assert info["head"] == name and info["labels"] == labels and info["layer"] == 3 and info["fold"] == 1
     x, mask = make_batch()
@@ -108,23 +121,48 @@ def tiny_layer(n=30, seed=0):
 
 def test_frame_statistics():
     data = tiny_layer()
-    feats = frame_statistics(data)
+    feats = data.statistics
     assert feats.shape == (len(data), 2 * DIM)
     np.testing.assert_allclose(feats[4, :DIM], data.utterance(4).mean(0), rtol=1e-5)
     np.testing.assert_allclose(feats[4, DIM:], data.utterance(4).std(0), rtol=1e-5)
 
 
-def test_linear_head_fits_and_round_trips(tmp_path):
+def test_linear_probe_gives_the_scikit_learn_pipelines_probabilities(tmp_path):
+    """The probe is fitted by scikit-learn (StandardScaler + LogisticRegression, C chosen on
+    validation) and computes, from padded frames, the probabilities that pipeline gives."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     data = tiny_layer()
-    feats, y = frame_statistics(data), np.arange(len(data)) % 3
-    head = LinearHead(DIM, 4, C=1.0).fit(feats, y)  # class 3 never seen: probability 0
-    probs = head.predict_proba(feats)
-    assert probs.shape == (len(data), 4) and np.allclose(probs.sum(1), 1) and (probs[:, 3] == 0).all()
-    assert (probs.argmax(1) == y).mean() > 0.9
-    save_head(tmp_path / "h.joblib", head, "linear", {"dim": DIM, "n_classes": 4}, list("abcd"), layer=2)
-    again, info = load_head(tmp_path / "h.joblib")
-    assert info["head"] == "linear" and info["labels"] == list("abcd")
-    np.testing.assert_array_equal(again.predict_proba(feats), probs)
+    y = np.arange(len(data)) % 3
+    train, val = np.arange(0, 20), np.arange(20, 30)
+    fit = fit_head("linear", data, y, train, val, TrainConfig(linear_c=(0.1, 1.0)), 4, 0, torch.device("cpu"))
+    assert fit.selected["C"] in (0.1, 1.0) and [h["C"] for h in fit.history] == [0.1, 1.0]
+    x, mask = data.batch(np.arange(len(data)))
+    with torch.no_grad():
+        probs = fit.model(x, mask).softmax(-1).numpy()
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=fit.selected["C"], max_iter=2000))
+    reference.fit(data.statistics[train], y[train])
+    np.testing.assert_allclose(probs[:, :3], reference.predict_proba(data.statistics), atol=1e-10)
+    assert (probs[:, 3] == 0).all()  # class 3 never seen in training: probability 0
+    assert (probs.argmax(1) == y).mean() > 0.7  # chance is 1/3; trained on 20 of 30 utterances
+
+
+def test_linear_probe_two_classes():
+    """scikit-learn keeps one weight row for two classes; the probe still gives both."""
+    data = tiny_layer()
+    y = (np.arange(len(data)) % 3 > 0).astype(np.int64)
+    fit = fit_head("linear", data, y, np.arange(30), None, TrainConfig(), 2, 0, torch.device("cpu"), fixed={"C": 1.0})
+    x, mask = data.batch(np.arange(len(data)))
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(data.statistics, y)
+    with torch.no_grad():
+        np.testing.assert_allclose(fit.model(x, mask).softmax(-1).numpy(), reference.predict_proba(data.statistics),
+                                   atol=1e-10)
 
 
 def test_input_standardisation_is_applied_and_saved():

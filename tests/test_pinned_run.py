@@ -31,9 +31,9 @@ def current_run() -> dict:
         out = {}
         for head in HEAD_NAMES:
             result = run_folds(data, folds, head, TrainConfig(**{**SMALL, "epochs": 8}, lr=3e-3, seed=1))
-            probs = np.zeros((len(data), len(result.labels)))
-            for f in result.folds:
-                probs[f.test_idx] = f.probs
+            probs, row = np.zeros((len(data), len(result.labels))), {u: i for i, u in enumerate(data.ids)}
+            for f in result.folds:  # (rows were test_idx before the refactor; the same utterances)
+                probs[[row[u] for u in f.test_ids]] = f.probs
             out[head] = {"selected": [{k: v for k, v in f.selected.items() if k != "ua"} for f in result.folds],
                          "ua": [f.metrics["ua"] for f in result.folds], "probs": probs.round(7).tolist()}
         return out

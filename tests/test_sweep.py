@@ -16,8 +16,9 @@ from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, load_sweep
+from ser_cache.results import SweepFolder
 from ser_cache.sweep import SweepError, SweepSpec, Task, head_settings, parse_grid, run_sweep
-from ser_cache.training import FoldResult, TrainConfig
+from ser_cache.training import Fit, TrainConfig
 
 from conftest import write_corpus
 
@@ -52,7 +53,7 @@ def spec_for(cache, **kw) -> SweepSpec:
 
 
 def tasks_on_disk(folder: Path) -> list[Path]:
-    return sorted((folder / S.CELL_DIR).glob("*/*/*.json"))
+    return sorted((folder / SweepFolder.CELLS).glob("*/*/*.json"))
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -79,7 +80,7 @@ def test_sweep_writes_one_row_per_cell_and_fold_over_the_same_folds(full):
                                   "ua", "wa", "macro_f1", "seconds"]
     assert {r["mode"] for r in rows} == {"trim"} and {r["cache"] for r in rows} == {"tiny-trim"}
     # one fold file per cache and seed, and every cell of a seed tested the same utterances
-    assert sorted(p.name for p in (out / S.FOLD_DIR).glob("*.csv")) == ["tiny-trim-seed0.csv", "tiny-trim-seed1.csv"]
+    assert sorted(p.name for p in (out / SweepFolder.FOLDS).glob("*.csv")) == ["tiny-trim-seed0.csv", "tiny-trim-seed1.csv"]
     for seed in (0, 1):
         n_test: dict[tuple, list] = {}
         for r in rows:
@@ -91,7 +92,7 @@ def test_sweep_writes_one_row_per_cell_and_fold_over_the_same_folds(full):
     assert (out / LAYER_PLOT).stat().st_size > 10_000 and (out / CONFUSION_PLOT).stat().st_size > 10_000
     summary = (out / SUMMARY_FILE).read_text(encoding="utf-8")
     assert "| layer | linear | mean | qkv |" in summary and summary.count("★") >= 2
-    timing = json.loads((out / S.TIMING_FILE).read_text())["runs"]
+    timing = json.loads((out / SweepFolder.TIMING).read_text())["runs"]
     assert len(timing) == 1 and timing[0]["layers_read"] == n_layers  # each layer read once
     assert timing[0]["train_seconds"] > 0 and timing[0]["read_seconds"] > 0
 
@@ -120,7 +121,7 @@ def test_interrupted_sweep_resumes_without_duplicates_and_same_results(caches, f
     key = lambda r: (r["layer"], r["head"], r["seed"], r["fold"])  # noqa: E731
     assert len({key(r) for r in rows}) == len(rows) == len(reference)
     assert [(key(r), r["ua"], r["setting"]) for r in rows] == [(key(r), r["ua"], r["setting"]) for r in reference]
-    assert len(json.loads((out / S.TIMING_FILE).read_text())["runs"]) == 2  # the no-op adds none
+    assert len(json.loads((out / SweepFolder.TIMING).read_text())["runs"]) == 2  # the no-op adds none
 
 
 def test_a_changed_config_into_the_same_sweep_is_refused(caches, full):
@@ -176,32 +177,31 @@ def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, mo
         def __init__(self, n_heads):
             self.n_heads = n_heads
 
-    def fake_train(data, y, split, head, config, n_classes, fold, device):
-        train, val, test = split
-        assert test is None, "the test set reached training"
-        assert not set(train) & set(val)
+    def fake_fit(head, data, y, train, select, config, n_classes, seed, device, fixed=None):
+        assert not set(train) & set(select), "validation utterances reached training"
+        test = set(range(len(data))) - set(train) - set(select)
+        assert test, "the test fold reached training or validation"
         val_ua = {2: 0.9, 4: 0.4}[config.n_heads]
-        return FoldResult(fold, np.zeros(0, np.int64), np.zeros((0, n_classes)), {},
-                          {"epoch": 0, "ua": val_ua}, len(train), len(val), 0.01, 0.0, [],
-                          Marker(config.n_heads), {})
+        return Fit(Marker(config.n_heads), {}, {"epoch": 0, "ua": val_ua}, [], 0.01)
 
-    def fake_test(model, head, data, features, y, test, device):
+    def fake_test(model, data, test, device, dropout=False):
         tested.append(model.n_heads)
         # perfect predictions for n_heads=4, always wrong for n_heads=2
+        _, y = data.classes()
         n_classes = int(y.max()) + 1
         pred = y[test] if model.n_heads == 4 else (y[test] + 1) % n_classes
-        return np.eye(n_classes)[pred], np.asarray(test)
+        return np.eye(n_classes)[pred]
 
-    monkeypatch.setattr(S, "train_torch_fold", fake_train)
-    monkeypatch.setattr(S, "score_on_test", fake_test)
+    monkeypatch.setattr(S, "fit_head", fake_fit)
+    monkeypatch.setattr(S, "predict_proba", fake_test)
     spec = spec_for(caches["trim"], heads=["qkv"], layers="2", grid=parse_grid(["heads=2,4"]))
     run_sweep(spec, tmp_path / "grid", jobs=1, progress=False)
     records = load_sweep(tmp_path / "grid").records
     assert len(records) == N_FOLDS and tested == [2] * N_FOLDS
     for r in records:
-        assert r["setting"] == "n_heads=2" and r["values"] == {"n_heads": 2}
-        assert r["val_ua"] == 0.9 and r["ua"] == 0.0
-        assert [(g["setting"], g["val_ua"]) for g in r["grid"]] == [("n_heads=2", 0.9), ("n_heads=4", 0.4)]
+        assert r.setting == "n_heads=2" and r.values == {"n_heads": 2}
+        assert r.val_ua == 0.9 and r.ua == 0.0
+        assert [(g["setting"], g["val_ua"]) for g in r.grid] == [("n_heads=2", 0.9), ("n_heads=4", 0.4)]
     assert "n_heads=2" in (tmp_path / "grid" / SUMMARY_FILE).read_text()
 
 
@@ -225,13 +225,12 @@ def test_worker_processes_share_one_read_of_each_layer(caches, full, tmp_path):
     shm_before = set(Path("/dev/shm").glob("psm_*"))
     outcome = run_sweep(spec_for(caches["trim"], heads=["linear", "mean"], layers="1-2"), out, jobs=2, progress=False)
     assert outcome.tasks_run == 2 * 2 * N_FOLDS and not outcome.failures
-    assert outcome.timing["layers_read"] == 2 and outcome.timing["jobs"] == 2
+    assert outcome.timing.layers_read == 2 and outcome.timing.jobs == 2
     records = load_sweep(out).records
-    assert {r["threads"] for r in records} == {1}
+    assert {r.threads for r in records} == {1}
     # the linear head is deterministic, so it matches the in-process sweep exactly
-    reference = {(r["layer"], r["fold"]): r["ua"] for r in load_sweep(full[0]).records
-                 if r["head"] == "linear" and r["seed"] == 0}
-    assert all(r["ua"] == reference[r["layer"], r["fold"]] for r in records if r["head"] == "linear")
+    reference = {(r.layer, r.fold): r.ua for r in load_sweep(full[0]).records if r.head == "linear" and r.seed == 0}
+    assert all(r.ua == reference[r.layer, r.fold] for r in records if r.head == "linear")
     assert set(Path("/dev/shm").glob("psm_*")) <= shm_before  # every shared layer was freed
 
 

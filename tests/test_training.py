@@ -15,10 +15,13 @@ from ser_cache.training import (
     ConfigError,
     NonFiniteLossError,
     TrainConfig,
+    fit_head,
+    fold_seed,
     get_lr,
     make_batches,
+    predict_proba,
     run_folds,
-    train_torch_fold,
+    ua_of,
 )
 
 # Small heads and few epochs: the invariants do not depend on size.
@@ -143,7 +146,7 @@ def test_honest_selection_uses_validation_speakers(data):
     r = run_folds(data, folds, "attentive", TrainConfig(**SMALL))
     for f in r.folds:
         train, val, test = folds.split(f.fold)
-        assert (f.n_train, f.n_val) == (len(train), len(val)) and sorted(f.test_idx) == list(test)
+        assert (f.n_train, f.n_val) == (len(train), len(val)) and f.test_ids == data.ids[test].tolist()
         assert len(f.history) == SMALL["epochs"] and 0 <= f.selected["epoch"] < SMALL["epochs"]
 
 
@@ -153,7 +156,7 @@ def test_compat_switches_change_behaviour(data):
     on_test = run_folds(data, folds, "attentive", TrainConfig(**SMALL, compat_select_on_test=True))
     for h, t in zip(honest.folds, on_test.folds):
         assert t.n_train == h.n_train + h.n_val  # no validation split: its speakers train
-        assert t.n_val == len(t.test_idx)  # the test fold picks the epoch ...
+        assert t.n_val == len(t.test_ids)  # the test fold picks the epoch ...
         assert t.selected["ua"] == pytest.approx(t.metrics["ua"])  # ... so it reports the best test UA
         assert t.metrics["ua"] == pytest.approx(max(e["select_ua"] for e in t.history))
     dropout = run_folds(data, folds, "attentive", TrainConfig(**SMALL, dropout=0.5, compat_eval_dropout=True))
@@ -190,7 +193,8 @@ def test_run_folder(data, tmp_path):
     assert np.array_equal(loaded.test_fold, folds.test_fold) and loaded.val_speakers == folds.val_speakers
     head, info = load_head(out / "fold_1.pt")  # reloads and reproduces that fold's test predictions
     assert info["labels"] == ["c0", "c1", "c2"] and info["layer"] == 1 and info["head"] == "qkv"
-    test = r.folds[1].test_idx
+    test = folds.split(1)[2]
+    assert r.folds[1].test_ids == data.ids[test].tolist()
     x, mask = data.batch(test)
     with torch.no_grad():
         probs = head(x, mask).softmax(-1).numpy()
@@ -203,8 +207,11 @@ def test_run_folder(data, tmp_path):
 def test_linear_run_folder(data, tmp_path):
     r = run_folds(data, folds_of(data), "linear", TrainConfig(linear_c=(0.1, 1.0)), tmp_path)
     assert all(f.selected["C"] in (0.1, 1.0) for f in r.folds)
-    model, info = load_head(tmp_path / "fold_0.joblib")
-    assert info["kwargs"]["C"] == r.folds[0].selected["C"]
+    model, info = load_head(tmp_path / "fold_0.pt")
+    assert info["head"] == "linear" and info["selected"]["C"] == r.folds[0].selected["C"]
+    x, mask = data.batch(folds_of(data).split(0)[2])
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x, mask).softmax(-1).numpy(), r.folds[0].probs, atol=1e-12)
     assert r.metrics["ua"]["mean"] > 0.9  # the class shifts its own dimension: easy
 
 
@@ -226,8 +233,11 @@ def needle_uas():
     first_half = np.isin(data.speakers, [f"s{i}" for i in range(8)])
     folds = Folds(data.ids, data.speakers, np.where(first_half, 1, 0), [["s7"], ["s15"]], "file", 0)
     config = TrainConfig(epochs=20, lr=2e-3, d_model=64, device="cpu", seed=0)
-    return {head: train_torch_fold(data, y, folds.split(0), head, config, 4, 0, torch.device("cpu")).metrics["ua"]
-            for head in ("mean", "attentive", "qkv")}
+    train, val, test = folds.split(0)
+    cpu = torch.device("cpu")
+    models = {head: fit_head(head, data, y, train, val, config, 4, fold_seed(0, 0), cpu).model
+              for head in ("mean", "attentive", "qkv")}
+    return {head: ua_of(y[test], predict_proba(m, data, test, cpu), 4) for head, m in models.items()}
 
 
 @pytest.mark.parametrize("head", ["attentive", "qkv"])

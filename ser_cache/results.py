@@ -1,0 +1,394 @@
+"""What stage 2 writes to disk: typed records, the folders that hold them, atomic writes.
+
+    training.py --RunFolder-->   RUN/config.json      RunConfig: what was trained, on what
+                                 RUN/fold_K.pt        the head of fold K (heads.save_head)
+                                 RUN/fold_K.json      FoldRecord: its choice, test probabilities
+                                 RUN/metrics.json     RunMetrics: mean and std over folds
+                                 RUN/predictions.csv  one row per utterance
+                                 RUN/folds.csv        the folds (folds.Folds.save)
+    sweep.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
+                                 SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellResult
+                                 SWEEP/folds/CACHE-seedS.csv                         the folds
+                                 SWEEP/timing.json    one SweepTiming per run of the sweep
+    report.py <--SweepFolder--   (reads only)
+
+Every file is written whole or not at all (temporary name per process, fsync, rename), so a
+kill leaves either the old state or the new one, and a temporary file that a re-run removes.
+A record read back is checked against its fields: a file from another version is an error that
+names the file and the fix, not a KeyError deep in a report.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .metrics import json_safe
+
+
+class ResultsError(ValueError):
+    """A run or sweep folder that cannot be used as asked; the message names the fix."""
+
+
+class SweepError(ResultsError):
+    """A sweep that cannot run or be reported as asked; the message names the fix."""
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """write(file object) into a per-process temporary beside `path`, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """JSON (NaN written as null) that is either absent or complete."""
+    text = json.dumps(json_safe(obj), indent=1, ensure_ascii=False) + "\n"
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_torch_atomic(path: Path, obj) -> None:
+    """torch.save of plain values and tensors, either absent or complete."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _replace_atomically(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def read_json(path: Path, what: str):
+    """A JSON file, or ResultsError naming it and `what` it should be."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ResultsError(f"cannot read {path} ({what}): {e}") from None
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporaries a killed writer left under `folder` (call only while no other
+    process writes there)."""
+    for tmp in Path(folder).rglob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# --- typed records ----------------------------------------------------------------------------
+
+
+class Record:
+    """A dataclass written as one JSON object; `from_dict` refuses missing fields."""
+
+    @classmethod
+    def from_dict(cls, d: dict, source: Path | str = "?"):
+        names = [f.name for f in dataclasses.fields(cls)]
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in d]
+        if not isinstance(d, dict) or missing:
+            raise ResultsError(f"{source} lacks {missing or 'its fields'}: it was written by another "
+                               "version of ser-cache; delete it and re-run to recompute it")
+        return cls(**{n: d[n] for n in names if n in d})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunConfig(Record):
+    """RUN/config.json: what a `ser-cache train` run trained, on which data, with which settings.
+
+    train: TrainConfig.to_dict(); head_kwargs: the head's constructor options; cache: the cache's
+    fingerprint (cache.Cache.fingerprint); folds: protocol, n_folds, seed.
+    """
+
+    head: str
+    layer: int
+    labels: list[str]
+    dim: int
+    class_counts: dict
+    n_utterances: int
+    device: str
+    config: dict
+    head_kwargs: dict
+    folds: dict
+    flawed_compat: bool
+    cache: dict
+    versions: dict = field(default_factory=dict)
+
+    def same_work(self, other: "RunConfig") -> list[str]:
+        """What differs between two configs in what decides the results (not device or versions)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine["cache"].pop("path", None), theirs["cache"].pop("path", None)
+        mine["config"].pop("device", None), theirs["config"].pop("device", None)
+        return [f"{k}: run has {json_safe(mine[k])!r}, asked for {json_safe(theirs[k])!r}"
+                for k in mine if k not in ("device", "versions") and json_safe(mine[k]) != json_safe(theirs[k])]
+
+
+@dataclass
+class FoldRecord(Record):
+    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids."""
+
+    fold: int
+    selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua"
+    n_train: int
+    n_val: int
+    test_ids: list[str]
+    probs: np.ndarray
+    metrics: dict  # metrics.fold_metrics
+    train_seconds: float
+    eval_seconds: float
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.probs = np.asarray(self.probs, dtype=np.float64)
+        assert len(self.probs) == len(self.test_ids), f"{len(self.probs)} rows for {len(self.test_ids)} ids"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "probs": self.probs.tolist()}
+
+
+@dataclass
+class RunMetrics(Record):
+    """RUN/metrics.json: metrics.summarize over folds, plus each fold's choice and timing."""
+
+    head: str
+    layer: int
+    summary: dict
+    fold_details: list
+
+    def to_dict(self) -> dict:  # the summary's keys at the top level, as `summarize` gives them
+        return {"head": self.head, "layer": self.layer, **self.summary, "fold_details": self.fold_details}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: Path | str = "?") -> "RunMetrics":
+        if not isinstance(d, dict) or not {"head", "layer", "fold_details", "ua"} <= set(d):
+            raise ResultsError(f"{source} is not a metrics.json of this version of ser-cache: re-run the run")
+        summary = {k: v for k, v in d.items() if k not in ("head", "layer", "fold_details")}
+        return cls(d["head"], d["layer"], summary, d["fold_details"])
+
+
+@dataclass
+class CellResult(Record):
+    """One fold of one sweep cell (cache, layer, head, seed), as saved by a sweep worker.
+
+    Metrics are in [0, 1] (metrics.fold_metrics); grid lists every setting tried with its
+    validation UA; setting and values are the one chosen on validation.
+    """
+
+    cache: str
+    corpus: str
+    model: str
+    mode: str
+    layer: int
+    head: str
+    seed: int
+    fold: int
+    setting: str
+    values: dict
+    selected: dict
+    val_ua: float
+    grid: list
+    labels: list[str]
+    ua: float
+    wa: float
+    macro_f1: float
+    weighted_f1: float
+    per_class_recall: list
+    confusion: list
+    n_train: int
+    n_val: int
+    n_test: int
+    train_seconds: float
+    eval_seconds: float
+    seconds: float
+    threads: int
+    device: str
+
+
+@dataclass
+class SweepTiming(Record):
+    """One run of `ser-cache sweep` (an entry of SWEEP/timing.json). Seconds of training and
+    evaluation are summed over worker processes."""
+
+    started: str
+    jobs: int
+    threads_per_job: int
+    device: str
+    tasks_total: int
+    tasks_done_before: int
+    read_seconds: float = 0.0
+    layers_read: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    tasks_run: int = 0
+    tasks_failed: int = 0
+
+
+# --- a run folder -----------------------------------------------------------------------------
+
+
+class RunFolder:
+    """The files of one `ser-cache train` run (see the module docstring)."""
+
+    CONFIG, METRICS, PREDICTIONS, FOLDS = "config.json", "metrics.json", "predictions.csv", "folds.csv"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def head_path(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}.pt"
+
+    def record_path(self, fold: int) -> Path:
+        return self.root / f"fold_{fold}.json"
+
+    @property
+    def finished(self) -> bool:
+        return (self.root / self.METRICS).is_file()
+
+    def read_config(self) -> RunConfig:
+        path = self.root / self.CONFIG
+        if not path.is_file():
+            raise ResultsError(f"{self.root} is not a training run (no {self.CONFIG}): pass a folder made by "
+                               "`ser-cache train`")
+        return RunConfig.from_dict(read_json(path, "a run's config"), path)
+
+    def write_config(self, config: RunConfig) -> None:
+        write_json_atomic(self.root / self.CONFIG, config.to_dict())
+
+    def read_metrics(self) -> RunMetrics | None:
+        path = self.root / self.METRICS
+        return RunMetrics.from_dict(read_json(path, "a run's metrics"), path) if path.is_file() else None
+
+    def write_metrics(self, metrics: RunMetrics) -> None:
+        write_json_atomic(self.root / self.METRICS, metrics.to_dict())
+
+    def read_fold(self, fold: int) -> FoldRecord | None:
+        """Fold `fold`'s record if both it and its head were saved, else None."""
+        path = self.record_path(fold)
+        if not (path.is_file() and self.head_path(fold).is_file()):
+            return None
+        return FoldRecord.from_dict(read_json(path, "a fold's record"), path)
+
+    def write_fold(self, record: FoldRecord) -> None:
+        """The record after the head (saved first by the caller): a record means a whole fold."""
+        write_json_atomic(self.record_path(record.fold), record.to_dict())
+
+    def write_predictions(self, ids: np.ndarray, labels: list[str], y: np.ndarray,
+                          records: list[FoldRecord]) -> None:
+        """One row per utterance, in cache order: id, fold, label, prediction, prob_<class>..."""
+        row_of = {u: i for i, u in enumerate(ids)}
+        rows = sorted((row_of[u], r.fold, np.asarray(p)) for r in records for u, p in zip(r.test_ids, r.probs))
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["id", "fold", "label", "prediction"] + [f"prob_{c}" for c in labels])
+        for i, fold, p in rows:
+            w.writerow([ids[i], fold, labels[y[i]], labels[int(p.argmax())]] + [f"{v:.6f}" for v in p])
+        write_text_atomic(self.root / self.PREDICTIONS, out.getvalue())
+
+
+# --- a sweep folder ---------------------------------------------------------------------------
+
+
+class SweepFolder:
+    """The files of one `ser-cache sweep` (see the module docstring)."""
+
+    CONFIG, TIMING, CELLS, FOLDS, LOCK = "sweep.json", "timing.json", "cells", "folds", ".lock"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    def is_sweep(self) -> bool:
+        return (self.root / self.CONFIG).is_file()
+
+    def cell_path(self, cache: str, layer: int, head: str, seed: int, fold: int) -> Path:
+        return self.root / self.CELLS / cache / f"layer_{layer:02d}" / f"{head}-seed{seed}-fold{fold}.json"
+
+    def folds_path(self, cache: str, seed: int) -> Path:
+        return self.root / self.FOLDS / f"{cache}-seed{seed}.csv"
+
+    def read_config(self) -> dict:
+        """The settings stored in sweep.json (the `config` a re-run must match)."""
+        path = self.root / self.CONFIG
+        if not path.is_file():
+            raise SweepError(f"{self.root} is not a sweep folder (no {self.CONFIG}): run `ser-cache sweep` first")
+        return read_json(path, "a sweep's settings")["config"]
+
+    def write_config(self, config: dict, cache_paths: dict) -> None:
+        write_json_atomic(self.root / self.CONFIG, {"config": config, "cache_paths": cache_paths})
+
+    def save_cell(self, result: CellResult) -> Path:
+        path = self.cell_path(result.cache, result.layer, result.head, result.seed, result.fold)
+        write_json_atomic(path, result.to_dict())
+        return path
+
+    def cells(self) -> list[CellResult]:
+        """Every finished task's result, in no particular order."""
+        return [CellResult.from_dict(read_json(p, "a sweep cell"), p)
+                for p in sorted((self.root / self.CELLS).glob("*/*/*.json"))]
+
+    def fold_meta(self, cache: str, seed: int) -> dict:
+        """The folds' protocol and count as saved beside them ({} if not saved yet)."""
+        path = self.folds_path(cache, seed).with_suffix(".json")
+        return read_json(path, "a folds description") if path.is_file() else {}
+
+    def timing(self) -> list[SweepTiming]:
+        path = self.root / self.TIMING
+        if not path.is_file():
+            return []
+        return [SweepTiming.from_dict(run, path) for run in read_json(path, "a sweep's timing")["runs"]]
+
+    def append_timing(self, run: SweepTiming) -> None:
+        write_json_atomic(self.root / self.TIMING, {"runs": [t.to_dict() for t in self.timing()] + [run.to_dict()]})
+
+    def exclusive(self) -> "_Exclusive":
+        """Context: an advisory lock that keeps a second sweep out of this folder."""
+        return _Exclusive(self)
+
+
+class _Exclusive:
+    """Holds SWEEP/.lock; on entry removes temporaries left by a killed run (safe: nobody else
+    is writing)."""
+
+    def __init__(self, folder: SweepFolder):
+        self.folder, self.path = folder, folder.root / SweepFolder.LOCK
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise SweepError(f"another sweep is writing into {self.folder.root}: wait for it to end, or use "
+                             "another --out folder") from None
+        remove_temporaries(self.folder.root)
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
