@@ -52,12 +52,17 @@ csv      Any corpus listed in a CSV file (UTF-8, a BOM is fine) with columns pat
          speaker and optionally group and id. Paths are relative to the CSV's folder and must
          stay inside it. The id defaults to the path without its extension ("a/b.wav" -> "a/b").
          The CSV is `--csv PATH`, or CORPUS_DIR itself when it is a file, or
-         CORPUS_DIR/utterances.csv.
+         CORPUS_DIR/utterances.csv. Every other column holding numbers becomes a target of its
+         name (`path,label,speaker,arousal,valence`: two targets); each of its cells must then
+         be a finite number, an empty cell is refused naming its row. Columns without any
+         number (a transcript) are ignored, with a logged note naming them. A group column
+         holding split names (train, development, test) feeds the fold protocol `split`.
 """
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import posixpath
 import re
@@ -68,7 +73,7 @@ from typing import Callable, Iterable
 
 import soundfile
 
-from .records import RecordsError, Utterance, class_counts, validate
+from .records import RecordsError, Utterance, class_counts, target_names, validate
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +393,8 @@ def prepare_iemocap(corpus_dir: Path, label_map: str | None = None) -> list[Utte
     return mapped(records, "iemocap", label_map)
 
 
-CSV_COLUMNS = ("path", "label", "speaker")  # required; "group" and "id" are optional
+CSV_COLUMNS = ("path", "label", "speaker")  # required
+CSV_OPTIONAL = ("group", "id")  # every other column is a target (numbers) or ignored (text)
 
 
 def find_csv(corpus_dir: Path, csv_path: Path | None) -> Path:
@@ -403,8 +409,55 @@ def find_csv(corpus_dir: Path, csv_path: Path | None) -> Path:
     return csv_path
 
 
-def csv_row(row: dict, n: int, csv_path: Path, folder: Path) -> Utterance:
-    """One CSV row (row n of the file, the header being row 1) -> an Utterance."""
+def as_number(cell: str) -> float | None:
+    """The cell as a float, or None when it does not read as a number ("3,5" does not)."""
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def csv_target_columns(header: list[str], rows: list[tuple[int, dict]], csv_path: Path) -> list[str]:
+    """The extra columns (beyond CSV_COLUMNS and CSV_OPTIONAL) that become targets.
+
+    A column with at least one number in it is a target column, and then every one of its
+    cells must be a finite number: an empty cell, a typo ("3,5") or "nan" is refused, naming
+    the row, rather than dropping the utterance or guessing a value. A column without any
+    number (a transcript, a gender) is ignored, with a logged note naming it.
+    """
+    targets, ignored = [], []
+    for i, col in enumerate(header):
+        if col in CSV_COLUMNS or col in CSV_OPTIONAL:
+            continue
+        cells = [(n, row.get(col, "")) for n, row in rows]
+        if not any(as_number(v) is not None for _, v in cells):
+            ignored.append(col or f"(unnamed column {i + 1})")
+            continue
+        if not col:
+            raise RecordsError(f"{csv_path}, row 1: column {i + 1} holds numbers but has no "
+                               "name: name it in the header (it becomes a target of that name)")
+        for n, v in cells:
+            value = as_number(v)
+            if value is None or not math.isfinite(value):
+                what = "is empty" if not v else f"is {v!r}, not a finite number"
+                raise RecordsError(
+                    f"{csv_path}, row {n}, column {col!r}: the cell {what}; every cell of a "
+                    "numeric column is a target value: fill it in (a dot as decimal separator), "
+                    "delete the row, or remove the column"
+                )
+        targets.append(col)
+    if ignored:
+        log.warning("%s: column(s) %s hold no numbers and are ignored; only numeric columns "
+                    "besides %s become targets", csv_path, ", ".join(ignored),
+                    ", ".join(CSV_COLUMNS + CSV_OPTIONAL))
+    return targets
+
+
+def csv_row(row: dict, n: int, csv_path: Path, folder: Path, targets: list[str]) -> Utterance:
+    """One CSV row (row n of the file, the header being row 1) -> an Utterance.
+
+    targets: the columns whose cells become the utterance's targets (checked numeric).
+    """
     cells = {k: v.strip() for k, v in row.items()}
     for name in CSV_COLUMNS:
         if not cells.get(name):
@@ -422,13 +475,13 @@ def csv_row(row: dict, n: int, csv_path: Path, folder: Path) -> Utterance:
     return Utterance(
         id=uid, path=str(path), label=cells["label"], speaker=cells["speaker"],
         group=cells.get("group", ""), duration=audio_duration(path),
-        original_label=cells["label"],
+        original_label=cells["label"], targets={t: float(cells[t]) for t in targets},
     )
 
 
 def prepare_csv(corpus_dir: Path, label_map: str | None = None,
                 csv_path: Path | None = None) -> list[Utterance]:
-    """Any corpus from a CSV with columns path, label, speaker[, group][, id]."""
+    """Any corpus from a CSV with columns path, label, speaker[, group][, id][, targets...]."""
     csv_path = find_csv(corpus_dir, csv_path)
     folder = csv_path.parent.resolve()
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -439,9 +492,13 @@ def prepare_csv(corpus_dir: Path, label_map: str | None = None,
             raise RecordsError(
                 f"{csv_path}, row 1: missing column(s) {', '.join(missing)} (header is "
                 f"{header}): the first row must name the columns {', '.join(CSV_COLUMNS)} "
-                "and optionally group, id"
+                "and optionally group, id and numeric targets"
             )
-        records, first_row = [], {}
+        twice = sorted({h for h in header if h and header.count(h) > 1})
+        if twice:
+            raise RecordsError(f"{csv_path}, row 1: column(s) {', '.join(twice)} named twice: "
+                               "give every column its own name")
+        rows = []
         for n, cells in enumerate(reader, 2):
             if not any(c.strip() for c in cells):
                 continue  # a blank line is not a row
@@ -450,16 +507,20 @@ def prepare_csv(corpus_dir: Path, label_map: str | None = None,
                     f"{csv_path}, row {n}: {len(cells)} fields but the header names "
                     f"{len(header)}: quote fields that contain commas"
                 )
-            r = csv_row(dict(zip(header, cells)), n, csv_path, folder)
-            if r.id in first_row:
-                raise RecordsError(
-                    f"{csv_path}, rows {first_row[r.id]} and {n} have the same id {r.id!r}: "
-                    "ids must be unique; give each row its own path or id"
-                )
-            first_row[r.id] = n
-            records.append(r)
-    if not records:
+            rows.append((n, {k: v.strip() for k, v in zip(header, cells)}))
+    if not rows:
         raise RecordsError(f"{csv_path} has a header but no rows: add one row per utterance")
+    targets = csv_target_columns(header, rows, csv_path)
+    records, first_row = [], {}
+    for n, row in rows:
+        r = csv_row(row, n, csv_path, folder, targets)
+        if r.id in first_row:
+            raise RecordsError(
+                f"{csv_path}, rows {first_row[r.id]} and {n} have the same id {r.id!r}: "
+                "ids must be unique; give each row its own path or id"
+            )
+        first_row[r.id] = n
+        records.append(r)
     return mapped(records, "csv", label_map)
 
 
@@ -508,7 +569,8 @@ class PreparedCorpus:
     dropped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """A few lines for the CLI: per-class counts after mapping, drops, warnings."""
+        """A few lines for the CLI: targets and their ranges, per-class counts after mapping,
+        drops, warnings."""
         rs = self.records
         speakers = {r.speaker for r in rs}
         groups = {r.group for r in rs if r.group}
@@ -518,6 +580,12 @@ class PreparedCorpus:
             + (f", {len(groups)} groups" if groups else "")
             + f", {hours:.2f} h, label map {self.label_map or NO_MAP}"
         ]
+        names = target_names(rs)
+        if names:
+            values = {name: [dict(r.targets)[name] for r in rs] for name in names}
+            lines.append("targets " + ", ".join(
+                f"{name} ({min(v):g} .. {max(v):g}, mean {sum(v) / len(v):.3g})"
+                for name, v in values.items()))
         sources = defaultdict(Counter)
         for r in rs:
             sources[r.label][r.original_label] += 1

@@ -418,3 +418,46 @@ def test_check_splittable_names_the_lonely_label_and_speaker(tmp_path):
     assert "warning: label 'calm' has only speaker 'Actor_02'" in prepared.summary()
     neutral = [r for r in prepared.records if r.label == "neutral"]
     check_splittable(neutral)  # two speakers: fine
+
+
+# --- CSV targets --------------------------------------------------------------------------------
+
+def test_csv_numeric_columns_become_targets(tmp_path, caplog):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,Arousal,valence,transcript,gender\n"
+                    "a/x.wav,angry,s1,4.5,-1,hello there,f\nb/x.wav,sad,s2,1.25,2e0,,m\n")
+    with caplog.at_level(logging.WARNING, logger="ser_cache.corpora"):
+        records = prepare("csv", tmp_path / "c").records
+    assert [dict(r.targets) for r in records] == [
+        {"arousal": 4.5, "valence": -1.0}, {"arousal": 1.25, "valence": 2.0}]
+    assert "transcript, gender hold no numbers and are ignored" in caplog.text
+    assert "targets arousal (1.25 .. 4.5, mean 2.88), valence (-1 .. 2, mean 0.5)" in (
+        prepare("csv", tmp_path / "c").summary())
+
+
+def test_csv_without_extra_columns_has_no_targets(tmp_path, caplog):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,group\na/x.wav,angry,s1,g1\n")
+    with caplog.at_level(logging.WARNING, logger="ser_cache.corpora"):
+        (r,) = prepare("csv", tmp_path / "c").records
+    assert r.targets == () and "ignored" not in caplog.text
+
+
+@pytest.mark.parametrize("cell, said", [("", "is empty"), ("3,5", "is '3,5', not a finite number"),
+                                        ("nan", "is 'nan', not a finite number"),
+                                        ("high", "is 'high', not a finite number")])
+def test_csv_target_cell_that_is_no_number_names_row_and_column(tmp_path, cell, said):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,arousal\na/x.wav,angry,s1,4\n"
+                    f'b/x.wav,sad,s2,"{cell}"\n')
+    with pytest.raises(RecordsError, match=rf"row 3, column 'arousal': the cell {said}.*fill it in"):
+        prepare("csv", tmp_path / "c")
+
+
+def test_csv_short_row_leaves_a_target_empty(tmp_path):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,arousal\na/x.wav,angry,s1,4\nb/x.wav,sad,s2\n")
+    with pytest.raises(RecordsError, match=r"row 3, column 'arousal': the cell is empty"):
+        prepare("csv", tmp_path / "c")
+
+
+def test_csv_column_named_twice(tmp_path):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,arousal,Arousal\na/x.wav,angry,s1,4,5\n")
+    with pytest.raises(RecordsError, match=r"row 1: column\(s\) arousal named twice"):
+        prepare("csv", tmp_path / "c")
