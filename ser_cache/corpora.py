@@ -42,6 +42,7 @@ iemocap  IEMOCAP: 5 sessions of 2 actors, 10039 utterances. Licensed from USC SA
          The speaker is the session plus the gender letter of the utterance id's last part (the
          person speaking, not the one whose dialog it is): "Ses01_F". Group "Session1", id =
          utterance id. Default map `iemocap4` (excited merged into happy): 5531 utterances.
+         Targets valence, arousal, dominance: the `[V, A, D]` mean ratings (1-5) of the line.
 emodb    Berlin Database of Emotional Speech (German): 10 speakers, 535 files, 7 emotions.
          emodb.bilderbar.info (Burkhardt et al. 2005).
              CORPUS_DIR/wav/03a01Fa.wav
@@ -328,11 +329,29 @@ IEMOCAP_LAYOUT = ("SessionN/sentences/wav/<dialog>/<utterance>.wav with labels i
 IEMOCAP_ID = re.compile(r"Ses(\d\d)[FM]_.+_([FM])\d+")  # Ses01F_impro01_F000
 
 
-def read_iemocap_labels(corpus_dir: Path) -> dict[str, str]:
-    """Utterance id -> label from every SessionN/dialog/EmoEvaluation/*.txt.
+IEMOCAP_VAD = re.compile(r"\[\s*([-+.\dEe]+)\s*,\s*([-+.\dEe]+)\s*,\s*([-+.\dEe]+)\s*\]")  # [2.5, 3, 2.5]
+IEMOCAP_DIMENSIONS = ("valence", "arousal", "dominance")  # the order of [V, A, D] in the files
 
-    Only lines starting with "[" are labels: `[start - end]<TAB>id<TAB>label<TAB>[v, a, d]`;
-    the header and the per-evaluator lines ("C-E2:", "A-E3:") are skipped.
+
+def read_vad(cell: str) -> dict[str, float] | None:
+    """{"valence", "arousal", "dominance"} from "[2.5000, 3.0000, 2.5000]", None if malformed."""
+    m = IEMOCAP_VAD.fullmatch(cell.strip())
+    if not m:
+        return None
+    try:
+        values = [float(v) for v in m.groups()]
+    except ValueError:
+        return None
+    return dict(zip(IEMOCAP_DIMENSIONS, values)) if all(map(math.isfinite, values)) else None
+
+
+def read_iemocap_labels(corpus_dir: Path) -> dict[str, tuple[str, dict[str, float]]]:
+    """Utterance id -> (label, {valence, arousal, dominance}) from every
+    SessionN/dialog/EmoEvaluation/*.txt.
+
+    Only lines starting with "[" are labels: `[start - end]<TAB>id<TAB>label<TAB>[v, a, d]`,
+    the last field being the evaluators' mean ratings on IEMOCAP's 1-5 scales; the header and
+    the per-evaluator lines ("C-E2:", "A-E3:") are skipped.
     """
     labels, where = {}, {}
     for txt in sorted(corpus_dir.glob("Session*/dialog/EmoEvaluation/*.txt")):
@@ -342,10 +361,11 @@ def read_iemocap_labels(corpus_dir: Path) -> dict[str, str]:
             if not line.startswith("["):
                 continue
             parts = line.split("\t")
-            if len(parts) < 3 or not IEMOCAP_ID.fullmatch(parts[1].strip()):
+            vad = read_vad(parts[3]) if len(parts) >= 4 else None
+            if vad is None or not IEMOCAP_ID.fullmatch(parts[1].strip()):
                 raise RecordsError(
                     f"{txt}:{n}: expected '[start - end]<TAB>Ses01F_impro01_F000<TAB>label"
-                    f"<TAB>[v, a, d]', got {line!r}: fix or remove the line"
+                    f"<TAB>[v, a, d]' (v, a, d numbers), got {line!r}: fix or remove the line"
                 )
             utt, label = parts[1].strip(), parts[2].strip()
             if label not in IEMOCAP_EMOTIONS:
@@ -354,12 +374,13 @@ def read_iemocap_labels(corpus_dir: Path) -> dict[str, str]:
             if utt in labels:
                 raise RecordsError(f"{txt}:{n}: {utt} is labelled twice (also at {where[utt]}): "
                                    "keep one line")
-            labels[utt], where[utt] = label, f"{txt}:{n}"
+            labels[utt], where[utt] = (label, vad), f"{txt}:{n}"
     return labels
 
 
 def prepare_iemocap(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
-    """IEMOCAP: id = utterance id, speaker "Ses01_F", group "Session1"; default map iemocap4."""
+    """IEMOCAP: id = utterance id, speaker "Ses01_F", group "Session1"; default map iemocap4;
+    targets valence, arousal, dominance (1-5)."""
     corpus_dir = corpus_folder(corpus_dir, "iemocap", IEMOCAP_LAYOUT)
     wavs = [p for p in find_audio(corpus_dir, "iemocap", IEMOCAP_LAYOUT)
             if p.relative_to(corpus_dir).parts[1:3] == ("sentences", "wav")]
@@ -385,10 +406,11 @@ def prepare_iemocap(corpus_dir: Path, label_map: str | None = None) -> list[Utte
     for path in wavs:
         utt = path.stem
         m = IEMOCAP_ID.fullmatch(utt)  # read_iemocap_labels has checked every labelled id
+        label, vad = labels[utt]
         records.append(Utterance(
-            id=utt, path=str(path), label=IEMOCAP_EMOTIONS[labels[utt]],
+            id=utt, path=str(path), label=IEMOCAP_EMOTIONS[label],
             speaker=f"Ses{m[1]}_{m[2]}", group=f"Session{int(m[1])}",
-            duration=audio_duration(path), original_label=labels[utt],
+            duration=audio_duration(path), original_label=label, targets=vad,
         ))
     return mapped(records, "iemocap", label_map)
 

@@ -169,11 +169,16 @@ IEMOCAP_UTTERANCES = {  # utterance id -> label in its EmoEvaluation file
 }
 
 
+def iemocap_vad(k: int) -> str:
+    """The [V, A, D] field of the k-th turn of a file: three different values."""
+    return f"[{1.5 + 0.5 * k:.4f}, {3.0:.4f}, {4.5 - 0.5 * k:.4f}]"
+
+
 def write_emo_evaluation(txt: Path, labels: dict[str, str]) -> None:
     """An EmoEvaluation file as the release writes it: header, then one block per turn."""
     txt.parent.mkdir(parents=True, exist_ok=True)
     blocks = [
-        f"[{2.0 * k:.4f} - {2.0 * k + 1.5:.4f}]\t{utt}\t{label}\t[2.5000, 3.0000, 2.5000]\n"
+        f"[{2.0 * k:.4f} - {2.0 * k + 1.5:.4f}]\t{utt}\t{label}\t{iemocap_vad(k)}\n"
         + EVALUATORS
         for k, (utt, label) in enumerate(labels.items())
     ]
@@ -242,6 +247,30 @@ def test_preparer_applies_the_default_map_and_logs_the_drops(tmp_path, caplog):
         records = prepare_iemocap(make_iemocap(tmp_path / "iemocap"))
     assert len(records) == 6
     assert "label map iemocap4 dropped 2 iemocap utterances: fru 1, xxx 1" in caplog.text
+
+
+def test_iemocap_targets_are_valence_arousal_dominance(tmp_path):
+    records = by_id(prepare("iemocap", make_iemocap(tmp_path / "iemocap"), "none").records)
+    # the first turn of its file ([1.5, 3.0, 4.5]), and the second of another ([2.0, 3.0, 4.0])
+    assert dict(records["Ses01F_impro01_F000"].targets) == {
+        "valence": 1.5, "arousal": 3.0, "dominance": 4.5}
+    assert dict(records["Ses01M_script01_1_M000"].targets) == {
+        "valence": 2.0, "arousal": 3.0, "dominance": 4.0}
+    kept = prepare("iemocap", tmp_path / "iemocap").records  # the label map keeps the targets
+    assert all(dict(r.targets) == dict(records[r.id].targets) for r in kept)
+
+
+@pytest.mark.parametrize("vad", ["", "[2.5, 3.0]", "[2.5, x, 3.0]", "[nan, 2.5, 2.5]"])
+def test_iemocap_names_a_line_without_a_vad_triple(tmp_path, vad):
+    root = make_iemocap(tmp_path / "iemocap")
+    txt = root / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
+    lines = txt.read_text().splitlines()
+    n = next(i for i, x in enumerate(lines, 1) if "Ses01F_impro01_M000" in x and x.startswith("["))
+    lines[n - 1] = lines[n - 1].rsplit("\t", 1)[0] + (f"\t{vad}" if vad else "")
+    txt.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordsError, match=rf"Ses01F_impro01\.txt:{n}: expected .*\[v, a, d\]' "
+                                           r"\(v, a, d numbers\)"):
+        prepare("iemocap", root)
 
 
 def test_iemocap_refuses_audio_without_a_label(tmp_path):
