@@ -17,6 +17,10 @@ Label maps
     the map does not list are dropped, counted per original label, and the counts are reported
     in the summary (never silently). `label_map=None` means the corpus's default
     (`DEFAULT_LABEL_MAPS`: iemocap4 for IEMOCAP, no map for the others); "none" keeps every label.
+    Maps keyed by decoded names fit every corpus that uses them: `ravdess-arousal` (high/low)
+    and `ravdess-valence` (positive/negative, neutral dropped) for RAVDESS, and
+    `ravdess-emodb6` for cross-corpus work, the six classes RAVDESS and EmoDB share (angry,
+    disgust, fearful, happy, neutral, sad) with the same name on both sides.
 
 Folder layouts (CORPUS_DIR is the folder you pass; audio may be .wav or .flac at any depth unless
 said otherwise; names starting with "." such as macOS "._" resource forks are not audio and are
@@ -108,6 +112,19 @@ LABEL_MAPS: dict[str, dict[str, str]] = {
     "iemocap4": {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"},
     # the 4-class ShEMO benchmark; keys are decoded names, so it fits RAVDESS and EmoDB too
     "shemo4": {"angry": "angry", "happy": "happy", "neutral": "neutral", "sad": "sad"},
+    # RAVDESS's 8 emotions as binary arousal and valence; neutral has no valence side: dropped
+    "ravdess-arousal": {
+        "angry": "high", "fearful": "high", "happy": "high", "surprised": "high",
+        "disgust": "high", "neutral": "low", "calm": "low", "sad": "low",
+    },
+    "ravdess-valence": {
+        "happy": "positive", "calm": "positive", "surprised": "positive",
+        "angry": "negative", "fearful": "negative", "sad": "negative", "disgust": "negative",
+    },
+    # cross-corpus RAVDESS <-> EmoDB: the six classes both have (RAVDESS drops calm and
+    # surprised, EmoDB drops bored). One map for both corpora, so both sides of a cross-corpus
+    # run have the same classes by construction.
+    "ravdess-emodb6": {c: c for c in ("angry", "disgust", "fearful", "happy", "neutral", "sad")},
 }
 DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4"}  # corpora not listed keep every label by default
 

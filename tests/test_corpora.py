@@ -412,7 +412,7 @@ def test_no_audio_files_names_the_layout(tmp_path, corpus):
 def test_unknown_label_map_lists_the_known_ones(tmp_path):
     root = make_ravdess(tmp_path / "ravdess")
     with pytest.raises(RecordsError, match=r"unknown label map 'iemocap5'; known label maps: "
-                                           r"iemocap4, shemo4, or 'none'"):
+                                           r"iemocap4, .*ravdess-arousal, .*shemo4, or 'none'"):
         prepare("ravdess", root, label_map="iemocap5")
 
 
@@ -490,3 +490,49 @@ def test_csv_column_named_twice(tmp_path):
     make_csv_corpus(tmp_path / "c", "path,label,speaker,arousal,Arousal\na/x.wav,angry,s1,4,5\n")
     with pytest.raises(RecordsError, match=r"row 1: column\(s\) arousal named twice"):
         prepare("csv", tmp_path / "c")
+
+
+# --- binary and cross-corpus label maps ---------------------------------------------------------
+
+def make_ravdess_all_emotions(root: Path) -> Path:
+    """Every RAVDESS emotion once, from actor 01 (01 neutral ... 08 surprised)."""
+    for emotion in range(1, 9):
+        write_audio(root / "Actor_01" / f"03-01-{emotion:02d}-01-01-01-01.wav")
+    return root
+
+
+def labels_by_original(prepared) -> dict[str, str]:
+    return {r.original_label: r.label for r in prepared.records}
+
+
+def test_ravdess_arousal_is_high_or_low_for_every_emotion(tmp_path):
+    prepared = prepare("ravdess", make_ravdess_all_emotions(tmp_path / "r"), "ravdess-arousal")
+    assert labels_by_original(prepared) == {
+        "angry": "high", "fearful": "high", "happy": "high", "surprised": "high",
+        "disgust": "high", "neutral": "low", "calm": "low", "sad": "low"}
+    assert prepared.dropped == {}
+
+
+def test_ravdess_valence_drops_and_counts_neutral(tmp_path):
+    prepared = prepare("ravdess", make_ravdess_all_emotions(tmp_path / "r"), "ravdess-valence")
+    assert labels_by_original(prepared) == {
+        "happy": "positive", "calm": "positive", "surprised": "positive",
+        "angry": "negative", "fearful": "negative", "sad": "negative", "disgust": "negative"}
+    assert prepared.dropped == {"neutral": 1}
+    assert "dropped 1 utterances whose original label is not in label map ravdess-valence: " \
+           "neutral 1" in prepared.summary()
+    assert "negative" in prepared.summary() and "(angry 1 + disgust 1 + fearful 1 + sad 1)" \
+        in prepared.summary()
+
+
+def test_ravdess_and_emodb_share_six_classes(tmp_path):
+    ravdess = prepare("ravdess", make_ravdess_all_emotions(tmp_path / "r"), "ravdess-emodb6")
+    root = tmp_path / "emodb"
+    for letter in "WLEAFTN":
+        write_audio(root / "wav" / f"03a01{letter}a.wav")
+    emodb = prepare("emodb", root, "ravdess-emodb6")
+    six = ["angry", "disgust", "fearful", "happy", "neutral", "sad"]
+    assert sorted(r.label for r in ravdess.records) == six
+    assert sorted(r.label for r in emodb.records) == six
+    assert ravdess.dropped == {"calm": 1, "surprised": 1}
+    assert emodb.dropped == {"bored": 1}
