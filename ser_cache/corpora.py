@@ -16,7 +16,8 @@ Label maps
     A label map (`LABEL_MAPS`) maps original labels to classes. Utterances whose original label
     the map does not list are dropped, counted per original label, and the counts are reported
     in the summary (never silently). `label_map=None` means the corpus's default
-    (`DEFAULT_LABEL_MAPS`: iemocap4 for IEMOCAP, no map for the others); "none" keeps every label.
+    (`DEFAULT_LABEL_MAPS`: iemocap4 for IEMOCAP, msp-podcast4 for MSP-Podcast, no map for
+    the others); "none" keeps every label.
     Maps keyed by decoded names fit every corpus that uses them: `ravdess-arousal` (high/low)
     and `ravdess-valence` (positive/negative, neutral dropped) for RAVDESS, and
     `ravdess-emodb6` for cross-corpus work, the six classes RAVDESS and EmoDB share (angry,
@@ -53,6 +54,23 @@ emodb    Berlin Database of Emotional Speech (German): 10 speakers, 535 files, 7
          The name is speaker (2 digits), text (3 characters), emotion letter (German initial:
          W Wut, L Langeweile, E Ekel, A Angst, F Freude, T Trauer, N neutral), version letter.
          Speaker "03", no groups, id = file stem.
+msp-podcast  MSP-Podcast: podcast segments with crowd-sourced labels, over 100k segments in recent
+         releases. Licensed from the MSP lab, UT Dallas (Lotfian & Busso 2019); the release is
+         used as it unpacks:
+             CORPUS_DIR/Labels/labels_consensus.csv
+             CORPUS_DIR/Audios/MSP-PODCAST_0001_0008.wav
+         The CSV's columns FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, Split_Set are
+         read (others, such as Gender, are not). EmoClass letters are decoded by
+         MSP_PODCAST_EMOTIONS; EmoAct, EmoVal, EmoDom (1-7) become the targets arousal,
+         valence, dominance. Group = Split_Set as written (Train, Development, Test1, Test2),
+         which the fold protocol `split` turns into the official partition. Speaker = SpkrID;
+         "Unknown" becomes one speaker per split ("Unknown_Train"): unknown speakers may be
+         anyone, so they are kept together within their split (never spread over folds) and
+         never put on two sides of the split. Id = FileName without ".wav". Default map
+         `msp-podcast4` (neutral, happy, sad, angry); `msp-podcast8` keeps the 8 primary
+         emotions; both drop O (other) and X (no agreement), counted; `none` keeps every
+         segment (what dimensional work wants). Audio without a consensus label (a test set
+         whose labels are not public) is left out with a logged count.
 csv      Any corpus listed in a CSV file (UTF-8, a BOM is fine) with columns path, label,
          speaker and optionally group and id. Paths are relative to the CSV's folder and must
          stay inside it. The id defaults to the path without its extension ("a/b.wav" -> "a/b").
@@ -105,6 +123,11 @@ IEMOCAP_EMOTIONS = {  # the labels of EmoEvaluation files, with --label-map none
     "fru": "frustrated", "sur": "surprised", "fea": "fearful", "dis": "disgust",
     "oth": "other", "xxx": "no_majority",  # xxx: no label had a majority of evaluators
 }
+MSP_PODCAST_EMOTIONS = {  # EmoClass of labels_consensus.csv
+    "A": "angry", "S": "sad", "H": "happy", "U": "surprised", "F": "fearful",
+    "D": "disgust", "C": "contempt", "N": "neutral",
+    "O": "other", "X": "no_majority",  # X: the annotators agreed on no class, as IEMOCAP's xxx
+}
 
 # Named label maps: original label -> class. Original labels not listed are dropped (counted).
 LABEL_MAPS: dict[str, dict[str, str]] = {
@@ -125,8 +148,12 @@ LABEL_MAPS: dict[str, dict[str, str]] = {
     # surprised, EmoDB drops bored). One map for both corpora, so both sides of a cross-corpus
     # run have the same classes by construction.
     "ravdess-emodb6": {c: c for c in ("angry", "disgust", "fearful", "happy", "neutral", "sad")},
+    # MSP-Podcast's common 4-class setting, and the 8 primary emotions (other and
+    # no-agreement dropped)
+    "msp-podcast4": {c: c for c in ("angry", "happy", "neutral", "sad")},
+    "msp-podcast8": {MSP_PODCAST_EMOTIONS[c]: MSP_PODCAST_EMOTIONS[c] for c in "ASHUFDCN"},
 }
-DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4"}  # corpora not listed keep every label by default
+DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4", "msp-podcast": "msp-podcast4"}  # corpora not listed keep every label by default
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -432,6 +459,93 @@ def prepare_iemocap(corpus_dir: Path, label_map: str | None = None) -> list[Utte
     return mapped(records, "iemocap", label_map)
 
 
+MSP_PODCAST_LAYOUT = "Labels/labels_consensus.csv and Audios/<FileName>, as the release unpacks"
+MSP_PODCAST_LABELS = "Labels/labels_consensus.csv"
+MSP_PODCAST_AUDIO = "Audios"
+MSP_PODCAST_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Split_Set")
+MSP_PODCAST_TARGETS = {"arousal": "EmoAct", "valence": "EmoVal", "dominance": "EmoDom"}
+MSP_PODCAST_SPLIT = re.compile(r"Train|Development|Test\d+")
+MSP_PODCAST_UNKNOWN = "unknown"  # SpkrID of segments whose speaker is not identified (any case)
+
+
+def msp_podcast_row(cells: dict[str, str], n: int, labels_csv: Path,
+                    audio_dir: Path) -> Utterance:
+    """One row of labels_consensus.csv (row n, the header being row 1) -> an Utterance whose
+    duration is left at 0.0 (read once the file is known to exist)."""
+    def refuse(what: str) -> RecordsError:
+        return RecordsError(f"{labels_csv}, row {n}: {what}; fix the row or restore the file "
+                            "from the release")
+
+    name, code, split = cells["FileName"], cells["EmoClass"], cells["Split_Set"]
+    if not name:
+        raise refuse("FileName is empty")
+    if code not in MSP_PODCAST_EMOTIONS:
+        raise refuse(f"EmoClass {code!r} is none of {', '.join(MSP_PODCAST_EMOTIONS)}")
+    if not MSP_PODCAST_SPLIT.fullmatch(split):
+        raise refuse(f"Split_Set {split!r} is none of Train, Development, Test1, Test2, ...")
+    targets = {}
+    for target, column in MSP_PODCAST_TARGETS.items():
+        value = as_number(cells[column])
+        if value is None or not math.isfinite(value):
+            raise refuse(f"{column} {cells[column]!r} is not a finite number")
+        targets[target] = value
+    speaker = cells["SpkrID"]
+    if not speaker or speaker.lower() == MSP_PODCAST_UNKNOWN:
+        speaker = f"Unknown_{split}"
+    label = MSP_PODCAST_EMOTIONS[code]
+    path = audio_dir / (name if Path(name).suffix else f"{name}.wav")
+    return Utterance(
+        id=Path(name).stem, path=str(path), label=label, speaker=speaker, group=split,
+        original_label=label, targets=targets,
+    )
+
+
+def prepare_msp_podcast(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
+    """MSP-Podcast: id = FileName stem, speaker = SpkrID, group = Split_Set, targets arousal,
+    valence, dominance (1-7); default map msp-podcast4."""
+    corpus_dir = corpus_folder(corpus_dir, "msp-podcast", MSP_PODCAST_LAYOUT)
+    labels_csv, audio_dir = corpus_dir / MSP_PODCAST_LABELS, corpus_dir / MSP_PODCAST_AUDIO
+    for needed in (labels_csv, audio_dir):
+        if not needed.exists():
+            raise RecordsError(f"{needed} does not exist: the msp-podcast recipe expects "
+                               f"{MSP_PODCAST_LAYOUT}; pass the release folder that holds "
+                               f"{MSP_PODCAST_LABELS} and {MSP_PODCAST_AUDIO}/")
+    # one listing instead of a stat per row: the release has over 100k files in one folder
+    present = {e.name for e in os.scandir(audio_dir) if e.is_file() and not e.name.startswith(".")}
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in MSP_PODCAST_COLUMNS if c not in header]
+        if missing:
+            raise RecordsError(f"{labels_csv}, row 1: missing column(s) {', '.join(missing)} "
+                               f"(header is {header}): use labels_consensus.csv of the release")
+        rows = [(n, {k: v.strip() for k, v in zip(header, cells)})
+                for n, cells in enumerate(reader, 2) if any(c.strip() for c in cells)]
+    records, absent, listed = [], [], set()
+    for n, cells in rows:
+        cells = {c: cells.get(c, "") for c in MSP_PODCAST_COLUMNS}
+        r = msp_podcast_row(cells, n, labels_csv, audio_dir)
+        listed.add(Path(r.path).name)
+        if Path(r.path).name not in present:
+            absent.append(r.path)
+            continue
+        records.append(replace(r, duration=audio_duration(Path(r.path))))
+    if absent:
+        raise RecordsError(
+            f"{len(absent)} segments of {labels_csv} have no audio file, for example "
+            f"{listing(absent)}; the copy of the release looks incomplete: restore "
+            f"{MSP_PODCAST_AUDIO}/ from it"
+        )
+    unlabelled = sorted(n for n in present - listed if Path(n).suffix.lower() in AUDIO_SUFFIXES)
+    if unlabelled:
+        log.warning("%d audio files in %s have no row in %s and are left out (a test set whose "
+                    "labels are not public?): %s", len(unlabelled), audio_dir, MSP_PODCAST_LABELS,
+                    listing(unlabelled))
+    if not records:
+        raise RecordsError(f"{labels_csv} has a header but no rows: restore it from the release")
+    return mapped(records, "msp-podcast", label_map)
+
+
 CSV_COLUMNS = ("path", "label", "speaker")  # required
 CSV_OPTIONAL = ("group", "id")  # every other column is a target (numbers) or ignored (text)
 
@@ -568,6 +682,7 @@ CORPORA: dict[str, Callable[..., list[Utterance]]] = {
     "shemo": prepare_shemo,
     "iemocap": prepare_iemocap,
     "emodb": prepare_emodb,
+    "msp-podcast": prepare_msp_podcast,
     "csv": prepare_csv,
 }
 

@@ -16,6 +16,7 @@ from ser_cache.corpora import (
     prepare_iemocap,
     prepare_ravdess,
 )
+from ser_cache.folds import make_folds
 from ser_cache.records import RecordsError, Utterance
 
 SR = 16000
@@ -395,7 +396,7 @@ def test_csv_file_missing(tmp_path):
 
 # --- errors common to every corpus ---------------------------------------------------------------
 
-@pytest.mark.parametrize("corpus", ["ravdess", "shemo", "iemocap", "emodb"])
+@pytest.mark.parametrize("corpus", ["ravdess", "shemo", "iemocap", "emodb", "msp-podcast"])
 def test_missing_corpus_folder(tmp_path, corpus):
     with pytest.raises(RecordsError, match=rf"{corpus} corpus folder .*nowhere does not exist"):
         prepare(corpus, tmp_path / "nowhere")
@@ -430,7 +431,7 @@ def test_unknown_corpus_and_stray_csv_path(tmp_path):
 
 
 def test_registry_and_maps():
-    assert set(CORPORA) == {"ravdess", "shemo", "iemocap", "emodb", "csv"}
+    assert set(CORPORA) == {"ravdess", "shemo", "iemocap", "emodb", "msp-podcast", "csv"}
     assert LABEL_MAPS["iemocap4"]["exc"] == LABEL_MAPS["iemocap4"]["hap"] == "happy"
     assert set(LABEL_MAPS["shemo4"].values()) == {"angry", "happy", "neutral", "sad"}
 
@@ -536,3 +537,110 @@ def test_ravdess_and_emodb_share_six_classes(tmp_path):
     assert sorted(r.label for r in emodb.records) == six
     assert ravdess.dropped == {"calm": 1, "surprised": 1}
     assert emodb.dropped == {"bored": 1}
+
+
+# --- MSP-Podcast --------------------------------------------------------------------------------
+
+MSP_HEADER = "FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set\n"
+MSP_ROWS = (  # FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, Gender, Split_Set
+    "MSP-PODCAST_0001_0001.wav,A,6.2,2.0,5.8,127,Male,Train\n"
+    "MSP-PODCAST_0001_0002.wav,N,4.0,4.2,3.6,127,Male,Train\n"
+    "MSP-PODCAST_0002_0001.wav,H,5.0,6.0,4.4,310,Female,Train\n"
+    "MSP-PODCAST_0002_0002.wav,S,2.4,2.2,3.0,310,Female,Train\n"
+    "MSP-PODCAST_0003_0001.wav,X,4.2,3.8,4.0,Unknown,Unknown,Train\n"
+    "MSP-PODCAST_0004_0001.wav,O,3.0,4.0,4.0,Unknown,Unknown,Development\n"
+    "MSP-PODCAST_0005_0001.wav,A,5.5,2.5,5.0,55,Female,Development\n"
+    "MSP-PODCAST_0005_0002.wav,U,5.8,4.6,4.2,55,Female,Development\n"
+    "MSP-PODCAST_0006_0001.wav,N,3.8,4.0,4.0,Unknown,Unknown,Test1\n"
+    "MSP-PODCAST_0008_0001.wav,C,4.4,2.6,4.8,89,Male,Test1\n"
+    "MSP-PODCAST_0007_0001.wav,S,2.0,1.6,2.2,88,Male,Test2\n"
+)
+
+
+def make_msp_podcast(root: Path, rows: str = MSP_ROWS) -> Path:
+    for line in rows.splitlines():
+        write_audio(root / "Audios" / line.split(",")[0])
+    write_audio(root / "Audios" / "MSP-PODCAST_0009_0001.wav")  # Test3-like: audio, no label
+    (root / "Audios" / "._MSP-PODCAST_0001_0001.wav").write_bytes(b"\0\5\26\7")
+    (root / "Labels").mkdir(parents=True)
+    (root / "Labels" / "labels_consensus.csv").write_text(MSP_HEADER + rows, encoding="utf-8")
+    return root
+
+
+def test_msp_podcast_default_map_is_four_classes_with_drops_counted(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ser_cache.corpora"):
+        prepared = prepare("msp-podcast", make_msp_podcast(tmp_path / "MSP-PODCAST-Publish-1.11"))
+    assert prepared.label_map == "msp-podcast4"
+    assert {r.id: r.label for r in prepared.records} == {
+        "MSP-PODCAST_0001_0001": "angry", "MSP-PODCAST_0001_0002": "neutral",
+        "MSP-PODCAST_0002_0001": "happy", "MSP-PODCAST_0002_0002": "sad",
+        "MSP-PODCAST_0005_0001": "angry", "MSP-PODCAST_0006_0001": "neutral",
+        "MSP-PODCAST_0007_0001": "sad",
+    }
+    assert prepared.dropped == {"contempt": 1, "no_majority": 1, "other": 1, "surprised": 1}
+    assert ("dropped 4 utterances whose original label is not in label map msp-podcast4: "
+            "contempt 1, no_majority 1, other 1, surprised 1") in prepared.summary()
+    assert "1 audio files in" in caplog.text and "MSP-PODCAST_0009_0001.wav" in caplog.text
+
+
+def test_msp_podcast_targets_speakers_and_splits(tmp_path):
+    records = by_id(prepare("msp-podcast", make_msp_podcast(tmp_path / "msp"), "none").records)
+    assert len(records) == 11  # every labelled segment, other and no-agreement included
+    r = records["MSP-PODCAST_0001_0001"]
+    assert dict(r.targets) == {"arousal": 6.2, "valence": 2.0, "dominance": 5.8}
+    assert (r.speaker, r.group, r.original_label) == ("127", "Train", "angry")
+    assert r.path == str(tmp_path / "msp" / "Audios" / "MSP-PODCAST_0001_0001.wav")
+    assert r.duration == pytest.approx(SECONDS, abs=1e-3)
+    assert records["MSP-PODCAST_0003_0001"].speaker == "Unknown_Train"
+    assert records["MSP-PODCAST_0004_0001"].speaker == "Unknown_Development"
+    assert records["MSP-PODCAST_0006_0001"].speaker == "Unknown_Test1"
+    assert {r.group for r in records.values()} == {"Train", "Development", "Test1", "Test2"}
+    assert records["MSP-PODCAST_0003_0001"].label == "no_majority"
+    eight = prepare("msp-podcast", tmp_path / "msp", "msp-podcast8")
+    assert eight.dropped == {"no_majority": 1, "other": 1}
+
+
+def test_msp_podcast_official_split_as_folds(tmp_path):
+    records = prepare("msp-podcast", make_msp_podcast(tmp_path / "msp")).records
+    folds = make_folds([r.id for r in records], [r.label for r in records],
+                       [r.speaker for r in records], [r.group for r in records])
+    assert folds.protocol == "split" and folds.n_folds == 2  # Test1, Test2
+    ids = np.array([r.id for r in records])
+    train, val, test = folds.split(0)
+    assert sorted(ids[test]) == ["MSP-PODCAST_0006_0001"]  # Test1 after the 4-class map
+    assert sorted(ids[val]) == ["MSP-PODCAST_0005_0001"]
+    assert len(train) == 4 and "MSP-PODCAST_0007_0001" not in ids[train]  # Test2 never trains
+
+
+@pytest.mark.parametrize("old, new, said", [
+    ("0002_0001.wav,H,", "0002_0001.wav,Q,", r"row 4: EmoClass 'Q' is none of A, S, H"),
+    (",5.0,6.0,4.4,", ",,6.0,4.4,", r"row 4: EmoAct '' is not a finite number"),
+    (",5.0,6.0,4.4,", ",5.0,high,4.4,", r"row 4: EmoVal 'high' is not a finite number"),
+    ("Female,Train\nMSP-PODCAST_0002_0002", "Female,Training\nMSP-PODCAST_0002_0002",
+     r"row 4: Split_Set 'Training' is none of Train, Development"),
+])
+def test_msp_podcast_names_a_bad_row(tmp_path, old, new, said):
+    assert old in MSP_ROWS
+    root = make_msp_podcast(tmp_path / "msp", MSP_ROWS.replace(old, new, 1))
+    with pytest.raises(RecordsError, match=rf"labels_consensus\.csv, {said}.*fix the row"):
+        prepare("msp-podcast", root)
+
+
+def test_msp_podcast_refuses_labels_without_audio(tmp_path):
+    root = make_msp_podcast(tmp_path / "msp")
+    (root / "Audios" / "MSP-PODCAST_0007_0001.wav").unlink()
+    with pytest.raises(RecordsError, match=r"1 segments of .*labels_consensus\.csv have no audio "
+                                           r"file, for example .*MSP-PODCAST_0007_0001\.wav"):
+        prepare("msp-podcast", root)
+
+
+def test_msp_podcast_missing_labels_or_columns(tmp_path):
+    (tmp_path / "msp" / "Audios").mkdir(parents=True)
+    with pytest.raises(RecordsError, match=r"labels_consensus\.csv does not exist: the "
+                                           r"msp-podcast recipe expects Labels/"):
+        prepare("msp-podcast", tmp_path / "msp")
+    (tmp_path / "msp" / "Labels").mkdir()
+    (tmp_path / "msp" / "Labels" / "labels_consensus.csv").write_text("FileName,EmoClass\n")
+    with pytest.raises(RecordsError, match=r"row 1: missing column\(s\) EmoAct, EmoVal, EmoDom, "
+                                           r"SpkrID, Split_Set"):
+        prepare("msp-podcast", tmp_path / "msp")
