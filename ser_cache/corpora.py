@@ -153,7 +153,8 @@ LABEL_MAPS: dict[str, dict[str, str]] = {
     "msp-podcast4": {c: c for c in ("angry", "happy", "neutral", "sad")},
     "msp-podcast8": {MSP_PODCAST_EMOTIONS[c]: MSP_PODCAST_EMOTIONS[c] for c in "ASHUFDCN"},
 }
-DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4", "msp-podcast": "msp-podcast4"}  # corpora not listed keep every label by default
+# corpora not listed keep every label by default
+DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4", "msp-podcast": "msp-podcast4"}
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -169,6 +170,14 @@ def audio_duration(path: Path) -> float:
     except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
         log.warning("cannot read the header of %s (%s); duration set to 0.0", path, e)
         return 0.0
+
+
+def as_number(cell: str) -> float | None:
+    """The cell as a float, or None when it does not read as a number ("3,5" does not)."""
+    try:
+        return float(cell)
+    except ValueError:
+        return None
 
 
 def corpus_folder(corpus_dir: Path, corpus: str, layout: str) -> Path:
@@ -373,20 +382,18 @@ IEMOCAP_LAYOUT = ("SessionN/sentences/wav/<dialog>/<utterance>.wav with labels i
 IEMOCAP_ID = re.compile(r"Ses(\d\d)[FM]_.+_([FM])\d+")  # Ses01F_impro01_F000
 
 
-IEMOCAP_VAD = re.compile(r"\[\s*([-+.\dEe]+)\s*,\s*([-+.\dEe]+)\s*,\s*([-+.\dEe]+)\s*\]")  # [2.5, 3, 2.5]
 IEMOCAP_DIMENSIONS = ("valence", "arousal", "dominance")  # the order of [V, A, D] in the files
 
 
 def read_vad(cell: str) -> dict[str, float] | None:
     """{"valence", "arousal", "dominance"} from "[2.5000, 3.0000, 2.5000]", None if malformed."""
-    m = IEMOCAP_VAD.fullmatch(cell.strip())
-    if not m:
+    cell = cell.strip()
+    if not (cell.startswith("[") and cell.endswith("]")):
         return None
-    try:
-        values = [float(v) for v in m.groups()]
-    except ValueError:
+    values = [as_number(v) for v in cell[1:-1].split(",")]
+    if len(values) != 3 or any(v is None or not math.isfinite(v) for v in values):
         return None
-    return dict(zip(IEMOCAP_DIMENSIONS, values)) if all(map(math.isfinite, values)) else None
+    return dict(zip(IEMOCAP_DIMENSIONS, values))
 
 
 def read_iemocap_labels(corpus_dir: Path) -> dict[str, tuple[str, dict[str, float]]]:
@@ -562,15 +569,8 @@ def find_csv(corpus_dir: Path, csv_path: Path | None) -> Path:
     return csv_path
 
 
-def as_number(cell: str) -> float | None:
-    """The cell as a float, or None when it does not read as a number ("3,5" does not)."""
-    try:
-        return float(cell)
-    except ValueError:
-        return None
-
-
-def csv_target_columns(header: list[str], rows: list[tuple[int, dict]], csv_path: Path) -> list[str]:
+def csv_target_columns(header: list[str], rows: list[tuple[int, dict]],
+                       csv_path: Path) -> list[str]:
     """The extra columns (beyond CSV_COLUMNS and CSV_OPTIONAL) that become targets.
 
     A column with at least one number in it is a target column, and then every one of its
