@@ -16,7 +16,12 @@ Label maps
     A label map (`LABEL_MAPS`) maps original labels to classes. Utterances whose original label
     the map does not list are dropped, counted per original label, and the counts are reported
     in the summary (never silently). `label_map=None` means the corpus's default
-    (`DEFAULT_LABEL_MAPS`: iemocap4 for IEMOCAP, no map for the others); "none" keeps every label.
+    (`DEFAULT_LABEL_MAPS`: iemocap4 for IEMOCAP, msp-podcast4 for MSP-Podcast, no map for
+    the others); "none" keeps every label.
+    Maps keyed by decoded names fit every corpus that uses them: `ravdess-arousal` (high/low)
+    and `ravdess-valence` (positive/negative, neutral dropped) for RAVDESS, and
+    `ravdess-emodb6` for cross-corpus work, the six classes RAVDESS and EmoDB share (angry,
+    disgust, fearful, happy, neutral, sad) with the same name on both sides.
 
 Folder layouts (CORPUS_DIR is the folder you pass; audio may be .wav or .flac at any depth unless
 said otherwise; names starting with "." such as macOS "._" resource forks are not audio and are
@@ -42,22 +47,45 @@ iemocap  IEMOCAP: 5 sessions of 2 actors, 10039 utterances. Licensed from USC SA
          The speaker is the session plus the gender letter of the utterance id's last part (the
          person speaking, not the one whose dialog it is): "Ses01_F". Group "Session1", id =
          utterance id. Default map `iemocap4` (excited merged into happy): 5531 utterances.
+         Targets valence, arousal, dominance: the `[V, A, D]` mean ratings (1-5) of the line.
 emodb    Berlin Database of Emotional Speech (German): 10 speakers, 535 files, 7 emotions.
          emodb.bilderbar.info (Burkhardt et al. 2005).
              CORPUS_DIR/wav/03a01Fa.wav
          The name is speaker (2 digits), text (3 characters), emotion letter (German initial:
          W Wut, L Langeweile, E Ekel, A Angst, F Freude, T Trauer, N neutral), version letter.
          Speaker "03", no groups, id = file stem.
+msp-podcast  MSP-Podcast: podcast segments with crowd-sourced labels, over 100k segments in recent
+         releases. Licensed from the MSP lab, UT Dallas (Lotfian & Busso 2019); the release is
+         used as it unpacks:
+             CORPUS_DIR/Labels/labels_consensus.csv
+             CORPUS_DIR/Audios/MSP-PODCAST_0001_0008.wav
+         The CSV's columns FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, Split_Set are
+         read (others, such as Gender, are not). EmoClass letters are decoded by
+         MSP_PODCAST_EMOTIONS; EmoAct, EmoVal, EmoDom (1-7) become the targets arousal,
+         valence, dominance. Group = Split_Set as written (Train, Development, Test1, Test2),
+         which the fold protocol `split` turns into the official partition. Speaker = SpkrID;
+         "Unknown" becomes one speaker per split ("Unknown_Train"): unknown speakers may be
+         anyone, so they are kept together within their split (never spread over folds) and
+         never put on two sides of the split. Id = FileName without ".wav". Default map
+         `msp-podcast4` (neutral, happy, sad, angry); `msp-podcast8` keeps the 8 primary
+         emotions; both drop O (other) and X (no agreement), counted; `none` keeps every
+         segment (what dimensional work wants). Audio without a consensus label (a test set
+         whose labels are not public) is left out with a logged count.
 csv      Any corpus listed in a CSV file (UTF-8, a BOM is fine) with columns path, label,
          speaker and optionally group and id. Paths are relative to the CSV's folder and must
          stay inside it. The id defaults to the path without its extension ("a/b.wav" -> "a/b").
          The CSV is `--csv PATH`, or CORPUS_DIR itself when it is a file, or
-         CORPUS_DIR/utterances.csv.
+         CORPUS_DIR/utterances.csv. Every other column holding numbers becomes a target of its
+         name (`path,label,speaker,arousal,valence`: two targets); each of its cells must then
+         be a finite number, an empty cell is refused naming its row. Columns without any
+         number (a transcript) are ignored, with a logged note naming them. A group column
+         holding split names (train, development, test) feeds the fold protocol `split`.
 """
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import posixpath
 import re
@@ -68,7 +96,7 @@ from typing import Callable, Iterable
 
 import soundfile
 
-from .records import RecordsError, Utterance, class_counts, validate
+from .records import RecordsError, Utterance, class_counts, target_names, validate
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +123,11 @@ IEMOCAP_EMOTIONS = {  # the labels of EmoEvaluation files, with --label-map none
     "fru": "frustrated", "sur": "surprised", "fea": "fearful", "dis": "disgust",
     "oth": "other", "xxx": "no_majority",  # xxx: no label had a majority of evaluators
 }
+MSP_PODCAST_EMOTIONS = {  # EmoClass of labels_consensus.csv
+    "A": "angry", "S": "sad", "H": "happy", "U": "surprised", "F": "fearful",
+    "D": "disgust", "C": "contempt", "N": "neutral",
+    "O": "other", "X": "no_majority",  # X: the annotators agreed on no class, as IEMOCAP's xxx
+}
 
 # Named label maps: original label -> class. Original labels not listed are dropped (counted).
 LABEL_MAPS: dict[str, dict[str, str]] = {
@@ -102,8 +135,26 @@ LABEL_MAPS: dict[str, dict[str, str]] = {
     "iemocap4": {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"},
     # the 4-class ShEMO benchmark; keys are decoded names, so it fits RAVDESS and EmoDB too
     "shemo4": {"angry": "angry", "happy": "happy", "neutral": "neutral", "sad": "sad"},
+    # RAVDESS's 8 emotions as binary arousal and valence; neutral has no valence side: dropped
+    "ravdess-arousal": {
+        "angry": "high", "fearful": "high", "happy": "high", "surprised": "high",
+        "disgust": "high", "neutral": "low", "calm": "low", "sad": "low",
+    },
+    "ravdess-valence": {
+        "happy": "positive", "calm": "positive", "surprised": "positive",
+        "angry": "negative", "fearful": "negative", "sad": "negative", "disgust": "negative",
+    },
+    # cross-corpus RAVDESS <-> EmoDB: the six classes both have (RAVDESS drops calm and
+    # surprised, EmoDB drops bored). One map for both corpora, so both sides of a cross-corpus
+    # run have the same classes by construction.
+    "ravdess-emodb6": {c: c for c in ("angry", "disgust", "fearful", "happy", "neutral", "sad")},
+    # MSP-Podcast's common 4-class setting, and the 8 primary emotions (other and
+    # no-agreement dropped)
+    "msp-podcast4": {c: c for c in ("angry", "happy", "neutral", "sad")},
+    "msp-podcast8": {MSP_PODCAST_EMOTIONS[c]: MSP_PODCAST_EMOTIONS[c] for c in "ASHUFDCN"},
 }
-DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4"}  # corpora not listed keep every label by default
+# corpora not listed keep every label by default
+DEFAULT_LABEL_MAPS = {"iemocap": "iemocap4", "msp-podcast": "msp-podcast4"}
 
 
 # --- shared helpers ---------------------------------------------------------------------------
@@ -119,6 +170,14 @@ def audio_duration(path: Path) -> float:
     except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
         log.warning("cannot read the header of %s (%s); duration set to 0.0", path, e)
         return 0.0
+
+
+def as_number(cell: str) -> float | None:
+    """The cell as a float, or None when it does not read as a number ("3,5" does not)."""
+    try:
+        return float(cell)
+    except ValueError:
+        return None
 
 
 def corpus_folder(corpus_dir: Path, corpus: str, layout: str) -> Path:
@@ -323,11 +382,27 @@ IEMOCAP_LAYOUT = ("SessionN/sentences/wav/<dialog>/<utterance>.wav with labels i
 IEMOCAP_ID = re.compile(r"Ses(\d\d)[FM]_.+_([FM])\d+")  # Ses01F_impro01_F000
 
 
-def read_iemocap_labels(corpus_dir: Path) -> dict[str, str]:
-    """Utterance id -> label from every SessionN/dialog/EmoEvaluation/*.txt.
+IEMOCAP_DIMENSIONS = ("valence", "arousal", "dominance")  # the order of [V, A, D] in the files
 
-    Only lines starting with "[" are labels: `[start - end]<TAB>id<TAB>label<TAB>[v, a, d]`;
-    the header and the per-evaluator lines ("C-E2:", "A-E3:") are skipped.
+
+def read_vad(cell: str) -> dict[str, float] | None:
+    """{"valence", "arousal", "dominance"} from "[2.5000, 3.0000, 2.5000]", None if malformed."""
+    cell = cell.strip()
+    if not (cell.startswith("[") and cell.endswith("]")):
+        return None
+    values = [as_number(v) for v in cell[1:-1].split(",")]
+    if len(values) != 3 or any(v is None or not math.isfinite(v) for v in values):
+        return None
+    return dict(zip(IEMOCAP_DIMENSIONS, values))
+
+
+def read_iemocap_labels(corpus_dir: Path) -> dict[str, tuple[str, dict[str, float]]]:
+    """Utterance id -> (label, {valence, arousal, dominance}) from every
+    SessionN/dialog/EmoEvaluation/*.txt.
+
+    Only lines starting with "[" are labels: `[start - end]<TAB>id<TAB>label<TAB>[v, a, d]`,
+    the last field being the evaluators' mean ratings on IEMOCAP's 1-5 scales; the header and
+    the per-evaluator lines ("C-E2:", "A-E3:") are skipped.
     """
     labels, where = {}, {}
     for txt in sorted(corpus_dir.glob("Session*/dialog/EmoEvaluation/*.txt")):
@@ -337,10 +412,11 @@ def read_iemocap_labels(corpus_dir: Path) -> dict[str, str]:
             if not line.startswith("["):
                 continue
             parts = line.split("\t")
-            if len(parts) < 3 or not IEMOCAP_ID.fullmatch(parts[1].strip()):
+            vad = read_vad(parts[3]) if len(parts) >= 4 else None
+            if vad is None or not IEMOCAP_ID.fullmatch(parts[1].strip()):
                 raise RecordsError(
                     f"{txt}:{n}: expected '[start - end]<TAB>Ses01F_impro01_F000<TAB>label"
-                    f"<TAB>[v, a, d]', got {line!r}: fix or remove the line"
+                    f"<TAB>[v, a, d]' (v, a, d numbers), got {line!r}: fix or remove the line"
                 )
             utt, label = parts[1].strip(), parts[2].strip()
             if label not in IEMOCAP_EMOTIONS:
@@ -349,12 +425,13 @@ def read_iemocap_labels(corpus_dir: Path) -> dict[str, str]:
             if utt in labels:
                 raise RecordsError(f"{txt}:{n}: {utt} is labelled twice (also at {where[utt]}): "
                                    "keep one line")
-            labels[utt], where[utt] = label, f"{txt}:{n}"
+            labels[utt], where[utt] = (label, vad), f"{txt}:{n}"
     return labels
 
 
 def prepare_iemocap(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
-    """IEMOCAP: id = utterance id, speaker "Ses01_F", group "Session1"; default map iemocap4."""
+    """IEMOCAP: id = utterance id, speaker "Ses01_F", group "Session1"; default map iemocap4;
+    targets valence, arousal, dominance (1-5)."""
     corpus_dir = corpus_folder(corpus_dir, "iemocap", IEMOCAP_LAYOUT)
     wavs = [p for p in find_audio(corpus_dir, "iemocap", IEMOCAP_LAYOUT)
             if p.relative_to(corpus_dir).parts[1:3] == ("sentences", "wav")]
@@ -380,15 +457,104 @@ def prepare_iemocap(corpus_dir: Path, label_map: str | None = None) -> list[Utte
     for path in wavs:
         utt = path.stem
         m = IEMOCAP_ID.fullmatch(utt)  # read_iemocap_labels has checked every labelled id
+        label, vad = labels[utt]
         records.append(Utterance(
-            id=utt, path=str(path), label=IEMOCAP_EMOTIONS[labels[utt]],
+            id=utt, path=str(path), label=IEMOCAP_EMOTIONS[label],
             speaker=f"Ses{m[1]}_{m[2]}", group=f"Session{int(m[1])}",
-            duration=audio_duration(path), original_label=labels[utt],
+            duration=audio_duration(path), original_label=label, targets=vad,
         ))
     return mapped(records, "iemocap", label_map)
 
 
-CSV_COLUMNS = ("path", "label", "speaker")  # required; "group" and "id" are optional
+MSP_PODCAST_LAYOUT = "Labels/labels_consensus.csv and Audios/<FileName>, as the release unpacks"
+MSP_PODCAST_LABELS = "Labels/labels_consensus.csv"
+MSP_PODCAST_AUDIO = "Audios"
+MSP_PODCAST_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Split_Set")
+MSP_PODCAST_TARGETS = {"arousal": "EmoAct", "valence": "EmoVal", "dominance": "EmoDom"}
+MSP_PODCAST_SPLIT = re.compile(r"Train|Development|Test\d+")
+MSP_PODCAST_UNKNOWN = "unknown"  # SpkrID of segments whose speaker is not identified (any case)
+
+
+def msp_podcast_row(cells: dict[str, str], n: int, labels_csv: Path,
+                    audio_dir: Path) -> Utterance:
+    """One row of labels_consensus.csv (row n, the header being row 1) -> an Utterance whose
+    duration is left at 0.0 (read once the file is known to exist)."""
+    def refuse(what: str) -> RecordsError:
+        return RecordsError(f"{labels_csv}, row {n}: {what}; fix the row or restore the file "
+                            "from the release")
+
+    name, code, split = cells["FileName"], cells["EmoClass"], cells["Split_Set"]
+    if not name:
+        raise refuse("FileName is empty")
+    if code not in MSP_PODCAST_EMOTIONS:
+        raise refuse(f"EmoClass {code!r} is none of {', '.join(MSP_PODCAST_EMOTIONS)}")
+    if not MSP_PODCAST_SPLIT.fullmatch(split):
+        raise refuse(f"Split_Set {split!r} is none of Train, Development, Test1, Test2, ...")
+    targets = {}
+    for target, column in MSP_PODCAST_TARGETS.items():
+        value = as_number(cells[column])
+        if value is None or not math.isfinite(value):
+            raise refuse(f"{column} {cells[column]!r} is not a finite number")
+        targets[target] = value
+    speaker = cells["SpkrID"]
+    if not speaker or speaker.lower() == MSP_PODCAST_UNKNOWN:
+        speaker = f"Unknown_{split}"
+    label = MSP_PODCAST_EMOTIONS[code]
+    path = audio_dir / (name if Path(name).suffix else f"{name}.wav")
+    return Utterance(
+        id=Path(name).stem, path=str(path), label=label, speaker=speaker, group=split,
+        original_label=label, targets=targets,
+    )
+
+
+def prepare_msp_podcast(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
+    """MSP-Podcast: id = FileName stem, speaker = SpkrID, group = Split_Set, targets arousal,
+    valence, dominance (1-7); default map msp-podcast4."""
+    corpus_dir = corpus_folder(corpus_dir, "msp-podcast", MSP_PODCAST_LAYOUT)
+    labels_csv, audio_dir = corpus_dir / MSP_PODCAST_LABELS, corpus_dir / MSP_PODCAST_AUDIO
+    for needed in (labels_csv, audio_dir):
+        if not needed.exists():
+            raise RecordsError(f"{needed} does not exist: the msp-podcast recipe expects "
+                               f"{MSP_PODCAST_LAYOUT}; pass the release folder that holds "
+                               f"{MSP_PODCAST_LABELS} and {MSP_PODCAST_AUDIO}/")
+    # one listing instead of a stat per row: the release has over 100k files in one folder
+    present = {e.name for e in os.scandir(audio_dir) if e.is_file() and not e.name.startswith(".")}
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in MSP_PODCAST_COLUMNS if c not in header]
+        if missing:
+            raise RecordsError(f"{labels_csv}, row 1: missing column(s) {', '.join(missing)} "
+                               f"(header is {header}): use labels_consensus.csv of the release")
+        rows = [(n, {k: v.strip() for k, v in zip(header, cells)})
+                for n, cells in enumerate(reader, 2) if any(c.strip() for c in cells)]
+    records, absent, listed = [], [], set()
+    for n, cells in rows:
+        cells = {c: cells.get(c, "") for c in MSP_PODCAST_COLUMNS}
+        r = msp_podcast_row(cells, n, labels_csv, audio_dir)
+        listed.add(Path(r.path).name)
+        if Path(r.path).name not in present:
+            absent.append(r.path)
+            continue
+        records.append(replace(r, duration=audio_duration(Path(r.path))))
+    if absent:
+        raise RecordsError(
+            f"{len(absent)} segments of {labels_csv} have no audio file, for example "
+            f"{listing(absent)}; the copy of the release looks incomplete: restore "
+            f"{MSP_PODCAST_AUDIO}/ from it"
+        )
+    unlabelled = sorted(n for n in present - listed if Path(n).suffix.lower() in AUDIO_SUFFIXES)
+    if unlabelled:
+        log.warning("%d audio files in %s have no row in %s and are left out (a test set whose "
+                    "labels are not public?): %s", len(unlabelled), audio_dir, MSP_PODCAST_LABELS,
+                    listing(unlabelled))
+    if not records:
+        raise RecordsError(f"{labels_csv} has a header but no rows: restore it from the release")
+    return mapped(records, "msp-podcast", label_map)
+
+
+CSV_COLUMNS = ("path", "label", "speaker")  # required
+CSV_OPTIONAL = ("group", "id")  # every other column is a target (numbers) or ignored (text)
 
 
 def find_csv(corpus_dir: Path, csv_path: Path | None) -> Path:
@@ -403,8 +569,48 @@ def find_csv(corpus_dir: Path, csv_path: Path | None) -> Path:
     return csv_path
 
 
-def csv_row(row: dict, n: int, csv_path: Path, folder: Path) -> Utterance:
-    """One CSV row (row n of the file, the header being row 1) -> an Utterance."""
+def csv_target_columns(header: list[str], rows: list[tuple[int, dict]],
+                       csv_path: Path) -> list[str]:
+    """The extra columns (beyond CSV_COLUMNS and CSV_OPTIONAL) that become targets.
+
+    A column with at least one number in it is a target column, and then every one of its
+    cells must be a finite number: an empty cell, a typo ("3,5") or "nan" is refused, naming
+    the row, rather than dropping the utterance or guessing a value. A column without any
+    number (a transcript, a gender) is ignored, with a logged note naming it.
+    """
+    targets, ignored = [], []
+    for i, col in enumerate(header):
+        if col in CSV_COLUMNS or col in CSV_OPTIONAL:
+            continue
+        cells = [(n, row.get(col, "")) for n, row in rows]
+        if not any(as_number(v) is not None for _, v in cells):
+            ignored.append(col or f"(unnamed column {i + 1})")
+            continue
+        if not col:
+            raise RecordsError(f"{csv_path}, row 1: column {i + 1} holds numbers but has no "
+                               "name: name it in the header (it becomes a target of that name)")
+        for n, v in cells:
+            value = as_number(v)
+            if value is None or not math.isfinite(value):
+                what = "is empty" if not v else f"is {v!r}, not a finite number"
+                raise RecordsError(
+                    f"{csv_path}, row {n}, column {col!r}: the cell {what}; every cell of a "
+                    "numeric column is a target value: fill it in (a dot as decimal separator), "
+                    "delete the row, or remove the column"
+                )
+        targets.append(col)
+    if ignored:
+        log.warning("%s: column(s) %s hold no numbers and are ignored; only numeric columns "
+                    "besides %s become targets", csv_path, ", ".join(ignored),
+                    ", ".join(CSV_COLUMNS + CSV_OPTIONAL))
+    return targets
+
+
+def csv_row(row: dict, n: int, csv_path: Path, folder: Path, targets: list[str]) -> Utterance:
+    """One CSV row (row n of the file, the header being row 1) -> an Utterance.
+
+    targets: the columns whose cells become the utterance's targets (checked numeric).
+    """
     cells = {k: v.strip() for k, v in row.items()}
     for name in CSV_COLUMNS:
         if not cells.get(name):
@@ -422,13 +628,13 @@ def csv_row(row: dict, n: int, csv_path: Path, folder: Path) -> Utterance:
     return Utterance(
         id=uid, path=str(path), label=cells["label"], speaker=cells["speaker"],
         group=cells.get("group", ""), duration=audio_duration(path),
-        original_label=cells["label"],
+        original_label=cells["label"], targets={t: float(cells[t]) for t in targets},
     )
 
 
 def prepare_csv(corpus_dir: Path, label_map: str | None = None,
                 csv_path: Path | None = None) -> list[Utterance]:
-    """Any corpus from a CSV with columns path, label, speaker[, group][, id]."""
+    """Any corpus from a CSV with columns path, label, speaker[, group][, id][, targets...]."""
     csv_path = find_csv(corpus_dir, csv_path)
     folder = csv_path.parent.resolve()
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -439,9 +645,13 @@ def prepare_csv(corpus_dir: Path, label_map: str | None = None,
             raise RecordsError(
                 f"{csv_path}, row 1: missing column(s) {', '.join(missing)} (header is "
                 f"{header}): the first row must name the columns {', '.join(CSV_COLUMNS)} "
-                "and optionally group, id"
+                "and optionally group, id and numeric targets"
             )
-        records, first_row = [], {}
+        twice = sorted({h for h in header if h and header.count(h) > 1})
+        if twice:
+            raise RecordsError(f"{csv_path}, row 1: column(s) {', '.join(twice)} named twice: "
+                               "give every column its own name")
+        rows = []
         for n, cells in enumerate(reader, 2):
             if not any(c.strip() for c in cells):
                 continue  # a blank line is not a row
@@ -450,16 +660,20 @@ def prepare_csv(corpus_dir: Path, label_map: str | None = None,
                     f"{csv_path}, row {n}: {len(cells)} fields but the header names "
                     f"{len(header)}: quote fields that contain commas"
                 )
-            r = csv_row(dict(zip(header, cells)), n, csv_path, folder)
-            if r.id in first_row:
-                raise RecordsError(
-                    f"{csv_path}, rows {first_row[r.id]} and {n} have the same id {r.id!r}: "
-                    "ids must be unique; give each row its own path or id"
-                )
-            first_row[r.id] = n
-            records.append(r)
-    if not records:
+            rows.append((n, {k: v.strip() for k, v in zip(header, cells)}))
+    if not rows:
         raise RecordsError(f"{csv_path} has a header but no rows: add one row per utterance")
+    targets = csv_target_columns(header, rows, csv_path)
+    records, first_row = [], {}
+    for n, row in rows:
+        r = csv_row(row, n, csv_path, folder, targets)
+        if r.id in first_row:
+            raise RecordsError(
+                f"{csv_path}, rows {first_row[r.id]} and {n} have the same id {r.id!r}: "
+                "ids must be unique; give each row its own path or id"
+            )
+        first_row[r.id] = n
+        records.append(r)
     return mapped(records, "csv", label_map)
 
 
@@ -468,6 +682,7 @@ CORPORA: dict[str, Callable[..., list[Utterance]]] = {
     "shemo": prepare_shemo,
     "iemocap": prepare_iemocap,
     "emodb": prepare_emodb,
+    "msp-podcast": prepare_msp_podcast,
     "csv": prepare_csv,
 }
 
@@ -508,7 +723,8 @@ class PreparedCorpus:
     dropped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """A few lines for the CLI: per-class counts after mapping, drops, warnings."""
+        """A few lines for the CLI: targets and their ranges, per-class counts after mapping,
+        drops, warnings."""
         rs = self.records
         speakers = {r.speaker for r in rs}
         groups = {r.group for r in rs if r.group}
@@ -518,6 +734,12 @@ class PreparedCorpus:
             + (f", {len(groups)} groups" if groups else "")
             + f", {hours:.2f} h, label map {self.label_map or NO_MAP}"
         ]
+        names = target_names(rs)
+        if names:
+            values = {name: [dict(r.targets)[name] for r in rs] for name in names}
+            lines.append("targets " + ", ".join(
+                f"{name} ({min(v):g} .. {max(v):g}, mean {sum(v) / len(v):.3g})"
+                for name, v in values.items()))
         sources = defaultdict(Counter)
         for r in rs:
             sources[r.label][r.original_label] += 1

@@ -5,20 +5,28 @@ which it is tested, and for every fold the training speakers held out for valida
 is built from manifest fields (ids, labels, speakers, groups) with a local RNG, saved next to
 every run (`folds.csv` + `folds.json`), and checked on construction:
 
-- every utterance is tested in exactly one fold, and no fold's test set is empty;
-- no speaker appears in two test folds (so never on both sides of a split);
+- every utterance is tested in exactly one fold, and no fold's test set is empty (protocol
+  split alone has utterances tested in no fold, fold -1: its train and development sets);
+- no speaker appears in two test folds (so never on both sides of a split); under split, no
+  speaker of the train or development set is tested;
 - every fold holds out >= 1 validation speaker: a training speaker of that fold, never a
   test speaker.
 
-Three protocols:
+Four protocols:
 
     loso   one fold per group (IEMOCAP: leave one session out);
     kfold  speaker-independent k-fold, stratified by label where the speakers allow it
            (scikit-learn's StratifiedGroupKFold, shuffled with the seed); the default for
            corpora without groups, k from DEFAULT_N_FOLDS;
-    file   the user's own CSV `id,fold` (0-based folds; every utterance listed once).
+    file   the user's own CSV `id,fold` (0-based folds; every utterance listed once);
+    split  a corpus's official partition, read from the groups: train, development
+           (validation) and test. One fold per test set: MSP-Podcast's Test1 and Test2 give
+           folds 0 and 1, both trained on Train and validated on Development, and a test set
+           is never trained on, not even in the other test set's fold. The default when every
+           group is a split name (SPLIT_VALIDATION lists the names a development set may have).
 
-Validation split, the same rule for every protocol: from the training speakers of fold k,
+Validation split, the same rule for loso, kfold and file (split takes the corpus's own
+development set instead): from the training speakers of fold k,
 hold out `max(1, n_train_speakers // n_folds)` speakers (IEMOCAP loso: 8 // 5 = 1 speaker;
 RAVDESS 6 folds: 20 // 6 = 3 actors; ShEMO 10 folds: about 7 speakers). Among 256 random draws
 of that many speakers the one kept is, in order of priority: the one that leaves every class
@@ -30,15 +38,21 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-PROTOCOLS = ("loso", "kfold", "file")
+PROTOCOLS = ("loso", "kfold", "file", "split")
 DEFAULT_N_FOLDS = {"ravdess": 6, "shemo": 10, "emodb": 5}  # RAVDESS: 24 actors, 4 per fold
 FALLBACK_N_FOLDS = 5
 VAL_CANDIDATES = 256  # random speaker draws scored per fold when carving the validation split
+# protocol split: group names (any case) of the official partition
+SPLIT_TRAIN = ("train",)
+SPLIT_VALIDATION = ("development", "dev", "validation", "valid", "val")
+SPLIT_TEST = re.compile(r"test\d*")  # test, Test1, Test2, ...
+NOT_TESTED = -1  # test_fold of the train and development utterances under protocol split
 
 
 class FoldsError(ValueError):
@@ -55,9 +69,11 @@ class Folds:
     """Test fold per utterance, and validation speakers per fold.
 
     ids, speakers: (n,) str, in the order of the data they were built for.
-    test_fold: (n,) int64, 0-based fold in which each utterance is tested.
+    test_fold: (n,) int64, 0-based fold in which each utterance is tested; NOT_TESTED (-1)
+        under protocol split for the train and development sets.
     val_speakers: per fold, the sorted training speakers held out for validation.
-    protocol: "loso", "kfold" or "file"; seed: the seed of the local RNG that built them.
+    protocol: "loso", "kfold", "file" or "split"; seed: the seed of the local RNG that built
+        them.
     """
 
     ids: np.ndarray
@@ -89,16 +105,19 @@ class Folds:
                              f"test_fold {self.test_fold.shape} must all be ({n},)")
         if len(set(self.ids)) != n:
             raise FoldsError("utterance ids are not unique: fix the corpus records")
-        if n and (self.test_fold.min() < 0 or self.test_fold.max() >= k):
-            raise FoldsError(f"test folds must be 0 .. {k - 1}, found {self.test_fold.min()} .. "
-                             f"{self.test_fold.max()}")
+        lowest = NOT_TESTED if self.protocol == "split" else 0
+        if n and (self.test_fold.min() < lowest or self.test_fold.max() >= k):
+            raise FoldsError(f"test folds must be {lowest} .. {k - 1}, found "
+                             f"{self.test_fold.min()} .. {self.test_fold.max()}")
         empty = sorted(set(range(k)) - set(self.test_fold.tolist()))
         if empty:
             raise FoldsError(f"folds {empty} test no utterance: use fewer folds")
         spk_folds: dict[str, set] = {}
         for s, f in zip(self.speakers, self.test_fold):
             spk_folds.setdefault(s, set()).add(int(f))
-        crossing = {s: sorted(f) for s, f in spk_folds.items() if len(f) > 1}
+        # under split the test sets never train, so only train/development vs test crosses
+        crossing = {s: sorted(f) for s, f in spk_folds.items() if len(f) > 1
+                    and (self.protocol != "split" or NOT_TESTED in f)}
         if crossing:
             s, f = next(iter(crossing.items()))
             s = str(s)
@@ -108,7 +127,10 @@ class Folds:
             if not val:
                 raise FoldsError(f"fold {fold} has no validation speakers: the epoch could only be "
                                  "chosen on the test speakers; give every fold at least one")
-            bad = [str(s) for s in val if spk_folds.get(s, {fold}) == {fold}]
+            if self.protocol == "split":  # from the train or development set
+                bad = [str(s) for s in val if spk_folds.get(s) != {NOT_TESTED}]
+            else:
+                bad = [str(s) for s in val if spk_folds.get(s, {fold}) == {fold}]
             if bad:
                 raise FoldsError(f"fold {fold}: validation speakers {bad} are not training "
                                  "speakers of that fold (unknown, or tested in it)")
@@ -119,7 +141,9 @@ class Folds:
             raise FoldsError(f"fold {fold} does not exist: folds are 0 .. {self.n_folds - 1}")
         test = self.test_fold == fold
         val = ~test & np.isin(self.speakers, self.val_speakers[fold])
-        train = ~test & ~val
+        # split: only the train set trains; the other test sets stay unseen
+        pool = self.test_fold == NOT_TESTED if self.protocol == "split" else ~test
+        train = pool & ~val
         return np.flatnonzero(train), np.flatnonzero(val), np.flatnonzero(test)
 
     def save(self, path: Path) -> None:
@@ -166,11 +190,13 @@ class Folds:
 def make_folds(ids, labels, speakers, groups=None, *, protocol: str | None = None,
                n_folds: int | None = None, corpus: str = "", fold_file: Path | None = None,
                seed: int = 0) -> Folds:
-    """Folds by protocol name. protocol None: "file" if a fold file is given, "loso" if the
-    utterances have groups, else "kfold" with n_folds (default from DEFAULT_N_FOLDS[corpus])."""
+    """Folds by protocol name. protocol None: "file" if a fold file is given, "split" if every
+    group is a split name (train, development, test...), "loso" if the utterances have
+    groups, else "kfold" with n_folds (default from DEFAULT_N_FOLDS[corpus])."""
     groups = np.full(len(ids), "") if groups is None else np.asarray(groups).astype(str)
     if protocol is None:
-        protocol = "file" if fold_file else ("loso" if (groups != "").all() else "kfold")
+        protocol = ("file" if fold_file else "split" if all(map(split_role, set(groups)))
+                    else "loso" if (groups != "").all() else "kfold")
     if protocol not in PROTOCOLS:
         raise FoldsError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
     if fold_file is not None and protocol != "file":
@@ -180,6 +206,11 @@ def make_folds(ids, labels, speakers, groups=None, *, protocol: str | None = Non
             raise FoldsError(f"loso makes one fold per group ({len(set(groups))}), not {n_folds}: "
                              "drop the number of folds or use protocol 'kfold'")
         return loso_folds(ids, labels, speakers, groups, seed=seed)
+    if protocol == "split":
+        if n_folds is not None:
+            raise FoldsError(f"split makes one fold per test set of the corpus, not {n_folds}: "
+                             "drop the number of folds or use protocol 'kfold'")
+        return split_folds(ids, labels, speakers, groups, seed=seed)
     if protocol == "kfold":
         return kfold_folds(ids, labels, speakers, n_folds or default_n_folds(corpus), seed=seed)
     if fold_file is None:
@@ -204,6 +235,62 @@ def loso_folds(ids, labels, speakers, groups, seed: int = 0) -> Folds:
     _check_labels(labels, speakers)
     test_fold = np.searchsorted(names, groups)
     return _with_validation(ids, labels, speakers, test_fold, "loso", seed)
+
+
+def split_role(group: str) -> str | None:
+    """"train", "validation" or "test" for a split name of protocol split (any case), else None."""
+    g = str(group).strip().lower()
+    if g in SPLIT_TRAIN:
+        return "train"
+    if g in SPLIT_VALIDATION:
+        return "validation"
+    return "test" if SPLIT_TEST.fullmatch(g) else None
+
+
+def split_folds(ids, labels, speakers, groups, seed: int = 0) -> Folds:
+    """The corpus's official partition (groups train / development / test...) as folds.
+
+    One fold per test set, in natural order (Test1 before Test2); every fold trains on the
+    train set and validates on the development set's speakers. `seed` is only recorded: the
+    partition is the corpus's, nothing is drawn.
+    """
+    ids, labels, speakers, groups = _arrays(ids, labels, speakers, groups)
+    roles = {g: split_role(g) for g in set(groups.tolist())}
+    unknown = sorted(g for g, role in roles.items() if role is None)
+    if unknown:
+        raise FoldsError(
+            f"protocol 'split' needs every group to name a split: train, development (or "
+            f"{', '.join(SPLIT_VALIDATION[1:])}) or test (test1, test2, ...); found "
+            f"{unknown}: use protocol 'loso' or 'kfold', or fix the corpus's split names"
+        )
+    role = np.array([roles[g] for g in groups])
+    tests = sorted({g.strip().lower() for g, r in roles.items() if r == "test"},
+                   key=lambda g: (len(g), g))  # test2 before test10
+    missing = [r for r in ("train", "validation", "test") if r not in set(role)]
+    if missing:
+        raise FoldsError(f"protocol 'split' found no {' or '.join(missing)} set among the groups "
+                         f"{sorted(roles)}: every one of train, development and test is needed")
+    spk_roles: dict[str, set] = {}
+    for s, r in zip(speakers, role):
+        spk_roles.setdefault(s, set()).add(r)
+    shared = {s: sorted(r) for s, r in spk_roles.items() if len(r) > 1}  # Test1+Test2 is fine
+    if shared:
+        s, r = min(shared.items())
+        s = str(s)
+        raise FoldsError(
+            f"{len(shared)} speakers are in several splits, e.g. {s!r} in {' and '.join(r)}: "
+            "the official split would not be speaker-independent; fix the corpus's split or "
+            "speaker ids, or use protocol 'kfold'"
+        )
+    untrained = sorted(map(str, set(labels[role != "train"]) - set(labels[role == "train"])))
+    if untrained:
+        raise FoldsError(f"classes {untrained} have no utterance in the train set, so no head can "
+                         "learn them: drop or merge them in the corpus label map")
+    test_fold = np.full(len(ids), NOT_TESTED, dtype=np.int64)
+    for k, name in enumerate(tests):
+        test_fold[np.char.lower(np.char.strip(groups)) == name] = k
+    val = sorted(set(speakers[role == "validation"].tolist()))
+    return Folds(ids, speakers, test_fold, [val] * len(tests), "split", seed)
 
 
 def kfold_folds(ids, labels, speakers, n_folds: int, seed: int = 0) -> Folds:

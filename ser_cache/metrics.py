@@ -1,4 +1,4 @@
-"""Classification metrics per fold, and their mean and std over folds.
+"""Classification and regression metrics per fold, and their mean and std over folds.
 
 All metrics come from one confusion matrix (rows = truth, columns = prediction) and agree with
 scikit-learn (tests/test_metrics.py):
@@ -16,6 +16,19 @@ Macro-F1 averages over the classes present in the truth or the predictions (scik
 default label set), an undefined precision or recall counting as 0 (zero_division=0). Over
 folds, per-class recall is averaged over the folds where the class was tested.
 
+Continuous targets (arousal, valence, ...) are scored per target, each from population
+moments (ddof=0) of the fold's truth x and predictions y:
+
+    ccc       concordance correlation coefficient,
+              2 cov(x, y) / (var x + var y + (mean x - mean y)^2): 1 only for y == x; a shift
+              or a scale error lowers it where Pearson's r stays 1; 0 for constant predictions
+    pearson   cov(x, y) / (std x std y)
+    mae       mean |y - x|
+
+A statistic whose denominator is zero (Pearson's r with constant truth or predictions; CCC
+with truth and predictions the same constant) is undefined: NaN for the fold, left out of
+the mean over folds like an untested class's recall.
+
 `std` over folds is the population standard deviation (numpy's default, ddof=0).
 """
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 SCALARS = ("ua", "wa", "macro_f1", "weighted_f1")
+REGRESSION_SCALARS = ("ccc", "pearson", "mae")
 
 
 def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
@@ -89,6 +103,53 @@ def summarize(folds: list[dict], labels: list[str]) -> dict:
         "normalized": np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0).tolist(),
         "folds": [f["confusion"] for f in folds],
     }
+    return out
+
+
+def regression_scores(y_true, y_pred) -> dict:
+    """{"ccc", "pearson", "mae"} of one target: y_true, y_pred (n,) floats; NaN where undefined."""
+    x, y = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    assert x.shape == y.shape and x.ndim == 1 and len(x), f"y_true {x.shape} vs y_pred {y.shape}"
+    mx, my = x.mean(), y.mean()
+    vx, vy = ((x - mx) ** 2).mean(), ((y - my) ** 2).mean()
+    cov = ((x - mx) * (y - my)).mean()
+    ccc_den = vx + vy + (mx - my) ** 2
+    return {
+        "ccc": float(2 * cov / ccc_den) if ccc_den > 0 else float("nan"),
+        "pearson": float(cov / np.sqrt(vx * vy)) if vx > 0 and vy > 0 else float("nan"),
+        "mae": float(np.abs(y - x).mean()),
+    }
+
+
+def regression_fold_metrics(y_true, y_pred, targets: list[str]) -> dict:
+    """{target: regression_scores} of one fold: y_true, y_pred (n, n_targets), columns in the
+    order of `targets` ((n,) is accepted for one target)."""
+    x, y = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    if x.ndim == 1:
+        x, y = x[:, None], y.reshape(-1, 1)
+    assert x.shape == y.shape == (len(x), len(targets)), (
+        f"y_true {x.shape}, y_pred {y.shape} for targets {targets}")
+    return {name: regression_scores(x[:, t], y[:, t]) for t, name in enumerate(targets)}
+
+
+def summarize_regression(folds: list[dict], targets: list[str]) -> dict:
+    """Mean and std over folds of `regression_fold_metrics` outputs.
+
+    Returns {target: {"ccc": {"mean", "std", "folds"}, "pearson": ..., "mae": ...}}; a fold
+    where a statistic is undefined is None in "folds" and left out of mean and std (None
+    when no fold defines it).
+    """
+    out = {}
+    for name in targets:
+        out[name] = {}
+        for stat in REGRESSION_SCALARS:
+            values = np.array([f[name][stat] for f in folds], dtype=np.float64)
+            defined = values[~np.isnan(values)]
+            out[name][stat] = {
+                "mean": float(defined.mean()) if len(defined) else None,
+                "std": float(defined.std()) if len(defined) else None,
+                "folds": [None if np.isnan(v) else float(v) for v in values],
+            }
     return out
 
 

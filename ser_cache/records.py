@@ -3,16 +3,21 @@
 A corpus preparer (see `corpora.py`) turns a raw folder into a list of `Utterance`s. The list
 is saved beside the cache as JSON Lines (`records.jsonl`), and its hash goes into the cache's
 settings so that a cache is never extended with a different corpus by accident.
+
+Besides its class label an utterance may carry numeric targets (dimensional ratings such as
+arousal and valence). A record without targets is written, read and hashed exactly as before
+targets existed, so caches made earlier keep their fingerprint.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,10 @@ class Utterance:
     group: a coarser unit of speakers (an IEMOCAP session), or "" when the corpus has none.
     duration: seconds, read from the file header (0.0 when the header could not be read).
     original_label: the label as the corpus spells it, before mapping.
+    targets: numeric targets as (name, value) pairs sorted by name, for example
+        (("arousal", 4.2), ("valence", 3.0)); empty when the corpus has none. A mapping may be
+        passed instead; it is stored as sorted pairs so that records stay immutable, hashable
+        and equal whatever the order the targets were given in. `dict(r.targets)` reads them.
     """
 
     id: str
@@ -35,6 +44,15 @@ class Utterance:
     group: str = ""
     duration: float = 0.0
     original_label: str = ""
+    targets: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        items = list(self.targets.items() if isinstance(self.targets, Mapping) else self.targets)
+        pairs = tuple(sorted((str(name), float(value)) for name, value in items))
+        names = [name for name, _ in pairs]
+        if len(set(names)) != len(names):
+            raise RecordsError(f"utterance {self.id!r} names a target twice: {names}")
+        object.__setattr__(self, "targets", pairs)
 
 
 class RecordsError(ValueError):
@@ -44,7 +62,9 @@ class RecordsError(ValueError):
 def validate(records: list[Utterance]) -> None:
     """Refuse records that later stages could not use honestly.
 
-    Checks, in order: not empty; ids unique; no empty id, path, label or speaker.
+    Checks, in order: not empty; ids unique; no empty id, path, label or speaker; targets
+    finite, and the same target names on every record (a regression target missing from some
+    utterances would be a silent hole in the training data).
     Raises RecordsError naming the first offending rows.
     """
     if not records:
@@ -61,6 +81,17 @@ def validate(records: list[Utterance]) -> None:
         for name in ("id", "path", "label", "speaker"):
             if not str(getattr(r, name)).strip():
                 raise RecordsError(f"utterance {r.id or r.path!r} has an empty {name}: fill it in")
+        for name, value in r.targets:
+            if not math.isfinite(value):
+                raise RecordsError(f"utterance {r.id!r} has target {name} = {value}: give it a "
+                                   "finite number or leave the utterance out")
+    names = target_names(records[:1])
+    for r in records:
+        if target_names([r]) != names:
+            raise RecordsError(
+                f"utterance {r.id!r} has targets {target_names([r])} but {records[0].id!r} has "
+                f"{names}: every utterance of a corpus needs the same targets"
+            )
 
 
 def class_counts(records: Iterable[Utterance]) -> dict[str, int]:
@@ -73,16 +104,38 @@ def labels_of(records: Iterable[Utterance]) -> list[str]:
     return sorted({r.label for r in records})
 
 
+def target_names(records: Iterable[Utterance]) -> list[str]:
+    """The sorted names of the numeric targets the records carry (empty when none has any)."""
+    return sorted({name for r in records for name, _ in r.targets})
+
+
 def records_hash(records: Iterable[Utterance]) -> str:
     """SHA-256 over the fields that decide what a cache holds (not durations or paths).
 
     Paths are left out on purpose: moving a corpus folder must not invalidate its cache.
+    Targets enter the hash only when a record has some, so the hash of records without
+    targets is the one they had before targets existed (existing caches stay valid), while
+    the same corpus with other targets never reuses a cache.
     """
     h = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.id):
-        h.update(json.dumps([r.id, r.label, r.speaker, r.group]).encode())
+        fields_ = [r.id, r.label, r.speaker, r.group]
+        if r.targets:
+            fields_.append([[name, value] for name, value in r.targets])
+        h.update(json.dumps(fields_).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def _row(r: Utterance) -> dict:
+    """The JSON object of one record: targets as {name: value}, left out when there are none
+    (so that records.jsonl of a corpus without targets reads as it always did)."""
+    row = asdict(r)
+    if r.targets:
+        row["targets"] = dict(r.targets)
+    else:
+        del row["targets"]
+    return row
 
 
 def save_records(records: Iterable[Utterance], path: Path) -> None:
@@ -92,12 +145,12 @@ def save_records(records: Iterable[Utterance], path: Path) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+            f.write(json.dumps(_row(r), ensure_ascii=False) + "\n")
     tmp.replace(path)
 
 
 def load_records(path: Path) -> list[Utterance]:
-    """Read records written by `save_records`."""
+    """Read records written by `save_records` (also those written before targets existed)."""
     names = {f.name for f in fields(Utterance)}
     out = []
     with open(path, encoding="utf-8") as f:

@@ -16,6 +16,7 @@ from ser_cache.corpora import (
     prepare_iemocap,
     prepare_ravdess,
 )
+from ser_cache.folds import make_folds
 from ser_cache.records import RecordsError, Utterance
 
 SR = 16000
@@ -169,11 +170,16 @@ IEMOCAP_UTTERANCES = {  # utterance id -> label in its EmoEvaluation file
 }
 
 
+def iemocap_vad(k: int) -> str:
+    """The [V, A, D] field of the k-th turn of a file: three different values."""
+    return f"[{1.5 + 0.5 * k:.4f}, {3.0:.4f}, {4.5 - 0.5 * k:.4f}]"
+
+
 def write_emo_evaluation(txt: Path, labels: dict[str, str]) -> None:
     """An EmoEvaluation file as the release writes it: header, then one block per turn."""
     txt.parent.mkdir(parents=True, exist_ok=True)
     blocks = [
-        f"[{2.0 * k:.4f} - {2.0 * k + 1.5:.4f}]\t{utt}\t{label}\t[2.5000, 3.0000, 2.5000]\n"
+        f"[{2.0 * k:.4f} - {2.0 * k + 1.5:.4f}]\t{utt}\t{label}\t{iemocap_vad(k)}\n"
         + EVALUATORS
         for k, (utt, label) in enumerate(labels.items())
     ]
@@ -242,6 +248,30 @@ def test_preparer_applies_the_default_map_and_logs_the_drops(tmp_path, caplog):
         records = prepare_iemocap(make_iemocap(tmp_path / "iemocap"))
     assert len(records) == 6
     assert "label map iemocap4 dropped 2 iemocap utterances: fru 1, xxx 1" in caplog.text
+
+
+def test_iemocap_targets_are_valence_arousal_dominance(tmp_path):
+    records = by_id(prepare("iemocap", make_iemocap(tmp_path / "iemocap"), "none").records)
+    # the first turn of its file ([1.5, 3.0, 4.5]), and the second of another ([2.0, 3.0, 4.0])
+    assert dict(records["Ses01F_impro01_F000"].targets) == {
+        "valence": 1.5, "arousal": 3.0, "dominance": 4.5}
+    assert dict(records["Ses01M_script01_1_M000"].targets) == {
+        "valence": 2.0, "arousal": 3.0, "dominance": 4.0}
+    kept = prepare("iemocap", tmp_path / "iemocap").records  # the label map keeps the targets
+    assert all(dict(r.targets) == dict(records[r.id].targets) for r in kept)
+
+
+@pytest.mark.parametrize("vad", ["", "[2.5, 3.0]", "[2.5, x, 3.0]", "[nan, 2.5, 2.5]"])
+def test_iemocap_names_a_line_without_a_vad_triple(tmp_path, vad):
+    root = make_iemocap(tmp_path / "iemocap")
+    txt = root / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
+    lines = txt.read_text().splitlines()
+    n = next(i for i, x in enumerate(lines, 1) if "Ses01F_impro01_M000" in x and x.startswith("["))
+    lines[n - 1] = lines[n - 1].rsplit("\t", 1)[0] + (f"\t{vad}" if vad else "")
+    txt.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordsError, match=rf"Ses01F_impro01\.txt:{n}: expected .*\[v, a, d\]' "
+                                           r"\(v, a, d numbers\)"):
+        prepare("iemocap", root)
 
 
 def test_iemocap_refuses_audio_without_a_label(tmp_path):
@@ -366,7 +396,7 @@ def test_csv_file_missing(tmp_path):
 
 # --- errors common to every corpus ---------------------------------------------------------------
 
-@pytest.mark.parametrize("corpus", ["ravdess", "shemo", "iemocap", "emodb"])
+@pytest.mark.parametrize("corpus", ["ravdess", "shemo", "iemocap", "emodb", "msp-podcast"])
 def test_missing_corpus_folder(tmp_path, corpus):
     with pytest.raises(RecordsError, match=rf"{corpus} corpus folder .*nowhere does not exist"):
         prepare(corpus, tmp_path / "nowhere")
@@ -383,7 +413,7 @@ def test_no_audio_files_names_the_layout(tmp_path, corpus):
 def test_unknown_label_map_lists_the_known_ones(tmp_path):
     root = make_ravdess(tmp_path / "ravdess")
     with pytest.raises(RecordsError, match=r"unknown label map 'iemocap5'; known label maps: "
-                                           r"iemocap4, shemo4, or 'none'"):
+                                           r"iemocap4, .*ravdess-arousal, .*shemo4, or 'none'"):
         prepare("ravdess", root, label_map="iemocap5")
 
 
@@ -401,7 +431,7 @@ def test_unknown_corpus_and_stray_csv_path(tmp_path):
 
 
 def test_registry_and_maps():
-    assert set(CORPORA) == {"ravdess", "shemo", "iemocap", "emodb", "csv"}
+    assert set(CORPORA) == {"ravdess", "shemo", "iemocap", "emodb", "msp-podcast", "csv"}
     assert LABEL_MAPS["iemocap4"]["exc"] == LABEL_MAPS["iemocap4"]["hap"] == "happy"
     assert set(LABEL_MAPS["shemo4"].values()) == {"angry", "happy", "neutral", "sad"}
 
@@ -418,3 +448,199 @@ def test_check_splittable_names_the_lonely_label_and_speaker(tmp_path):
     assert "warning: label 'calm' has only speaker 'Actor_02'" in prepared.summary()
     neutral = [r for r in prepared.records if r.label == "neutral"]
     check_splittable(neutral)  # two speakers: fine
+
+
+# --- CSV targets --------------------------------------------------------------------------------
+
+def test_csv_numeric_columns_become_targets(tmp_path, caplog):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,Arousal,valence,transcript,gender\n"
+                    "a/x.wav,angry,s1,4.5,-1,hello there,f\nb/x.wav,sad,s2,1.25,2e0,,m\n")
+    with caplog.at_level(logging.WARNING, logger="ser_cache.corpora"):
+        records = prepare("csv", tmp_path / "c").records
+    assert [dict(r.targets) for r in records] == [
+        {"arousal": 4.5, "valence": -1.0}, {"arousal": 1.25, "valence": 2.0}]
+    assert "transcript, gender hold no numbers and are ignored" in caplog.text
+    assert "targets arousal (1.25 .. 4.5, mean 2.88), valence (-1 .. 2, mean 0.5)" in (
+        prepare("csv", tmp_path / "c").summary())
+
+
+def test_csv_without_extra_columns_has_no_targets(tmp_path, caplog):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,group\na/x.wav,angry,s1,g1\n")
+    with caplog.at_level(logging.WARNING, logger="ser_cache.corpora"):
+        (r,) = prepare("csv", tmp_path / "c").records
+    assert r.targets == () and "ignored" not in caplog.text
+
+
+@pytest.mark.parametrize("cell, said", [("", "is empty"), ("3,5", "is '3,5', not a finite number"),
+                                        ("nan", "is 'nan', not a finite number"),
+                                        ("high", "is 'high', not a finite number")])
+def test_csv_target_cell_that_is_no_number_names_row_and_column(tmp_path, cell, said):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,arousal\na/x.wav,angry,s1,4\n"
+                    f'b/x.wav,sad,s2,"{cell}"\n')
+    with pytest.raises(RecordsError, match=rf"row 3, column 'arousal': the cell {said}.*fill it in"):
+        prepare("csv", tmp_path / "c")
+
+
+def test_csv_short_row_leaves_a_target_empty(tmp_path):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,arousal\na/x.wav,angry,s1,4\nb/x.wav,sad,s2\n")
+    with pytest.raises(RecordsError, match=r"row 3, column 'arousal': the cell is empty"):
+        prepare("csv", tmp_path / "c")
+
+
+def test_csv_column_named_twice(tmp_path):
+    make_csv_corpus(tmp_path / "c", "path,label,speaker,arousal,Arousal\na/x.wav,angry,s1,4,5\n")
+    with pytest.raises(RecordsError, match=r"row 1: column\(s\) arousal named twice"):
+        prepare("csv", tmp_path / "c")
+
+
+# --- binary and cross-corpus label maps ---------------------------------------------------------
+
+def make_ravdess_all_emotions(root: Path) -> Path:
+    """Every RAVDESS emotion once, from actor 01 (01 neutral ... 08 surprised)."""
+    for emotion in range(1, 9):
+        write_audio(root / "Actor_01" / f"03-01-{emotion:02d}-01-01-01-01.wav")
+    return root
+
+
+def labels_by_original(prepared) -> dict[str, str]:
+    return {r.original_label: r.label for r in prepared.records}
+
+
+def test_ravdess_arousal_is_high_or_low_for_every_emotion(tmp_path):
+    prepared = prepare("ravdess", make_ravdess_all_emotions(tmp_path / "r"), "ravdess-arousal")
+    assert labels_by_original(prepared) == {
+        "angry": "high", "fearful": "high", "happy": "high", "surprised": "high",
+        "disgust": "high", "neutral": "low", "calm": "low", "sad": "low"}
+    assert prepared.dropped == {}
+
+
+def test_ravdess_valence_drops_and_counts_neutral(tmp_path):
+    prepared = prepare("ravdess", make_ravdess_all_emotions(tmp_path / "r"), "ravdess-valence")
+    assert labels_by_original(prepared) == {
+        "happy": "positive", "calm": "positive", "surprised": "positive",
+        "angry": "negative", "fearful": "negative", "sad": "negative", "disgust": "negative"}
+    assert prepared.dropped == {"neutral": 1}
+    assert "dropped 1 utterances whose original label is not in label map ravdess-valence: " \
+           "neutral 1" in prepared.summary()
+    assert "negative" in prepared.summary() and "(angry 1 + disgust 1 + fearful 1 + sad 1)" \
+        in prepared.summary()
+
+
+def test_ravdess_and_emodb_share_six_classes(tmp_path):
+    ravdess = prepare("ravdess", make_ravdess_all_emotions(tmp_path / "r"), "ravdess-emodb6")
+    root = tmp_path / "emodb"
+    for letter in "WLEAFTN":
+        write_audio(root / "wav" / f"03a01{letter}a.wav")
+    emodb = prepare("emodb", root, "ravdess-emodb6")
+    six = ["angry", "disgust", "fearful", "happy", "neutral", "sad"]
+    assert sorted(r.label for r in ravdess.records) == six
+    assert sorted(r.label for r in emodb.records) == six
+    assert ravdess.dropped == {"calm": 1, "surprised": 1}
+    assert emodb.dropped == {"bored": 1}
+
+
+# --- MSP-Podcast --------------------------------------------------------------------------------
+
+MSP_HEADER = "FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set\n"
+MSP_ROWS = (  # FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, Gender, Split_Set
+    "MSP-PODCAST_0001_0001.wav,A,6.2,2.0,5.8,127,Male,Train\n"
+    "MSP-PODCAST_0001_0002.wav,N,4.0,4.2,3.6,127,Male,Train\n"
+    "MSP-PODCAST_0002_0001.wav,H,5.0,6.0,4.4,310,Female,Train\n"
+    "MSP-PODCAST_0002_0002.wav,S,2.4,2.2,3.0,310,Female,Train\n"
+    "MSP-PODCAST_0003_0001.wav,X,4.2,3.8,4.0,Unknown,Unknown,Train\n"
+    "MSP-PODCAST_0004_0001.wav,O,3.0,4.0,4.0,Unknown,Unknown,Development\n"
+    "MSP-PODCAST_0005_0001.wav,A,5.5,2.5,5.0,55,Female,Development\n"
+    "MSP-PODCAST_0005_0002.wav,U,5.8,4.6,4.2,55,Female,Development\n"
+    "MSP-PODCAST_0006_0001.wav,N,3.8,4.0,4.0,Unknown,Unknown,Test1\n"
+    "MSP-PODCAST_0008_0001.wav,C,4.4,2.6,4.8,89,Male,Test1\n"
+    "MSP-PODCAST_0007_0001.wav,S,2.0,1.6,2.2,88,Male,Test2\n"
+)
+
+
+def make_msp_podcast(root: Path, rows: str = MSP_ROWS) -> Path:
+    for line in rows.splitlines():
+        write_audio(root / "Audios" / line.split(",")[0])
+    write_audio(root / "Audios" / "MSP-PODCAST_0009_0001.wav")  # Test3-like: audio, no label
+    (root / "Audios" / "._MSP-PODCAST_0001_0001.wav").write_bytes(b"\0\5\26\7")
+    (root / "Labels").mkdir(parents=True)
+    (root / "Labels" / "labels_consensus.csv").write_text(MSP_HEADER + rows, encoding="utf-8")
+    return root
+
+
+def test_msp_podcast_default_map_is_four_classes_with_drops_counted(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ser_cache.corpora"):
+        prepared = prepare("msp-podcast", make_msp_podcast(tmp_path / "MSP-PODCAST-Publish-1.11"))
+    assert prepared.label_map == "msp-podcast4"
+    assert {r.id: r.label for r in prepared.records} == {
+        "MSP-PODCAST_0001_0001": "angry", "MSP-PODCAST_0001_0002": "neutral",
+        "MSP-PODCAST_0002_0001": "happy", "MSP-PODCAST_0002_0002": "sad",
+        "MSP-PODCAST_0005_0001": "angry", "MSP-PODCAST_0006_0001": "neutral",
+        "MSP-PODCAST_0007_0001": "sad",
+    }
+    assert prepared.dropped == {"contempt": 1, "no_majority": 1, "other": 1, "surprised": 1}
+    assert ("dropped 4 utterances whose original label is not in label map msp-podcast4: "
+            "contempt 1, no_majority 1, other 1, surprised 1") in prepared.summary()
+    assert "1 audio files in" in caplog.text and "MSP-PODCAST_0009_0001.wav" in caplog.text
+
+
+def test_msp_podcast_targets_speakers_and_splits(tmp_path):
+    records = by_id(prepare("msp-podcast", make_msp_podcast(tmp_path / "msp"), "none").records)
+    assert len(records) == 11  # every labelled segment, other and no-agreement included
+    r = records["MSP-PODCAST_0001_0001"]
+    assert dict(r.targets) == {"arousal": 6.2, "valence": 2.0, "dominance": 5.8}
+    assert (r.speaker, r.group, r.original_label) == ("127", "Train", "angry")
+    assert r.path == str(tmp_path / "msp" / "Audios" / "MSP-PODCAST_0001_0001.wav")
+    assert r.duration == pytest.approx(SECONDS, abs=1e-3)
+    assert records["MSP-PODCAST_0003_0001"].speaker == "Unknown_Train"
+    assert records["MSP-PODCAST_0004_0001"].speaker == "Unknown_Development"
+    assert records["MSP-PODCAST_0006_0001"].speaker == "Unknown_Test1"
+    assert {r.group for r in records.values()} == {"Train", "Development", "Test1", "Test2"}
+    assert records["MSP-PODCAST_0003_0001"].label == "no_majority"
+    eight = prepare("msp-podcast", tmp_path / "msp", "msp-podcast8")
+    assert eight.dropped == {"no_majority": 1, "other": 1}
+
+
+def test_msp_podcast_official_split_as_folds(tmp_path):
+    records = prepare("msp-podcast", make_msp_podcast(tmp_path / "msp")).records
+    folds = make_folds([r.id for r in records], [r.label for r in records],
+                       [r.speaker for r in records], [r.group for r in records])
+    assert folds.protocol == "split" and folds.n_folds == 2  # Test1, Test2
+    ids = np.array([r.id for r in records])
+    train, val, test = folds.split(0)
+    assert sorted(ids[test]) == ["MSP-PODCAST_0006_0001"]  # Test1 after the 4-class map
+    assert sorted(ids[val]) == ["MSP-PODCAST_0005_0001"]
+    assert len(train) == 4 and "MSP-PODCAST_0007_0001" not in ids[train]  # Test2 never trains
+
+
+@pytest.mark.parametrize("old, new, said", [
+    ("0002_0001.wav,H,", "0002_0001.wav,Q,", r"row 4: EmoClass 'Q' is none of A, S, H"),
+    (",5.0,6.0,4.4,", ",,6.0,4.4,", r"row 4: EmoAct '' is not a finite number"),
+    (",5.0,6.0,4.4,", ",5.0,high,4.4,", r"row 4: EmoVal 'high' is not a finite number"),
+    ("Female,Train\nMSP-PODCAST_0002_0002", "Female,Training\nMSP-PODCAST_0002_0002",
+     r"row 4: Split_Set 'Training' is none of Train, Development"),
+])
+def test_msp_podcast_names_a_bad_row(tmp_path, old, new, said):
+    assert old in MSP_ROWS
+    root = make_msp_podcast(tmp_path / "msp", MSP_ROWS.replace(old, new, 1))
+    with pytest.raises(RecordsError, match=rf"labels_consensus\.csv, {said}.*fix the row"):
+        prepare("msp-podcast", root)
+
+
+def test_msp_podcast_refuses_labels_without_audio(tmp_path):
+    root = make_msp_podcast(tmp_path / "msp")
+    (root / "Audios" / "MSP-PODCAST_0007_0001.wav").unlink()
+    with pytest.raises(RecordsError, match=r"1 segments of .*labels_consensus\.csv have no audio "
+                                           r"file, for example .*MSP-PODCAST_0007_0001\.wav"):
+        prepare("msp-podcast", root)
+
+
+def test_msp_podcast_missing_labels_or_columns(tmp_path):
+    (tmp_path / "msp" / "Audios").mkdir(parents=True)
+    with pytest.raises(RecordsError, match=r"labels_consensus\.csv does not exist: the "
+                                           r"msp-podcast recipe expects Labels/"):
+        prepare("msp-podcast", tmp_path / "msp")
+    (tmp_path / "msp" / "Labels").mkdir()
+    (tmp_path / "msp" / "Labels" / "labels_consensus.csv").write_text("FileName,EmoClass\n")
+    with pytest.raises(RecordsError, match=r"row 1: missing column\(s\) EmoAct, EmoVal, EmoDom, "
+                                           r"SpkrID, Split_Set"):
+        prepare("msp-podcast", tmp_path / "msp")

@@ -12,6 +12,7 @@ from ser_cache.folds import (
     kfold_folds,
     loso_folds,
     make_folds,
+    split_folds,
 )
 
 CLASSES = ["angry", "happy", "neutral", "sad"]
@@ -187,3 +188,99 @@ def test_folds_check_refuses_val_from_test():
               "kfold", 0)
     with pytest.raises(FoldsError, match="no validation speakers"):
         Folds(folds.ids, folds.speakers, folds.test_fold, [[]] + folds.val_speakers[1:], "kfold", 0)
+
+
+# --- protocol split: a corpus's official partition ------------------------------------------------
+
+def msp_like(test_sets=("Test1", "Test2")):
+    """Speakers 0-7 Train, 8-9 Development, then two speakers per test set."""
+    names = ["Train"] * 8 + ["Development"] * 2 + [t for t in test_sets for _ in range(2)]
+    ids, labels, speakers, _ = corpus(n_speakers=len(names), per_class=(2, 2, 2, 2))
+    groups = np.array([names[int(s[1:])] for s in speakers])
+    return ids, labels, speakers, groups
+
+
+def test_split_one_fold_per_test_set_trains_on_train_only():
+    ids, labels, speakers, groups = msp_like()
+    folds = make_folds(ids, labels, speakers, groups, seed=4)  # split names: split by default
+    assert folds.protocol == "split" and folds.n_folds == 2 and folds.seed == 4
+    assert (folds.test_fold[np.isin(groups, ["Train", "Development"])] == -1).all()
+    for k, name in enumerate(["Test1", "Test2"]):
+        train, val, test = folds.split(k)
+        assert set(groups[train]) == {"Train"}  # never the other test set
+        assert set(groups[val]) == {"Development"} and set(groups[test]) == {name}
+        assert len(train) == (groups == "Train").sum() and len(val) == (groups == "Development").sum()
+        assert folds.val_speakers[k] == ["s08", "s09"]
+
+
+def test_split_single_test_set_any_case_is_one_fold():
+    ids, labels, speakers, groups = msp_like(test_sets=("test",))
+    groups = np.char.lower(groups)
+    groups[groups == "development"] = "dev"
+    folds = split_folds(ids, labels, speakers, groups)
+    assert folds.n_folds == 1
+    train, val, test = folds.split(0)
+    assert set(groups[test]) == {"test"} and set(groups[val]) == {"dev"}
+    assert len(train) + len(val) + len(test) == len(ids)
+
+
+def test_split_natural_order_of_test_sets():
+    ids, labels, speakers, groups = msp_like(test_sets=("Test10", "Test2"))
+    folds = split_folds(ids, labels, speakers, groups)
+    assert set(groups[folds.split(0)[2]]) == {"Test2"} and set(groups[folds.split(1)[2]]) == {"Test10"}
+
+
+def test_split_save_load_round_trip(tmp_path):
+    ids, labels, speakers, groups = msp_like()
+    folds = split_folds(ids, labels, speakers, groups)
+    folds.save(tmp_path / "folds.csv")
+    again = Folds.load(tmp_path / "folds.csv")
+    assert again.protocol == "split" and np.array_equal(again.test_fold, folds.test_fold)
+    for k in range(2):
+        for a, b in zip(again.split(k), folds.split(k)):
+            assert np.array_equal(a, b)
+
+
+def test_split_refusals():
+    ids, labels, speakers, groups = msp_like()
+    with pytest.raises(FoldsError, match=r"found \['Session1'\]: use protocol 'loso'"):
+        split_folds(ids, labels, speakers, np.where(groups == "Train", "Session1", groups))
+    with pytest.raises(FoldsError, match=r"found no validation set"):
+        split_folds(ids, labels, speakers, np.where(groups == "Development", "Train", groups))
+    moved = groups.copy()
+    moved[speakers == "s09"] = np.where(np.arange((speakers == "s09").sum()) % 2, "Train", "Development")
+    with pytest.raises(FoldsError, match=r"'s09' in train and validation: the official split would"):
+        split_folds(ids, labels, speakers, moved)
+    moved = groups.copy()
+    moved[(speakers == "s10") & (labels == "sad")] = "Train"  # a test speaker in training
+    with pytest.raises(FoldsError, match=r"'s10' in test and train"):
+        split_folds(ids, labels, speakers, moved)
+    fear = np.where((groups != "Train") & (labels == "sad"), "fear", labels)
+    with pytest.raises(FoldsError, match=r"classes \['fear'\] have no utterance in the train set"):
+        split_folds(ids, fear, speakers, groups)
+    with pytest.raises(FoldsError, match="one fold per test set"):
+        make_folds(ids, labels, speakers, groups, protocol="split", n_folds=3)
+
+
+def test_split_speaker_in_two_test_sets_is_allowed_but_not_in_train():
+    ids, labels, speakers, groups = msp_like()
+    both = groups.copy()
+    both[(speakers == "s10") & (labels == "sad")] = "Test2"  # s10 in Test1 and Test2
+    folds = split_folds(ids, labels, speakers, both)
+    assert set(both[folds.split(0)[0]]) == {"Train"}
+    folds = split_folds(ids, labels, speakers, groups)
+    with pytest.raises(FoldsError, match="tested in several folds"):  # a train speaker tested
+        Folds(folds.ids, folds.speakers, np.where((speakers == "s00") & (labels == "sad"), 0,
+                                                  folds.test_fold),
+              folds.val_speakers, "split", 0)
+    with pytest.raises(FoldsError, match="not training speakers"):  # a test speaker validating
+        Folds(folds.ids, folds.speakers, folds.test_fold, [["s10"], ["s08"]], "split", 0)
+    with pytest.raises(FoldsError, match=r"test folds must be 0 \.\. 1, found -1"):
+        Folds(folds.ids, folds.speakers, folds.test_fold, folds.val_speakers, "kfold", 0)
+
+
+def test_groups_that_are_not_split_names_keep_loso_by_default():
+    ids, labels, speakers, groups = corpus(n_speakers=10, n_groups=5)
+    assert make_folds(ids, labels, speakers, groups).protocol == "loso"
+    ids, labels, speakers, groups = msp_like()
+    assert make_folds(ids, labels, speakers, groups, protocol="loso").n_folds == 4
