@@ -279,3 +279,71 @@ def test_cli_train(tiny_cache, tmp_path):
     assert r.exit_code == 1 and "layer 99 is not in the cache" in r.output
     r = train("--layer", 1, "--head", "qkv", "--out", tmp_path / "c")  # default 5 folds, 4 speakers
     assert r.exit_code == 1 and "at most 4 folds" in r.output
+
+
+# --- crash safety of a run folder ---------------------------------------------------------------
+
+
+def test_a_run_killed_between_folds_resumes_from_its_finished_folds(data, tmp_path, monkeypatch):
+    """Killed (Ctrl-C) while training fold 2: the re-run keeps folds 0 and 1 as saved, trains
+    only fold 2, and ends with the metrics and files of an uninterrupted run."""
+    import ser_cache.training as T
+
+    folds, config = folds_of(data), TrainConfig(**SMALL)
+    whole = run_folds(data, folds, "qkv", config, tmp_path / "whole")
+    real, trained = T.train_fold, []
+
+    def killed_at_fold_2(data, y, folds, k, *args):
+        if k == 2:
+            raise KeyboardInterrupt
+        trained.append(k)
+        return real(data, y, folds, k, *args)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(T, "train_fold", killed_at_fold_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_folds(data, folds, "qkv", config, out)
+    assert trained == [0, 1] and not (out / "metrics.json").exists()
+    monkeypatch.setattr(T, "train_fold", lambda data, y, folds, k, *a: (trained.append(k), real(data, y, folds, k, *a))[1])
+    resumed = run_folds(data, folds, "qkv", config, out)
+    assert trained == [0, 1, 2]  # only the missing fold was trained again
+    assert resumed.metrics == whole.metrics
+    for name in ("metrics.json", "predictions.csv"):
+        a, b = (json.loads((p / name).read_text()) if name.endswith(".json") else (p / name).read_text()
+                for p in (out, tmp_path / "whole"))
+        if name == "metrics.json":  # timings differ; everything else is the same
+            for m in (a, b):
+                m.pop("fold_details")
+        assert a == b
+
+
+def test_a_kill_while_writing_results_leaves_no_finished_looking_run(data, tmp_path):
+    """A kill during the write of metrics.json leaves only a temporary: the run is not taken as
+    finished, its re-run completes it, and the temporary is removed."""
+    folds, config, out = folds_of(data), TrainConfig(**SMALL), tmp_path / "run"
+    run_folds(data, folds, "mean", config, out)
+    metrics = (out / "metrics.json").read_text()
+    (out / "metrics.json").unlink()
+    (out / "metrics.json.12345.tmp").write_text(metrics[: len(metrics) // 2])  # a write cut short
+    again = run_folds(data, folds, "mean", config, out)
+    assert json.loads((out / "metrics.json").read_text())["ua"] == again.metrics["ua"]
+    assert not list(out.glob("*.tmp"))
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        run_folds(data, folds, "mean", config, out)
+
+
+def test_an_unfinished_run_with_other_settings_is_refused_not_mixed(data, tmp_path, monkeypatch):
+    import ser_cache.training as T
+
+    folds, out = folds_of(data), tmp_path / "run"
+    real = T.train_fold
+    monkeypatch.setattr(T, "train_fold", lambda data, y, folds, k, *a: real(data, y, folds, k, *a) if k == 0 else
+                        (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_folds(data, folds, "mean", TrainConfig(**SMALL), out)
+    monkeypatch.setattr(T, "train_fold", real)
+    with pytest.raises(ConfigError, match=r"other settings:\n  config: run has .*'lr': 0.001"):
+        run_folds(data, folds, "mean", TrainConfig(**SMALL, lr=3e-3), out)
+    fresh = run_folds(data, folds, "mean", TrainConfig(**SMALL, lr=3e-3), out, overwrite=True)
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == 3e-3
+    assert fresh.metrics == run_folds(data, folds, "mean", TrainConfig(**SMALL, lr=3e-3)).metrics
