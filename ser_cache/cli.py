@@ -15,7 +15,7 @@ from .audio import LONG_AUDIO_POLICIES, AudioError
 from .cache import COMPUTE_DTYPES, DTYPES, CacheError, open_cache, shard_name
 from .corpora import CORPORA, check_splittable, prepare
 from .device import pick_device
-from .encoder import MODES
+from .encoder import MODES, CheckpointError
 from .records import RecordsError, Utterance
 
 
@@ -87,7 +87,7 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
         raise click.ClickException(
             f"interrupted; every shard written so far is complete. Re-run the same command to resume ({out})"
         )
-    except (RecordsError, CacheError, AudioError, ValueError, OSError, OverflowError) as e:
+    except (RecordsError, CacheError, CheckpointError, AudioError, ValueError, OSError, OverflowError) as e:
         raise click.ClickException(str(e))
     click.echo(summary_text(summary))
     cache = open_cache(out)
