@@ -315,6 +315,32 @@ def test_no_csv_and_unknown_label_map(tmp_path, no_model, args, message):
     assert re.search(message, result.output), result.output
 
 
+def test_a_csv_file_is_accepted_as_data_dir(tmp_path, tiny_checkpoint):
+    corpus = tmp_path / "corpus"
+    rows = good_rows(corpus)
+    listing = write_csv(corpus, rows).rename(corpus / "my.csv")  # no utterances.csv to fall back on
+    result = cli(*extract_args(listing, tiny_checkpoint, tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "cache")
+    # audio paths are relative to the CSV's folder, not to the working directory
+    assert {Path(r.path) for r in cache.records()} == {(corpus / name).resolve() for name, _, _ in rows}
+    assert len(cache.read_meta()["ids"]) == len(rows) and not cache.skipped()
+
+
+@pytest.mark.parametrize("corpus,extra,message", [
+    ("ravdess", (), r"is a file, but --corpus ravdess reads a corpus folder: pass the folder, or --corpus csv"),
+    ("csv", ("--csv",), r"is already the CSV: drop --csv"),
+])
+def test_a_file_as_data_dir_is_refused_where_it_cannot_be_the_csv(tmp_path, no_model, corpus, extra, message):
+    listing = write_csv(tmp_path, good_rows(tmp_path))
+    args = ["extract", listing, "--corpus", corpus, "--model", "unused.pt", "--out", tmp_path / "cache",
+            *(a for e in extra for a in (e, listing))]
+    result = cli(*args)
+    assert result.exit_code == 2 and "DATA_DIR" in result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "cache").exists()
+
+
 def test_unknown_labels_of_a_label_map_are_counted_or_refused(tmp_path, no_model):
     corpus = tmp_path / "corpus"
     rows = good_rows(corpus)  # angry, happy, sad from 4 speakers
