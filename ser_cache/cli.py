@@ -13,7 +13,7 @@ import click
 
 from .audio import LONG_AUDIO_POLICIES, AudioError
 from .cache import COMPUTE_DTYPES, DTYPES, CacheError, open_cache, shard_name
-from .corpora import CORPORA, check_splittable, prepare
+from .corpora import CORPORA, prepare, single_speaker_warnings
 from .device import pick_device
 from .encoder import MODES, CheckpointError
 from .records import RecordsError, Utterance
@@ -83,7 +83,10 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
         click.echo(prepared.summary())
         if limit:
             click.echo(f"--limit {limit}: using {len(records)} of {len(prepared.records)} utterances")
-        check_splittable(records)  # refused before the model loads: no speaker-independent fold could test it
+            shown = set(single_speaker_warnings(prepared.records))  # the summary's, for the whole corpus
+            for line in single_speaker_warnings(records):
+                if line not in shown:  # labels that the subset left with one speaker
+                    click.echo(line)
         dev = pick_device(device)
         enc = load_encoder(model, device=dev)
         opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
