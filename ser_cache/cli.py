@@ -366,7 +366,7 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     By default the head is trained again on every speaker of the run's layer with the run's
     settings (its cross-validated metrics remain the estimate of how well it does); --fold K
     takes fold K's head instead. The file records the labels, layer, input mode and the Whisper
-    checkpoint (name, SHA-256) the head needs.
+    checkpoint (name, SHA-256, path at extraction) the head needs.
     """
     from .predict import PredictError, export_run
     from .training import ConfigError, NonFiniteLossError
@@ -387,7 +387,7 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
 @main.command("predict")
 @click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "whisper_model", default=None, help="Whisper name or checkpoint path (default: the name recorded in MODEL_FILE).")
+@click.option("--model", "whisper_model", default=None, help="Whisper name or checkpoint path (default: the checkpoint file recorded in MODEL_FILE if it still has the same SHA-256, else the recorded name).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of a table.")
 @click.option("--allow-other-model", is_flag=True, help="Use a Whisper checkpoint whose SHA-256 differs from the one the head was trained on.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
