@@ -272,9 +272,11 @@ class Cache:
 
     @property
     def fingerprint(self) -> dict:
-        """What identifies this cache's content, for a run's config.json."""
+        """What identifies this cache's content, for a run's config.json; model_path (where the
+        checkpoint was at extraction, None for a model name or an older cache) rides along."""
         s = asdict(self.settings)
         s["path"] = str(self.root.resolve())
+        s["model_path"] = self.provenance.get("model_path")
         s["shard_sha256"] = hashlib.sha256(
             "".join(self.sidecar(k).get("sha256", "") for k in range(len(self.plan))).encode()
         ).hexdigest()

@@ -13,9 +13,9 @@ import click
 
 from .audio import LONG_AUDIO_POLICIES, AudioError
 from .cache import COMPUTE_DTYPES, DTYPES, CacheError, open_cache, shard_name
-from .corpora import CORPORA, check_splittable, prepare
+from .corpora import CORPORA, prepare, single_speaker_warnings
 from .device import pick_device
-from .encoder import MODES
+from .encoder import MODES, CheckpointError
 from .records import RecordsError, Utterance
 
 
@@ -40,7 +40,7 @@ def main():
 
 
 @main.command()
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
 @click.option("--corpus", type=click.Choice(sorted(CORPORA)), required=True, help="How DATA_DIR is laid out and labelled.")
 @click.option("--model", "model", required=True, help="Whisper model name (tiny, base, small, ...) or checkpoint path.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder (created, or resumed if it holds a cache with the same settings).")
@@ -52,7 +52,7 @@ def main():
 @click.option("--shard", "shard_spec", default="0/1", help="I/N: extract only the I-th of N disjoint parts (I from 0), e.g. $SLURM_ARRAY_TASK_ID/N.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only N utterances (a fixed pseudo-random subset, for quick trials).")
 @click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own.")
-@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the CSV (path,label,speaker[,group]); default DATA_DIR/utterances.csv.")
+@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the CSV (path,label,speaker[,group]); default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv.")
 @click.option("--long-audio", type=click.Choice(LONG_AUDIO_POLICIES), default="refuse", help="Utterances over 30 s: refuse (skip, recorded), truncate to 30 s, or encode as consecutive 30 s windows.")
 @click.option("--strict", is_flag=True, help="Fail on the first file that cannot be used, instead of skipping and recording it.")
 @click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
@@ -63,11 +63,19 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
             long_audio, strict, repair, device, workers, shard_mb):
     """Encode a corpus with Whisper once and cache every kept encoder state.
 
-    Re-running the same command resumes an interrupted extraction.
+    DATA_DIR is the corpus folder, or with --corpus csv also the CSV file itself (its audio
+    paths are relative to the CSV's folder). Re-running the same command resumes an
+    interrupted extraction.
     """
     from .encoder import load_encoder
     from .extract import ExtractOptions, extract as run_extract, parse_layers, parse_shard, summary_text
 
+    if data_dir.is_file() and corpus != "csv":
+        raise click.BadParameter(f"{data_dir} is a file, but --corpus {corpus} reads a corpus folder: pass the "
+                                 "folder, or --corpus csv if the file is a CSV listing the corpus", param_hint="DATA_DIR")
+    if data_dir.is_file() and csv_path is not None:
+        raise click.BadParameter(f"DATA_DIR {data_dir} is already the CSV: drop --csv {csv_path}, or pass the "
+                                 "corpus folder as DATA_DIR", param_hint="DATA_DIR")
     try:
         shard = parse_shard(shard_spec)
         prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path)
@@ -75,7 +83,10 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
         click.echo(prepared.summary())
         if limit:
             click.echo(f"--limit {limit}: using {len(records)} of {len(prepared.records)} utterances")
-        check_splittable(records)  # refused before the model loads: no speaker-independent fold could test it
+            shown = set(single_speaker_warnings(prepared.records))  # the summary's, for the whole corpus
+            for line in single_speaker_warnings(records):
+                if line not in shown:  # labels that the subset left with one speaker
+                    click.echo(line)
         dev = pick_device(device)
         enc = load_encoder(model, device=dev)
         opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
@@ -87,7 +98,7 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
         raise click.ClickException(
             f"interrupted; every shard written so far is complete. Re-run the same command to resume ({out})"
         )
-    except (RecordsError, CacheError, AudioError, ValueError, OSError, OverflowError) as e:
+    except (RecordsError, CacheError, CheckpointError, AudioError, ValueError, OSError, OverflowError) as e:
         raise click.ClickException(str(e))
     click.echo(summary_text(summary))
     cache = open_cache(out)
@@ -354,7 +365,7 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     By default the head is trained again on every speaker of the run's layer with the run's
     settings (its cross-validated metrics remain the estimate of how well it does); --fold K
     takes fold K's head instead. The file records the labels, layer, input mode and the Whisper
-    checkpoint (name, SHA-256) the head needs.
+    checkpoint (name, SHA-256, path at extraction) the head needs.
     """
     from .predict import PredictError, export_run
     from .training import ConfigError, NonFiniteLossError
@@ -375,7 +386,7 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
 @main.command("predict")
 @click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "whisper_model", default=None, help="Whisper name or checkpoint path (default: the name recorded in MODEL_FILE).")
+@click.option("--model", "whisper_model", default=None, help="Whisper name or checkpoint path (default: the checkpoint file recorded in MODEL_FILE if it still has the same SHA-256, else the recorded name).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of a table.")
 @click.option("--allow-other-model", is_flag=True, help="Use a Whisper checkpoint whose SHA-256 differs from the one the head was trained on.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")

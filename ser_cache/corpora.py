@@ -697,15 +697,16 @@ def single_speaker_labels(records: Iterable[Utterance]) -> dict[str, str]:
     return {label: next(iter(s)) for label, s in sorted(speakers.items()) if len(s) == 1}
 
 
-def check_splittable(records: Iterable[Utterance]) -> None:
-    """RecordsError when a label has one speaker: speaker-independent folds cannot test it."""
-    lonely = single_speaker_labels(records)
-    if lonely:
-        said = "; ".join(f"label {k!r} has only speaker {v!r}" for k, v in lonely.items())
-        raise RecordsError(
-            f"{said}: a speaker-independent split needs every label from at least two speakers; "
-            "drop the label with a label map (or a CSV without it) or add speakers"
-        )
+def single_speaker_warnings(records: Iterable[Utterance]) -> list[str]:
+    """One warning line per label spoken by one speaker alone.
+
+    A warning, not an error: such a corpus (one actor's recordings, say) is still worth
+    extracting; it is training, whose speaker-independent folds cannot test these labels,
+    that refuses it (folds.py).
+    """
+    return [f"warning: label {label!r} has only speaker {speaker!r}: speaker-independent folds cannot "
+            "test it (training will refuse it; extraction goes on)"
+            for label, speaker in single_speaker_labels(records).items()]
 
 
 @dataclass
@@ -758,9 +759,7 @@ class PreparedCorpus:
         if unreadable:
             lines.append(f"warning: {len(unreadable)} files have no readable header (duration "
                          f"0.0; the extractor will skip them): {listing(unreadable)}")
-        for label, speaker in single_speaker_labels(rs).items():
-            lines.append(f"warning: label {label!r} has only speaker {speaker!r}: speaker-"
-                         "independent folds cannot test it (training will refuse it)")
+        lines += single_speaker_warnings(rs)
         return "\n".join(lines)
 
 

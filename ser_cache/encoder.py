@@ -21,6 +21,8 @@ import hashlib
 import io
 import math
 import os
+import pickle
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +34,14 @@ from .audio import SAMPLES_PER_FRAME, WINDOW_SAMPLES
 
 MODES = ("padded", "trim", "short")
 N_WINDOW_FRAMES = WINDOW_SAMPLES // SAMPLES_PER_FRAME  # 1500 encoder frames in 30 s
+ENCODER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
+EXPECTED_CHECKPOINT = ("expected a Whisper checkpoint: a torch file holding a dict with 'dims' and "
+                       "'model_state_dict', as openai-whisper's .pt files do; pass one, or a model name "
+                       "such as base")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable Whisper checkpoint; the message names it and what was expected."""
 
 
 @dataclass
@@ -41,12 +51,15 @@ class LoadedEncoder:
     name: what the user asked for (a model name, or a checkpoint file name).
     sha256: hex digest of the checkpoint file's bytes.
     dims: the checkpoint's ModelDimensions as a dict (n_mels, n_audio_state, ...).
+    path: the checkpoint file's absolute path, or None for a model name (openai-whisper's
+      download folder holds it).
     """
 
     encoder: torch.nn.Module
     name: str
     sha256: str
     dims: dict
+    path: str | None = None
 
     @property
     def n_states(self) -> int:
@@ -68,15 +81,15 @@ def _whisper():
     return whisper
 
 
-def checkpoint_bytes(name_or_path: str, download_root: str | None = None) -> tuple[bytes, str]:
-    """The raw checkpoint and a display name, from a file path or an official model name.
+def checkpoint_bytes(name_or_path: str, download_root: str | None = None) -> tuple[bytes, str, Path | None]:
+    """The raw checkpoint, a display name and the file's absolute path (None for a model name).
 
     A name such as "base" is fetched (or taken from the download folder) by openai-whisper,
     which checks the SHA-256 that its download address carries.
     """
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return path.read_bytes(), path.stem
+        return path.read_bytes(), path.stem, path.absolute()
     whisper = _whisper()
     if name_or_path not in whisper._MODELS:
         raise ValueError(
@@ -84,21 +97,75 @@ def checkpoint_bytes(name_or_path: str, download_root: str | None = None) -> tup
             f"names: {', '.join(whisper.available_models())}"
         )
     root = download_root or os.path.join(os.path.expanduser("~"), ".cache", "whisper")
-    return whisper._download(whisper._MODELS[name_or_path], root, in_memory=True), name_or_path
+    return whisper._download(whisper._MODELS[name_or_path], root, in_memory=True), name_or_path, None
 
 
 def load_encoder(name_or_path: str, device: str | torch.device = "cpu", download_root: str | None = None) -> LoadedEncoder:
-    """Load only the audio encoder of a Whisper checkpoint, in float32, in eval mode."""
-    raw, name = checkpoint_bytes(name_or_path, download_root)
+    """Load only the audio encoder of a Whisper checkpoint, in float32, in eval mode.
+
+    Raises CheckpointError when the file is not a Whisper checkpoint whose encoder fits its dims.
+    """
+    raw, name, path = checkpoint_bytes(name_or_path, download_root)
+    source = str(path) if path else f"Whisper {name!r}"
     sha = hashlib.sha256(raw).hexdigest()
-    ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(raw, source)
     del raw
-    encoder = build_encoder(ckpt["dims"])
+    dims = ckpt["dims"]
+    encoder = build_encoder(dims)
     prefix = "encoder."
-    state = {k[len(prefix) :]: v for k, v in ckpt["model_state_dict"].items() if k.startswith(prefix)}
-    encoder.load_state_dict(state)
+    state = {k[len(prefix) :]: v for k, v in ckpt["model_state_dict"].items() if str(k).startswith(prefix)}
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or wrongly shaped weights
+        shape = {k: dims[k] for k in ENCODER_DIMS}
+        raise _refused(source, f"its encoder weights do not fit its dims {shape}: {_first_problem(e)}") from None
     encoder.to(device).eval()
-    return LoadedEncoder(encoder=encoder, name=name, sha256=sha, dims=dict(ckpt["dims"]))
+    return LoadedEncoder(encoder=encoder, name=name, sha256=sha, dims=dict(dims),
+                         path=str(path) if path else None)
+
+
+def read_checkpoint(raw: bytes, source: str) -> dict:
+    """A checkpoint's {"dims": {...}, "model_state_dict": {...}}, checked, from its bytes.
+
+    Loaded with weights_only=True: tensors and plain values only. A pickled object (which could
+    run code the moment it is loaded) is refused, never executed. source: the file, for messages.
+    """
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it is about to refuse anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch says the same for random bytes and for a forbidden object, so both are named
+        raise _refused(source, "it is damaged, or holds pickled objects other than tensors and plain "
+                       "values, refused because loading them could run code") from None
+    except Exception as e:  # a damaged file surfaces as RuntimeError, EOFError, KeyError, ...
+        raise _refused(source, f"it cannot be read as a torch file: {_first_problem(e)}; truncated, or not a checkpoint") from None
+    if not isinstance(ckpt, dict) or not {"dims", "model_state_dict"} <= set(ckpt):
+        held = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise _refused(source, f"it holds {held}")
+    dims = ckpt["dims"]
+    if not isinstance(dims, dict):
+        raise _refused(source, f"its dims are a {type(dims).__name__}, not a dict")
+    bad = [k for k in ENCODER_DIMS if not (type(dims.get(k)) is int and dims[k] > 0)]
+    if bad:
+        raise _refused(source, f"its dims lack positive integers {bad} (found {dims})")
+    if not isinstance(ckpt["model_state_dict"], dict):
+        raise _refused(source, f"its model_state_dict is a {type(ckpt['model_state_dict']).__name__}, not a dict")
+    return ckpt
+
+
+def _refused(source: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{source} is not a Whisper checkpoint ({why}); {EXPECTED_CHECKPOINT}")
+
+
+def _first_problem(e: Exception) -> str:
+    """The first sentence of an exception's first informative line, at most 160 characters."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    # load_state_dict's message starts with a header line; the problem is on the next one
+    line = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+    line = line.split(". ")[0].rstrip(".")
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def build_encoder(dims: dict) -> torch.nn.Module:

@@ -145,7 +145,10 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
     # records and plan first, settings last: a folder with cache.json is a whole cache
     save_records(records, out / C.RECORDS_FILE)
     C._write_json_atomic(out / C.PLAN_FILE, plan)
-    C._write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": {"versions": package_versions()}})
+    # The checkpoint's path is provenance, not a setting: a moved checkpoint with the same bytes
+    # must still resume the cache. `predict` tries it before asking for --model.
+    provenance = {"versions": package_versions(), "model_path": enc.path}
+    C._write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": provenance})
     return C.open_cache(out)
 
 

@@ -229,10 +229,10 @@ def loso_folds(ids, labels, speakers, groups, seed: int = 0) -> Folds:
         if spk_groups.setdefault(s, g) != g:
             raise FoldsError(f"speaker {s!r} is in groups {spk_groups[s]!r} and {g!r}: "
                              "leave-one-group-out would not be speaker-independent")
+    _check_labels(labels, speakers)  # first: one speaker is also one group, and kfold is no fix
     names = sorted(set(groups))
     if len(names) < 2:
         raise FoldsError(f"only one group ({names}): loso needs at least 2; use 'kfold'")
-    _check_labels(labels, speakers)
     test_fold = np.searchsorted(names, groups)
     return _with_validation(ids, labels, speakers, test_fold, "loso", seed)
 
@@ -298,13 +298,13 @@ def kfold_folds(ids, labels, speakers, n_folds: int, seed: int = 0) -> Folds:
     from sklearn.model_selection import StratifiedGroupKFold
 
     ids, labels, speakers, _ = _arrays(ids, labels, speakers)
+    _check_labels(labels, speakers)  # first: "use at most 1 folds" would be no fix for one speaker
     n_spk = len(set(speakers))
     if n_folds < 2:
         raise FoldsError(f"k-fold needs at least 2 folds, got {n_folds}")
     if n_folds > n_spk:
         raise FoldsError(f"{n_folds} folds but only {n_spk} speakers: every fold needs its own "
                          f"test speakers, so use at most {n_spk} folds")
-    _check_labels(labels, speakers)
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     test_fold = np.full(len(ids), -1, dtype=np.int64)
     for fold, (_, test) in enumerate(sgkf.split(np.zeros(len(ids)), labels, groups=speakers)):
@@ -359,7 +359,16 @@ def _arrays(*columns):
 
 
 def _check_labels(labels: np.ndarray, speakers: np.ndarray) -> None:
-    """A class spoken by one speaker only cannot be both trained and tested speaker-independently."""
+    """A class spoken by one speaker only cannot be both trained and tested speaker-independently.
+
+    `extract` only warns about such data (a one-actor cache still has its uses); this is where
+    it is refused.
+    """
+    names = set(speakers.tolist())
+    if len(names) == 1:
+        raise FoldsError(f"every utterance is from speaker {names.pop()!r}: speaker-independent folds test "
+                         "each fold on speakers the head never trained on, so they need several speakers; "
+                         "train on a cache of a corpus with more speakers")
     spk_per_label = {lab: len(set(speakers[labels == lab])) for lab in np.unique(labels)}
     single = sorted(str(lab) for lab, n in spk_per_label.items() if n < 2)
     if single:

@@ -128,7 +128,8 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
         "mode": run.cache["mode"],
         "dtype": run.cache.get("dtype", "float16"),
         "compute_dtype": run.cache.get("compute_dtype", "float32"),
-        "whisper": {"name": run.cache["model"], "sha256": run.cache["model_sha256"], "dims": dict(run.cache["dims"])},
+        "whisper": {"name": run.cache["model"], "sha256": run.cache["model_sha256"], "dims": dict(run.cache["dims"]),
+                    "path": run.cache.get("model_path")},
         "provenance": _plain(provenance),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -347,19 +348,32 @@ class Predictor:
 
 def load_predictor(model_file: Path, whisper_model: str | None = None, allow_other_model: bool = False,
                    device: str | torch.device = "cpu", early_stop: bool = True) -> Predictor:
-    """An exported head with its Whisper encoder: the one named in the file, or `whisper_model`
-    (a name or a checkpoint path). Refuses a checkpoint whose SHA-256 is not the one the head was
-    trained on unless allow_other_model; a checkpoint of another shape is always refused."""
+    """An exported head with its Whisper encoder: `whisper_model` (a name or a checkpoint path),
+    else the checkpoint file recorded at extraction if it still holds the same bytes, else the
+    model name recorded in the file. Refuses a checkpoint whose SHA-256 is not the one the head
+    was trained on unless allow_other_model; a checkpoint of another shape is always refused."""
+    from .cache import file_sha256
+    from .encoder import CheckpointError
+
     ex = load_exported(model_file)
     want = ex.whisper
-    name = whisper_model or want["name"]
+    recorded = want.get("path")  # None for a model name; absent from files exported before it was kept
+    name = whisper_model
+    if name is None:
+        # Hashed before loading: another checkpoint at that path would only be refused below,
+        # whereas the recorded name may still find the right one.
+        same = bool(recorded) and Path(recorded).is_file() and file_sha256(recorded) == want["sha256"]
+        name = recorded if same else want["name"]
     try:
         enc = load_encoder(name, device=device)
+    except CheckpointError as e:
+        raise PredictError(str(e)) from None
     except ValueError as e:
         if whisper_model is None:
+            where = f" (and the checkpoint recorded at {recorded} is missing or has other bytes)" if recorded else ""
             raise PredictError(f"the head was trained on states of Whisper {want['name']!r} (sha256 "
-                               f"{want['sha256'][:12]}...), which is not a model name Whisper can download: "
-                               f"pass --model PATH to that checkpoint") from None
+                               f"{want['sha256'][:12]}...), which is not a model name Whisper can download"
+                               f"{where}: pass --model PATH to that checkpoint") from None
         raise PredictError(str(e)) from None
     except (OSError, RuntimeError) as e:
         raise PredictError(f"cannot load Whisper {name!r} ({e}); offline, pass --model PATH to the checkpoint "

@@ -138,7 +138,8 @@ class RunConfig(Record):
     def same_work(self, other: "RunConfig") -> list[str]:
         """What differs between two configs in what decides the results (not device or versions)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        mine["cache"].pop("path", None), theirs["cache"].pop("path", None)
+        for where in (mine["cache"], theirs["cache"]):  # where files lie decides nothing
+            where.pop("path", None), where.pop("model_path", None)
         mine["config"].pop("device", None), theirs["config"].pop("device", None)
         return [f"{k}: run has {json_safe(mine[k])!r}, asked for {json_safe(theirs[k])!r}"
                 for k in mine if k not in ("device", "versions") and json_safe(mine[k]) != json_safe(theirs[k])]

@@ -11,10 +11,11 @@ import soundfile
 from ser_cache.corpora import (
     CORPORA,
     LABEL_MAPS,
-    check_splittable,
     prepare,
     prepare_iemocap,
     prepare_ravdess,
+    single_speaker_labels,
+    single_speaker_warnings,
 )
 from ser_cache.folds import make_folds
 from ser_cache.records import RecordsError, Utterance
@@ -438,16 +439,19 @@ def test_registry_and_maps():
 
 # --- speaker-independent splits ------------------------------------------------------------------
 
-def test_check_splittable_names_the_lonely_label_and_speaker(tmp_path):
+def test_labels_with_one_speaker_are_named_in_warnings(tmp_path):
     root = make_ravdess(tmp_path / "ravdess")
     write_audio(root / "Actor_02" / "03-01-01-01-01-01-02.flac")  # neutral from a 2nd actor
     prepared = prepare("ravdess", root)  # calm, angry, surprised have one actor each
-    with pytest.raises(RecordsError, match=r"label 'angry' has only speaker 'Actor_01'.*"
-                                           r"label 'calm' has only speaker 'Actor_02'"):
-        check_splittable(prepared.records)
-    assert "warning: label 'calm' has only speaker 'Actor_02'" in prepared.summary()
+    assert single_speaker_labels(prepared.records) == {
+        "angry": "Actor_01", "calm": "Actor_02", "surprised": "Actor_02"}
+    warnings = single_speaker_warnings(prepared.records)
+    assert [w.split(":")[1] for w in warnings] == [" label 'angry' has only speaker 'Actor_01'",
+                                                   " label 'calm' has only speaker 'Actor_02'",
+                                                   " label 'surprised' has only speaker 'Actor_02'"]
+    assert all(w in prepared.summary() for w in warnings)
     neutral = [r for r in prepared.records if r.label == "neutral"]
-    check_splittable(neutral)  # two speakers: fine
+    assert single_speaker_warnings(neutral) == []  # two speakers: fine
 
 
 # --- CSV targets --------------------------------------------------------------------------------

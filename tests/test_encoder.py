@@ -1,14 +1,22 @@
-"""The encoder states we capture are exactly openai-whisper's, in every mode."""
+"""The encoder states we capture are exactly openai-whisper's, in every mode; a file that is not a
+Whisper checkpoint is one clear error, and a crafted one never runs its code."""
 from __future__ import annotations
+
+import io
+import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import whisper
+from click.testing import CliRunner
 
 from ser_cache.audio import SAMPLES_PER_FRAME
-from ser_cache.encoder import encode, load_encoder, log_mel, speech_frames
 from ser_cache.cache import open_cache
+from ser_cache.cli import main
+from ser_cache.encoder import CheckpointError, encode, load_encoder, log_mel, speech_frames
 from ser_cache.extract import ExtractOptions, extract
 
 from conftest import tone, write_corpus
@@ -101,3 +109,100 @@ def test_short_cache_is_close_to_trim_but_not_equal(enc, tmp_path):
     assert list(trim.n_frames) == list(short.n_frames)
     last_t, last_s = (open_cache(tmp_path / m).read_layer(enc.n_states - 1).frames for m in ("trim", "short"))
     assert not np.allclose(last_t, last_s, atol=1e-3)
+
+
+# --- files that are not Whisper checkpoints: one clear error, no code run ---------------------
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class _Payload:
+    """What a crafted checkpoint carries: unpickling it calls open(marker, "w"), creating a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# case -> (bytes from the good checkpoint's bytes and contents, what the message must say)
+BAD_CHECKPOINTS = {
+    "random bytes": (lambda raw, ckpt: np.random.default_rng(0).bytes(4000), r"it is damaged, or holds pickled objects"),
+    "truncated": (lambda raw, ckpt: raw[: len(raw) // 2], r"cannot be read as a torch file: .*truncated, or not a checkpoint"),
+    "no dims": (lambda raw, ckpt: _torch_bytes({"model_state_dict": ckpt["model_state_dict"]}),
+                r"it holds a dict with keys \['model_state_dict'\]"),
+    "not a dict": (lambda raw, ckpt: _torch_bytes([1, 2, 3]), r"it holds a list"),
+    "dims missing keys": (lambda raw, ckpt: _torch_bytes({**ckpt, "dims": {k: v for k, v in ckpt["dims"].items() if k != "n_audio_layer"}}),
+                          r"its dims lack positive integers \['n_audio_layer'\]"),
+    "weights do not fit": (lambda raw, ckpt: _torch_bytes({**ckpt, "dims": {**ckpt["dims"], "n_audio_state": 64}}),
+                           r"its encoder weights do not fit its dims \{.*'n_audio_state': 64.*\}: size mismatch for"),
+}
+EXPECTED = "expected a Whisper checkpoint: a torch file holding a dict with 'dims' and 'model_state_dict'"
+
+
+@pytest.fixture(scope="module")
+def csv_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt-corpus")
+    records = write_corpus(folder, n_speakers=3, per_speaker=3)  # every label from 3 speakers
+    lines = ["path,label,speaker"] + [f"{Path(r.path).name},{r.label},{r.speaker}" for r in records]
+    (folder / "utterances.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def extract_cli(corpus: Path, checkpoint: Path, out: Path):
+    return CliRunner().invoke(main, ["extract", str(corpus), "--corpus", "csv", "--model", str(checkpoint),
+                                     "--out", str(out), "--device", "cpu"], catch_exceptions=False)
+
+
+def assert_one_line_refusal(result, path: Path, why: str):
+    """The command failed with one `Error:` line naming the file and the reason, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    last = result.output.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"Error: {path} is not a Whisper checkpoint ("), result.output
+    assert re.search(why, last) and EXPECTED in last, last
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_a_file_that_is_not_a_whisper_checkpoint_is_one_clear_error(tiny_checkpoint, csv_corpus, tmp_path, case):
+    make, why = BAD_CHECKPOINTS[case]
+    raw = tiny_checkpoint.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(make(raw, torch.load(io.BytesIO(raw), weights_only=True)))
+    with pytest.raises(CheckpointError) as caught:
+        load_encoder(str(bad))
+    message = str(caught.value)
+    assert message.startswith(f"{bad} is not a Whisper checkpoint (") and "\n" not in message
+    assert re.search(why, message) and EXPECTED in message, message
+    assert_one_line_refusal(extract_cli(csv_corpus, bad, tmp_path / "cache"), bad, why)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(csv_corpus, tmp_path, container):
+    marker = tmp_path / "payload-ran"
+    crafted = {"dims": _Payload(marker), "model_state_dict": {}}
+    bad = tmp_path / "crafted.pt"
+    bad.write_bytes(_torch_bytes(crafted) if container == "torch.save" else pickle.dumps(crafted))
+    # The payload is live: the old weights_only=False loading (or pickle itself) would run it.
+    torch.load(bad, weights_only=False) if container == "torch.save" else pickle.loads(bad.read_bytes())
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_encoder(str(bad))
+    assert not marker.exists()
+    result = extract_cli(csv_corpus, bad, tmp_path / "cache")
+    assert_one_line_refusal(result, bad, "pickled objects other than tensors and plain values, refused because loading them could run code")
+    assert not marker.exists()
+
+
+def test_a_real_style_checkpoint_loads_with_weights_only(tiny_checkpoint):
+    """The fixture is saved as openai-whisper saves its releases: dims dict plus tensors."""
+    enc = load_encoder(str(tiny_checkpoint))
+    assert enc.path == str(tiny_checkpoint.absolute()) and enc.n_states == 3

@@ -273,8 +273,6 @@ CSV_CASES = {
     "outside folder": ("path,label,speaker\na.wav,angry,s1\n../../etc/passwd,sad,s2\n", r"utterances.csv, row 3: path '../../etc/passwd' points outside.*put the audio under"),
     "header only": ("path,label,speaker\n", r"has a header but no rows: add one row per utterance"),
     "empty csv": ("", r"utterances.csv, row 1: missing column\(s\) path, label, speaker"),
-    "single speaker": ("path,label,speaker\na.wav,angry,s1\nb.wav,angry,s2\nc.wav,sad,s1\nd.wav,sad,s1\n",
-                       r"label 'sad' has only speaker 's1'.*drop the label"),
 }
 
 
@@ -313,6 +311,50 @@ def test_no_csv_and_unknown_label_map(tmp_path, no_model, args, message):
     result = cli(*extract_args(tmp_path / "corpus", "unused.pt", tmp_path / "cache", *args))
     assert result.exit_code == 1
     assert re.search(message, result.output), result.output
+
+
+def test_a_csv_file_is_accepted_as_data_dir(tmp_path, tiny_checkpoint):
+    corpus = tmp_path / "corpus"
+    rows = good_rows(corpus)
+    listing = write_csv(corpus, rows).rename(corpus / "my.csv")  # no utterances.csv to fall back on
+    result = cli(*extract_args(listing, tiny_checkpoint, tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "cache")
+    # audio paths are relative to the CSV's folder, not to the working directory
+    assert {Path(r.path) for r in cache.records()} == {(corpus / name).resolve() for name, _, _ in rows}
+    assert len(cache.read_meta()["ids"]) == len(rows) and not cache.skipped()
+
+
+@pytest.mark.parametrize("corpus,extra,message", [
+    ("ravdess", (), r"is a file, but --corpus ravdess reads a corpus folder: pass the folder, or --corpus csv"),
+    ("csv", ("--csv",), r"is already the CSV: drop --csv"),
+])
+def test_a_file_as_data_dir_is_refused_where_it_cannot_be_the_csv(tmp_path, no_model, corpus, extra, message):
+    listing = write_csv(tmp_path, good_rows(tmp_path))
+    args = ["extract", listing, "--corpus", corpus, "--model", "unused.pt", "--out", tmp_path / "cache",
+            *(a for e in extra for a in (e, listing))]
+    result = cli(*args)
+    assert result.exit_code == 2 and "DATA_DIR" in result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_labels_with_one_speaker_are_extracted_with_a_warning_and_refused_by_training(tmp_path, tiny_checkpoint):
+    corpus = tmp_path / "corpus"
+    rows = good_rows(corpus, n_speakers=1, per_speaker=3)  # one actor's recordings: angry, happy, sad
+    write_csv(corpus, rows)
+    result = cli(*extract_args(corpus, tiny_checkpoint, tmp_path / "cache", "--limit", "2"))
+    assert result.exit_code == 0, result.output
+    for label in ("angry", "happy", "sad"):  # named once, by the summary, though --limit re-checks
+        assert result.output.count(f"warning: label '{label}' has only speaker 'spk0'") == 1, result.output
+    assert "extraction goes on" in result.output and open_cache(tmp_path / "cache").complete
+
+    result = cli("train", tmp_path / "cache", "--layer", "1", "--head", "mean", "--out", tmp_path / "run",
+                 "--device", "cpu")
+    assert result.exit_code == 1
+    assert re.search(r"Error: every utterance is from speaker 'spk0': speaker-independent folds .*"
+                     r"train on a cache of a corpus with more speakers", result.output), result.output
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_unknown_labels_of_a_label_map_are_counted_or_refused(tmp_path, no_model):

@@ -111,6 +111,22 @@ def test_too_many_folds_and_single_speaker_class():
         kfold_folds(ids, labels, speakers, 2)
 
 
+def test_one_speaker_is_refused_at_training_time_with_the_reason(tmp_path):
+    """`extract` only warns about a one-actor corpus; the folds are where it is refused."""
+    ids, labels, speakers, _ = corpus(n_speakers=1)
+    fold_file = tmp_path / "folds.csv"
+    fold_file.write_text("id,fold\n" + "".join(f"{u},0\n" for u in ids))
+    for kw in (dict(corpus="ravdess"), dict(groups=np.full(len(ids), "g0")), dict(fold_file=fold_file)):
+        with pytest.raises(FoldsError, match=r"every utterance is from speaker 's00'.*need several speakers"):
+            make_folds(ids, labels, speakers, **kw)
+    # several speakers, but a class from one of them: refused by name, whatever the protocol
+    ids, labels, speakers, groups = corpus(n_speakers=4, n_groups=2)
+    labels = np.where((speakers == "s01") & (labels == "sad"), "fear", labels)
+    for kw in (dict(corpus="ravdess"), dict(groups=groups)):
+        with pytest.raises(FoldsError, match=r"\['fear'\].*single speaker"):
+            make_folds(ids, labels, speakers, **kw)
+
+
 def test_defaults_per_corpus():
     assert (default_n_folds("ravdess"), default_n_folds("ShEMO"), default_n_folds("emodb")) == (6, 10, 5)
     assert default_n_folds("somethingelse") == 5

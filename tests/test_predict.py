@@ -74,7 +74,9 @@ def test_export_all_speakers_records_what_predict_needs(exported, runs, tiny_che
     ex = load_exported(exported["qkv"])
     assert ex.head == "qkv" and ex.layer == LAYER and ex.labels == config["labels"]
     assert ex.mode == "trim" and ex.dtype == "float16"
-    assert ex.whisper == {"name": enc.name, "sha256": enc.sha256, "dims": enc.dims}
+    # the checkpoint's path travels cache.json -> the run's config.json -> the exported file
+    assert config["cache"]["model_path"] == str(tiny_checkpoint.absolute())
+    assert ex.whisper == {"name": enc.name, "sha256": enc.sha256, "dims": enc.dims, "path": config["cache"]["model_path"]}
     p = ex.provenance
     assert p["trained_on"] == "all speakers" and p["n_utterances"] == 24
     selected = sorted(s["epoch"] for s in p["selected_per_fold"])
@@ -142,9 +144,43 @@ def test_predict_prints_a_label_and_probabilities_that_sum_to_one(exported, corp
     assert table.exit_code == 0 and all(lab in table.stdout.splitlines()[0] for lab in labels)
 
 
-def test_recorded_name_that_is_not_downloadable_asks_for_model(exported):
-    result = invoke("predict", exported["qkv"], "x.wav")
-    assert result.exit_code != 0 and "--model PATH" in result.output
+def recorded_elsewhere(exported_file, path, out):
+    """A copy of an exported file whose Whisper checkpoint was recorded at `path`, or (None)
+    without a recorded path, as files exported before it was kept."""
+    saved = torch.load(exported_file, weights_only=True)
+    saved["whisper"].pop("path")
+    if path is not None:
+        saved["whisper"]["path"] = str(path)
+    torch.save(saved, out)
+    return out
+
+
+def test_predict_without_model_uses_the_recorded_checkpoint(exported, corpus):
+    _, records = corpus
+    result = invoke("predict", exported["qkv"], records[0].path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["prediction"] in load_exported(exported["qkv"]).labels
+    assert "warning" not in result.stderr  # the very checkpoint the head was trained on
+
+
+@pytest.mark.parametrize("at_path", ["other bytes", "missing", "not recorded"])
+def test_a_recorded_checkpoint_that_changed_falls_back_to_the_name(exported, tmp_path, monkeypatch, at_path):
+    import whisper
+
+    import ser_cache.predict as predict_module
+
+    moved = tmp_path / "tiny-random.pt"
+    if at_path == "other bytes":
+        make_checkpoint(moved, seed=1)
+    model = recorded_elsewhere(exported["qkv"], None if at_path == "not recorded" else moved, tmp_path / "m.pt")
+    asked = []
+    monkeypatch.setattr(predict_module, "load_encoder", lambda name, **kw: asked.append(name) or load_encoder(name, **kw))
+    monkeypatch.setattr(whisper, "_download", lambda *a, **kw: pytest.fail("a checkpoint was downloaded"))
+    result = invoke("predict", model, "x.wav")
+    assert asked == ["tiny-random"]  # the recorded name, never the file with other bytes
+    assert result.exit_code != 0 and "not a model name Whisper can download" in result.output
+    assert "--model PATH" in result.output
+    assert (f"recorded at {moved} is missing or has other bytes" in result.output) == (at_path != "not recorded")
 
 
 def test_early_stop_gives_the_full_encoders_probabilities(exported, corpus, tiny_checkpoint):
