@@ -19,6 +19,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import UserError
+
 SAMPLE_RATE = 16000  # Hz, what Whisper was trained on
 WINDOW_SECONDS = 30  # Whisper's fixed input window
 WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # 480000 samples in a 30-second window
@@ -35,7 +37,7 @@ LONG_AUDIO_POLICIES = ("refuse", "truncate", "windows")
 WAV_SIZE_PLACEHOLDERS = (0, 0xFFFFFFFF)
 
 
-class AudioError(Exception):
+class AudioError(UserError):
     """A file that cannot become Whisper input; `reason` says why in one line."""
 
     def __init__(self, reason: str):

@@ -36,6 +36,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import UserError
 from .features import LayerData
 from .records import Utterance, load_records
 
@@ -50,7 +51,7 @@ META_FIELDS = ("ids", "labels", "speakers", "groups")
 STR = h5py.string_dtype()
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """A cache that cannot be used as asked; the message says what differs or is broken, and the fix."""
 
 

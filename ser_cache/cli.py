@@ -1,22 +1,27 @@
 """The `ser-cache` command line: one click group, thin commands.
 
 Each command's docstring is its help. The work lives in the modules named after each stage;
-a command only turns options into a call and failures into `click.ClickException`.
+a command only turns options into a call. Failures become messages in one place (`Commands`):
+the project's errors for bad input (errors.UserError) and the system's (OSError: a disk, a
+permission) print as one line with exit status 1; Ctrl-C says what was kept; anything else is
+a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import click
 
-from .audio import LONG_AUDIO_POLICIES, AudioError
-from .cache import COMPUTE_DTYPES, DTYPES, CacheError, open_cache, shard_name
+from .audio import LONG_AUDIO_POLICIES
+from .cache import COMPUTE_DTYPES, DTYPES, open_cache, shard_name
 from .corpora import CORPORA, prepare, single_speaker_warnings
 from .device import pick_device
-from .encoder import MODES, CheckpointError
-from .records import RecordsError, Utterance
+from .encoder import MODES
+from .errors import UserError
+from .records import Utterance
 
 
 def limit_records(records: list[Utterance], limit: int | None) -> list[Utterance]:
@@ -26,7 +31,31 @@ def limit_records(records: list[Utterance], limit: int | None) -> list[Utterance
     return sorted(records, key=lambda r: hashlib.sha1(r.id.encode()).hexdigest())[:limit]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+USER_ERRORS = (UserError, OSError)
+# What a command keeps when Ctrl-C stops it (commands that resume when re-run).
+KEPT_ON_INTERRUPT = {"extract": "every shard written so far is complete",
+                     "train": "every finished fold is saved", "sweep": "every finished fold is saved"}
+
+
+class Commands(click.Group):
+    """The group that turns the commands' failures into messages (see the module docstring)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+        except BrokenProcessPool as e:
+            raise click.ClickException(f"a worker process died ({e}), e.g. out of memory: re-run with fewer "
+                                       "--jobs to resume") from None
+        except KeyboardInterrupt:
+            kept = KEPT_ON_INTERRUPT.get(ctx.invoked_subcommand)
+            if kept is None:
+                raise
+            raise click.ClickException(f"interrupted; {kept}. Re-run the same command to resume") from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="ser-cache")
 def main():
     """Speech emotion recognition on cached Whisper encoder layers.
@@ -58,7 +87,7 @@ def main():
 @click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--workers", type=click.IntRange(1), default=2, help="Threads that read and prepare audio while the encoder runs.")
-@click.option("--shard-mb", type=click.FloatRange(0, min_open=True), default=256.0, help="Advanced: target shard size in MiB. Smaller shards lose less work to a crash and make --repair cheaper, at the cost of more files; part of the cache settings, so a resume must pass the same value.")
+@click.option("--shard-mb", type=click.FloatRange(0, 2**20, min_open=True), default=256.0, help="Advanced: target shard size in MiB. Smaller shards lose less work to a crash and make --repair cheaper, at the cost of more files; part of the cache settings, so a resume must pass the same value.")
 def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, batch_size, shard_spec, limit, label_map, csv_path,
             long_audio, strict, repair, device, workers, shard_mb):
     """Encode a corpus with Whisper once and cache every kept encoder state.
@@ -76,30 +105,23 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     if data_dir.is_file() and csv_path is not None:
         raise click.BadParameter(f"DATA_DIR {data_dir} is already the CSV: drop --csv {csv_path}, or pass the "
                                  "corpus folder as DATA_DIR", param_hint="DATA_DIR")
-    try:
-        shard = parse_shard(shard_spec)
-        prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path)
-        records = limit_records(prepared.records, limit)
-        click.echo(prepared.summary())
-        if limit:
-            click.echo(f"--limit {limit}: using {len(records)} of {len(prepared.records)} utterances")
-            shown = set(single_speaker_warnings(prepared.records))  # the summary's, for the whole corpus
-            for line in single_speaker_warnings(records):
-                if line not in shown:  # labels that the subset left with one speaker
-                    click.echo(line)
-        dev = pick_device(device)
-        enc = load_encoder(model, device=dev)
-        opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
-                              shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers,
-                              shard_bytes=int(shard_mb * 2**20))
-        click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
-        summary = run_extract(records, out, corpus, enc, opts, device=dev)
-    except KeyboardInterrupt:
-        raise click.ClickException(
-            f"interrupted; every shard written so far is complete. Re-run the same command to resume ({out})"
-        )
-    except (RecordsError, CacheError, CheckpointError, AudioError, ValueError, OSError, OverflowError) as e:
-        raise click.ClickException(str(e))
+    shard = parse_shard(shard_spec)
+    prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path)
+    records = limit_records(prepared.records, limit)
+    click.echo(prepared.summary())
+    if limit:
+        click.echo(f"--limit {limit}: using {len(records)} of {len(prepared.records)} utterances")
+        shown = set(single_speaker_warnings(prepared.records))  # the summary's, for the whole corpus
+        for line in single_speaker_warnings(records):
+            if line not in shown:  # labels that the subset left with one speaker
+                click.echo(line)
+    dev = pick_device(device)
+    enc = load_encoder(model, device=dev)
+    opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
+                          shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers,
+                          shard_bytes=int(shard_mb * 2**20))
+    click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
+    summary = run_extract(records, out, corpus, enc, opts, device=dev)
     click.echo(summary_text(summary))
     cache = open_cache(out)
     state = "complete" if cache.complete else f"{len(cache.complete_shards())} of {len(cache.plan)} shards (other --shard jobs pending)"
@@ -112,10 +134,7 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def inspect(cache_dir, as_json):
     """Show what a cache holds: model, mode, layers, counts, skipped utterances."""
-    try:
-        info = open_cache(cache_dir).summary()
-    except CacheError as e:
-        raise click.ClickException(str(e))
+    info = open_cache(cache_dir).summary()
     if as_json:
         click.echo(json.dumps(info, indent=1, ensure_ascii=False))
         return
@@ -140,11 +159,8 @@ def verify(cache_dir):
 
     Exits non-zero and names every damaged or missing shard.
     """
-    try:
-        cache = open_cache(cache_dir)
-        problems = cache.verify()
-    except CacheError as e:
-        raise click.ClickException(str(e))
+    cache = open_cache(cache_dir)
+    problems = cache.verify()
     for k, why in problems.items():
         click.echo(f"{shard_name(k)}: {why}")
     if problems:
@@ -169,7 +185,7 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--layer", type=click.IntRange(0), required=True, help="Encoder state to train on: 0 = input embedding, last = after ln_post (see `ser-cache inspect`).")
 @click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive or qkv.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: config.json, metrics.json, predictions.csv, folds.csv and one head file per fold.")
-@click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified) or file; default: file with --fold-file, loso when the corpus has groups, else kfold.")
+@click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified), file, or split (the official train/development/test groups); default: file with --fold-file, split when the groups are split names, loso when the corpus has other groups, else kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, EmoDB and others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold (0-based) with your own folds; every utterance listed once.")
 @click.option("--epochs", type=click.IntRange(1), default=_TRAIN.epochs, help="Epochs per fold; the epoch kept is the one with the best validation UA.")
@@ -184,7 +200,7 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run in --out.")
+@click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, seed, batch_size, lr, dropout,
               n_heads, head_dim, class_weights, standardize, compat_select_on_test, compat_eval_dropout, device, overwrite):
     """Train a pooling head on one cached layer, across speaker-independent folds.
@@ -195,18 +211,13 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     """
     import logging
 
-    from .folds import FoldsError
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = _training.TrainConfig.from_dict(dict(
-            epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, dropout=dropout, n_heads=n_heads,
-            head_dim=head_dim, class_weights=class_weights, standardize=standardize, device=device,
-            compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
-        result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
-                                            n_folds=n_folds, fold_file=fold_file, overwrite=overwrite)
-    except (CacheError, FoldsError, _training.ConfigError, _training.NonFiniteLossError, OSError) as e:
-        raise click.ClickException(str(e))
+    config = _training.TrainConfig.from_dict(dict(
+        epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, dropout=dropout, n_heads=n_heads,
+        head_dim=head_dim, class_weights=class_weights, standardize=standardize, device=device,
+        compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
+    result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
+                                        n_folds=n_folds, fold_file=fold_file, overwrite=overwrite)
     click.echo(result.table())
     click.echo(f"run saved in {out}")
 
@@ -237,30 +248,19 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, protocol, n_folds
     chosen on the validation speakers only. Writes results.csv, summary.md and plots into --out.
     Re-running the same command resumes an interrupted sweep.
     """
-    from concurrent.futures.process import BrokenProcessPool
-
-    from .folds import FoldsError
     from .report import write_report
-    from .sweep import SweepError, SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
-    from .training import ConfigError
+    from .sweep import SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
 
     for c in caches:
         if not c.is_dir():
             hint = (" (a grid key? give each one its own --grid, or quote them together)"
                     if "=" in c.name else "")
             raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
-    try:
-        spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
-                         grid=parse_grid(grid), train=_TrainConfig(epochs=epochs), protocol=protocol,
-                         n_folds=n_folds, fold_file=fold_file)
-        outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
-        paths = write_report([out], out)
-    except KeyboardInterrupt:
-        raise click.ClickException(f"interrupted; every finished fold is saved. Re-run the same command to resume ({out})")
-    except BrokenProcessPool as e:
-        raise click.ClickException(f"a worker process died ({e}), e.g. out of memory: re-run with fewer --jobs to resume")
-    except (SweepError, CacheError, FoldsError, ConfigError, OSError) as e:
-        raise click.ClickException(str(e))
+    spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
+                     grid=parse_grid(grid), train=_TrainConfig(epochs=epochs), protocol=protocol,
+                     n_folds=n_folds, fold_file=fold_file)
+    outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
+    paths = write_report([out], out)
     t = outcome.timing
     if outcome.tasks_done_before == outcome.tasks_total:
         click.echo(f"all {outcome.tasks_total} folds were already done; report rebuilt")
@@ -286,16 +286,12 @@ def report_cmd(sweeps, out):
     side: one panel per sweep and cache.
     """
     from .report import write_report
-    from .sweep import SweepError
 
     if out is None:
         if len(sweeps) > 1:
             raise click.BadParameter("several sweeps need --out, the folder for the joint table and plots", param_hint="--out")
         out = sweeps[0]
-    try:
-        paths = write_report(list(sweeps), out)
-    except (SweepError, OSError, KeyError, ValueError) as e:
-        raise click.ClickException(f"cannot build the report: {e}")
+    paths = write_report(list(sweeps), out)
     _echo_report(paths)
 
 
@@ -321,10 +317,7 @@ def download_cmd(corpus, to, base_url):
 
     Resumes an interrupted download; running it again after success only re-verifies.
     """
-    try:
-        report = _dl.download(corpus, to, base_url=base_url)
-    except _dl.DownloadError as e:
-        raise click.ClickException(str(e)) from e
+    report = _dl.download(corpus, to, base_url=base_url)
     click.echo(report.summary())
     click.echo(f"archives kept in {to / _dl.ARCHIVE_DIR}; delete them if you need the space")
     click.echo(f"pass this folder to `ser-cache extract`: {report.corpus_dir}")
@@ -338,10 +331,7 @@ def check_corpus_cmd(corpus, folder):
 
     Missing or altered files make it fail; files the list does not name are only reported.
     """
-    try:
-        report = _dl.check_corpus(corpus, folder)
-    except _dl.DownloadError as e:
-        raise click.ClickException(str(e)) from e
+    report = _dl.check_corpus(corpus, folder)
     if not report.passed:
         raise click.ClickException(report.summary())
     click.echo(report.summary())
@@ -367,13 +357,9 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     takes fold K's head instead. The file records the labels, layer, input mode and the Whisper
     checkpoint (name, SHA-256, path at extraction) the head needs.
     """
-    from .predict import PredictError, export_run
-    from .training import ConfigError, NonFiniteLossError
+    from .predict import export_run
 
-    try:
-        saved = export_run(run_dir, out, fold=fold, epochs=epochs, cache_path=cache_path, device=device, overwrite=overwrite)
-    except (PredictError, ConfigError, NonFiniteLossError, CacheError, OSError) as e:
-        raise click.ClickException(str(e))
+    saved = export_run(run_dir, out, fold=fold, epochs=epochs, cache_path=cache_path, device=device, overwrite=overwrite)
     p, w = saved["provenance"], saved["whisper"]
     detail = f"{p['epochs']} epochs" if "epochs" in p else ", ".join(f"{k} {v:g}" for k, v in p.get("choice", {}).items())
     click.echo(f"{saved['head']} head on layer {saved['layer']}, trained on {p['trained_on']}"
@@ -398,12 +384,9 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
     by window duration. The Whisper encoder runs only up to the head's layer. Files that
     cannot be read are reported and the others still processed (the exit status is then 1).
     """
-    from .predict import PredictError, format_table, load_predictor, to_json
+    from .predict import format_table, load_predictor, to_json
 
-    try:
-        predictor = load_predictor(model_file, whisper_model, allow_other_model, device=pick_device(device))
-    except (PredictError, ValueError) as e:
-        raise click.ClickException(str(e))
+    predictor = load_predictor(model_file, whisper_model, allow_other_model, device=pick_device(device))
     ex, enc = predictor.exported, predictor.enc
     click.echo(f"{ex.head} head on layer {ex.layer} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
                f"{enc.n_states - 1} blocks, {ex.layer} run), mode {ex.mode}", err=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import OptionError
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda if available, else mps if available, else cpu; otherwise as given."""
@@ -15,7 +17,7 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps") from e
+        raise OptionError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
+        raise OptionError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
     return device

@@ -43,6 +43,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 CHECKSUM_DIR = Path(__file__).parent / "checksums"  # read at call time: tests point it elsewhere
@@ -97,7 +99,7 @@ CORPORA = {
 DOWNLOADABLE = sorted(n for n, c in CORPORA.items() if c.archives)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download, an archive or a corpus folder that cannot be used; the message names the fix."""
 
 
@@ -178,7 +180,7 @@ def _names(names: list[str]) -> str:
 
 def corpus_of(name: str) -> Corpus:
     if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; known corpora = {sorted(CORPORA)}")
+        raise DownloadError(f"unknown corpus {name!r}; known corpora = {sorted(CORPORA)}")
     return CORPORA[name]
 
 

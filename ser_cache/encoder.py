@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .audio import SAMPLES_PER_FRAME, WINDOW_SAMPLES
+from .errors import OptionError, UserError
 
 MODES = ("padded", "trim", "short")
 N_WINDOW_FRAMES = WINDOW_SAMPLES // SAMPLES_PER_FRAME  # 1500 encoder frames in 30 s
@@ -40,7 +41,7 @@ EXPECTED_CHECKPOINT = ("expected a Whisper checkpoint: a torch file holding a di
                        "such as base")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is not a usable Whisper checkpoint; the message names it and what was expected."""
 
 
@@ -92,7 +93,7 @@ def checkpoint_bytes(name_or_path: str, download_root: str | None = None) -> tup
         return path.read_bytes(), path.stem, path.absolute()
     whisper = _whisper()
     if name_or_path not in whisper._MODELS:
-        raise ValueError(
+        raise OptionError(
             f"{name_or_path!r} is neither a checkpoint file nor a Whisper model name; "
             f"names: {', '.join(whisper.available_models())}"
         )

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from . import cache as C
 from .audio import AudioError, LONG_AUDIO_POLICIES, SAMPLE_RATE, load_utterance
 from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encode, log_mel, speech_frames
+from .errors import OptionError
 from .records import Utterance, records_hash, save_records
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer, bounded writer memory
@@ -80,11 +81,11 @@ def parse_layers(spec: str, n_states: int) -> list[int]:
         try:
             rng = range(int(lo), int(hi) + 1) if hi else [int(lo)]
         except ValueError:
-            raise ValueError(f"--layers {spec!r}: use 'all', a number, a list '0,3,6' or a range '2-5'") from None
+            raise OptionError(f"--layers {spec!r}: use 'all', a number, a list '0,3,6' or a range '2-5'") from None
         out.update(rng)
     bad = sorted(s for s in out if not 0 <= s < n_states)
     if bad or not out:
-        raise ValueError(f"--layers {spec!r}: this model has states 0..{n_states - 1} (0 = input embedding, {n_states - 1} = last)")
+        raise OptionError(f"--layers {spec!r}: this model has states 0..{n_states - 1} (0 = input embedding, {n_states - 1} = last)")
     return sorted(out)
 
 
@@ -93,9 +94,9 @@ def parse_shard(spec: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {spec!r}: write I/N, for example 0/4 for the first of 4 jobs") from None
+        raise OptionError(f"--shard {spec!r}: write I/N, for example 0/4 for the first of 4 jobs") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {spec!r}: need 0 <= I < N (I counts from 0)")
+        raise OptionError(f"--shard {spec!r}: need 0 <= I < N (I counts from 0)")
     return i, n
 
 
@@ -233,7 +234,7 @@ def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, i
             # was a second pass over every state on the encoder's thread).
             a = states[s][i, :keep].to(TORCH_DTYPES[dtype]).cpu().numpy()
             if not np.isfinite(a).all():
-                raise OverflowError(f"state {s} overflows {dtype}: pass --dtype float32")
+                raise OptionError(f"state {s} overflows {dtype}: pass --dtype float32")
             win[s] = a
         out.append(win)
     return out
@@ -287,13 +288,13 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
             device: str | torch.device = "cpu") -> ExtractSummary:
     """Fill the cache at `out` with the states of `records` (the part of them this job owns)."""
     if opts.mode not in MODES:
-        raise ValueError(f"mode {opts.mode!r}: choose one of {MODES}")
+        raise OptionError(f"mode {opts.mode!r}: choose one of {MODES}")
     if opts.long_audio not in LONG_AUDIO_POLICIES:
-        raise ValueError(f"long-audio policy {opts.long_audio!r}: choose one of {LONG_AUDIO_POLICIES}")
+        raise OptionError(f"long-audio policy {opts.long_audio!r}: choose one of {LONG_AUDIO_POLICIES}")
     if opts.dtype not in C.DTYPES:
-        raise ValueError(f"dtype {opts.dtype!r}: choose one of {C.DTYPES}")
+        raise OptionError(f"dtype {opts.dtype!r}: choose one of {C.DTYPES}")
     if opts.compute_dtype not in C.COMPUTE_DTYPES:
-        raise ValueError(f"compute dtype {opts.compute_dtype!r}: choose one of {C.COMPUTE_DTYPES}")
+        raise OptionError(f"compute dtype {opts.compute_dtype!r}: choose one of {C.COMPUTE_DTYPES}")
     start = time.perf_counter()
     cache = prepare_cache(out, records, corpus, enc, opts)
     summary = ExtractSummary(shards_planned=len(cache.plan))

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 PROTOCOLS = ("loso", "kfold", "file", "split")
 DEFAULT_N_FOLDS = {"ravdess": 6, "shemo": 10, "emodb": 5}  # RAVDESS: 24 actors, 4 per fold
 FALLBACK_N_FOLDS = 5
@@ -55,7 +57,7 @@ SPLIT_TEST = re.compile(r"test\d*")  # test, Test1, Test2, ...
 NOT_TESTED = -1  # test_fold of the train and development utterances under protocol split
 
 
-class FoldsError(ValueError):
+class FoldsError(UserError, ValueError):
     """Folds that cannot be built or trusted; the message names the fix."""
 
 

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import OptionError
+
 D_MODEL = 256  # width of the front and back (paper)
 N_HEADS = 12
 HEAD_DIM = 4
@@ -261,7 +263,7 @@ HEADS: dict[str, type[Head]] = {
 def head_class(name: str) -> type[Head]:
     """The registered class of head `name`."""
     if name not in HEADS:
-        raise ValueError(f"head {name!r} not found; available heads = {sorted(HEADS)}")
+        raise OptionError(f"head {name!r} not found; available heads = {sorted(HEADS)}")
     return HEADS[name]
 
 

@@ -42,6 +42,7 @@ import torch
 
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES, AudioError, load_utterance
 from .encoder import LoadedEncoder, load_encoder, log_mel, speech_frames
+from .errors import UserError
 from .extract import encode_batch, package_versions
 from .features import LayerData
 from .heads import Head, build_head, head_class, load_head
@@ -56,7 +57,7 @@ WINDOW_BATCH = 8  # 30 s windows per encoder forward when predicting a long reco
 CACHE_KEYS = ("corpus", "model_sha256", "dims", "mode", "dtype", "compute_dtype", "records_hash", "shard_sha256")
 
 
-class PredictError(Exception):
+class PredictError(UserError):
     """An export or prediction that cannot be done as asked; the message names the fix."""
 
 

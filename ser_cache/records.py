@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Utterance:
@@ -55,7 +57,7 @@ class Utterance:
         object.__setattr__(self, "targets", pairs)
 
 
-class RecordsError(ValueError):
+class RecordsError(UserError, ValueError):
     """Bad corpus metadata; the message names the row and the fix."""
 
 

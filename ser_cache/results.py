@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 from .metrics import json_safe
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
     """A run or sweep folder that cannot be used as asked; the message names the fix."""
 
 

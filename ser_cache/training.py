@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from .device import pick_device
+from .errors import OptionError, UserError
 from .features import LayerData
 from .folds import Folds, make_folds
 from .heads import Head, head_class, load_head, save_head
@@ -65,11 +66,11 @@ EVAL_BATCH_SIZE = 64  # evaluation has no gradients, so larger batches are cheap
 FLOAT32_BATCH_BYTES = 3 * 2**30  # batches up to this size are held in float32 (see make_batches)
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """A setting that cannot be used; the message names the fix."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite; the fold cannot continue."""
 
 

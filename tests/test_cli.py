@@ -1,0 +1,42 @@
+"""The command line's one mapping of failures to messages (cli.Commands)."""
+import pytest
+from click.testing import CliRunner
+
+import ser_cache.training as T
+from ser_cache.cli import main
+from ser_cache.errors import UserError
+
+
+def train(tmp_path, monkeypatch, failure):
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(T, "train_from_cache", fail)
+    return CliRunner().invoke(main, ["train", str(tmp_path), "--layer", "1", "--head", "mean", "--out",
+                                     str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("failure", [T.ConfigError("lr must be > 0"), T.NonFiniteLossError("lower the lr"),
+                                     OSError(28, "No space left on device")])
+def test_the_projects_errors_and_the_systems_are_one_line(tmp_path, monkeypatch, failure):
+    result = train(tmp_path, monkeypatch, failure)
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {failure}"
+    assert isinstance(failure, (UserError, OSError))
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """A KeyError or ValueError from inside is a bug: not dressed up as a user's mistake."""
+    for bug in (KeyError("labels"), ValueError("shapes differ")):
+        result = train(tmp_path, monkeypatch, bug)
+        assert result.exception is bug and "Error:" not in result.output
+
+
+def test_ctrl_c_says_what_was_kept(tmp_path, monkeypatch):
+    result = train(tmp_path, monkeypatch, KeyboardInterrupt())
+    assert result.exit_code == 1
+    assert "interrupted; every finished fold is saved. Re-run the same command to resume" in result.output
+
+
+def test_a_bad_device_is_named(tmp_path):
+    result = CliRunner().invoke(main, ["predict", __file__, __file__, "--device", "tpu"])
+    assert result.exit_code == 1 and "--device 'tpu': use auto, cpu, cuda, cuda:N or mps" in result.output
