@@ -5,8 +5,11 @@ prediction treat them alike and never ask which head they hold:
 
     options(config, dim, n_classes)   constructor arguments taken from a TrainConfig
     selects                           what fitting chooses on validation speakers: "epoch" or "C"
-    prepare(data, index)              fix input statistics from the training utterances
+    prepare(data, index, config)      fix input statistics from the training utterances
     forward(x, mask)                  logits; padding never changes them
+                                      = logits(inputs(x), mask), where `inputs` is the fixed
+                                      part (no parameters) that a fitter may apply once per
+                                      fold instead of at every step
 
 How a head is fitted (a gradient loop with the epoch chosen on validation, or a scikit-learn
 fit with C chosen on validation) is training.py's business, chosen by `selects`.
@@ -72,6 +75,15 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, T, dim) float, mask: (B, T) bool True on real frames -> logits (B, n_classes)."""
+        return self.logits(self.inputs(x), mask)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed transform of the frames (B, T, dim) that the trained part sees; it has no
+        parameters, so it may be applied once to fixed data. Default: none."""
+        return x
+
+    def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The trained part: inputs(x) (B, T, dim) and mask (B, T) -> logits (B, n_classes)."""
         raise NotImplementedError
 
 
@@ -102,10 +114,12 @@ class PoolingHead(Head):
         if config.standardize:
             self.standardize_inputs(*data.moments(index))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        assert x.shape[:2] == mask.shape, f"x {tuple(x.shape)} vs mask {tuple(mask.shape)}"
-        x = (x - self.input_mean) * self.input_scale
-        h = self.front(x).masked_fill(~mask[..., None], 0.0)  # (B, T, d_model), padding = 0
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_mean) * self.input_scale
+
+    def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert z.shape[:2] == mask.shape, f"z {tuple(z.shape)} vs mask {tuple(mask.shape)}"
+        h = self.front(z).masked_fill(~mask[..., None], 0.0)  # (B, T, d_model), padding = 0
         return self.back(self.pool(h, mask))
 
     def standardize_inputs(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -222,8 +236,8 @@ class LinearProbe(Head):
         self.register_buffer("weight", torch.zeros(n_classes, 2 * dim, **f64))
         self.register_buffer("bias", torch.zeros(n_classes, **f64))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        features = masked_statistics(x.double(), mask)
+    def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        features = masked_statistics(z.double(), mask)
         return ((features - self.feature_mean) / self.feature_scale) @ self.weight.T + self.bias
 
     def from_fitted(self, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: np.ndarray,
