@@ -390,7 +390,7 @@ def shards_written(out: Path) -> int:
 
 
 def tmp_shard_present(out: Path) -> bool:
-    return (out / C.SHARD_DIR).is_dir() and any((out / C.SHARD_DIR).glob("*.h5.tmp"))
+    return (out / C.SHARD_DIR).is_dir() and any((out / C.SHARD_DIR).glob("*.h5*.tmp"))
 
 
 class After:
