@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ser_cache.cache import CacheError, open_cache, shard_name
+from ser_cache.cache import CacheError, ShardClaims, folder_lock, open_cache, shard_name
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract, parse_layers, parse_shard
@@ -127,3 +127,17 @@ def test_layer_and_shard_specs():
         parse_shard("3")
     with pytest.raises(ValueError, match="0 <= I < N"):
         parse_shard("3/3")
+
+
+def test_a_shard_claim_is_exclusive_and_leaves_no_file(tmp_path):
+    mine, theirs = ShardClaims(tmp_path), ShardClaims(tmp_path)  # two open files: as two processes
+    assert mine.take(3) and not theirs.take(3)
+    assert theirs.held_elsewhere(3) and not mine.held_elsewhere(3) and not theirs.held_elsewhere(4)
+    assert theirs.take(4)  # other shards stay free
+    mine.release(3)
+    assert not (tmp_path / f"{shard_name(3)}.lock").exists() and not theirs.held_elsewhere(3)
+    assert theirs.take(3)
+    theirs.release_all()
+    with folder_lock(tmp_path / "new"):  # creates the folder it locks
+        assert (tmp_path / "new").is_dir()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new"]
