@@ -32,6 +32,7 @@ folder itself is created under the lock create.lock (`folder_lock`).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -251,6 +252,14 @@ def lock_file(path: Path, wait: bool) -> int | None:
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise CacheError(
+                    f"cannot lock {path} ({e.strerror}): this file system does not support the locks that keep "
+                    "jobs sharing a cache apart; put --out on a local disk, or on NFS mounted with locking"
+                ) from e
+            raise
         except BaseException:
             os.close(fd)
             raise

@@ -415,9 +415,10 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
                desc=f"extract {opts.mode}", dynamic_ncols=True)
 
     def claimed_utterances():
-        # Claimed when their turn comes (a few utterances ahead of the encoder), not all at
-        # the start: jobs started together then spread over the plan, each taking the next
-        # free shard, instead of the first one claiming everything.
+        # Claimed when their turn comes, not all at the start: jobs started together then
+        # spread over the plan, each taking the next free shard. The prefetch pulls this up to
+        # PREFETCH utterances ahead of the encoder, so a job holds about one shard beyond the
+        # one it encodes, or up to PREFETCH claims when shards hold one utterance each.
         for k in todo:
             outcome = claim_shard(cache, claims, k)
             if outcome != "mine":

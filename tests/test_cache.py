@@ -1,6 +1,7 @@
 """The cache: settings must match to reuse it, shards resume, parts add up, inspect reports."""
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import replace
 
@@ -141,3 +142,15 @@ def test_a_shard_claim_is_exclusive_and_leaves_no_file(tmp_path):
     with folder_lock(tmp_path / "new"):  # creates the folder it locks
         assert (tmp_path / "new").is_dir()
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["new"]
+
+
+def test_a_file_system_without_locks_is_named_with_the_fix(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(CacheError, match="does not support the locks.*local disk"):
+        ShardClaims(tmp_path).take(0)
+    assert list(tmp_path.iterdir()) == [tmp_path / f"{shard_name(0)}.lock"]  # only the empty lock file, harmless
