@@ -24,12 +24,23 @@ Crash safety: a shard is written to a temporary name, flushed to disk, described
 sidecar, then renamed; a shard without both files is not complete and is re-done by the next
 `extract`. The plan is a pure function of the records and settings, so `--shard I/N` jobs
 (shards k with k % N == I) can fill one folder from several machines.
+
+Several writers: a process writes shard k only while it holds the claim on k, an exclusive
+`flock` on shards/shard-0000k.lock (see `ShardClaims`), so any number of `extract` jobs on one
+folder, with or without `--shard`, share the work and never write one shard at once. The
+folder itself is created under the lock create.lock (`folder_lock`).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +56,7 @@ SETTINGS_FILE = "cache.json"
 RECORDS_FILE = "records.jsonl"
 PLAN_FILE = "plan.json"
 SHARD_DIR = "shards"
+CREATE_LOCK = "create.lock"  # held while a process creates cache.json, records and plan
 DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 META_FIELDS = ("ids", "labels", "speakers", "groups")
@@ -127,11 +139,12 @@ class ShardContent:
 def write_shard(folder: Path, k: int, content: ShardContent, layers: list[int], dim: int, dtype: str) -> dict:
     """Write shard k crash-safely (temporary file, fsync, sidecar, rename). Returns the sidecar.
 
-    Raises OSError on write failure, after removing the temporary file.
+    The caller holds the claim on shard k (`ShardClaims.take`). Raises OSError on write
+    failure, after removing the temporary file.
     """
     folder = Path(folder)
     final, sidecar = folder / f"{shard_name(k)}.h5", folder / f"{shard_name(k)}.json"
-    tmp = folder / f"{shard_name(k)}.h5.tmp"
+    tmp = folder / f"{shard_name(k)}.h5.{_process_tag()}.tmp"
     n_frames = np.array([len(s[layers[0]]) if s else 0 for s in content.states], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(n_frames, dtype=np.int64)]).astype(np.int64)
     try:
@@ -199,9 +212,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _process_tag() -> str:
+    """host-pid: temporary names of two live processes never collide, even on a shared disk."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _write_json_atomic(path: Path, obj) -> None:
-    # A per-process temporary name: several `--shard I/N` jobs may write the same file at once.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # A per-process temporary name: several jobs may write the same file at once.
+    tmp = path.with_name(f"{path.name}.{_process_tag()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, ensure_ascii=False)
@@ -212,6 +230,154 @@ def _write_json_atomic(path: Path, obj) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --- claims: one writer per shard -----------------------------------------------------------
+#
+# Why flock on a lock file: the kernel drops the lock when its holder ends, however it ends
+# (exit, exception, SIGKILL, OOM kill), so a dead job never blocks a shard and no heartbeat,
+# pid check or stale-claim timeout is needed, as claim files made with O_CREAT|O_EXCL would
+# be. On NFS, Linux emulates flock with byte-range locks, which hold across machines only
+# where the server's locking works (NFSv4, or v3 with lockd) and not with `nolock` or
+# `local_lock=flock` mounts; there, jobs on several machines must keep to disjoint
+# `--shard I/N` parts (which never need a claim to stay apart).
+
+
+def lock_file(path: Path, wait: bool) -> int | None:
+    """Take the exclusive flock on `path` (created if absent): its descriptor, or None when
+    `wait` is False and another open file (another process, or another claim) holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise CacheError(
+                    f"cannot lock {path} ({e.strerror}): this file system does not support the locks that keep "
+                    "jobs sharing a cache apart; put --out on a local disk, or on NFS mounted with locking"
+                ) from e
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        # A holder unlinks the file as it lets go (`unlock_file`), so that finished shards
+        # leave no lock files; a lock on a file no longer at `path` guards nothing: try again.
+        if _still_linked(path, fd):
+            return fd
+        os.close(fd)
+
+
+def unlock_file(path: Path, fd: int) -> None:
+    """Let go of a lock from `lock_file`: unlink while still holding it, then close."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # removed by hand meanwhile: nothing left to tidy
+        pass
+    finally:
+        os.close(fd)
+
+
+def lock_held(path: Path) -> bool:
+    """True when a live process holds the exclusive lock on `path`. Probes with a shared lock,
+    so that two processes probing at once do not take each other for writers."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a holder keeps its file at `path` until it lets go
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            if _still_linked(path, fd):
+                return True
+        finally:
+            os.close(fd)  # also drops the shared lock, if taken
+
+
+def _still_linked(path: Path, fd: int) -> bool:
+    try:
+        st, mine = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+@contextmanager
+def folder_lock(root: Path):
+    """Hold the creation lock of a cache folder (waiting for another creator to finish)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / CREATE_LOCK
+    fd = lock_file(path, wait=True)
+    try:
+        yield
+    finally:
+        unlock_file(path, fd)
+
+
+class ShardClaims:
+    """This process's claims on the shards of one folder: a shard is written only by its holder.
+
+    Claims are taken by the main thread and let go by the writer thread, hence the mutex.
+    """
+
+    def __init__(self, shard_dir: Path):
+        self.shard_dir = Path(shard_dir)
+        self._held: dict[int, int] = {}  # shard -> descriptor of its locked lock file
+        self._mutex = threading.Lock()
+
+    def lock_path(self, k: int) -> Path:
+        return self.shard_dir / f"{shard_name(k)}.lock"
+
+    def take(self, k: int) -> bool:
+        """Claim shard k without waiting; False when another live process holds it."""
+        with self._mutex:
+            assert k not in self._held, f"{shard_name(k)} claimed twice by one process"
+        fd = lock_file(self.lock_path(k), wait=False)
+        if fd is None:
+            return False
+        with self._mutex:
+            self._held[k] = fd
+        return True
+
+    def release(self, k: int) -> None:
+        with self._mutex:
+            fd = self._held.pop(k, None)
+        if fd is not None:
+            unlock_file(self.lock_path(k), fd)
+
+    def release_all(self) -> None:
+        with self._mutex:
+            held = list(self._held)
+        for k in held:
+            self.release(k)
+
+    def held_elsewhere(self, k: int) -> bool:
+        """True when another live process holds the claim on shard k."""
+        with self._mutex:
+            if k in self._held:
+                return False
+        return lock_held(self.lock_path(k))
+
+
+def remove_temporaries(shard_dir: Path, k: int) -> None:
+    """Delete what interrupted writers of shard k left behind. Only a holder of the claim on
+    k may call this: no live process is then writing those files."""
+    for stale in Path(shard_dir).glob(f"{shard_name(k)}.*.tmp"):  # .h5.tmp, .h5.TAG.tmp, .json.TAG.tmp
+        stale.unlink(missing_ok=True)
+
+
+_LEFTOVER = re.compile(r"shard-(\d+)\..*(\.tmp|\.lock)$")
+
+
+def shards_with_leftovers(shard_dir: Path) -> set[int]:
+    """Shards with temporary or lock files in `shard_dir` (of a dead or of a live writer)."""
+    return {int(m.group(1)) for p in Path(shard_dir).iterdir() if (m := _LEFTOVER.fullmatch(p.name))}
 
 
 # --- opening and reading --------------------------------------------------------------------
@@ -433,15 +599,18 @@ class Cache:
         """Full check of every planned shard: bytes against the recorded SHA-256, structure and
         counts. Returns {shard: problem} for every damaged or missing shard (empty = all good)."""
         problems = {}
-        for k, ids in enumerate(self.plan):
-            why = self.shard_problem(k)
-            if not why and file_sha256(self.shard_path(k)) != self.sidecar(k).get("sha256"):
-                why = "SHA-256 differs from the one recorded when written (bytes altered)"
-            if not why:
-                why = self._structure_problem(k, ids)
+        for k in range(len(self.plan)):
+            why = self.shard_damage(k)
             if why:
                 problems[k] = why
         return problems
+
+    def shard_damage(self, k: int) -> str:
+        """Why shard k is missing or damaged, from a full check of its bytes and structure, or ""."""
+        why = self.shard_problem(k)
+        if not why and file_sha256(self.shard_path(k)) != self.sidecar(k).get("sha256"):
+            why = "SHA-256 differs from the one recorded when written (bytes altered)"
+        return why or self._structure_problem(k, self.plan[k])
 
     def _structure_problem(self, k: int, planned_ids: list[str]) -> str:
         try:

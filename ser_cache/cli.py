@@ -97,7 +97,7 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     interrupted extraction.
     """
     from .encoder import load_encoder
-    from .extract import ExtractOptions, extract as run_extract, parse_layers, parse_shard, summary_text
+    from .extract import ExtractOptions, extract as run_extract, final_state, parse_layers, parse_shard, summary_text
 
     if data_dir.is_file() and corpus != "csv":
         raise click.BadParameter(f"{data_dir} is a file, but --corpus {corpus} reads a corpus folder: pass the "
@@ -124,9 +124,14 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     summary = run_extract(records, out, corpus, enc, opts, device=dev)
     click.echo(summary_text(summary))
     cache = open_cache(out)
-    state = "complete" if cache.complete else f"{len(cache.complete_shards())} of {len(cache.plan)} shards (other --shard jobs pending)"
+    # Other jobs may share this folder: the state is read now, claims included, and the exit
+    # status is 0 only if this job's own part is complete or in the hands of a live job.
+    state, own_part_done = final_state(cache, shard)
     skipped = len(cache.skipped())  # this run's and earlier runs' (a resumed run shows only its own above)
-    click.echo(f"cache {out}: {state}; {skipped} skipped" + (f" (`ser-cache inspect {out}` lists them)" if skipped else ""))
+    line = f"cache {out}: {state}; {skipped} skipped" + (f" (`ser-cache inspect {out}` lists them)" if skipped else "")
+    if not own_part_done:
+        raise click.ClickException(line)
+    click.echo(line)
 
 
 @main.command()

@@ -8,9 +8,15 @@ Three things happen at once so the encoder never waits:
 
 A file that cannot be used is skipped with its reason (recorded in its shard), never dropped
 silently. Re-running the same command resumes: shards already complete are not redone.
+
+Any number of jobs may fill one folder at once (a job submitted twice, a restart while the old
+job still runs, `--shard I/N` parts): each shard is encoded only by the job holding its claim
+(cache.ShardClaims), taken when the shard's turn comes; a shard another live job holds is left
+to it, and taken over if that job dies before finishing it.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import importlib.metadata
 import json
@@ -60,6 +66,7 @@ class ExtractOptions:
 class ExtractSummary:
     shards_done_before: int = 0
     shards_written: int = 0
+    shards_other_jobs: int = 0  # of this job's part: written, or being written, by other jobs meanwhile
     shards_planned: int = 0
     shards_this_job: int = 0
     utterances: int = 0
@@ -129,32 +136,47 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
         n_records=len(records), shard_bytes=opts.shard_bytes, compute_dtype=opts.compute_dtype,
     )
     out = Path(out)
-    if (out / C.SETTINGS_FILE).exists():
-        existing = C.open_cache(out)
-        diffs = existing.settings.differences(settings)
-        if diffs:
-            raise C.CacheError(
-                f"{out} holds a cache made with other settings, so it cannot be reused or extended:\n  "
-                + "\n  ".join(diffs)
-                + "\nFix: pass a new --out folder, or the settings the cache was made with"
-            )
-        return existing
-    if out.exists() and any(out.iterdir()) and not interrupted_creation(out):
+    if not (out / C.SETTINGS_FILE).exists():
+        # Jobs started together on a new folder: one creates it, the others wait for the lock
+        # and then find cache.json, so no job sees another's half-made folder as foreign and
+        # no two jobs with different settings interleave their records, plan and settings.
+        with C.folder_lock(out):
+            if not (out / C.SETTINGS_FILE).exists():
+                plan = C.plan_shards(records, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
+                create_cache(out, records, plan, settings, enc.path)
+    existing = C.open_cache(out)
+    diffs = existing.settings.differences(settings)
+    if diffs:
+        raise C.CacheError(
+            f"{out} holds a cache made with other settings, so it cannot be reused or extended:\n  "
+            + "\n  ".join(diffs)
+            + "\nFix: pass a new --out folder, or the settings the cache was made with"
+        )
+    return existing
+
+
+def create_cache(out: Path, records: list[Utterance], plan: list[list[str]], settings: C.CacheSettings,
+                 model_path: str | None) -> None:
+    """Write a new cache's records, plan and settings (and the checkpoint's path, as provenance)
+    into `out`. The caller holds its folder lock."""
+    if any(out.iterdir()) and not interrupted_creation(out):
         raise C.CacheError(f"{out} exists, is not empty and is not a cache: pass a new or empty --out folder")
-    (out / C.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    plan = C.plan_shards(records, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
+    for p in out.iterdir():  # temporaries of a creator that died: with the lock held, no live one is left
+        if p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+    (out / C.SHARD_DIR).mkdir(exist_ok=True)
     # records and plan first, settings last: a folder with cache.json is a whole cache
     save_records(records, out / C.RECORDS_FILE)
     C._write_json_atomic(out / C.PLAN_FILE, plan)
     # The checkpoint's path is provenance, not a setting: a moved checkpoint with the same bytes
     # must still resume the cache. `predict` tries it before asking for --model.
-    provenance = {"versions": package_versions(), "model_path": enc.path}
+    provenance = {"versions": package_versions(), "model_path": model_path}
     C._write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": provenance})
-    return C.open_cache(out)
 
 
 # What a run killed while creating a cache leaves behind (cache.json is written last).
-CREATION_LEFTOVERS = (C.RECORDS_FILE, C.RECORDS_FILE + ".*.tmp", C.PLAN_FILE, C.PLAN_FILE + ".*.tmp", C.SETTINGS_FILE + ".*.tmp")
+CREATION_LEFTOVERS = (C.RECORDS_FILE, C.RECORDS_FILE + ".*.tmp", C.PLAN_FILE, C.PLAN_FILE + ".*.tmp", C.SETTINGS_FILE + ".*.tmp",
+                      C.CREATE_LOCK)
 
 
 def interrupted_creation(out: Path) -> bool:
@@ -241,10 +263,15 @@ def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, i
 
 
 class ShardWriter:
-    """Writes shards on a background thread, one at a time; re-raises its errors on the caller."""
+    """Writes shards on a background thread, one at a time; re-raises its errors on the caller.
 
-    def __init__(self, folder: Path, layers: list[int], dim: int, dtype: str):
+    Each shard handed to it is claimed by this process; the claim is let go once the shard is
+    written, has failed, or is dropped after an earlier failure.
+    """
+
+    def __init__(self, folder: Path, layers: list[int], dim: int, dtype: str, claims: C.ShardClaims):
         self.args = (folder, layers, dim, dtype)
+        self.claims = claims
         self.jobs: queue.Queue = queue.Queue(maxsize=1)  # at most one shard waits: bounded memory
         self.error: BaseException | None = None
         self.written: list[int] = []
@@ -254,20 +281,28 @@ class ShardWriter:
     def _run(self):
         while (job := self.jobs.get()) is not None:
             k, content = job
-            if self.error is None:
-                folder, layers, dim, dtype = self.args
-                try:
-                    C.write_shard(folder, k, content, layers, dim, dtype)
-                    self.written.append(k)
-                except OSError as e:  # disk full, I/O error, permissions: say what to do
-                    self.error = C.CacheError(
-                        f"cannot write {C.shard_name(k)} in {folder}: {e.strerror or e}. That shard was not kept "
-                        "and every shard written before it is complete: free some space (or fix the folder) "
-                        "and re-run the same command to resume"
-                    )
-                    self.error.__cause__ = e
-                except BaseException as e:  # handed to the main thread
-                    self.error = e
+            try:
+                if self.error is None:
+                    self._write(k, content)
+            finally:
+                self.claims.release(k)
+
+    def _write(self, k: int, content: C.ShardContent):
+        folder, layers, dim, dtype = self.args
+        try:
+            C.write_shard(folder, k, content, layers, dim, dtype)
+            self.written.append(k)
+        except OSError as e:  # disk full, I/O error, permissions: say what to do
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            self.error = C.CacheError(
+                f"cannot write {C.shard_name(k)} in {folder}: {e.strerror or e}. That shard was not kept "
+                "and every shard written before it is complete: "
+                + ("free some space" if full else "fix what the error names")
+                + " and re-run the same command to resume"
+            )
+            self.error.__cause__ = e
+        except BaseException as e:  # handed to the main thread
+            self.error = e
 
     def submit(self, k: int, content: C.ShardContent):
         self.raise_error()
@@ -301,36 +336,109 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
     part, n_parts = opts.shard
     mine = [k for k in range(len(cache.plan)) if k % n_parts == part]
     summary.shards_this_job = len(mine)
-    if opts.repair:
-        damaged = cache.verify()
-        for k in damaged:
-            if k in mine and cache.shard_path(k).exists():
-                cache.shard_path(k).rename(cache.shard_path(k).with_suffix(".h5.damaged"))
-                summary.repaired.append(k)
-    for k in mine:  # leftovers of an interrupted run of this job
-        (cache.shard_dir / f"{C.shard_name(k)}.h5.tmp").unlink(missing_ok=True)
-        for stale in cache.shard_dir.glob(f"{C.shard_name(k)}.json.*.tmp"):
-            stale.unlink(missing_ok=True)
-    done = set(cache.complete_shards())
-    todo = [k for k in mine if k not in done]
-    summary.shards_done_before = len(mine) - len(todo)
-    if opts.strict:
-        refuse_recorded_skips(cache, [k for k in mine if k in done])
-    if not todo:
-        summary.seconds = time.perf_counter() - start
-        return summary
-
+    claims = C.ShardClaims(cache.shard_dir)
     by_id = {r.id: r for r in records}
+    written, elsewhere = [], set()
+    try:
+        if opts.repair:
+            summary.repaired = set_damaged_aside(cache, mine, claims)
+        tidy_leftovers(cache, mine, claims)
+        done = set(cache.complete_shards())
+        todo = [k for k in mine if k not in done]
+        summary.shards_done_before = len(mine) - len(todo)
+        if opts.strict:
+            refuse_recorded_skips(cache, [k for k in mine if k in done])
+        while todo:
+            now_written, held, finished = _extract_pass(cache, by_id, todo, claims, enc, opts, device, summary, start)
+            written += now_written
+            elsewhere |= held | finished
+            # A shard left to a job that has died since (its claim is gone with it) and that
+            # it did not finish is this job's again: one more pass over those.
+            todo = [k for k in sorted(held) if cache.shard_problem(k) and not claims.held_elsewhere(k)]
+    finally:
+        claims.release_all()
+    summary.shards_written = len(written)
+    summary.shards_other_jobs = len(elsewhere - set(written))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def set_damaged_aside(cache: C.Cache, mine: list[int], claims: C.ShardClaims) -> list[int]:
+    """--repair: rename this job's damaged shards to .h5.damaged so they are re-created.
+
+    Each is checked and renamed under its claim: a shard another job holds is being
+    re-created by it right now, and renaming it would throw that work away.
+    """
+    repaired = []
+    for k in mine:
+        if not cache.shard_path(k).exists() or not claims.take(k):
+            continue
+        try:
+            if cache.shard_path(k).exists() and cache.shard_damage(k):
+                cache.shard_path(k).rename(cache.shard_path(k).with_suffix(".h5.damaged"))
+                repaired.append(k)
+        finally:
+            claims.release(k)
+    return repaired
+
+
+def tidy_leftovers(cache: C.Cache, mine: list[int], claims: C.ShardClaims) -> None:
+    """Remove the temporary and lock files that interrupted runs left for this job's shards.
+
+    Only under each shard's claim: a live job writing that shard holds it, and its
+    temporary file is work in progress, not a leftover.
+    """
+    for k in sorted(C.shards_with_leftovers(cache.shard_dir) & set(mine)):
+        if claims.take(k):
+            C.remove_temporaries(cache.shard_dir, k)
+            claims.release(k)  # which also removes the lock file
+
+
+def claim_shard(cache: C.Cache, claims: C.ShardClaims, k: int) -> str:
+    """Try to claim shard k for writing: "mine", "held" (by another live job) or "finished"
+    (completed by another job since this pass began)."""
+    if not claims.take(k):
+        return "held"
+    if not cache.shard_problem(k):
+        claims.release(k)
+        return "finished"
+    C.remove_temporaries(cache.shard_dir, k)  # the claim is ours: no live writer of k is left
+    return "mine"
+
+
+def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], claims: C.ShardClaims,
+                  enc: LoadedEncoder, opts: ExtractOptions, device, summary: ExtractSummary, start: float):
+    """Encode and write every shard of `todo` that this process can claim.
+
+    Returns (written, held, finished): the shards written here, those another live job held
+    when their turn came, and those another job completed meanwhile.
+    """
     layers = cache.layers
     shard_utts = {k: [by_id[i] for i in cache.plan[k]] for k in todo}
-    # Within a shard, encode in order of length so batches of the short mode carry little padding.
-    order = [(k, r) for k in todo for r in sorted(shard_utts[k], key=lambda r: (r.duration, r.id))]
+    held, finished = set(), set()
     n_mels = enc.dims["n_mels"]
-    writer = ShardWriter(cache.shard_dir, layers, enc.dim, opts.dtype)
-    bar = tqdm(total=len(order), unit="utt", disable=not opts.progress, desc=f"extract {opts.mode}", dynamic_ncols=True)
+    bar = tqdm(total=sum(map(len, shard_utts.values())), unit="utt", disable=not opts.progress,
+               desc=f"extract {opts.mode}", dynamic_ncols=True)
+
+    def claimed_utterances():
+        # Claimed when their turn comes, not all at the start: jobs started together then
+        # spread over the plan, each taking the next free shard. The prefetch pulls this up to
+        # PREFETCH utterances ahead of the encoder, so a job holds about one shard beyond the
+        # one it encodes, or up to PREFETCH claims when shards hold one utterance each.
+        for k in todo:
+            outcome = claim_shard(cache, claims, k)
+            if outcome != "mine":
+                (held if outcome == "held" else finished).add(k)
+                bar.total -= len(shard_utts[k])
+                continue
+            # Within a shard, encode in order of length so batches of the short mode carry little padding.
+            yield from ((k, r) for r in sorted(shard_utts[k], key=lambda r: (r.duration, r.id)))
+
+    writer = ShardWriter(cache.shard_dir, layers, enc.dim, opts.dtype, claims)
     try:
         with ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="audio") as pool:
-            loaded_iter = prefetch(pool, lambda kr: (kr[0], load_for_encoder(kr[1], n_mels, opts.mode, opts.long_audio)), order, PREFETCH)
+            loaded_iter = prefetch(pool, lambda kr: (kr[0], load_for_encoder(kr[1], n_mels, opts.mode, opts.long_audio)),
+                                   claimed_utterances(), PREFETCH)
             _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer, summary, bar, start)
         writer.close()
     except BaseException:
@@ -343,9 +451,7 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
             pass
         raise
     bar.close()
-    summary.shards_written = len(writer.written)
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return writer.written, held, finished
 
 
 def refuse_recorded_skips(cache: C.Cache, shards: list[int]) -> None:
@@ -427,8 +533,9 @@ def assemble(planned: list[Utterance], results: dict[str, tuple[Loaded, list]], 
 
 
 def summary_text(summary: ExtractSummary) -> str:
+    others = f", {summary.shards_other_jobs} taken by other jobs meanwhile" if summary.shards_other_jobs else ""
     lines = [
-        f"shards: {summary.shards_written} written now, {summary.shards_done_before} already complete, "
+        f"shards: {summary.shards_written} written now, {summary.shards_done_before} already complete{others}, "
         f"{summary.shards_this_job} for this job, {summary.shards_planned} planned in all",
         f"utterances encoded: {summary.utterances} ({summary.audio_seconds:.1f} s of audio) in {summary.seconds:.1f} s",
     ]
@@ -447,3 +554,45 @@ def summary_text(summary: ExtractSummary) -> str:
 
 def to_json(summary: ExtractSummary) -> str:
     return json.dumps(asdict(summary), indent=1)
+
+
+# --- the last word: what the cache holds as this job ends -------------------------------------
+
+
+def final_state(cache: C.Cache, shard: tuple[int, int]) -> tuple[str, bool]:
+    """The state of the whole cache as this job ends, in words, and whether this job's own
+    part is done: each of its shards complete, or held by another live job (which reports on
+    it in turn). A `--shard I/N` job's part is its own shards; the other parts' missing shards
+    are named, but are theirs to write and do not fail this job."""
+    part, n_parts = shard
+    probe = C.ShardClaims(cache.shard_dir)
+    states = {k: shard_state(cache, probe, k) for k in range(len(cache.plan))}
+    complete = sum(v == "complete" for v in states.values())
+    writing = sum(v == "writing" for v in states.values())
+    missing_mine = sum(v == "missing" and k % n_parts == part for k, v in states.items())
+    missing_others = sum(v == "missing" and k % n_parts != part for k, v in states.items())
+    if complete == len(states):
+        return "complete", True
+    words = [f"{complete} of {len(states)} shards complete"]
+    if writing:
+        words.append(f"{_shards(writing)} still being written by other jobs")
+    if missing_mine:
+        words.append(f"{_shards(missing_mine)} missing (re-run to finish)")
+    if missing_others:
+        words.append(f"{_shards(missing_others)} of other --shard parts missing "
+                     "(run those jobs, or this command without --shard, to finish)")
+    return "; ".join(words), missing_mine == 0
+
+
+def shard_state(cache: C.Cache, probe: C.ShardClaims, k: int) -> str:
+    """"complete", "writing" (another live job holds its claim) or "missing"."""
+    if not cache.shard_problem(k):
+        return "complete"
+    held = probe.held_elsewhere(k)
+    if not cache.shard_problem(k):  # its writer finished while we looked
+        return "complete"
+    return "writing" if held else "missing"
+
+
+def _shards(n: int) -> str:
+    return f"{n} shard" + ("" if n == 1 else "s")

@@ -1,6 +1,7 @@
 """The cache: settings must match to reuse it, shards resume, parts add up, inspect reports."""
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import replace
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ser_cache.cache import CacheError, open_cache, shard_name
+from ser_cache.cache import CacheError, ShardClaims, folder_lock, open_cache, shard_name
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract, parse_layers, parse_shard
@@ -127,3 +128,29 @@ def test_layer_and_shard_specs():
         parse_shard("3")
     with pytest.raises(ValueError, match="0 <= I < N"):
         parse_shard("3/3")
+
+
+def test_a_shard_claim_is_exclusive_and_leaves_no_file(tmp_path):
+    mine, theirs = ShardClaims(tmp_path), ShardClaims(tmp_path)  # two open files: as two processes
+    assert mine.take(3) and not theirs.take(3)
+    assert theirs.held_elsewhere(3) and not mine.held_elsewhere(3) and not theirs.held_elsewhere(4)
+    assert theirs.take(4)  # other shards stay free
+    mine.release(3)
+    assert not (tmp_path / f"{shard_name(3)}.lock").exists() and not theirs.held_elsewhere(3)
+    assert theirs.take(3)
+    theirs.release_all()
+    with folder_lock(tmp_path / "new"):  # creates the folder it locks
+        assert (tmp_path / "new").is_dir()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new"]
+
+
+def test_a_file_system_without_locks_is_named_with_the_fix(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(CacheError, match="does not support the locks.*local disk"):
+        ShardClaims(tmp_path).take(0)
+    assert list(tmp_path.iterdir()) == [tmp_path / f"{shard_name(0)}.lock"]  # only the empty lock file, harmless

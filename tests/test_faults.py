@@ -432,7 +432,7 @@ def shards_written(out: Path) -> int:
 
 
 def tmp_shard_present(out: Path) -> bool:
-    return (out / C.SHARD_DIR).is_dir() and any((out / C.SHARD_DIR).glob("*.h5.tmp"))
+    return (out / C.SHARD_DIR).is_dir() and any((out / C.SHARD_DIR).glob("*.h5*.tmp"))
 
 
 class After:
@@ -522,6 +522,7 @@ def test_crash_while_the_cache_folder_was_created(kill_corpus, tiny_checkpoint, 
     (out / C.SHARD_DIR).mkdir(parents=True)
     (out / C.RECORDS_FILE).write_text('{"id": "half a li')
     (out / f"{C.PLAN_FILE}.4242.tmp").write_text("[[")
+    (out / C.CREATE_LOCK).write_text("")  # its creation lock, no longer held by anyone
     result = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
     assert result.exit_code == 0, result.output
     assert_same_cache(out, reference)
