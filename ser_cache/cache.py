@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ import numpy as np
 
 from .errors import UserError
 from .features import LayerData
+from .files import process_tag, write_json_atomic
 from .records import Utterance, load_records
 
 CACHE_FORMAT = 1
@@ -144,7 +144,7 @@ def write_shard(folder: Path, k: int, content: ShardContent, layers: list[int], 
     """
     folder = Path(folder)
     final, sidecar = folder / f"{shard_name(k)}.h5", folder / f"{shard_name(k)}.json"
-    tmp = folder / f"{shard_name(k)}.h5.{_process_tag()}.tmp"
+    tmp = folder / f"{shard_name(k)}.h5.{process_tag()}.tmp"
     n_frames = np.array([len(s[layers[0]]) if s else 0 for s in content.states], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(n_frames, dtype=np.int64)]).astype(np.int64)
     try:
@@ -174,7 +174,7 @@ def write_shard(folder: Path, k: int, content: ShardContent, layers: list[int], 
             "skipped": len(content.skipped),
             "frames": int(offsets[-1]),
         }
-        _write_json_atomic(sidecar, info)
+        write_json_atomic(sidecar, info)
         os.replace(tmp, final)
         _fsync_dir(folder)
         return info
@@ -210,26 +210,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _process_tag() -> str:
-    """host-pid: temporary names of two live processes never collide, even on a shared disk."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    # A per-process temporary name: several jobs may write the same file at once.
-    tmp = path.with_name(f"{path.name}.{_process_tag()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- claims: one writer per shard -----------------------------------------------------------

@@ -37,6 +37,7 @@ from . import cache as C
 from .audio import AudioError, LONG_AUDIO_POLICIES, SAMPLE_RATE, load_utterance
 from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encode, log_mel, speech_frames
 from .errors import OptionError
+from .files import write_json_atomic
 from .records import Utterance, records_hash, save_records
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer, bounded writer memory
@@ -167,11 +168,11 @@ def create_cache(out: Path, records: list[Utterance], plan: list[list[str]], set
     (out / C.SHARD_DIR).mkdir(exist_ok=True)
     # records and plan first, settings last: a folder with cache.json is a whole cache
     save_records(records, out / C.RECORDS_FILE)
-    C._write_json_atomic(out / C.PLAN_FILE, plan)
+    write_json_atomic(out / C.PLAN_FILE, plan)
     # The checkpoint's path is provenance, not a setting: a moved checkpoint with the same bytes
     # must still resume the cache. `predict` tries it before asking for --model.
     provenance = {"versions": package_versions(), "model_path": model_path}
-    C._write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": provenance})
+    write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": provenance})
 
 
 # What a run killed while creating a cache leaves behind (cache.json is written last).

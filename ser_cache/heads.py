@@ -291,7 +291,7 @@ def save_head(path: Path, head: Head, name: str, options: dict, labels: list[str
     """Save a trained head with what rebuilds it, atomically: a torch.save dict of the registry
     name, constructor options (with dim and n_classes), label names, layer, `extra` (plain
     values) and the state dict. Loads with weights_only=True."""
-    from .results import save_torch_atomic
+    from .files import save_torch_atomic
 
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
     info = {"head": name, "kwargs": dict(options), "labels": list(labels), "layer": int(layer), **extra}

@@ -46,7 +46,8 @@ from .errors import UserError
 from .extract import encode_batch, package_versions
 from .features import LayerData
 from .heads import Head, build_head, head_class, load_head
-from .results import ResultsError, RunFolder, RunMetrics, save_torch_atomic
+from .files import save_torch_atomic
+from .results import ResultsError, RunFolder, RunMetrics
 from .training import TrainConfig, fit_head, predict_proba, resolve_device
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)

@@ -12,8 +12,8 @@
                                  SWEEP/timing.json    one SweepTiming per run of the sweep
     report.py <--SweepFolder--   (reads only)
 
-Every file is written whole or not at all (temporary name per process, fsync, rename), so a
-kill leaves either the old state or the new one, and a temporary file that a re-run removes.
+Every file is written whole or not at all (files.py), so a kill leaves either the old state or
+the new one, and a temporary file that a re-run removes.
 A record read back is checked against its fields: a file from another version is an error that
 names the file and the fix, not a KeyError deep in a report.
 """
@@ -23,14 +23,13 @@ import csv
 import dataclasses
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import UserError
+from .files import write_json_atomic, write_text_atomic
 from .metrics import json_safe
 
 
@@ -42,40 +41,7 @@ class SweepError(ResultsError):
     """A sweep that cannot run or be reported as asked; the message names the fix."""
 
 
-# --- atomic writes ----------------------------------------------------------------------------
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """write(file object) into a per-process temporary beside `path`, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """JSON (NaN written as null) that is either absent or complete."""
-    text = json.dumps(json_safe(obj), indent=1, ensure_ascii=False) + "\n"
-    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def save_torch_atomic(path: Path, obj) -> None:
-    """torch.save of plain values and tensors, either absent or complete."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _replace_atomically(path, lambda f: f.write(buffer.getbuffer()))
+# --- reading ----------------------------------------------------------------------------------
 
 
 def read_json(path: Path, what: str):
