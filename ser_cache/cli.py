@@ -194,6 +194,8 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, EmoDB and others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold (0-based) with your own folds; every utterance listed once.")
 @click.option("--epochs", type=click.IntRange(1), default=_TRAIN.epochs, help="Epochs per fold; the epoch kept is the one with the best validation UA.")
+@click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_training.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16 (float32 master weights and loss), float32 (exact comparisons), or auto: the faster of the two, measured on this machine at start-up.")
 @click.option("--seed", type=int, default=_TRAIN.seed, help="Fixes the folds' validation split, initialisation, batch order and dropout.")
 @click.option("--batch-size", type=click.IntRange(1), default=_TRAIN.batch_size, help="Training batch size.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_TRAIN.lr, help="Peak AdamW learning rate (warm-up, then cosine decay).")
@@ -206,8 +208,9 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
-def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, seed, batch_size, lr, dropout,
-              n_heads, head_dim, class_weights, standardize, compat_select_on_test, compat_eval_dropout, device, overwrite):
+def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
+              lr, dropout, n_heads, head_dim, class_weights, standardize, compat_select_on_test, compat_eval_dropout, device,
+              overwrite):
     """Train a pooling head on one cached layer, across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
@@ -218,7 +221,8 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = _training.TrainConfig.from_dict(dict(
-        epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, dropout=dropout, n_heads=n_heads,
+        epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
+        dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
     result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
@@ -241,12 +245,15 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--seeds", default="0", help="Seeds, comma-separated (e.g. 0,1,2); each seed builds its own folds and initialisations.")
 @click.option("--grid", multiple=True, help="Hyperparameters searched on the validation speakers, e.g. 'heads=4,8,12 head_dim=4,16,64' (quote it, or repeat --grid per key).")
 @click.option("--epochs", type=click.IntRange(1), default=_TrainConfig.epochs, help="Training epochs per fold (the epoch kept is chosen on validation).")
+@click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_training.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16, float32, or auto (the faster, measured at start-up).")
 @click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, protocol, n_folds, fold_file, jobs, device):
+def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, protocol, n_folds, fold_file, jobs,
+              device):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -262,7 +269,7 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, protocol, n_folds
                     if "=" in c.name else "")
             raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
     spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
-                     grid=parse_grid(grid), train=_TrainConfig(epochs=epochs), protocol=protocol,
+                     grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype), protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file)
     outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
     paths = write_report([out], out)

@@ -250,6 +250,10 @@ def _training_line(config: dict) -> str:
     t = config["train"]
     line = (f"Training: {t['epochs']} epochs (the epoch kept chosen on validation), batch "
             f"{t['batch_size']}, lr {t['lr']:g}, heads {t['n_heads']} x {t['head_dim']}")
+    if t.get("patience"):
+        line += f", stopped after {t['patience']} epochs without a better validation UA"
+    if t.get("compute_dtype", "float32") != "float32":
+        line += f", arithmetic {t['compute_dtype']}"
     if config["grid"]:
         grid = "; ".join(f"{k} {', '.join(str(v) for v in vs)}" for k, vs in config["grid"].items())
         line += f"; grid searched on validation: {grid}"

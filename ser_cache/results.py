@@ -126,6 +126,7 @@ class FoldRecord(Record):
     train_seconds: float
     eval_seconds: float
     history: list = field(default_factory=list)
+    compute_dtype: str = "float32"  # the arithmetic of the training steps
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -191,6 +192,7 @@ class CellResult(Record):
     seconds: float
     threads: int
     device: str
+    compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
 
 
 @dataclass

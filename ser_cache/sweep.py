@@ -276,7 +276,11 @@ def claim_folder(out: Path, plan: SweepPlan) -> SweepFolder:
     """Create SWEEP with the plan's config, or check that it holds the same config."""
     folder = SweepFolder(out)
     if folder.is_sweep():
-        diff = config_differences(folder.read_config(), plan.config)
+        stored = folder.read_config()
+        # A setting added since the sweep was made counts as its default then.
+        defaults = {k: v for k, v in TrainConfig().to_dict().items() if k not in FREE_TRAIN_KEYS}
+        stored["train"] = {**defaults, **stored.get("train", {})}
+        diff = config_differences(stored, plan.config)
         if diff:
             raise SweepError(
                 f"{out} holds a sweep with other settings:\n  " + "\n  ".join(diff)
@@ -352,7 +356,7 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
         val_ua=best.selected["ua"], grid=trials, labels=labels, **metrics,
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
-        threads=torch.get_num_threads(), device=str(device))
+        threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------

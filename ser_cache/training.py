@@ -277,12 +277,13 @@ def batch_order(data: LayerData, index, batch_size: int, rng: np.random.Generato
 
 
 @torch.no_grad()
-def predict(model: Head, batches, dropout: bool = False, transformed: bool = False) -> np.ndarray:
-    """(n, n_classes) float64 class probabilities, rows in batch order. transformed: the
-    batches hold model.inputs(x) already. dropout=True is the flawed reference behaviour
-    (model left in training mode)."""
+def predict(model: Head, batches, dropout: bool = False, step=None) -> np.ndarray:
+    """(n, n_classes) float64 class probabilities, rows in batch order. step(x, mask): the
+    logits of a batch (default: the model's forward; a fitter passes its training step for
+    batches that hold model.inputs(x) already). dropout=True is the flawed reference
+    behaviour (model left in training mode)."""
     model.train(dropout)
-    step = model.logits if transformed else model
+    step = step or model
     probs = [step(x.float(), mask).softmax(dim=-1).cpu() for x, mask, _ in batches]
     return torch.cat(probs).numpy().astype(np.float64)
 
@@ -314,13 +315,15 @@ def class_weights(y_train: np.ndarray, n_classes: int) -> torch.Tensor:
 @dataclass
 class Fit:
     """A fitted head. selected: the choice ({"epoch": e} or {"C": c}) with "ua", its
-    validation UA (None when the choice was fixed); history: one entry per epoch or C tried."""
+    validation UA (None when the choice was fixed); history: one entry per epoch or C tried
+    (fewer epochs than configured when patience stopped the run)."""
 
     model: Head
     options: dict  # the head's constructor arguments
     selected: dict
     history: list
     seconds: float
+    compute_dtype: str = "float32"  # the arithmetic of the training steps
 
 
 def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
@@ -329,11 +332,15 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
     """The training loop: AdamW over config.epochs epochs of the schedule, keeping the state
     of the epoch with the best UA on `select`; with fixed={"epoch": e} (and select None),
     train epochs 0..e of the same schedule and keep the last. Raises NonFiniteLossError if
-    the loss stops being finite."""
+    the loss stops being finite. config.patience > 0 stops once that many epochs in a row
+    brought no better validation UA (the schedule stays config.epochs long).
+    config.compute_dtype: the training steps' arithmetic (bfloat16 under autocast, float32
+    master weights and loss; "auto" measures which is faster here, `faster_dtype`)."""
     t0 = time.perf_counter()
     options = cls.options(config, data.dim, n_classes)
     last = config.epochs - 1 if fixed is None else int(fixed["epoch"])
     assert 0 <= last < config.epochs, f"epoch {last} of a {config.epochs}-epoch schedule"
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
     with fork_rng(device):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
@@ -354,26 +361,34 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)
 
+        def step(z, mask):  # logits of a transformed batch; bfloat16 products under autocast
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return model.logits(z, mask).float()
+
         best_ua, best_epoch, best_state, history = None, last, None, []
         for epoch in range(last + 1):
             lr = get_lr(epoch, config)
-            train_loss = train_epoch(model.logits, model, optimizer, loss_fn, train_batches, rng, lr)
+            train_loss = train_epoch(step, model, optimizer, loss_fn, train_batches, rng, lr)
             if not math.isfinite(train_loss):
                 raise NonFiniteLossError(
                     f"epoch {epoch}: the training loss is {train_loss}; lower the learning rate (lr "
                     f"{lr:g} at this epoch, --lr {config.lr:g}) or check the cache for NaN/inf frames")
             entry = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
             if fixed is None:
-                probs = predict(model, select_batches, config.compat_eval_dropout, transformed=True)
+                probs = predict(model, select_batches, config.compat_eval_dropout, step)
                 entry["select_ua"] = ua = ua_of(y[select_order], probs, n_classes)
                 if best_ua is None or ua > best_ua:  # ties keep the earlier epoch
                     best_ua, best_epoch = ua, epoch
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             history.append(entry)
             log.debug("epoch %d lr %.2e loss %.4f %s", epoch, lr, train_loss, entry.get("select_ua", ""))
+            if fixed is None and config.patience and epoch - best_epoch >= config.patience:
+                log.debug("no better validation UA for %d epochs: stopped after epoch %d", config.patience, epoch)
+                break
         if best_state is not None:
             model.load_state_dict(best_state)
-    return Fit(model.eval(), options, {"epoch": best_epoch, "ua": best_ua}, history, time.perf_counter() - t0)
+    return Fit(model.eval(), options, {"epoch": best_epoch, "ua": best_ua}, history, time.perf_counter() - t0,
+               str(dtype).removeprefix("torch."))
 
 
 def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float) -> float:
@@ -439,8 +454,8 @@ class Fitter:
 
 
 FITTERS = {
-    "epoch": Fitter(fit_by_epochs, ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction",
-                                    "class_weights", "standardize")),
+    "epoch": Fitter(fit_by_epochs, ("epochs", "patience", "batch_size", "lr", "weight_decay", "warmup_fraction",
+                                    "class_weights", "standardize", "compute_dtype")),
     "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
 }
 
@@ -531,7 +546,8 @@ def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, 
     record = FoldRecord(fold=k, selected=fit.selected, n_train=len(train), n_val=len(select),
                         test_ids=data.ids[test].tolist(), probs=probs,
                         metrics=fold_metrics(y[test], probs.argmax(axis=1), n_classes),
-                        train_seconds=fit.seconds, eval_seconds=time.perf_counter() - t0, history=fit.history)
+                        train_seconds=fit.seconds, eval_seconds=time.perf_counter() - t0, history=fit.history,
+                        compute_dtype=fit.compute_dtype)
     return record, fit.model
 
 

@@ -24,7 +24,7 @@ from ser_cache.training import TrainConfig, train_from_cache
 from conftest import make_checkpoint, tone, write_corpus
 
 LAYER = 1  # of the tiny model's states 0..2: a block in the middle, so early stop skips one
-SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu")
+SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
 
 
 def invoke(*args):

@@ -24,7 +24,7 @@ from conftest import write_corpus
 
 HEADS = ["linear", "mean", "qkv"]
 N_FOLDS = 3
-TRAIN = TrainConfig(epochs=2, n_heads=2, head_dim=2, linear_c=(1.0,))
+TRAIN = TrainConfig(epochs=2, n_heads=2, head_dim=2, linear_c=(1.0,), compute_dtype="float32")
 
 
 @pytest.fixture(scope="module", autouse=True)

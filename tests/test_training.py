@@ -25,7 +25,7 @@ from ser_cache.training import (
 )
 
 # Small heads and few epochs: the invariants do not depend on size.
-SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu")
+SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
 
 
 def layer_data(n_speakers=6, per_speaker=12, n_classes=3, dim=8, frames=(5, 15), seed=0) -> LayerData:
@@ -347,3 +347,48 @@ def test_an_unfinished_run_with_other_settings_is_refused_not_mixed(data, tmp_pa
     fresh = run_folds(data, folds, "mean", TrainConfig(**SMALL, lr=3e-3), out, overwrite=True)
     assert json.loads((out / "config.json").read_text())["config"]["lr"] == 3e-3
     assert fresh.metrics == run_folds(data, folds, "mean", TrainConfig(**SMALL, lr=3e-3)).metrics
+
+
+# --- patience and arithmetic ---------------------------------------------------------------------
+
+
+def test_patience_stops_a_run_whose_validation_ua_is_flat(data, monkeypatch):
+    import ser_cache.training as T
+
+    folds, y = folds_of(data), data.classes()[1]
+    train, val, _ = folds.split(0)
+    monkeypatch.setattr(T, "ua_of", lambda *a: 0.5)  # validation never improves on epoch 0
+    fit = fit_head("mean", data, y, train, val, TrainConfig(**{**SMALL, "epochs": 10}, patience=3), 3, 0,
+                   torch.device("cpu"))
+    assert [h["epoch"] for h in fit.history] == [0, 1, 2, 3] and fit.selected["epoch"] == 0
+    full = fit_head("mean", data, y, train, val, TrainConfig(**{**SMALL, "epochs": 10}), 3, 0, torch.device("cpu"))
+    assert len(full.history) == 10  # patience 0: every epoch
+    with pytest.raises(ConfigError, match="patience"):
+        TrainConfig(patience=-1)
+
+
+def test_bfloat16_training_agrees_with_float32(data):
+    """bfloat16 products (float32 master weights and loss) train the same head to within
+    rounding: the same predictions on nearly every test utterance."""
+    folds, y = folds_of(data), data.classes()[1]
+    train, _, test = folds.split(0)
+    cpu = torch.device("cpu")
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        fit = fit_head("qkv", data, y, train, None, TrainConfig(**{**SMALL, "compute_dtype": dtype}), 3, 0, cpu,
+                       fixed={"epoch": 2})
+        assert fit.compute_dtype == dtype
+        probs[dtype] = predict_proba(fit.model, data, test, cpu)
+    assert np.abs(probs["float32"] - probs["bfloat16"]).max() < 0.05
+    assert (probs["float32"].argmax(1) == probs["bfloat16"].argmax(1)).mean() >= 0.95
+    assert not np.array_equal(probs["float32"], probs["bfloat16"])  # the arithmetic did change
+
+
+def test_auto_arithmetic_is_measured_and_recorded(data):
+    from ser_cache.training import faster_dtype
+
+    chosen = faster_dtype("cpu")
+    assert chosen in (torch.float32, torch.bfloat16) and faster_dtype("cpu") is chosen  # measured once
+    folds = folds_of(data)
+    r = run_folds(data, folds, "mean", TrainConfig(**{**SMALL, "compute_dtype": "auto"}))
+    assert {f.compute_dtype for f in r.folds} == {str(chosen).removeprefix("torch.")}
