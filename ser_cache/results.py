@@ -193,6 +193,7 @@ class CellResult(Record):
     threads: int
     device: str
     compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
+    history: list = field(default_factory=list)  # the chosen setting's epochs (or C values) with validation UA
 
 
 @dataclass

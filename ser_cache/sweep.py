@@ -356,7 +356,8 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
         val_ua=best.selected["ua"], grid=trials, labels=labels, **metrics,
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
-        threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype)
+        threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
+        history=best.history)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------

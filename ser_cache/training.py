@@ -357,7 +357,8 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         if fixed is None:
             select_batches, select_order = make_batches(data, y, select, EVAL_BATCH_SIZE, device,
                                                         transform=model.inputs)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                      fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
         weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)
 
