@@ -387,7 +387,12 @@ def test_bfloat16_training_agrees_with_float32(data):
 def test_auto_arithmetic_is_measured_and_recorded(data):
     from ser_cache.training import faster_dtype
 
+    faster_dtype.cache_clear()
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
     chosen = faster_dtype("cpu")
+    assert torch.equal(torch.rand(2), expected)  # measuring draws no random numbers
     assert chosen in (torch.float32, torch.bfloat16) and faster_dtype("cpu") is chosen  # measured once
     folds = folds_of(data)
     r = run_folds(data, folds, "mean", TrainConfig(**{**SMALL, "compute_dtype": "auto"}))
