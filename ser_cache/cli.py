@@ -187,7 +187,7 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 
 @main.command("train")
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--layer", type=click.IntRange(0), required=True, help="Encoder state to train on: 0 = input embedding, last = after ln_post (see `ser-cache inspect`).")
+@click.option("--layer", required=True, help="Encoder state to train on: 4 (0 = input embedding, last = after ln_post; see `ser-cache inspect`), or several for one multi-layer head that learns a softmax weight per state: all, a range 2-5, a list 2,4,6 or 2+4+6.")
 @click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive or qkv.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: config.json, metrics.json, predictions.csv, folds.csv and one head file per fold.")
 @click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified), file, or split (the official train/development/test groups); default: file with --fold-file, split when the groups are split names, loso when the corpus has other groups, else kfold.")
@@ -211,11 +211,13 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
               lr, dropout, n_heads, head_dim, class_weights, standardize, compat_select_on_test, compat_eval_dropout, device,
               overwrite):
-    """Train a pooling head on one cached layer, across speaker-independent folds.
+    """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
     speakers, then the test speakers are evaluated once. Prints a table per fold with the
-    mean and std of UA, WA and F1, and writes everything into --out.
+    mean and std of UA, WA and F1, and writes everything into --out. On several layers, the
+    pooling heads mix the states with learned softmax weights (printed per fold) and the
+    linear head reads the statistics of every state.
     """
     import logging
 

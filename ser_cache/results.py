@@ -89,9 +89,9 @@ class RunConfig(Record):
     """
 
     head: str
-    layer: int
+    layer: int | list  # the state, or the list of states a multi-layer head mixes (layers.to_json)
     labels: list[str]
-    dim: int
+    dim: int  # width of one state
     class_counts: dict
     n_utterances: int
     device: str
@@ -127,6 +127,7 @@ class FoldRecord(Record):
     eval_seconds: float
     history: list = field(default_factory=list)
     compute_dtype: str = "float32"  # the arithmetic of the training steps
+    layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -141,7 +142,7 @@ class RunMetrics(Record):
     """RUN/metrics.json: metrics.summarize over folds, plus each fold's choice and timing."""
 
     head: str
-    layer: int
+    layer: int | list
     summary: dict
     fold_details: list
 
