@@ -242,7 +242,7 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @main.command("sweep")
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Sweep folder: results, table and plots (created, or resumed if it holds the same sweep).")
-@click.option("--layers", default="all", help="States to compare in every cache: all, 6, 0,3,6 or 2-5.")
+@click.option("--layers", default="all", help="Cells to compare in every cache, separated by commas: all (every state, each its own cell), 6, a range of single cells 2-5, or a multi-layer cell whose head learns a weight per state: 2+3+4, 0-3+6 or [2-5] (quote brackets). E.g. all,2+3+4+5.")
 @click.option("--heads", default="linear,mean,attentive,qkv", help="Heads to compare, comma-separated.")
 @click.option("--seeds", default="0", help="Seeds, comma-separated (e.g. 0,1,2); each seed builds its own folds and initialisations.")
 @click.option("--grid", multiple=True, help="Hyperparameters searched on the validation speakers, e.g. 'heads=4,8,12 head_dim=4,16,64' (quote it, or repeat --grid per key).")
@@ -259,8 +259,9 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
-    chosen on the validation speakers only. Writes results.csv, summary.md and plots into --out.
-    Re-running the same command resumes an interrupted sweep.
+    chosen on the validation speakers only. A multi-layer cell (--layers all,2+3+4) sits in the
+    same table, and its learned layer weights go to layer_weights.png. Writes results.csv,
+    summary.md and plots into --out. Re-running the same command resumes an interrupted sweep.
     """
     from .report import write_report
     from .sweep import SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
@@ -310,8 +311,8 @@ def report_cmd(sweeps, out):
 
 
 def _echo_report(paths: dict) -> None:
-    click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\n"
-               f"plots: {paths['layers']}, {paths['confusion']}")
+    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights") if k in paths)
+    click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
 
 
 # --- corpora: download and check -----------------------------------------------------------

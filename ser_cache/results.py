@@ -8,6 +8,7 @@
                                  RUN/folds.csv        the folds (folds.Folds.save)
     sweep.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
                                  SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellResult
+                                 (layers_LL+MM+.../ for a multi-layer cell)
                                  SWEEP/folds/CACHE-seedS.csv                         the folds
                                  SWEEP/timing.json    one SweepTiming per run of the sweep
     report.py <--SweepFolder--   (reads only)
@@ -30,6 +31,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import write_json_atomic, write_text_atomic
+from .layers import dir_name
 from .metrics import json_safe
 
 
@@ -169,7 +171,7 @@ class CellResult(Record):
     corpus: str
     model: str
     mode: str
-    layer: int
+    layer: int | list  # the state, or the list of states of a multi-layer cell (layers.to_json)
     head: str
     seed: int
     fold: int
@@ -194,6 +196,7 @@ class CellResult(Record):
     threads: int
     device: str
     compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
+    layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
 
 
 @dataclass
@@ -296,8 +299,8 @@ class SweepFolder:
     def is_sweep(self) -> bool:
         return (self.root / self.CONFIG).is_file()
 
-    def cell_path(self, cache: str, layer: int, head: str, seed: int, fold: int) -> Path:
-        return self.root / self.CELLS / cache / f"layer_{layer:02d}" / f"{head}-seed{seed}-fold{fold}.json"
+    def cell_path(self, cache: str, layer, head: str, seed: int, fold: int) -> Path:
+        return self.root / self.CELLS / cache / dir_name(layer) / f"{head}-seed{seed}-fold{fold}.json"
 
     def folds_path(self, cache: str, seed: int) -> Path:
         return self.root / self.FOLDS / f"{cache}-seed{seed}.csv"
