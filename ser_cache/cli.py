@@ -369,15 +369,16 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
 
     By default the head is trained again on every speaker of the run's layer with the run's
     settings (its cross-validated metrics remain the estimate of how well it does); --fold K
-    takes fold K's head instead. The file records the labels, layer, input mode and the Whisper
-    checkpoint (name, SHA-256, path at extraction) the head needs.
+    takes fold K's head instead. The file records the labels, layer (or layers), input mode and
+    the Whisper checkpoint (name, SHA-256, path at extraction) the head needs.
     """
+    from .layers import label
     from .predict import export_run
 
     saved = export_run(run_dir, out, fold=fold, epochs=epochs, cache_path=cache_path, device=device, overwrite=overwrite)
     p, w = saved["provenance"], saved["whisper"]
     detail = f"{p['epochs']} epochs" if "epochs" in p else ", ".join(f"{k} {v:g}" for k, v in p.get("choice", {}).items())
-    click.echo(f"{saved['head']} head on layer {saved['layer']}, trained on {p['trained_on']}"
+    click.echo(f"{saved['head']} head on layer {label(saved['layer'])}, trained on {p['trained_on']}"
                + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
     click.echo(f"labels: {', '.join(saved['labels'])}")
     click.echo(f"needs Whisper {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
@@ -396,15 +397,16 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
 
     Prints the predicted emotion and every class probability. Files over 30 s are cut into
     30 s windows, each shown with its own probabilities; the file's are their mean weighted
-    by window duration. The Whisper encoder runs only up to the head's layer. Files that
+    by window duration. The Whisper encoder runs only up to the head's (highest) layer. Files that
     cannot be read are reported and the others still processed (the exit status is then 1).
     """
+    from .layers import label, states_of
     from .predict import format_table, load_predictor, to_json
 
     predictor = load_predictor(model_file, whisper_model, allow_other_model, device=pick_device(device))
     ex, enc = predictor.exported, predictor.enc
-    click.echo(f"{ex.head} head on layer {ex.layer} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
-               f"{enc.n_states - 1} blocks, {ex.layer} run), mode {ex.mode}", err=True)
+    click.echo(f"{ex.head} head on layer {label(ex.layer)} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
+               f"{enc.n_states - 1} blocks, {max(states_of(ex.layer))} run), mode {ex.mode}", err=True)
     if enc.sha256 != ex.whisper["sha256"]:
         click.echo(f"warning: the head was trained on Whisper {ex.whisper['name']} (sha256 "
                    f"{ex.whisper['sha256'][:12]}...), not this checkpoint (--allow-other-model)", err=True)
