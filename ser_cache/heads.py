@@ -41,8 +41,8 @@ average or softmax with the mask (-inf scores, masked sums). Every row needs >= 
 
 `linear` is the strong, fast baseline: logistic regression on the standardised mean and
 standard deviation of the raw frames (with several states, of every state, concatenated: the
-baseline a multi-layer head is reported against). It is a module like the others (its statistics,
-standardisation and weights are float64 buffers), fitted by scikit-learn.
+baseline a multi-layer head is reported against). It is a module like the others (its
+statistics, standardisation and weights are float64 buffers), fitted by scikit-learn.
 
 Every head is saved as its registry name, constructor options and state dict
 (`save_head` / `load_head`), which loads with `weights_only=True`: no pickled code.
@@ -124,8 +124,9 @@ class StateMix(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, T, width = z.shape
-        assert width == self.n_states * self.dim, f"frames of width {width}, expected {self.n_states} x {self.dim}"
-        return torch.einsum("btld,l->btd", z.view(B, T, self.n_states, self.dim), self.weights().to(z.dtype))
+        assert width == self.n_states * self.dim, f"rows of width {width}, expected {self.n_states} x {self.dim}"
+        states = z.reshape(B, T, self.n_states, self.dim)
+        return torch.einsum("btld,l->btd", states, self.weights().to(z.dtype))
 
 
 class PoolingHead(Head):

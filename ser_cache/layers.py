@@ -112,7 +112,9 @@ def _expand(spec: str, n_states: int, option: str, fix: str) -> list[int]:
         try:
             first, last = int(lo), int(hi) if dash else int(lo)
         except ValueError:
-            why = "'all' stands alone, e.g. [all]" if "all" in term.lower() else f"{term!r} is not a state or range"
+            why = f"{term!r} is not a state or range"
+            if "all" in term.lower():
+                why = "'all' stands alone, e.g. [all]"
             raise OptionError(f"{option} {spec!r}: {why}; {fix}") from None
         if first < 0 or last < first:
             raise OptionError(f"{option} {spec!r}: {term!r} is not a range of states 0, 1, ...: "

@@ -91,7 +91,8 @@ class Panel:
 
     def ordered(self) -> list[Cell]:
         """Cells by layer (layers' order), then head (the sweep's order)."""
-        return [self.cells[layer, head] for layer in self.layers for head in self.heads if (layer, head) in self.cells]
+        return [self.cells[layer, head] for layer in self.layers for head in self.heads
+                if (layer, head) in self.cells]
 
     @property
     def best(self) -> Cell:  # ties: the first in order, so the lower layer
