@@ -18,7 +18,8 @@ Inside a shard, utterances are stored back to back, one contiguous dataset per l
     skipped_ids/_paths/_reasons     (k,) str      planned utterances that could not be used
     note_ids/note_texts             (m,) str      kept utterances with something to know
 
-so one layer of the whole corpus is read with one large read per shard (`read_layer`).
+so one layer of the whole corpus is read with one large read per shard (`read_layer`), and
+several layers with one read per shard and layer into their columns of one array.
 
 Crash safety: a shard is written to a temporary name, flushed to disk, described by its JSON
 sidecar, then renamed; a shard without both files is not complete and is re-done by the next
@@ -49,6 +50,7 @@ import numpy as np
 from .errors import UserError
 from .features import LayerData
 from .files import process_tag, write_json_atomic
+from .layers import Selection, selection, states_of
 from .records import Utterance, load_records
 
 CACHE_FORMAT = 1
@@ -497,33 +499,41 @@ class Cache:
                     cols[name].append(ds.asstr()[()].astype(str) if h5py.check_string_dtype(ds.dtype) else ds[()])
         return {n: (np.concatenate(v) if v else np.array([], dtype=str if n in META_FIELDS else np.int32)) for n, v in cols.items()}
 
-    def read_layer(self, state: int, dtype=None) -> LayerData:
-        """Load one state of every utterance: one large read per shard into one array.
+    def read_layer(self, layer: Selection, dtype=None) -> LayerData:
+        """Load one state of every utterance, or several (a tuple, layers.py) stacked side by
+        side in each row: one large read per shard and state, straight into one array.
 
-        Peak memory is about the layer's size (frames x dim x itemsize) plus metadata.
-        dtype: the in-memory dtype (default: as stored).
+        Each state is read into its own columns of the final array, never into a copy that is
+        stacked afterwards, so peak memory is about the size of the states read (frames x
+        states x dim x itemsize) plus metadata. dtype: the in-memory dtype (default: as stored).
         """
-        if state not in self.layers:
-            raise CacheError(f"layer {state} is not in this cache; it holds layers {self.layers}")
+        states = states_of(layer)
+        missing = [s for s in states if s not in self.layers]
+        if missing:
+            what = f"layer {missing[0]} is" if len(missing) == 1 else f"layers {missing} are"
+            raise CacheError(f"{what} not in this cache; it holds layers {self.layers}")
         self.check()
         meta = self.read_meta()
         offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
-        frames = np.empty((int(offsets[-1]), self.dim), dtype=dtype or self.settings.dtype)
+        dim = self.dim
+        frames = np.empty((int(offsets[-1]), len(states) * dim), dtype=dtype or self.settings.dtype)
         row = 0
         for k in self.complete_shards():
             with self.open_shard(k) as f:
-                ds = f[layer_name(state)]
-                n = ds.shape[0]
-                if n:
+                n = f[layer_name(states[0])].shape[0]
+                for j, state in enumerate(states if n else ()):
+                    ds = f[layer_name(state)]
+                    # One state: whole rows, the plain contiguous read; several: its columns.
+                    where = np.s_[row : row + n] if len(states) == 1 else np.s_[row : row + n, j * dim : (j + 1) * dim]
                     if ds.dtype == frames.dtype:
-                        ds.read_direct(frames, dest_sel=np.s_[row : row + n])
-                    else:
-                        frames[row : row + n] = ds[()]
+                        ds.read_direct(frames, dest_sel=where)
+                    else:  # converted one shard's state at a time
+                        frames[where] = ds[()]
                 row += n
         assert row == len(frames), f"read {row} frames, metadata says {len(frames)}"
         return LayerData(
             frames=frames, offsets=offsets, ids=meta["ids"], labels=meta["labels"],
-            speakers=meta["speakers"], groups=meta["groups"], layer=state,
+            speakers=meta["speakers"], groups=meta["groups"], layer=selection(states),
         )
 
     def skipped(self, shards: list[int] | None = None) -> list[dict]:

@@ -187,7 +187,7 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 
 @main.command("train")
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--layer", type=click.IntRange(0), required=True, help="Encoder state to train on: 0 = input embedding, last = after ln_post (see `ser-cache inspect`).")
+@click.option("--layer", required=True, help="Encoder state to train on: 4 (0 = input embedding, last = after ln_post; see `ser-cache inspect`), or several for one multi-layer head that learns a softmax weight per state: all, a range 2-5, a list 2,4,6 or 2+4+6.")
 @click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive or qkv.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: config.json, metrics.json, predictions.csv, folds.csv and one head file per fold.")
 @click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified), file, or split (the official train/development/test groups); default: file with --fold-file, split when the groups are split names, loso when the corpus has other groups, else kfold.")
@@ -211,11 +211,13 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
               lr, dropout, n_heads, head_dim, class_weights, standardize, compat_select_on_test, compat_eval_dropout, device,
               overwrite):
-    """Train a pooling head on one cached layer, across speaker-independent folds.
+    """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
     speakers, then the test speakers are evaluated once. Prints a table per fold with the
-    mean and std of UA, WA and F1, and writes everything into --out.
+    mean and std of UA, WA and F1, and writes everything into --out. On several layers, the
+    pooling heads mix the states with learned softmax weights (printed per fold) and the
+    linear head reads the statistics of every state.
     """
     import logging
 
@@ -240,7 +242,7 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @main.command("sweep")
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Sweep folder: results, table and plots (created, or resumed if it holds the same sweep).")
-@click.option("--layers", default="all", help="States to compare in every cache: all, 6, 0,3,6 or 2-5.")
+@click.option("--layers", default="all", help="Cells to compare in every cache, separated by commas: all (every state, each its own cell), 6, a range of single cells 2-5, or a multi-layer cell whose head learns a weight per state: 2+3+4, 0-3+6 or [2-5] (quote brackets). E.g. all,2+3+4+5.")
 @click.option("--heads", default="linear,mean,attentive,qkv", help="Heads to compare, comma-separated.")
 @click.option("--seeds", default="0", help="Seeds, comma-separated (e.g. 0,1,2); each seed builds its own folds and initialisations.")
 @click.option("--grid", multiple=True, help="Hyperparameters searched on the validation speakers, e.g. 'heads=4,8,12 head_dim=4,16,64' (quote it, or repeat --grid per key).")
@@ -257,8 +259,9 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
-    chosen on the validation speakers only. Writes results.csv, summary.md and plots into --out.
-    Re-running the same command resumes an interrupted sweep.
+    chosen on the validation speakers only. A multi-layer cell (--layers all,2+3+4) sits in the
+    same table, and its learned layer weights go to layer_weights.png. Writes results.csv,
+    summary.md and plots into --out. Re-running the same command resumes an interrupted sweep.
     """
     from .report import write_report
     from .sweep import SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
@@ -308,8 +311,8 @@ def report_cmd(sweeps, out):
 
 
 def _echo_report(paths: dict) -> None:
-    click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\n"
-               f"plots: {paths['layers']}, {paths['confusion']}")
+    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights") if k in paths)
+    click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
 
 
 # --- corpora: download and check -----------------------------------------------------------
@@ -366,15 +369,16 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
 
     By default the head is trained again on every speaker of the run's layer with the run's
     settings (its cross-validated metrics remain the estimate of how well it does); --fold K
-    takes fold K's head instead. The file records the labels, layer, input mode and the Whisper
-    checkpoint (name, SHA-256, path at extraction) the head needs.
+    takes fold K's head instead. The file records the labels, layer (or layers), input mode and
+    the Whisper checkpoint (name, SHA-256, path at extraction) the head needs.
     """
+    from .layers import label
     from .predict import export_run
 
     saved = export_run(run_dir, out, fold=fold, epochs=epochs, cache_path=cache_path, device=device, overwrite=overwrite)
     p, w = saved["provenance"], saved["whisper"]
     detail = f"{p['epochs']} epochs" if "epochs" in p else ", ".join(f"{k} {v:g}" for k, v in p.get("choice", {}).items())
-    click.echo(f"{saved['head']} head on layer {saved['layer']}, trained on {p['trained_on']}"
+    click.echo(f"{saved['head']} head on layer {label(saved['layer'])}, trained on {p['trained_on']}"
                + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
     click.echo(f"labels: {', '.join(saved['labels'])}")
     click.echo(f"needs Whisper {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
@@ -393,15 +397,16 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
 
     Prints the predicted emotion and every class probability. Files over 30 s are cut into
     30 s windows, each shown with its own probabilities; the file's are their mean weighted
-    by window duration. The Whisper encoder runs only up to the head's layer. Files that
+    by window duration. The Whisper encoder runs only up to the head's (highest) layer. Files that
     cannot be read are reported and the others still processed (the exit status is then 1).
     """
+    from .layers import label, states_of
     from .predict import format_table, load_predictor, to_json
 
     predictor = load_predictor(model_file, whisper_model, allow_other_model, device=pick_device(device))
     ex, enc = predictor.exported, predictor.enc
-    click.echo(f"{ex.head} head on layer {ex.layer} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
-               f"{enc.n_states - 1} blocks, {ex.layer} run), mode {ex.mode}", err=True)
+    click.echo(f"{ex.head} head on layer {label(ex.layer)} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
+               f"{enc.n_states - 1} blocks, {max(states_of(ex.layer))} run), mode {ex.mode}", err=True)
     if enc.sha256 != ex.whisper["sha256"]:
         click.echo(f"warning: the head was trained on Whisper {ex.whisper['name']} (sha256 "
                    f"{ex.whisper['sha256'][:12]}...), not this checkpoint (--allow-other-model)", err=True)

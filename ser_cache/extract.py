@@ -38,6 +38,7 @@ from .audio import AudioError, LONG_AUDIO_POLICIES, SAMPLE_RATE, load_utterance
 from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encode, log_mel, speech_frames
 from .errors import OptionError
 from .files import write_json_atomic
+from .layers import parse_states
 from .records import Utterance, records_hash, save_records
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer, bounded writer memory
@@ -79,22 +80,9 @@ class ExtractSummary:
 
 
 def parse_layers(spec: str, n_states: int) -> list[int]:
-    """'all', '6', '0,3,6' or '2-5' -> sorted state indices, each in 0..n_states-1."""
-    if spec.strip().lower() == "all":
-        return list(range(n_states))
-    out = set()
-    for part in spec.split(","):
-        part = part.strip()
-        lo, _, hi = part.partition("-")
-        try:
-            rng = range(int(lo), int(hi) + 1) if hi else [int(lo)]
-        except ValueError:
-            raise OptionError(f"--layers {spec!r}: use 'all', a number, a list '0,3,6' or a range '2-5'") from None
-        out.update(rng)
-    bad = sorted(s for s in out if not 0 <= s < n_states)
-    if bad or not out:
-        raise OptionError(f"--layers {spec!r}: this model has states 0..{n_states - 1} (0 = input embedding, {n_states - 1} = last)")
-    return sorted(out)
+    """'all', '6', '0,3,6' or '2-5' -> sorted state indices, each in 0..n_states-1 (the states
+    to keep; layers.parse_states)."""
+    return parse_states(spec, n_states)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:

@@ -1,9 +1,14 @@
-"""One encoder layer of a whole corpus, in memory: the input of every pooling head.
+"""One encoder layer (or several) of a whole corpus, in memory: the input of every head.
 
 Frames of all utterances are stored back to back in one array (ragged layout), so that a
 layer loads with a few large reads and takes about its own size in memory:
 
-    frames[offsets[i]:offsets[i + 1]]   # the (n_frames[i], dim) states of utterance i
+    frames[offsets[i]:offsets[i + 1]]   # the (n_frames[i], width) states of utterance i
+
+With several states (a multi-layer selection, layers.py), each row holds the frame's states
+side by side, in the order of `layers`: row = [state layers[0] (dim) | state layers[1] (dim) |
+...], width = n_states * dim; a head sees them as one (B, T, width) tensor and splits them
+itself. One state is the plain case, width = dim.
 
 `batch()` turns a list of utterance indices into a zero-padded tensor and a boolean mask,
 which is what the heads take.
@@ -19,12 +24,14 @@ import torch
 
 @dataclass
 class LayerData:
-    """States of one layer for every utterance of a cache.
+    """States of one layer (or several, stacked in each row) for every utterance of a cache.
 
-    frames: (total_frames, dim) float16 or float32, utterances back to back.
+    frames: (total_frames, width) float16 or float32, utterances back to back;
+      width = n_states * dim.
     offsets: (n + 1,) int64, utterance i spans frames[offsets[i]:offsets[i+1]].
     ids, labels, speakers, groups: (n,) str arrays, in cache order.
-    layer: the state index (0 = input embedding, last = after ln_post).
+    layer: the state index (0 = input embedding, last = after ln_post), or a tuple of the
+      states stacked in each row (layers.Selection).
     """
 
     frames: np.ndarray
@@ -33,10 +40,13 @@ class LayerData:
     labels: np.ndarray
     speakers: np.ndarray
     groups: np.ndarray
-    layer: int
+    layer: int | tuple[int, ...]
 
     def __post_init__(self):
         n = len(self.ids)
+        assert self.frames.ndim == 2 and self.frames.shape[1] % self.n_states == 0, (
+            f"frames {self.frames.shape} cannot hold {self.n_states} states per row"
+        )
         assert self.offsets.shape == (n + 1,), f"offsets {self.offsets.shape} for {n} utterances"
         assert self.offsets[0] == 0 and self.offsets[-1] == len(self.frames), (
             f"offsets end at {self.offsets[-1]}, frames has {len(self.frames)} rows"
@@ -48,8 +58,23 @@ class LayerData:
         return len(self.ids)
 
     @property
-    def dim(self) -> int:
+    def layers(self) -> list[int]:
+        """The states in each row, in order."""
+        return [self.layer] if isinstance(self.layer, (int, np.integer)) else list(self.layer)
+
+    @property
+    def n_states(self) -> int:
+        return len(self.layers)
+
+    @property
+    def width(self) -> int:
+        """Values per frame row: n_states * dim."""
         return self.frames.shape[1]
+
+    @property
+    def dim(self) -> int:
+        """Width of one state."""
+        return self.frames.shape[1] // self.n_states
 
     @property
     def n_frames(self) -> np.ndarray:
@@ -64,27 +89,28 @@ class LayerData:
 
     @cached_property
     def statistics(self) -> np.ndarray:
-        """(n, 2 * dim) float64: mean and std over each utterance's frames (the linear probe's
-        input), computed once per LayerData."""
-        out = np.empty((len(self), 2 * self.dim))
+        """(n, 2 * width) float64: mean and std over each utterance's frames of every value of
+        the row (the linear probe's input; with several states, every state's), computed once
+        per LayerData."""
+        out = np.empty((len(self), 2 * self.width))
         for i in range(len(self)):
             u = self.utterance(i).astype(np.float64)
-            out[i, : self.dim], out[i, self.dim :] = u.mean(axis=0), u.std(axis=0)
+            out[i, : self.width], out[i, self.width :] = u.mean(axis=0), u.std(axis=0)
         return out
 
     def utterance(self, i: int) -> np.ndarray:
-        """(n_frames[i], dim) states of utterance i (a view, no copy)."""
+        """(n_frames[i], width) states of utterance i (a view, no copy)."""
         return self.frames[self.offsets[i] : self.offsets[i + 1]]
 
     def batch(self, index, dtype=torch.float32, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded states and mask for the utterances `index`.
 
-        Returns x: (B, T_max, dim) and mask: (B, T_max) bool, True on real frames.
+        Returns x: (B, T_max, width) and mask: (B, T_max) bool, True on real frames.
         """
         index = np.asarray(index)
         lengths = self.n_frames[index]
         t_max = int(lengths.max())
-        x = np.zeros((len(index), t_max, self.dim), dtype=self.frames.dtype)
+        x = np.zeros((len(index), t_max, self.width), dtype=self.frames.dtype)
         for row, i in enumerate(index):
             x[row, : lengths[row]] = self.utterance(int(i))
         mask = np.arange(t_max)[None, :] < lengths[:, None]
@@ -94,12 +120,13 @@ class LayerData:
         )
 
     def moments(self, index) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and std, (dim,) float64 each, over every frame of utterances `index`.
+        """Per-value mean and std, (width,) float64 each, over every frame of utterances `index`:
+        with several states, each state's own statistics.
 
         Accumulated one utterance at a time in float64, so no copy of the frames is made.
         """
-        total = np.zeros(self.dim)
-        squares = np.zeros(self.dim)
+        total = np.zeros(self.width)
+        squares = np.zeros(self.width)
         count = 0
         for i in np.asarray(index):
             u = self.utterance(int(i)).astype(np.float64)

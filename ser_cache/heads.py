@@ -1,9 +1,11 @@
-"""Heads: one layer's frame states (B, T, d) and mask (B, T) -> class logits (B, n_classes).
+"""Heads: frame states (B, T, L * d) of L >= 1 layers and mask (B, T) -> logits (B, n_classes).
 
 Every head is a torch module with the same interface (`Head`), so training, sweeps, export and
 prediction treat them alike and never ask which head they hold:
 
-    options(config, dim, n_classes)   constructor arguments taken from a TrainConfig
+    options(config, dim, n_classes, n_states)
+                                      constructor arguments taken from a TrainConfig; dim is
+                                      the width of one state, n_states the states per frame
     selects                           what fitting chooses on validation speakers: "epoch" or "C"
     prepare(data, index, config)      fix input statistics from the training utterances
     forward(x, mask)                  logits; padding never changes them
@@ -17,6 +19,7 @@ fit with C chosen on validation) is training.py's business, chosen by `selects`.
 The three pooling heads share the paper's front and back and differ only in how they pool
 over time:
 
+    mix     softmax-weighted sum of the L states (only when L > 1)   (B, T, L * d) -> (B, T, d)
     front   Linear(d -> d_model), LayerNorm(d_model)                 per frame
     pool    mean | attentive | qkv                                   (B, T, d_model) -> (B, p)
     back    Linear(p -> d_model), LayerNorm(d_model), Linear(d_model -> n_classes)
@@ -25,13 +28,21 @@ The back has no activation between its layers: PAPER.md lists none, and we follo
 LayerNorm is the only non-linearity there). Dropout sits where the paper puts it, on the
 attention projections; the mean head has none.
 
+Several layers (L > 1, features.LayerData with a tuple of states): each state is standardised
+with its own training statistics (`prepare`, `inputs`: per value of the row, so per state),
+then `StateMix` sums the states with learned softmax weights, initialised equal, as the
+SUPERB recipes of s3prl weigh upstream layers; `layer_weights()` reads them ("where does
+emotion live", learned in one run). With one state there is no mix at all, no parameter and
+no operation, so a single-layer head is exactly the one it was before.
+
 Padding never changes the output: padded frames are zeroed right after the front (so even
 NaN padding cannot leak through a product with a zero weight), and excluded from every time
 average or softmax with the mask (-inf scores, masked sums). Every row needs >= 1 real frame.
 
 `linear` is the strong, fast baseline: logistic regression on the standardised mean and
-standard deviation of the raw frames. It is a module like the others (its statistics,
-standardisation and weights are float64 buffers), fitted by scikit-learn.
+standard deviation of the raw frames (with several states, of every state, concatenated: the
+baseline a multi-layer head is reported against). It is a module like the others (its
+statistics, standardisation and weights are float64 buffers), fitted by scikit-learn.
 
 Every head is saved as its registry name, constructor options and state dict
 (`save_head` / `load_head`), which loads with `weights_only=True`: no pickled code.
@@ -64,33 +75,64 @@ class Head(nn.Module):
     selects: str = "epoch"  # the choice fitting makes on validation speakers: "epoch" or "C"
 
     @classmethod
-    def options(cls, config, dim: int, n_classes: int) -> dict:
-        """Constructor arguments of this head from a TrainConfig (`config`): what save_head
-        records and what rebuilds the head."""
+    def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
+        """Constructor arguments of this head from a TrainConfig (`config`) for frames of
+        n_states states of width dim: what save_head records and what rebuilds the head."""
+        if n_states != 1:
+            raise OptionError(f"the {cls.__name__} head reads one state per frame: train it on one layer")
         return {"dim": dim, "n_classes": n_classes}
+
+    def layer_weights(self) -> list[float] | None:
+        """The learned weight of each state, in order (sum 1), or None for a head that does
+        not weigh states (one state, or the linear probe)."""
+        return None
 
     def prepare(self, data, index: np.ndarray, config) -> None:
         """Fix what the head learns from its training utterances `index` of a LayerData
         before fitting (input statistics). Default: nothing."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, dim) float, mask: (B, T) bool True on real frames -> logits (B, n_classes)."""
+        """x: (B, T, n_states * dim) float, mask: (B, T) bool True on real frames -> logits (B, n_classes)."""
         return self.logits(self.inputs(x), mask)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """The fixed transform of the frames (B, T, dim) that the trained part sees; it has no
+        """The fixed transform of the frames (B, T, width) that the trained part sees; it has no
         parameters, so it may be applied once to fixed data. Default: none."""
         return x
 
     def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The trained part: inputs(x) (B, T, dim) and mask (B, T) -> logits (B, n_classes)."""
+        """The trained part: inputs(x) (B, T, width) and mask (B, T) -> logits (B, n_classes)."""
         raise NotImplementedError
+
+
+class StateMix(nn.Module):
+    """Softmax-weighted sum of the states of each frame: (B, T, n_states * dim) -> (B, T, dim).
+
+    The weights are softmax(logits) over states, with logits starting at zero (equal weights,
+    as s3prl's SUPERB featurizer starts). AdamW's weight decay pulls the logits, mildly,
+    towards equal weights again.
+    """
+
+    def __init__(self, n_states: int, dim: int):
+        super().__init__()
+        self.n_states, self.dim = n_states, dim
+        self.logits = nn.Parameter(torch.zeros(n_states))
+
+    def weights(self) -> torch.Tensor:
+        """(n_states,) non-negative, summing to 1."""
+        return self.logits.softmax(dim=0)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        B, T, width = z.shape
+        assert width == self.n_states * self.dim, f"rows of width {width}, expected {self.n_states} x {self.dim}"
+        states = z.reshape(B, T, self.n_states, self.dim)
+        return torch.einsum("btld,l->btd", states, self.weights().to(z.dtype))
 
 
 class PoolingHead(Head):
     """Shared front and back; subclasses define `pool`, which returns (B, pooled_dim)."""
 
-    def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int):
+    def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int, n_states: int = 1):
         super().__init__()
         self.pooled_dim = pooled_dim
         # Per-dimension standardisation of the input frames, fixed before training from the
@@ -99,16 +141,24 @@ class PoolingHead(Head):
         # it only conditions the optimisation: raw Whisper states carry per-dimension offsets
         # and scales that, measured on RAVDESS base layer 2, held the mean head at 27% UA after
         # 5 epochs against 70% with standardised inputs.
-        self.register_buffer("input_mean", torch.zeros(dim))
-        self.register_buffer("input_scale", torch.ones(dim))
+        # With several states, per value of the stacked row: each state by its own statistics.
+        self.register_buffer("input_mean", torch.zeros(n_states * dim))
+        self.register_buffer("input_scale", torch.ones(n_states * dim))
+        # One state: no mix (no parameter, no operation), so single-layer heads stay as they were.
+        self.mix = StateMix(n_states, dim) if n_states > 1 else None
         self.front = nn.Sequential(nn.Linear(dim, d_model), nn.LayerNorm(d_model))
         self.back = nn.Sequential(
             nn.Linear(pooled_dim, d_model), nn.LayerNorm(d_model), nn.Linear(d_model, n_classes)
         )
 
     @classmethod
-    def options(cls, config, dim: int, n_classes: int) -> dict:
-        return {"dim": dim, "n_classes": n_classes, "d_model": config.d_model}
+    def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
+        # n_states only when several, so that single-layer options (and files) stay as they were
+        several = {"n_states": n_states} if n_states > 1 else {}
+        return {"dim": dim, "n_classes": n_classes, "d_model": config.d_model, **several}
+
+    def layer_weights(self) -> list[float] | None:
+        return None if self.mix is None else self.mix.weights().tolist()
 
     def prepare(self, data, index: np.ndarray, config) -> None:
         if config.standardize:
@@ -119,11 +169,13 @@ class PoolingHead(Head):
 
     def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         assert z.shape[:2] == mask.shape, f"z {tuple(z.shape)} vs mask {tuple(mask.shape)}"
+        if self.mix is not None:
+            z = self.mix(z)  # (B, T, dim); NaN padding stays in padded frames, zeroed next
         h = self.front(z).masked_fill(~mask[..., None], 0.0)  # (B, T, d_model), padding = 0
         return self.back(self.pool(h, mask))
 
     def standardize_inputs(self, mean: np.ndarray, std: np.ndarray) -> None:
-        """Fix the input standardisation: mean and std are (dim,) over training frames."""
+        """Fix the input standardisation: mean and std are (n_states * dim,) over training frames."""
         self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.input_scale.copy_(1.0 / torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-5))
 
@@ -144,8 +196,8 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class MeanPoolHead(PoolingHead):
     """Baseline: the time average of the front's frames."""
 
-    def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL):
-        super().__init__(dim, n_classes, d_model, pooled_dim=d_model)
+    def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_states: int = 1):
+        super().__init__(dim, n_classes, d_model, pooled_dim=d_model, n_states=n_states)
 
     def pool(self, h, mask):
         return masked_mean(h, mask)
@@ -160,8 +212,8 @@ class AttentivePoolHead(PoolingHead):
     """
 
     def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_heads: int = N_HEADS,
-                 head_dim: int = HEAD_DIM, dropout: float = DROPOUT, scale: bool = True):
-        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim)
+                 head_dim: int = HEAD_DIM, dropout: float = DROPOUT, scale: bool = True, n_states: int = 1):
+        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim, n_states=n_states)
         self.n_heads, self.head_dim, self.scale = n_heads, head_dim, scale
         self.w_a = nn.Linear(d_model, n_heads * head_dim)
         self.w_s = nn.Linear(n_heads * head_dim, n_heads, bias=False)
@@ -169,8 +221,8 @@ class AttentivePoolHead(PoolingHead):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def options(cls, config, dim, n_classes):
-        return {**super().options(config, dim, n_classes), "n_heads": config.n_heads,
+    def options(cls, config, dim, n_classes, n_states=1):
+        return {**super().options(config, dim, n_classes, n_states), "n_heads": config.n_heads,
                 "head_dim": config.head_dim, "dropout": config.dropout, "scale": config.attention_scale}
 
     def pool(self, h, mask):
@@ -192,8 +244,8 @@ class QKVPoolHead(PoolingHead):
     """
 
     def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_heads: int = N_HEADS,
-                 head_dim: int = HEAD_DIM, dropout: float = DROPOUT):
-        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim)
+                 head_dim: int = HEAD_DIM, dropout: float = DROPOUT, n_states: int = 1):
+        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim, n_states=n_states)
         self.n_heads, self.head_dim = n_heads, head_dim
         self.w_q = nn.Linear(d_model, n_heads * head_dim)
         self.w_k = nn.Linear(d_model, n_heads * head_dim)
@@ -201,8 +253,8 @@ class QKVPoolHead(PoolingHead):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def options(cls, config, dim, n_classes):
-        return {**super().options(config, dim, n_classes), "n_heads": config.n_heads,
+    def options(cls, config, dim, n_classes, n_states=1):
+        return {**super().options(config, dim, n_classes, n_states), "n_heads": config.n_heads,
                 "head_dim": config.head_dim, "dropout": config.dropout}
 
     def pool(self, h, mask):
@@ -219,6 +271,9 @@ class QKVPoolHead(PoolingHead):
 class LinearProbe(Head):
     """Logistic regression on the standardised mean and std of the raw frames.
 
+    Its `dim` is the width of a whole frame row: with several states it reads them all, so its
+    features are the mean and std of every state, concatenated (2 * n_states * d values).
+
     forward: x (B, T, dim), mask (B, T) -> logits (B, n_classes), computed in float64 so that
     its probabilities are those of the scikit-learn pipeline it was fitted as (StandardScaler,
     LogisticRegression) to rounding. A class absent from the training split has logit -inf
@@ -230,11 +285,15 @@ class LinearProbe(Head):
 
     def __init__(self, dim: int, n_classes: int):
         super().__init__()
-        f64 = dict(dtype=torch.float64)
+        f64 = dict(dtype=torch.float64)  # float64 whatever the frames' dtype: sklearn's numbers
         self.register_buffer("feature_mean", torch.zeros(2 * dim, **f64))
         self.register_buffer("feature_scale", torch.ones(2 * dim, **f64))
         self.register_buffer("weight", torch.zeros(n_classes, 2 * dim, **f64))
         self.register_buffer("bias", torch.zeros(n_classes, **f64))
+
+    @classmethod
+    def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
+        return {"dim": n_states * dim, "n_classes": n_classes}
 
     def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         features = masked_statistics(z.double(), mask)
@@ -281,20 +340,30 @@ def head_class(name: str) -> type[Head]:
     return HEADS[name]
 
 
+def options_for(cls: type[Head], config, dim: int, n_classes: int, n_states: int = 1) -> dict:
+    """cls.options for frames of n_states states of width dim. One state is asked with the
+    three arguments every head takes, so a head written for one state needs nothing more."""
+    if n_states == 1:
+        return cls.options(config, dim, n_classes)
+    return cls.options(config, dim, n_classes, n_states)
+
+
 def build_head(name: str, dim: int, n_classes: int, **options) -> Head:
     """A fresh head from its registry name; options are that head's own constructor arguments."""
     return head_class(name)(dim, n_classes, **options)
 
 
-def save_head(path: Path, head: Head, name: str, options: dict, labels: list[str], layer: int,
+def save_head(path: Path, head: Head, name: str, options: dict, labels: list[str], layer,
               **extra) -> None:
     """Save a trained head with what rebuilds it, atomically: a torch.save dict of the registry
-    name, constructor options (with dim and n_classes), label names, layer, `extra` (plain
-    values) and the state dict. Loads with weights_only=True."""
+    name, constructor options (with dim and n_classes), label names, layer (an int, or a list
+    of the states it mixes), `extra` (plain values) and the state dict (with the learned layer
+    weights' logits, `mix.logits`, of a multi-layer head). Loads with weights_only=True."""
     from .files import save_torch_atomic
+    from .layers import to_json
 
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    info = {"head": name, "kwargs": dict(options), "labels": list(labels), "layer": int(layer), **extra}
+    info = {"head": name, "kwargs": dict(options), "labels": list(labels), "layer": to_json(layer), **extra}
     save_torch_atomic(path, {**info, "state_dict": state})
 
 

@@ -3,7 +3,7 @@
     run folder (ser-cache train) --export_run--> model.pt --load_predictor + Whisper--> predictions
 
 An exported file is self-contained: the head's weights and what rebuilds it, the label names,
-the layer, how the cache was made (input mode, storage dtype, encoder arithmetic) and which
+the layer (or the list of layers a multi-layer head mixes), how the cache was made (input mode, storage dtype, encoder arithmetic) and which
 Whisper checkpoint made it (name, SHA-256, dims), plus where the head came from. It is a
 `torch.save` dict of tensors and plain values only, so it loads with `weights_only=True`: no
 pickled code runs when you open a file someone sent you. Every head is stored the same way
@@ -22,8 +22,9 @@ Two ways to export a run:
     fold K                  fold K's saved head as is (trained without fold K's test speakers).
 
 Prediction follows extraction exactly: same input mode, same encoder arithmetic, states rounded
-to the cache's storage dtype, so the head sees what it was trained on. The encoder runs only up
-to the head's layer (`encode` stops there; later blocks are never computed). Recordings longer
+to the cache's storage dtype and, for several layers, stacked in each row as the cache reader
+stacks them, so the head sees what it was trained on. The encoder runs only up to the highest
+layer the head needs (`encode` stops there; later blocks are never computed). Recordings longer
 than 30 s are cut into consecutive 30 s windows, each gets its own probabilities, and the
 file's probabilities are the mean of the windows' weighted by their duration (a 2 s tail
 window counts 2/30 of a full one, so a few seconds at the end cannot sway a long recording).
@@ -46,11 +47,17 @@ from .errors import UserError
 from .extract import encode_batch, package_versions
 from .features import LayerData
 from .heads import Head, build_head, head_class, load_head
+from . import layers
+from .layers import Selection, as_selection, is_multi, states_of
 from .files import save_torch_atomic
 from .results import ResultsError, RunFolder, RunMetrics
 from .training import TrainConfig, fit_head, predict_proba, resolve_device
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
+# A head on several layers records them as a list; its files say so with their own number, so
+# that a version that reads only one layer refuses them by name instead of failing inside.
+MULTI_LAYER_FORMAT = 3
+READ_FORMATS = (EXPORT_FORMAT, MULTI_LAYER_FORMAT)
 EXPORT_KIND = "ser-cache exported head"
 WINDOW_BATCH = 8  # 30 s windows per encoder forward when predicting a long recording
 # Cache settings that decide the states a head was trained on: a cache used for an all-speaker
@@ -122,11 +129,11 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
 
     saved = {
         "kind": EXPORT_KIND,
-        "format": EXPORT_FORMAT,
+        "format": MULTI_LAYER_FORMAT if is_multi(run.layer) else EXPORT_FORMAT,
         "head": run.head,
         "kwargs": options,
         "labels": run.labels,
-        "layer": run.layer,
+        "layer": layers.to_json(run.layer),
         "mode": run.cache["mode"],
         "dtype": run.cache.get("dtype", "float16"),
         "compute_dtype": run.cache.get("compute_dtype", "float32"),
@@ -146,7 +153,7 @@ def _fold_head(folder: RunFolder, fold: int, run) -> tuple[Head, dict]:
         saved = sorted(p.name for p in folder.root.glob("fold_*.pt"))
         raise PredictError(f"{folder.root} has no saved head for fold {fold}; it has {saved or 'none'}")
     model, info = load_head(path)
-    if info["head"] != run.head or int(info["layer"]) != run.layer or list(info["labels"]) != run.labels:
+    if info["head"] != run.head or as_selection(info["layer"]) != as_selection(run.layer) or list(info["labels"]) != run.labels:
         raise PredictError(f"{path} does not belong to this run (head, layer or labels differ from config.json)")
     return model, dict(info["kwargs"])
 
@@ -183,8 +190,9 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
     return fit.model.cpu().eval(), fit.options, detail
 
 
-def _training_data(cache_info: dict, layer: int, labels: list[str], cache_path: Path | None):
-    """The layer the run was trained on, read from its cache, with labels as class indices."""
+def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path | None):
+    """The layer (or layers) the run was trained on, read from its cache, with labels as class
+    indices."""
     from .cache import CacheError, open_cache
 
     path = Path(cache_path or cache_info.get("path", ""))
@@ -200,7 +208,7 @@ def _training_data(cache_info: dict, layer: int, labels: list[str], cache_path: 
         raise PredictError(f"the cache {path} does not hold the states this run was trained on:\n  "
                            + "\n  ".join(diffs) + "\nFix: pass --cache with the run's cache, or train a new run")
     try:
-        data = cache.read_layer(layer)
+        data = cache.read_layer(as_selection(layer))
     except CacheError as e:
         raise PredictError(str(e)) from None
     found, y = data.classes()
@@ -239,7 +247,7 @@ class Exported:
     model: Head
     head: str
     labels: list[str]
-    layer: int
+    layer: Selection  # a state, or a tuple of the states a multi-layer head mixes
     mode: str
     dtype: str
     compute_dtype: str
@@ -257,8 +265,8 @@ def load_exported(path: Path) -> Exported:
     if not isinstance(saved, dict) or saved.get("kind") != EXPORT_KIND:
         raise PredictError(f"{path} is not a file written by `ser-cache export` (a fold_K.pt of a run? "
                            "export it first: ser-cache export RUN --fold K --out model.pt)")
-    if saved.get("format") != EXPORT_FORMAT:
-        raise PredictError(f"{path}: export format {saved.get('format')}, this version reads {EXPORT_FORMAT}: "
+    if saved.get("format") not in READ_FORMATS:
+        raise PredictError(f"{path}: export format {saved.get('format')}, this version reads {READ_FORMATS}: "
                            "export the run again with this version (`ser-cache export RUN --out FILE`)")
     kwargs = dict(saved["kwargs"])
     try:
@@ -268,7 +276,7 @@ def load_exported(path: Path) -> Exported:
         raise PredictError(f"{path}: the head in it cannot be rebuilt ({str(e).splitlines()[0]}); export the run "
                            "again with this version") from None
     model.eval()
-    return Exported(model, saved["head"], list(saved["labels"]), int(saved["layer"]), saved["mode"], saved["dtype"],
+    return Exported(model, saved["head"], list(saved["labels"]), as_selection(saved["layer"]), saved["mode"], saved["dtype"],
                     saved["compute_dtype"], dict(saved["whisper"]), dict(saved["provenance"]), kwargs)
 
 
@@ -296,7 +304,7 @@ class FilePrediction:
 class Predictor:
     """An exported head plus the Whisper encoder it was trained on, ready for audio files.
 
-    early_stop=False runs every encoder block and then picks the head's layer: the same
+    early_stop=False runs every encoder block and then picks the head's layers: the same
     result, slower; it exists to check and measure the early stop.
     """
 
@@ -311,18 +319,22 @@ class Predictor:
 
     def states(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         """The head's layer for each 16 kHz window: [(frames, dim)] in the cache's dtype,
-        computed as `ser-cache extract` computed the training states."""
+        computed as `ser-cache extract` computed the training states; for a head on several
+        layers, [(frames, n_states * dim)], the states side by side as Cache.read_layer
+        stacks them. The encoder stops after the highest of them."""
         ex, n_mels = self.exported, self.enc.dims["n_mels"]
-        keep = [ex.layer] if self.early_stop else list(range(self.enc.n_states))
+        wanted = states_of(ex.layer)
+        keep = wanted if self.early_stop else list(range(self.enc.n_states))
         out = []
         for start in range(0, len(windows), WINDOW_BATCH):
             chunk = windows[start : start + WINDOW_BATCH]
             batch = [(0, i, log_mel(w, n_mels, ex.mode), speech_frames(len(w))) for i, w in enumerate(chunk)]
-            out += [s[ex.layer] for s in encode_batch(self.enc, batch, ex.mode, keep, ex.dtype, self.device, ex.compute_dtype)]
+            for s in encode_batch(self.enc, batch, ex.mode, keep, ex.dtype, self.device, ex.compute_dtype):
+                out.append(s[wanted[0]] if len(wanted) == 1 else np.concatenate([s[k] for k in wanted], axis=1))
         return out
 
     def head_probs(self, states: list[np.ndarray]) -> np.ndarray:
-        """(n_windows, n_classes) class probabilities from per-window states [(frames, dim)]."""
+        """(n_windows, n_classes) class probabilities from per-window states [(frames, width)]."""
         lengths = np.array([len(s) for s in states])
         blank = np.array([""] * len(states))
         data = LayerData(frames=np.concatenate(states), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),

@@ -4,8 +4,15 @@
         results.csv         one row per cell and fold
         summary.md          UA mean ± std per layer and head, best cells marked, time spent
         ua_by_layer.png     UA against layer, one line per head, a band for the std over folds;
-                            one panel per cache (per sweep and cache when sweeps are compared)
+                            one panel per cache (per sweep and cache when sweeps are compared);
+                            a multi-layer cell is a dotted level across the panel
         confusion_best.png  the best cell's confusion matrix per panel, normalised by row
+        layer_weights.png   (sweeps with multi-layer cells) the learned softmax weight of each
+                            state, mean ± std over folds and seeds, per multi-layer cell and head
+
+Rows of the table are layers: single states first, then multi-layer cells labelled as they are
+typed (`2+3+4`), so a multi-layer head is read against every single state and the linear
+probe on the same states.
 
 Two cells are marked in each panel. The best mean test UA (★) describes where emotion is
 most linearly/attentively readable; as a choice it would be optimistic, since the test folds
@@ -21,14 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .layers import Selection, as_selection, is_multi, label, sort_key, states_of
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
 
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
 LAYER_PLOT = "ua_by_layer.png"
 CONFUSION_PLOT = "confusion_best.png"
+WEIGHTS_PLOT = "layer_weights.png"
 RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ua", "wa",
-                  "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test")
+                  "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test", "layer_weights")
 PANEL_COLUMNS = 3  # panels per row of a figure
 
 
@@ -50,7 +59,7 @@ class Sweep:
 class Cell:
     """One (layer, head) of a panel, pooled over folds and seeds. Metrics in [0, 1]."""
 
-    layer: int
+    layer: Selection  # a state, or a tuple of states (a multi-layer cell)
     head: str
     ua: tuple[float, float]  # (mean, std)
     wa: tuple[float, float]
@@ -60,6 +69,7 @@ class Cell:
     settings: Counter
     seconds: float
     confusion: np.ndarray  # (classes, classes) counts summed over folds and seeds
+    layer_weights: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) per state, multi-layer cells
 
 
 @dataclass
@@ -75,16 +85,22 @@ class Panel:
     folds: dict  # protocol, n_folds, seeds, n_utterances
 
     @property
-    def layers(self) -> list[int]:
-        return sorted({layer for layer, _ in self.cells})
+    def layers(self) -> list[Selection]:
+        """Single states in order, then multi-layer cells."""
+        return sorted({layer for layer, _ in self.cells}, key=sort_key)
+
+    def ordered(self) -> list[Cell]:
+        """Cells by layer (layers' order), then head (the sweep's order)."""
+        return [self.cells[layer, head] for layer in self.layers for head in self.heads
+                if (layer, head) in self.cells]
 
     @property
-    def best(self) -> Cell:
-        return max(self.cells.values(), key=lambda c: (c.ua[0], -c.layer))
+    def best(self) -> Cell:  # ties: the first in order, so the lower layer
+        return max(self.ordered(), key=lambda c: c.ua[0])
 
     @property
     def best_val(self) -> Cell:
-        return max(self.cells.values(), key=lambda c: (c.val_ua, -c.layer))
+        return max(self.ordered(), key=lambda c: c.val_ua)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -96,7 +112,7 @@ def load_sweep(path: Path) -> Sweep:
     config = folder.read_config()
     head_order = {h: i for i, h in enumerate(config["heads"])}
     cache_order = {c: i for i, c in enumerate(config["caches"])}
-    records = sorted(folder.cells(), key=lambda r: (cache_order.get(r.cache, len(cache_order)), r.layer,
+    records = sorted(folder.cells(), key=lambda r: (cache_order.get(r.cache, len(cache_order)), sort_key(r.layer),
                                                     head_order.get(r.head, len(head_order)), r.seed, r.fold))
     return Sweep(folder, config, records, folder.timing())
 
@@ -118,19 +134,21 @@ def panels_of(sweeps: list[Sweep]) -> list[Panel]:
     return panels
 
 
-def _cells(records: list[CellResult]) -> dict[tuple[int, str], Cell]:
-    groups: dict[tuple[int, str], list[CellResult]] = {}
+def _cells(records: list[CellResult]) -> dict[tuple[Selection, str], Cell]:
+    groups: dict[tuple[Selection, str], list[CellResult]] = {}
     for r in records:
-        groups.setdefault((r.layer, r.head), []).append(r)
+        groups.setdefault((as_selection(r.layer), r.head), []).append(r)
     cells = {}
     for (layer, head), rs in groups.items():
         def stat(name):
             v = np.array([getattr(r, name) for r in rs], dtype=np.float64)
             return float(v.mean()), float(v.std())
+        weights = [r.layer_weights for r in rs if r.layer_weights is not None]
         cells[layer, head] = Cell(
             layer, head, stat("ua"), stat("wa"), stat("macro_f1"), stat("val_ua")[0], len(rs),
             Counter(r.setting for r in rs), float(sum(r.seconds for r in rs)),
-            np.sum([r.confusion for r in rs], axis=0))
+            np.sum([r.confusion for r in rs], axis=0),
+            (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None)
     return cells
 
 
@@ -161,6 +179,9 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
     paths["summary"].write_text(summary_markdown(loaded, panels), encoding="utf-8")
     plot_layers(panels, paths["layers"])
     plot_confusions(panels, paths["confusion"])
+    if any(c.layer_weights is not None for p in panels for c in p.cells.values()):
+        paths["weights"] = out / WEIGHTS_PLOT
+        plot_layer_weights(panels, paths["weights"])
     return paths
 
 
@@ -172,7 +193,9 @@ def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
         w.writerow((["sweep"] if several else []) + list(RESULT_COLUMNS))
         for sweep in sweeps:
             for r in sweep.records:
-                row = {**r.to_dict(), "epoch": r.selected.get("epoch", "")}
+                weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
+                row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
+                       "layer_weights": weights}
                 cells = [_csv_value(row[c]) for c in RESULT_COLUMNS]
                 w.writerow(([sweep.name] if several else []) + cells)
 
@@ -225,12 +248,13 @@ def _panel_markdown(p: Panel) -> list[str]:
             if c is best_val:
                 text += " †"
             row.append(text)
-        lines.append(f"| {layer} | " + " | ".join(row) + " |")
-    lines += ["", f"Best cell ★: layer {best.layer}, {best.head}: UA {pct(best.ua)}, WA {pct(best.wa)}, "
+        lines.append(f"| {label(layer)} | " + " | ".join(row) + " |")
+    lines += ["", f"Best cell ★: layer {label(best.layer)}, {best.head}: UA {pct(best.ua)}, WA {pct(best.wa)}, "
               f"macro-F1 {pct(best.macro_f1)} ({best.n} fold results).",
-              f"Best on validation †: layer {best_val.layer}, {best_val.head}: validation UA "
-              f"{100 * best_val.val_ua:.1f}, test UA {pct(best_val.ua)}.", "",
-              "<details><summary>All cells</summary>", "",
+              f"Best on validation †: layer {label(best_val.layer)}, {best_val.head}: validation UA "
+              f"{100 * best_val.val_ua:.1f}, test UA {pct(best_val.ua)}.", ""]
+    lines += _weights_markdown(p)
+    lines += ["<details><summary>All cells</summary>", "",
               "| layer | head | UA | WA | macro-F1 | val UA | folds x seeds | chosen on validation | seconds |",
               "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for layer in p.layers:
@@ -240,10 +264,24 @@ def _panel_markdown(p: Panel) -> list[str]:
                 continue
             chosen = ", ".join(f"{s} ×{n}" if len(c.settings) > 1 else s
                                for s, n in sorted(c.settings.items(), key=lambda kv: (-kv[1], kv[0])))
-            lines.append(f"| {layer} | {head} | {pct(c.ua)} | {pct(c.wa)} | {pct(c.macro_f1)} | "
+            lines.append(f"| {label(layer)} | {head} | {pct(c.ua)} | {pct(c.wa)} | {pct(c.macro_f1)} | "
                          f"{100 * c.val_ua:.1f} | {c.n} | {chosen} | {c.seconds:.0f} |")
     lines += ["", "</details>", ""]
     return lines
+
+
+def _weights_markdown(p: Panel) -> list[str]:
+    """The learned weight of each state of every multi-layer cell, mean ± std over folds."""
+    cells = [c for c in p.ordered() if c.layer_weights is not None]
+    if not cells:
+        return []
+    lines = ["Learned layer weights (softmax over the states of a multi-layer cell; mean ± std over "
+             "folds and seeds; equal at the start):", ""]
+    for c in cells:
+        mean, std = c.layer_weights
+        lines.append(f"- {label(c.layer)}, {c.head}: " + ", ".join(
+            f"state {s} {m:.2f} ± {d:.2f}" for s, m, d in zip(states_of(c.layer), mean, std)))
+    return lines + [""]
 
 
 def _training_line(config: dict) -> str:
@@ -305,8 +343,9 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
     all_heads = list(dict.fromkeys(h for p in panels for h in p.heads))
     colors = {h: plt.get_cmap("tab10")(i) for i, h in enumerate(all_heads)}
     for ax, p in zip(axes, panels):
+        single = [layer for layer in p.layers if not is_multi(layer)]
         for head in p.heads:
-            cells = [p.cells[layer, head] for layer in p.layers if (layer, head) in p.cells]
+            cells = [p.cells[layer, head] for layer in single if (layer, head) in p.cells]
             if not cells:
                 continue
             x = np.array([c.layer for c in cells])
@@ -314,11 +353,20 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
             std = 100 * np.array([c.ua[1] for c in cells])
             ax.plot(x, mean, marker="o", color=colors[head], label=head)
             ax.fill_between(x, mean - std, mean + std, color=colors[head], alpha=0.15, linewidth=0)
+        styles = iter([":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2))] * 8)
         best = p.best
-        ax.plot([best.layer], [100 * best.ua[0]], marker="*", markersize=16, color=colors[best.head],
-                markeredgecolor="black", linestyle="none", label=f"best: layer {best.layer}, {best.head}")
+        for layer in [layer for layer in p.layers if is_multi(layer)]:  # no place on the axis: a level
+            style = next(styles)
+            for head in p.heads:
+                if (layer, head) in p.cells:
+                    c = p.cells[layer, head]
+                    ax.axhline(100 * c.ua[0], color=colors[head], linestyle=style, linewidth=1.5,
+                               label=f"{head} on {label(layer)}" + (" (best ★)" if c is best else ""))
+        if not is_multi(best.layer):
+            ax.plot([best.layer], [100 * best.ua[0]], marker="*", markersize=16, color=colors[best.head],
+                    markeredgecolor="black", linestyle="none", label=f"best: layer {best.layer}, {best.head}")
         ax.axhline(100 / len(p.labels), color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.set_xticks(p.layers)
+        ax.set_xticks(single)
         ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
         ax.set_ylabel("UA % (test, mean ± std over folds)")
         ax.set_title(f"{p.title}, {p.sweep.config['train']['epochs']} epochs", fontsize=10)
@@ -348,7 +396,35 @@ def plot_confusions(panels: list[Panel], path: Path) -> None:
                         color="white" if norm[i, j] > 60 else "black")
         ax.set_xlabel("predicted")
         ax.set_ylabel("true (row = 100 %)")
-        ax.set_title(f"{p.title}\nlayer {best.layer}, {best.head}: UA {pct(best.ua)}", fontsize=9)
+        ax.set_title(f"{p.title}\nlayer {label(best.layer)}, {best.head}: UA {pct(best.ua)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_layer_weights(panels: list[Panel], path: Path) -> None:
+    """The learned softmax weight of each state (mean ± std over folds and seeds) of every
+    multi-layer cell and head: one group of bars per state, one bar per cell and head, one
+    panel per cache. Equal weights (1 / states) would mean no state is preferred."""
+    plt, fig, axes = _grid(len(panels), 6.4, 4.6)
+    for ax, p in zip(axes, panels):
+        cells = [c for c in p.ordered() if c.layer_weights is not None]
+        states = sorted({s for c in cells for s in states_of(c.layer)})
+        width = 0.8 / max(1, len(cells))
+        for i, c in enumerate(cells):
+            mean, std = c.layer_weights
+            x = np.array([states.index(s) for s in states_of(c.layer)]) + (i - (len(cells) - 1) / 2) * width
+            ax.bar(x, mean, width, yerr=std, capsize=3, label=f"{label(c.layer)}, {c.head}")
+            ax.hlines(1 / len(mean), x.min() - width / 2, x.max() + width / 2, colors="grey",
+                      linestyles=":", linewidth=1)
+        ax.set_xticks(range(len(states)), [str(s) for s in states])
+        ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
+        ax.set_ylabel("learned weight (mean ± std over folds)")
+        ax.set_title(p.title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        if cells:
+            ax.legend(fontsize=8, loc="best", title="cell, head (dotted: equal weights)", title_fontsize=8)
+    fig.suptitle("Where emotion lives: learned layer weights of multi-layer heads", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

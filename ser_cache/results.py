@@ -8,6 +8,7 @@
                                  RUN/folds.csv        the folds (folds.Folds.save)
     sweep.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
                                  SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellResult
+                                 (layers_LL+MM+.../ for a multi-layer cell)
                                  SWEEP/folds/CACHE-seedS.csv                         the folds
                                  SWEEP/timing.json    one SweepTiming per run of the sweep
     report.py <--SweepFolder--   (reads only)
@@ -30,6 +31,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import write_json_atomic, write_text_atomic
+from .layers import dir_name
 from .metrics import json_safe
 
 
@@ -89,9 +91,9 @@ class RunConfig(Record):
     """
 
     head: str
-    layer: int
+    layer: int | list  # the state, or the list of states a multi-layer head mixes (layers.to_json)
     labels: list[str]
-    dim: int
+    dim: int  # width of one state
     class_counts: dict
     n_utterances: int
     device: str
@@ -127,6 +129,7 @@ class FoldRecord(Record):
     eval_seconds: float
     history: list = field(default_factory=list)
     compute_dtype: str = "float32"  # the arithmetic of the training steps
+    layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -141,7 +144,7 @@ class RunMetrics(Record):
     """RUN/metrics.json: metrics.summarize over folds, plus each fold's choice and timing."""
 
     head: str
-    layer: int
+    layer: int | list
     summary: dict
     fold_details: list
 
@@ -168,7 +171,7 @@ class CellResult(Record):
     corpus: str
     model: str
     mode: str
-    layer: int
+    layer: int | list  # the state, or the list of states of a multi-layer cell (layers.to_json)
     head: str
     seed: int
     fold: int
@@ -194,6 +197,7 @@ class CellResult(Record):
     device: str
     compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
     history: list = field(default_factory=list)  # the chosen setting's epochs (or C values) with validation UA
+    layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
 
 
 @dataclass
@@ -296,8 +300,8 @@ class SweepFolder:
     def is_sweep(self) -> bool:
         return (self.root / self.CONFIG).is_file()
 
-    def cell_path(self, cache: str, layer: int, head: str, seed: int, fold: int) -> Path:
-        return self.root / self.CELLS / cache / f"layer_{layer:02d}" / f"{head}-seed{seed}-fold{fold}.json"
+    def cell_path(self, cache: str, layer, head: str, seed: int, fold: int) -> Path:
+        return self.root / self.CELLS / cache / dir_name(layer) / f"{head}-seed{seed}-fold{fold}.json"
 
     def folds_path(self, cache: str, seed: int) -> Path:
         return self.root / self.FOLDS / f"{cache}-seed{seed}.csv"

@@ -4,7 +4,9 @@
                                                                      --report.py--> table, plots
 
 A *cell* is one head with one seed on one layer of one cache, evaluated on every fold; a *task*
-is one fold of a cell, the unit that runs, is saved and is resumed. All cells of a cache use
+is one fold of a cell, the unit that runs, is saved and is resumed. A cell's layer may also be
+several states (`--layers all,2+3+4`, layers.py): the head mixes them with learned weights,
+which the cell records, so single-layer and multi-layer cells share one table. All cells of a cache use
 the same folds: they are built once per cache and seed from the cache's utterance metadata
 and saved in SWEEP/folds/, so the cells of a table differ only in layer and head.
 
@@ -50,10 +52,11 @@ import numpy as np
 import torch
 
 from .cache import Cache, open_cache
-from .extract import parse_layers
+from .errors import OptionError
 from .features import LayerData
 from .folds import Folds, make_folds
 from .heads import HEADS
+from .layers import Selection, label, parse_cells, states_of, to_json
 from .metrics import fold_metrics
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
 from .training import (NonFiniteLossError, TrainConfig, fit_head, fold_seed, predict_proba, resolve_device,
@@ -160,7 +163,7 @@ class Task:
     """One fold of one cell: the unit that runs, is saved and is resumed."""
 
     cache: str  # the cache's key in this sweep (its folder name, made unique)
-    layer: int
+    layer: Selection  # a state, or a tuple of states for a multi-layer cell
     head: str
     seed: int
     fold: int
@@ -191,7 +194,7 @@ class SweepPlan:
 
     spec: SweepSpec
     caches: dict[str, Cache]
-    layers: dict[str, list[int]]
+    layers: dict[str, list[Selection]]
     settings: dict[str, list[dict]]
     config: dict
 
@@ -223,10 +226,10 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         cache = open_cache(path)
         cache.check()
         try:
-            wanted = parse_layers(spec.layers, max(cache.layers) + 1)
-        except ValueError as e:
-            raise SweepError(f"--layers {spec.layers!r}: {e}") from None
-        missing = sorted(set(wanted) - set(cache.layers))
+            wanted = parse_cells(spec.layers, max(cache.layers) + 1)
+        except OptionError as e:
+            raise SweepError(str(e)) from None
+        missing = sorted({s for cell in wanted for s in states_of(cell)} - set(cache.layers))
         if missing:
             raise SweepError(f"layers {missing} are not in the cache {path}; it holds {cache.layers}")
         caches[key], layers[key] = cache, wanted
@@ -238,7 +241,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     config = {
         "format": SWEEP_FORMAT,
         "caches": {key: _cache_identity(c) for key, c in caches.items()},
-        "layers": layers,
+        "layers": {key: [to_json(cell) for cell in cells] for key, cells in layers.items()},
         "heads": heads,
         "seeds": list(spec.seeds),
         "grid": spec.grid,
@@ -351,13 +354,13 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
     choice = {k: v for k, v in best.selected.items() if k not in ("ua", "epoch")}  # e.g. the linear probe's C
     chosen = " ".join(filter(None, [setting_label(best_values), setting_label(choice)]))
     return CellResult(
-        cache=task.cache, **job.cache_info, layer=task.layer, head=task.head, seed=task.seed,
+        cache=task.cache, **job.cache_info, layer=to_json(task.layer), head=task.head, seed=task.seed,
         fold=task.fold, setting=chosen or "default", values=best_values, selected=best.selected,
         val_ua=best.selected["ua"], grid=trials, labels=labels, **metrics,
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
-        history=best.history)
+        history=best.history, layer_weights=best.model.layer_weights())
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------
@@ -375,7 +378,7 @@ class LayerRef:
     labels: np.ndarray
     speakers: np.ndarray
     groups: np.ndarray
-    layer: int
+    layer: Selection
 
 
 class SharedLayer:
@@ -534,7 +537,7 @@ def _run_inline(by_layer, read, job_for, jobs, threads, bar, records, failures) 
         for (key, layer), group in by_layer.items():
             loaded = LoadedLayer(read(key, layer))
             for task in group:
-                bar.set_postfix_str(f"{key} layer {layer} {task.head}")
+                bar.set_postfix_str(f"{key} layer {label(layer)} {task.head}")
                 _collect(lambda: loaded.run(job_for(task)), task, records, failures)
                 bar.update(1)
             del loaded

@@ -56,7 +56,8 @@ from .device import pick_device
 from .errors import OptionError, UserError
 from .features import LayerData
 from .folds import Folds, make_folds
-from .heads import Head, head_class, load_head, save_head
+from .heads import Head, head_class, load_head, options_for, save_head
+from .layers import Selection, label, parse_selection, states_of, to_json
 from .metrics import fold_metrics, summarize
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
 
@@ -236,7 +237,7 @@ def make_batches(data: LayerData, y: np.ndarray | None, index: np.ndarray, batch
                  ordered: bool = False):
     """Padded batches of the utterances `index`, built once.
 
-    Returns (batches, order): batches is a list of (x (B, T, dim) float32, or the cache's
+    Returns (batches, order): batches is a list of (x (B, T, width) float32, or the cache's
     dtype past FLOAT32_BATCH_BYTES, mask (B, T) bool, y (B,) int64 or None without y) on
     `device`; order (len(index),) gives the utterance of each row, batch after batch. Without
     rng, utterances are sorted by length (evaluation); with rng, they are shuffled, then
@@ -249,7 +250,7 @@ def make_batches(data: LayerData, y: np.ndarray | None, index: np.ndarray, batch
     padded_frames = sum(len(order[i : i + batch_size]) * int(data.n_frames[order[i : i + batch_size]].max()) for i in starts)
     # Converting float16 frames to float32 once per fold, not at every step, halves the time
     # of a training step on CPU; only a fold too large for the budget keeps the cache dtype.
-    fits = padded_frames * data.dim * 4 <= FLOAT32_BATCH_BYTES
+    fits = padded_frames * data.width * 4 <= FLOAT32_BATCH_BYTES
     dtype = torch.float32 if fits else torch.from_numpy(data.frames[:0]).dtype
     batches = []
     for start in starts:
@@ -338,7 +339,7 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
     config.compute_dtype: the training steps' arithmetic (bfloat16 under autocast, float32
     master weights and loss; "auto" measures which is faster here, `faster_dtype`)."""
     t0 = time.perf_counter()
-    options = cls.options(config, data.dim, n_classes)
+    options = options_for(cls, config, data.dim, n_classes, data.n_states)
     last = config.epochs - 1 if fixed is None else int(fixed["epoch"])
     assert 0 <= last < config.epochs, f"epoch {last} of a {config.epochs}-epoch schedule"
     dtype = resolve_compute_dtype(config.compute_dtype, device)
@@ -439,7 +440,7 @@ def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndar
             history.append({"C": c, "select_ua": ua})
         if best is None or ua > best_ua:  # ties keep the smaller C, the first of the grid
             best_ua, best_c, best = ua, c, pipeline
-    options = cls.options(config, data.dim, n_classes)
+    options = options_for(cls, config, data.dim, n_classes, data.n_states)
     scaler, logreg = best[0], best[-1]
     model = cls(**options).from_fitted(scaler.mean_, scaler.scale_, logreg.coef_, logreg.intercept_,
                                        logreg.classes_)
@@ -491,11 +492,11 @@ def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int =
 
 @dataclass
 class RunResult:
-    """A head trained on every fold of one layer. metrics: the `summarize` dict; models: the
-    fold heads (eval mode), in fold order."""
+    """A head trained on every fold of one layer (or several, a tuple). metrics: the
+    `summarize` dict; models: the fold heads (eval mode), in fold order."""
 
     head: str
-    layer: int
+    layer: Selection
     labels: list[str]
     config: TrainConfig
     folds: list[FoldRecord]
@@ -516,11 +517,27 @@ class RunResult:
         lines.append("  mean ± std: " + ", ".join(
             f"{name} {100 * s[key]['mean']:.2f} ± {100 * s[key]['std']:.2f}"
             for name, key in (("UA", "ua"), ("WA", "wa"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1"))))
+        lines += self.weights_table()
         if self.config.flawed:
             lines.append("  FLAWED compatibility switches on (select_on_test={}, eval_dropout={}): "
                          "not an honest estimate".format(self.config.compat_select_on_test,
                                                          self.config.compat_eval_dropout))
         return "\n".join(lines)
+
+    def weights_table(self) -> list[str]:
+        """The learned softmax weight of each state per fold, and their mean ± std (a
+        multi-layer head; none otherwise)."""
+        rows = [(f.fold, f.layer_weights) for f in self.folds if f.layer_weights is not None]
+        if not rows:
+            return []
+        states = states_of(self.layer)
+        lines = ["  layer weights (softmax over states, per fold):",
+                 f"{'fold':>6} " + " ".join(f"{'state ' + str(s):>9}" for s in states)]
+        lines += [f"{fold:>6} " + " ".join(f"{w:9.3f}" for w in weights) for fold, weights in rows]
+        w = np.array([weights for _, weights in rows])
+        lines.append(f"{'mean':>6} " + " ".join(f"{m:9.3f}" for m in w.mean(axis=0)))
+        lines.append(f"{'std':>6} " + " ".join(f"{d:9.3f}" for d in w.std(axis=0)))
+        return lines
 
 
 def fold_split(folds: Folds, k: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -549,7 +566,7 @@ def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, 
                         test_ids=data.ids[test].tolist(), probs=probs,
                         metrics=fold_metrics(y[test], probs.argmax(axis=1), n_classes),
                         train_seconds=fit.seconds, eval_seconds=time.perf_counter() - t0, history=fit.history,
-                        compute_dtype=fit.compute_dtype)
+                        compute_dtype=fit.compute_dtype, layer_weights=fit.model.layer_weights())
     return record, fit.model
 
 
@@ -574,17 +591,17 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     n_classes = len(labels)
     device = resolve_device(config.device)
     run = RunConfig(
-        head=head, layer=int(data.layer), labels=labels, dim=int(data.dim),
+        head=head, layer=to_json(data.layer), labels=labels, dim=int(data.dim),
         class_counts=dict(zip(labels, np.bincount(y, minlength=n_classes).tolist())),
         n_utterances=len(data), device=str(device), config=config.to_dict(),
-        head_kwargs=cls.options(config, data.dim, n_classes),
+        head_kwargs=options_for(cls, config, data.dim, n_classes, data.n_states),
         folds={"protocol": folds.protocol, "n_folds": folds.n_folds, "seed": folds.seed,
                "sha256": folds_digest(folds)},
         flawed_compat=config.flawed, cache=cache or {},
         versions={"torch": torch.__version__, "numpy": np.__version__})
     folder = open_run_folder(out_dir, run, folds, overwrite) if out_dir is not None else None
-    log.info("%s head on layer %d: %d utterances, %d classes, %d folds (%s), device %s",
-             head, data.layer, len(data), n_classes, folds.n_folds, folds.protocol, device)
+    log.info("%s head on layer %s: %d utterances, %d classes, %d folds (%s), device %s",
+             head, label(data.layer), len(data), n_classes, folds.n_folds, folds.protocol, device)
 
     records, models = [], []
     for k in range(folds.n_folds):
@@ -602,15 +619,19 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         models.append(model)
         log.info("fold %d: UA %.4f WA %.4f (selected %s) train %.1fs eval %.2fs", k, record.metrics["ua"],
                  record.metrics["wa"], record.selected, record.train_seconds, record.eval_seconds)
+        if record.layer_weights is not None:
+            log.info("fold %d: layer weights %s", k, ", ".join(
+                f"{s}: {w:.3f}" for s, w in zip(data.layers, record.layer_weights)))
 
-    result = RunResult(head, int(data.layer), labels, config, records,
+    result = RunResult(head, data.layer, labels, config, records,
                        summarize([r.metrics for r in records], labels), models)
     if folder:
         folder.write_predictions(data.ids, labels, y, records)
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
                     "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
-                    "eval_seconds": r.eval_seconds, "history": r.history} for r in records]
-        folder.write_metrics(RunMetrics(head, int(data.layer), result.metrics, details))  # last: marks it finished
+                    "eval_seconds": r.eval_seconds, "history": r.history,
+                    **({"layer_weights": r.layer_weights} if r.layer_weights is not None else {})} for r in records]
+        folder.write_metrics(RunMetrics(head, to_json(data.layer), result.metrics, details))  # last: marks it finished
     return result
 
 
@@ -651,11 +672,12 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
     return folder
 
 
-def train_from_cache(cache_path: Path, layer: int, head: str, out_dir: Path | None,
+def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_dir: Path | None,
                      config: TrainConfig | None = None, protocol: str | None = None,
                      n_folds: int | None = None, fold_file: Path | None = None,
                      overwrite: bool = False) -> RunResult:
-    """Open a cache, read one layer, build its folds (seeded by config.seed) and run them.
+    """Open a cache, read one layer (or several: a tuple, or a --layer spec such as '2-5',
+    layers.py), build its folds (seeded by config.seed) and run them.
 
     protocol None: "file" with a fold file, "loso" when the corpus has groups, else "kfold"
     with n_folds (default per corpus, folds.DEFAULT_N_FOLDS).
@@ -665,8 +687,12 @@ def train_from_cache(cache_path: Path, layer: int, head: str, out_dir: Path | No
     config = config or TrainConfig()
     head_class_or_error(head)
     cache = open_cache(cache_path)  # read_layer runs the cheap checks (Cache.check) itself
-    if layer not in cache.layers:
-        raise ConfigError(f"layer {layer} is not in the cache {cache_path}; cached layers = {cache.layers}")
+    if isinstance(layer, str):
+        layer = parse_selection(layer, cache.settings.dims["n_audio_layer"] + 1)
+    missing = [s for s in states_of(layer) if s not in cache.layers]
+    if missing:
+        what = f"layer {missing[0]} is" if len(missing) == 1 else f"layers {missing} are"
+        raise ConfigError(f"{what} not in the cache {cache_path}; cached layers = {cache.layers}")
     data = cache.read_layer(layer)
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
                        n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed)

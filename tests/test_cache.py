@@ -154,3 +154,68 @@ def test_a_file_system_without_locks_is_named_with_the_fix(tmp_path, monkeypatch
     with pytest.raises(CacheError, match="does not support the locks.*local disk"):
         ShardClaims(tmp_path).take(0)
     assert list(tmp_path.iterdir()) == [tmp_path / f"{shard_name(0)}.lock"]  # only the empty lock file, harmless
+
+
+# --- several layers in one LayerData ------------------------------------------------------------
+
+
+def synthetic_cache(root, n_utts=48, per_shard=16, dim=64, states=(0, 1, 2), frames=(300, 600), seed=0):
+    """A cache of random states written through the cache's own writer (write_shard), larger
+    than the tiny Whisper's so that memory is dominated by the frames, in well under a second."""
+    from dataclasses import asdict
+
+    from ser_cache import cache as C
+    from ser_cache.records import Utterance, save_records
+
+    rng = np.random.default_rng(seed)
+    records = [Utterance(id=f"u{i:03d}", path=f"/nowhere/u{i:03d}.wav", label=("a", "b")[i % 2],
+                         speaker=f"s{i % 4}", duration=1.0) for i in range(n_utts)]
+    plan = [[r.id for r in records[k : k + per_shard]] for k in range(0, n_utts, per_shard)]
+    settings = C.CacheSettings(corpus="csv", model="synthetic", model_sha256="0" * 64,
+                               dims={"n_audio_state": dim, "n_audio_layer": max(states)}, mode="trim",
+                               dtype="float16", layers=list(states), long_audio="refuse", records_hash="-",
+                               n_records=n_utts, shard_bytes=1)
+    (root / C.SHARD_DIR).mkdir(parents=True)
+    save_records(records, root / C.RECORDS_FILE)
+    (root / C.PLAN_FILE).write_text(json.dumps(plan))
+    (root / C.SETTINGS_FILE).write_text(json.dumps({"settings": asdict(settings), "provenance": {}}))
+    for k, ids in enumerate(plan):
+        shard = [r for r in records if r.id in ids]
+        lengths = rng.integers(*frames, size=len(shard))
+        content = C.ShardContent(records=shard, speech_frames=lengths.tolist(), states=[
+            {s: rng.standard_normal((n, dim)).astype(np.float16) for s in states} for n in lengths])
+        C.write_shard(root / C.SHARD_DIR, k, content, list(states), dim, "float16")
+    return open_cache(root)
+
+
+def test_several_layers_are_stacked_in_each_row_in_state_order(tmp_path):
+    cache = synthetic_cache(tmp_path / "c", n_utts=12, per_shard=5, dim=8, frames=(3, 9))
+    one = {s: cache.read_layer(s) for s in (0, 2)}
+    both = cache.read_layer((0, 2))
+    assert both.layer == (0, 2) and both.layers == [0, 2] and both.n_states == 2
+    assert both.dim == 8 and both.width == 16 and one[0].width == one[0].dim == 8 and one[0].layer == 0
+    np.testing.assert_array_equal(both.frames, np.hstack([one[0].frames, one[2].frames]))
+    np.testing.assert_array_equal(both.offsets, one[0].offsets)
+    assert list(both.ids) == list(one[0].ids)
+    converted = cache.read_layer((0, 2), dtype=np.float32)  # the converting path fills the same columns
+    np.testing.assert_array_equal(converted.frames, both.frames.astype(np.float32))
+    assert cache.read_layer([2]).layer == 2  # one state is the single-layer case
+    with pytest.raises(CacheError, match=r"layers \[3, 4\] are not in this cache; it holds layers \[0, 1, 2\]"):
+        cache.read_layer((1, 3, 4))
+
+
+def test_reading_several_layers_peaks_near_their_stored_size(tmp_path):
+    """Each state is read into its own columns of the final array: no per-layer arrays to
+    stack, so the peak Python-visible allocation stays within 1.5x of the states' size."""
+    import tracemalloc
+
+    cache = synthetic_cache(tmp_path / "c")
+    stored = sum(info["frames"] for info in map(cache.sidecar, range(len(cache.plan)))) * cache.dim * 2 * 2
+    tracemalloc.start()
+    try:
+        data = cache.read_layer((0, 2))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert data.frames.nbytes == stored
+    assert stored <= peak <= 1.5 * stored, (peak, stored)  # the frames are seen, and little else

@@ -183,3 +183,76 @@ def test_input_standardisation_is_applied_and_saved():
     plain.load_state_dict({k: v for k, v in head.state_dict().items()} | {
         "input_mean": torch.zeros(6), "input_scale": torch.ones(6)})
     torch.testing.assert_close(plain((x - torch.tensor(mean)) / torch.tensor(std), mask), standardised, atol=1e-5, rtol=1e-5)
+
+
+# --- several states per frame -------------------------------------------------------------------
+
+
+def stacked_batch(n_states=3, seed=0):
+    """make_batch's frames with n_states states side by side in each row: (B, T, n_states * DIM)."""
+    g = torch.Generator().manual_seed(seed)
+    x, mask = make_batch(seed=seed)
+    x = torch.cat([x] + [torch.randn(x.shape, generator=g) for _ in range(n_states - 1)], dim=-1)
+    return x.masked_fill(~mask[..., None], 0.0), mask
+
+
+@pytest.mark.parametrize("name", TORCH_HEADS)
+def test_a_multi_layer_head_starts_with_equal_weights_and_keeps_them_summing_to_one(name, tmp_path):
+    head = build_head(name, DIM, N_CLASSES, d_model=32, n_states=3).eval()
+    assert head.layer_weights() == pytest.approx([1 / 3] * 3)
+    x, mask = stacked_batch()
+    assert head(x, mask).shape == (4, N_CLASSES)
+    with torch.no_grad():
+        head.mix.logits.copy_(torch.tensor([2.0, -1.0, 0.5]))
+    weights = head.layer_weights()
+    assert sum(weights) == pytest.approx(1) and weights[0] > weights[2] > weights[1]
+    options = head.options(TrainConfig(d_model=32), DIM, N_CLASSES, 3)
+    save_head(tmp_path / "h.pt", head, name, options, ["a"] * N_CLASSES, layer=(1, 2, 4))
+    again, info = load_head(tmp_path / "h.pt")
+    assert info["layer"] == [1, 2, 4] and info["kwargs"]["n_states"] == 3
+    assert again.layer_weights() == pytest.approx(weights)  # the weights travel in the state dict
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, mask), head(x, mask))
+
+
+@pytest.mark.parametrize("name", TORCH_HEADS)
+@pytest.mark.parametrize("junk", ["huge", "nan"])
+def test_padding_does_not_change_a_multi_layer_heads_output(name, junk):
+    torch.manual_seed(0)
+    head = build_head(name, DIM, N_CLASSES, d_model=32, n_states=2).eval()
+    x, mask = stacked_batch(2)
+    fill = float("nan") if junk == "nan" else 1e6
+    x2 = torch.cat([x, torch.full((4, 5, 2 * DIM), fill)], dim=1)
+    mask2 = torch.cat([mask, torch.zeros(4, 5, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x, mask), head(x2, mask2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TORCH_HEADS)
+def test_one_state_has_no_mix_and_the_same_parameters_as_before(name):
+    """A single-layer head has no layer weights at all: the same state dict, the same numbers."""
+    single = build_head(name, DIM, N_CLASSES, d_model=32)
+    assert single.mix is None and single.layer_weights() is None
+    assert not any("mix" in k for k in single.state_dict())
+    assert "n_states" not in single.options(TrainConfig(), DIM, N_CLASSES)
+    # Two copies of one state, equally weighted, are that state: the multi-layer head with the
+    # single head's weights gives the single head's logits.
+    torch.manual_seed(0)
+    single.eval()
+    double = build_head(name, DIM, N_CLASSES, d_model=32, n_states=2).eval()
+    state = single.state_dict()
+    state.update(input_mean=state["input_mean"].repeat(2), input_scale=state["input_scale"].repeat(2),
+                 **{"mix.logits": torch.zeros(2)})
+    double.load_state_dict(state)
+    x, mask = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(double(torch.cat([x, x], -1), mask), single(x, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_the_linear_probe_reads_every_state():
+    options = HEADS["linear"].options(TrainConfig(), DIM, N_CLASSES, 3)
+    assert options == {"dim": 3 * DIM, "n_classes": N_CLASSES}
+    probe = build_head("linear", **options)
+    assert probe.weight.shape == (N_CLASSES, 2 * 3 * DIM) and probe.weight.dtype == torch.float64
+    x, mask = stacked_batch()
+    assert probe(x, mask).dtype == torch.float64

@@ -260,3 +260,55 @@ def test_bad_file_fails_alone(exported, corpus, tiny_checkpoint, tmp_path):
 def test_a_run_fold_file_is_not_an_export(runs):
     with pytest.raises(PredictError, match="export it first"):
         load_exported(runs["qkv"] / "fold_0.pt")
+
+
+# --- a head on several layers -----------------------------------------------------------------
+
+STATES = (0, 1)  # of the tiny model's 0..2: the encoder can stop after block 1
+
+
+@pytest.fixture(scope="module")
+def multi_run(corpus, tiny_checkpoint):
+    root, records = corpus
+    cache = make_cache(root, records, tiny_checkpoint, "trim")
+    out = root / "run-multi-mean"
+    if not out.exists():
+        train_from_cache(cache, "0-1", "mean", out, TrainConfig(**SMALL), protocol="kfold", n_folds=3)
+    return out
+
+
+def test_an_exported_multi_layer_head_predicts_as_its_fold_head(multi_run, corpus, tiny_checkpoint, tmp_path):
+    root, records = corpus
+    export_run(multi_run, tmp_path / "m.pt", fold=0)
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["format"] == 3  # refused by name where unread
+    ex = load_exported(tmp_path / "m.pt")
+    assert ex.layer == STATES and ex.kwargs["n_states"] == 2
+    fold_head, _ = load_head(multi_run / "fold_0.pt")
+    assert ex.model.layer_weights() == pytest.approx(fold_head.layer_weights())
+    predictor = load_predictor(tmp_path / "m.pt", str(tiny_checkpoint))
+    ran = []  # the encoder stops after the highest state needed: block 2 never runs
+    predictor.enc.encoder.blocks[1].register_forward_pre_hook(lambda *a: ran.append(1))
+    data = open_cache(root / "cache-trim").read_layer(STATES)
+    by_id = {r.id: r for r in records}
+    from ser_cache.audio import load_utterance
+
+    rows = [0, 5, 9]
+    states = [predictor.states(load_utterance(by_id[data.ids[i]].path)[0])[0] for i in rows]
+    for i, s in zip(rows, states):
+        np.testing.assert_array_equal(s, data.utterance(i))  # stacked as the cache reader stacks them
+    assert not ran
+    x, mask = data.batch(rows)
+    with torch.no_grad():
+        expected = fold_head(x, mask).softmax(-1).numpy()
+    np.testing.assert_allclose(predictor.head_probs(states), expected, atol=1e-6)
+
+
+def test_a_multi_layer_run_exports_on_all_speakers_and_predicts(multi_run, corpus, tiny_checkpoint, tmp_path):
+    _, records = corpus
+    result = invoke("export", multi_run, "--out", tmp_path / "all.pt")
+    assert result.exit_code == 0, result.output
+    assert "mean head on layer 0+1, trained on all speakers" in result.output
+    result = invoke("predict", tmp_path / "all.pt", records[0].path, "--model", tiny_checkpoint, "--json")
+    assert result.exit_code == 0, result.output
+    assert "head on layer 0+1 of Whisper" in result.stderr and "1 run" in result.stderr
+    assert sum(json.loads(result.stdout)[0]["probabilities"].values()) == pytest.approx(1, abs=1e-5)

@@ -15,7 +15,7 @@ from ser_cache import sweep as S
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
-from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, load_sweep
+from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, WEIGHTS_PLOT, load_sweep
 from ser_cache.results import SweepFolder
 from ser_cache.sweep import SweepError, SweepSpec, Task, head_settings, parse_grid, run_sweep
 from ser_cache.training import Fit, TrainConfig
@@ -177,6 +177,9 @@ def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, mo
         def __init__(self, n_heads):
             self.n_heads = n_heads
 
+        def layer_weights(self):  # a head's interface: single-layer heads weigh no states
+            return None
+
     def fake_fit(head, data, y, train, select, config, n_classes, seed, device, fixed=None):
         assert not set(train) & set(select), "validation utterances reached training"
         test = set(range(len(data))) - set(train) - set(select)
@@ -270,3 +273,38 @@ def test_an_interrupt_stops_the_workers_at_once_and_the_rerun_finishes(caches, t
     outcome = run_sweep(spec, out, jobs=1, progress=False)
     assert outcome.tasks_done_before == done_before and outcome.tasks_run == 2 * N_FOLDS - done_before
     assert len(load_sweep(out).records) == 2 * N_FOLDS
+
+
+def test_multi_layer_cells_share_the_table_with_single_layer_cells(caches, full, tmp_path):
+    out = tmp_path / "multi"
+    spec = spec_for(caches["trim"], heads=["linear", "mean"], layers="1,2,1+2")
+    outcome = run_sweep(spec, out, jobs=1, progress=False)
+    assert outcome.tasks_total == outcome.tasks_run == 3 * 2 * N_FOLDS and not outcome.failures
+    assert json.loads((out / SweepFolder.CONFIG).read_text())["config"]["layers"] == {"tiny-trim": [1, 2, [1, 2]]}
+    assert outcome.timing.layers_read == 3  # each cell's states read once, the multi-layer cell in one array
+    rows = read_csv(out / RESULTS_FILE)
+    assert [r["layer"] for r in rows if r["head"] == "mean" and r["fold"] == "0"] == ["1", "2", "1+2"]
+    for r in rows:
+        weights = [float(w) for w in r["layer_weights"].split()]
+        assert (len(weights) == 2) == (r["layer"] == "1+2" and r["head"] == "mean")
+        assert not weights or sum(weights) == pytest.approx(1, abs=1e-3)
+    # the single-layer cells are those of a sweep without the multi-layer cell
+    reference = {(r.layer, r.fold): r.ua for r in load_sweep(full[0]).records if r.head == "linear" and r.seed == 0}
+    records = load_sweep(out).records
+    assert all(r.ua == reference[r.layer, r.fold] for r in records if r.head == "linear" and r.layer != [1, 2])
+    assert (out / "cells" / "tiny-trim" / "layers_01+02" / "mean-seed0-fold0.json").is_file()
+    summary = (out / SUMMARY_FILE).read_text(encoding="utf-8")
+    assert "| 1+2 | " in summary and "- 1+2, mean: state 1 0." in summary
+    assert (out / WEIGHTS_PLOT).stat().st_size > 10_000 and (out / LAYER_PLOT).stat().st_size > 10_000
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0 and str(out / WEIGHTS_PLOT) in result.output
+    assert not (full[0] / WEIGHTS_PLOT).exists()  # single-layer sweeps: no weights to draw
+
+
+def test_a_bad_layers_spec_names_the_fix(caches, tmp_path):
+    result = CliRunner().invoke(main, ["sweep", str(caches["trim"]), "--out", str(tmp_path / "x"),
+                                       "--layers", "all,[1-2"])
+    assert result.exit_code != 0 and "close the bracket, e.g. [2-5]" in result.output
+    result = CliRunner().invoke(main, ["sweep", str(caches["trim"]), "--out", str(tmp_path / "x"),
+                                       "--layers", "1+5"])
+    assert result.exit_code != 0 and "layers [5] are not in the cache" in result.output
