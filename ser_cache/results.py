@@ -114,7 +114,12 @@ class RunConfig(Record):
 
 @dataclass
 class FoldRecord(Record):
-    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids."""
+    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids.
+
+    tested: "selected" (the head as chosen on validation; n_train utterances) or "refit"
+    (retrained with that choice on training + validation, refit["n_train"] utterances; its
+    refit["val_ua"] is measured on utterances it trained on, selected["ua"] is the honest one).
+    """
 
     fold: int
     selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua"
@@ -127,6 +132,8 @@ class FoldRecord(Record):
     eval_seconds: float
     history: list = field(default_factory=list)
     compute_dtype: str = "float32"  # the arithmetic of the training steps
+    tested: str = "selected"  # or "refit"
+    refit: dict = field(default_factory=dict)  # n_train, val_ua, seconds (refit only)
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -193,6 +200,8 @@ class CellResult(Record):
     threads: int
     device: str
     compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
+    tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
+    refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
 
 
 @dataclass

@@ -12,6 +12,8 @@ Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains ev
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
 the chosen setting on the test speakers, once. The test speakers never influence a choice.
+With `--refit`, the chosen setting is first retrained on training + validation speakers with
+the epoch (or C) it chose (training.refit_selected); only that head is tested.
 Each task records the validation UA of every setting it tried and which one it chose. A grid
 key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs: every
 torch head); other heads run once with the defaults. The linear head also picks its C on
@@ -56,8 +58,8 @@ from .folds import Folds, make_folds
 from .heads import HEADS
 from .metrics import fold_metrics
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
-from .training import (NonFiniteLossError, TrainConfig, fit_head, fold_seed, predict_proba, resolve_device,
-                       settings_read)
+from .training import (NonFiniteLossError, TrainConfig, fit_selected, fold_seed, predict_proba, refit_selected,
+                       resolve_device, settings_read)
 
 log = logging.getLogger(__name__)
 
@@ -333,16 +335,20 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
     device = resolve_device(job.train.device)
     train, val, test = job.folds.aligned_to(data.ids).split(task.fold)
 
-    trials, best, best_values, train_seconds = [], None, None, 0.0
+    seed = fold_seed(task.seed, task.fold)
+    trials, best, best_values, best_config, train_seconds = [], None, None, None, 0.0
     for values in job.settings:
         config = replace(job.train, seed=task.seed, **values)
         # No test set here: the choice is made on validation only.
-        fit = fit_head(task.head, data, y, train, val, config, n_classes, fold_seed(task.seed, task.fold), device)
+        fit = fit_selected(task.head, data, y, train, val, config, n_classes, seed, device)
         train_seconds += fit.seconds
         trials.append({"setting": setting_label(values), "values": values, "val_ua": fit.selected["ua"],
                        "selected": fit.selected})
         if best is None or fit.selected["ua"] > best.selected["ua"]:  # ties keep the earlier setting
-            best, best_values = fit, values
+            best, best_values, best_config = fit, values, config
+    if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
+        best = refit_selected(best, task.head, data, y, train, val, best_config, n_classes, seed, device)
+        train_seconds += best.refit["seconds"]
 
     t0 = time.perf_counter()
     probs = predict_proba(best.model, data, test, device)
@@ -356,7 +362,8 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
         val_ua=best.selected["ua"], grid=trials, labels=labels, **metrics,
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
-        threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype)
+        threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
+        tested=best.tested, refit=best.refit)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------

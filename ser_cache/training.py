@@ -22,6 +22,13 @@ The paper trains attentive pooling 10 epochs and QKV 30; we default to 30 for ev
 the heads get the same budget, and because the epoch is chosen on validation a longer run only
 adds candidates (`--epochs 10` gives the paper's attentive schedule).
 
+Refit (`refit`, off by default): once the epoch (or C, or in a sweep the grid setting) is
+chosen on the validation speakers, the head is trained again from scratch on training +
+validation speakers with that choice and the same seed, and that head is tested, once. The
+test speakers still choose nothing; the validation speakers only stop being held out after
+they have chosen. With as many epochs as chosen, the refit head takes more steps per epoch
+(more utterances): the usual convention, and the one the all-speaker export follows.
+
 Compatibility switches reproduce two flaws of the reference code, for comparison only:
 `compat_select_on_test` trains on all non-test speakers and picks the epoch (or the linear
 head's C) on the test fold, which is optimistic; `compat_eval_dropout` leaves dropout on at
@@ -98,6 +105,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else mps, else cpu
     compute_dtype: str = "auto"  # training arithmetic: float32, bfloat16, or auto (the faster, measured)
+    refit: bool = False  # retrain on training + validation speakers with the choice made on validation, then test
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
 
@@ -113,6 +121,9 @@ class TrainConfig:
             (len(self.linear_c) >= 1 and min(self.linear_c) > 0, "linear_c must be positive values"),
             (self.patience >= 0, "patience must be >= 0 (0: train every epoch)"),
             (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {COMPUTE_DTYPES}"),
+            (not (self.refit and self.compat_select_on_test),
+             "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
+             "speakers: drop one of the two"),
         ]
         for ok, message in checks:
             if not ok:
@@ -293,9 +304,13 @@ def predict_proba(model: nn.Module, data: LayerData, index, device: torch.device
     """(len(index), n_classes) class probabilities of the utterances `index`, in that order."""
     index = np.asarray(index)
     batches, order = make_batches(data, None, index, EVAL_BATCH_SIZE, device)
-    probs = predict(model, batches, dropout)
+    return in_order(predict(model, batches, dropout), order, index)
+
+
+def in_order(rows: np.ndarray, order: np.ndarray, index) -> np.ndarray:
+    """`rows` (one per utterance of `order`) rearranged to follow `index`, the same utterances."""
     row = {int(u): i for i, u in enumerate(order)}
-    return probs[[row[int(u)] for u in index]]
+    return rows[[row[int(u)] for u in index]]
 
 
 def ua_of(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
@@ -476,6 +491,45 @@ def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: T
                                n_classes, seed, device, fixed)
 
 
+@dataclass
+class Chosen:
+    """What fitting on one split hands to its single test: the head, the choice made on
+    validation with its validation UA (`selected`), and, after `refit_selected`, how the
+    head was retrained (`refit`: n_train, val_ua, seconds; empty when not refit)."""
+
+    model: Head
+    selected: dict
+    history: list
+    seconds: float
+    compute_dtype: str = "float32"
+    refit: dict = field(default_factory=dict)
+
+    @property
+    def tested(self) -> str:
+        """Which head is tested: "selected" (as chosen on validation) or "refit"."""
+        return "refit" if self.refit else "selected"
+
+
+def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
+                 n_classes: int, seed: int, device: torch.device) -> Chosen:
+    """Head `name` fitted on `train` with its epoch (or C) chosen on `select`."""
+    fit = fit_head(name, data, y, train, select, config, n_classes, seed, device)
+    return Chosen(fit.model, fit.selected, fit.history, fit.seconds, fit.compute_dtype)
+
+
+def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
+                   config: TrainConfig, n_classes: int, seed: int, device: torch.device) -> Chosen:
+    """`chosen` retrained from scratch on train + select with the choice made on select and
+    the same seed. Its UA on `select` is recorded as refit["val_ua"]: those utterances were
+    trained on, so it measures fit, not generalisation (selected["ua"] stays the honest one)."""
+    key = head_class(name).selects
+    both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
+    fit = fit_head(name, data, y, both, None, config, n_classes, seed, device, fixed={key: chosen.selected[key]})
+    refit = {"n_train": len(both), "val_ua": ua_of(y[select], predict_proba(fit.model, data, select, device), n_classes),
+             "seconds": fit.seconds}
+    return dataclasses.replace(chosen, model=fit.model, seconds=chosen.seconds + fit.seconds, refit=refit)
+
+
 def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int = 2) -> dict:
     """The TrainConfig settings that decide head `name`'s result: its fitter's settings and its
     constructor options (what a grid key must change to matter for this head)."""
@@ -514,6 +568,9 @@ class RunResult:
         lines.append("  mean ± std: " + ", ".join(
             f"{name} {100 * s[key]['mean']:.2f} ± {100 * s[key]['std']:.2f}"
             for name, key in (("UA", "ua"), ("WA", "wa"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1"))))
+        if self.config.refit:
+            lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
+                         "validation (refit)")
         if self.config.flawed:
             lines.append("  FLAWED compatibility switches on (select_on_test={}, eval_dropout={}): "
                          "not an honest estimate".format(self.config.compat_select_on_test,
@@ -532,23 +589,27 @@ def fold_split(folds: Folds, k: int, config: TrainConfig) -> tuple[np.ndarray, n
 
 def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, config: TrainConfig,
                n_classes: int, device: torch.device) -> tuple[FoldRecord, Head]:
-    """Fit `head` on fold k's training speakers, choose on its validation speakers, test once."""
+    """Fit `head` on fold k's training speakers, choose on its validation speakers (then, with
+    config.refit, retrain on both with that choice), test once."""
     train, select, test = fold_split(folds, k, config)
     seed = fold_seed(config.seed, k)
     try:
-        fit = fit_head(head, data, y, train, select, config, n_classes, seed, device)
+        chosen = fit_selected(head, data, y, train, select, config, n_classes, seed, device)
+        if config.refit:
+            chosen = refit_selected(chosen, head, data, y, train, select, config, n_classes, seed, device)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"fold {k}, {e}") from None
     t0 = time.perf_counter()
     with fork_rng(device):  # seeded: even the FLAWED dropout at evaluation is reproducible
         torch.manual_seed(seed)
-        probs = predict_proba(fit.model, data, test, device, config.compat_eval_dropout)
-    record = FoldRecord(fold=k, selected=fit.selected, n_train=len(train), n_val=len(select),
+        probs = predict_proba(chosen.model, data, test, device, config.compat_eval_dropout)
+    record = FoldRecord(fold=k, selected=chosen.selected, n_train=len(train), n_val=len(select),
                         test_ids=data.ids[test].tolist(), probs=probs,
                         metrics=fold_metrics(y[test], probs.argmax(axis=1), n_classes),
-                        train_seconds=fit.seconds, eval_seconds=time.perf_counter() - t0, history=fit.history,
-                        compute_dtype=fit.compute_dtype)
-    return record, fit.model
+                        train_seconds=chosen.seconds, eval_seconds=time.perf_counter() - t0,
+                        history=chosen.history, compute_dtype=chosen.compute_dtype, tested=chosen.tested,
+                        refit=chosen.refit)
+    return record, chosen.model
 
 
 def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | None = None,
@@ -607,7 +668,8 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         folder.write_predictions(data.ids, labels, y, records)
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
                     "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
-                    "eval_seconds": r.eval_seconds, "history": r.history} for r in records]
+                    "eval_seconds": r.eval_seconds, "history": r.history, "tested": r.tested,
+                    "refit": r.refit} for r in records]
         folder.write_metrics(RunMetrics(head, int(data.layer), result.metrics, details))  # last: marks it finished
     return result
 
@@ -634,7 +696,9 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
         if folder.finished:
             raise ConfigError(f"{folder.root} already holds a finished run: choose another output folder "
                               "or allow overwriting")
-        differences = folder.read_config().same_work(run)
+        stored = folder.read_config()
+        stored.config = {**TrainConfig().to_dict(), **stored.config}  # settings added since: their defaults
+        differences = stored.same_work(run)
         if differences:
             raise ConfigError(f"{folder.root} holds an unfinished run with other settings:\n  "
                               + "\n  ".join(differences)

@@ -192,7 +192,9 @@ def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, mo
         pred = y[test] if model.n_heads == 4 else (y[test] + 1) % n_classes
         return np.eye(n_classes)[pred]
 
-    monkeypatch.setattr(S, "fit_head", fake_fit)
+    import ser_cache.training as T
+
+    monkeypatch.setattr(T, "fit_head", fake_fit)  # what the sweep's fit_selected calls
     monkeypatch.setattr(S, "predict_proba", fake_test)
     spec = spec_for(caches["trim"], heads=["qkv"], layers="2", grid=parse_grid(["heads=2,4"]))
     run_sweep(spec, tmp_path / "grid", jobs=1, progress=False)
@@ -270,3 +272,15 @@ def test_an_interrupt_stops_the_workers_at_once_and_the_rerun_finishes(caches, t
     outcome = run_sweep(spec, out, jobs=1, progress=False)
     assert outcome.tasks_done_before == done_before and outcome.tasks_run == 2 * N_FOLDS - done_before
     assert len(load_sweep(out).records) == 2 * N_FOLDS
+
+
+def test_refit_retrains_the_chosen_setting_on_training_and_validation(caches, tmp_path):
+    spec = spec_for(caches["trim"], heads=["mean", "linear"], layers="2", train=replace(TRAIN, refit=True),
+                    grid=parse_grid(["lr=1e-3,3e-3"]))
+    run_sweep(spec, tmp_path / "refit", jobs=1, progress=False)
+    records = load_sweep(tmp_path / "refit").records
+    assert len(records) == 2 * N_FOLDS
+    for r in records:
+        assert r.tested == "refit" and r.refit["n_train"] == r.n_train + r.n_val
+        assert r.val_ua == max(g["val_ua"] for g in r.grid)  # chosen before the refit, on validation
+    assert "refit" in (tmp_path / "refit" / SUMMARY_FILE).read_text()

@@ -215,6 +215,46 @@ def test_linear_run_folder(data, tmp_path):
     assert r.metrics["ua"]["mean"] > 0.9  # the class shifts its own dimension: easy
 
 
+# --- refit after selection ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head, key", [("qkv", "epoch"), ("linear", "C")])
+def test_refit_trains_on_training_and_validation_with_the_choice_then_tests_once(data, monkeypatch, head, key):
+    import ser_cache.training as T
+
+    folds, fits, scored = folds_of(data), [], []
+    real_fit, real_predict = T.fit_head, T.predict_proba
+
+    def fit_head(name, d, y, train, select, config, n, seed, device, fixed=None):
+        fit = real_fit(name, d, y, train, select, config, n, seed, device, fixed)
+        fits.append((set(np.asarray(train).tolist()), select, seed, fixed, fit.model))
+        return fit
+
+    monkeypatch.setattr(T, "fit_head", fit_head)
+    monkeypatch.setattr(T, "predict_proba", lambda model, d, index, *a: (
+        scored.append((model, set(np.asarray(index).tolist()))), real_predict(model, d, index, *a))[1])
+    r = run_folds(data, folds, head, TrainConfig(**SMALL, refit=True, linear_c=(0.1, 1.0)))
+    assert len(fits) == 2 * folds.n_folds
+    for f, first, second in zip(r.folds, fits[::2], fits[1::2]):
+        train, val, test = (set(i.tolist()) for i in folds.split(f.fold))
+        assert first[0] == train and set(first[1].tolist()) == val and first[3] is None  # chosen on validation
+        assert second[0] == train | val and second[1] is None  # then trained on both ...
+        assert second[3] == {key: f.selected[key]} and second[2] == first[2]  # ... with that choice, same seed
+        assert not (train | val) & test  # the test fold trained and chose nothing
+        assert [model for model, index in scored if index == test] == [second[4]]  # tested once: the refit head
+        assert f.tested == "refit" and f.n_train == len(train) and f.refit["n_train"] == len(train | val)
+        assert 0 <= f.selected["ua"] <= 1 and 0 <= f.refit["val_ua"] <= 1  # both validation figures
+    plain = run_folds(data, folds, head, TrainConfig(**SMALL, linear_c=(0.1, 1.0)))
+    assert [f.selected for f in plain.folds] == [f.selected for f in r.folds]  # the same choices
+    assert all(f.tested == "selected" and f.refit == {} for f in plain.folds)
+    assert "refit" in r.table() and "refit" not in plain.table()
+
+
+def test_refit_with_selection_on_the_test_fold_is_refused():
+    with pytest.raises(ConfigError, match="refit"):
+        TrainConfig(refit=True, compat_select_on_test=True)
+
+
 # --- the reason for attention pooling ---------------------------------------------------------
 
 
