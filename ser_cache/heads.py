@@ -33,8 +33,12 @@ average or softmax with the mask (-inf scores, masked sums). Every row needs >= 
 standard deviation of the raw frames. It is a module like the others (its statistics,
 standardisation and weights are float64 buffers), fitted by scikit-learn.
 
+Several heads of one kind trained with different seeds act as one through `Ensemble`, whose
+class probabilities are the mean of its members' (see its docstring for what its logits are).
+
 Every head is saved as its registry name, constructor options and state dict
-(`save_head` / `load_head`), which loads with `weights_only=True`: no pickled code.
+(`save_head` / `load_head`), which loads with `weights_only=True`: no pickled code. An
+ensemble is saved the same way, plus its number of members.
 
 Default sizes: 12 heads of 4 dimensions for both attentive and QKV pooling. 12 x 4 is the
 paper's QKV setting and the attentive setting of its one IEMOCAP number that could be read
@@ -266,6 +270,33 @@ def masked_statistics(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, var.sqrt()], dim=1)
 
 
+class Ensemble(Head):
+    """Members: heads of one kind and options, trained with different seeds, used as one.
+
+    Its probabilities are the mean of the members' class probabilities. Heads return logits,
+    so the ensemble returns the log of that mean,
+
+        logits = log(1/M sum_m softmax(l_m)) = logsumexp_m(log_softmax(l_m)) - log M,
+
+    which softmax maps back to the mean probabilities (they already sum to 1), so everything
+    that takes softmax(logits) (evaluation, prediction) uses the averaged probabilities, and
+    argmax picks the class of highest mean probability. These are not the mean of the members'
+    logits: that would be a normalised geometric mean of their probabilities. A class that
+    every member gives probability 0 (the linear probe's unseen classes) keeps logit -inf.
+    """
+
+    def __init__(self, members: list[Head]):
+        super().__init__()
+        assert len(members) >= 1 and len({type(m) for m in members}) == 1, "members: heads of one kind"
+        self.members = nn.ModuleList(members)
+        self.selects = members[0].selects
+
+    def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # inputs() is the identity here: each member applies its own fixed transform.
+        log_probs = torch.stack([m(z, mask).log_softmax(dim=-1) for m in self.members])  # (M, B, n_classes)
+        return log_probs.logsumexp(dim=0) - math.log(len(self.members))
+
+
 HEADS: dict[str, type[Head]] = {
     "linear": LinearProbe,
     "mean": MeanPoolHead,
@@ -286,21 +317,37 @@ def build_head(name: str, dim: int, n_classes: int, **options) -> Head:
     return head_class(name)(dim, n_classes, **options)
 
 
+def rebuild_head(name: str, options: dict, members: int | None = None) -> Head:
+    """A fresh head to load a saved state into: head `name` with its constructor `options`,
+    or an Ensemble of `members` such heads."""
+    if members is None:
+        return build_head(name, **options)
+    return Ensemble([build_head(name, **options) for _ in range(members)])
+
+
+def n_members(head: Head) -> int | None:
+    """The number of members of an Ensemble, None for a single head (what rebuild_head takes)."""
+    return len(head.members) if isinstance(head, Ensemble) else None
+
+
 def save_head(path: Path, head: Head, name: str, options: dict, labels: list[str], layer: int,
               **extra) -> None:
     """Save a trained head with what rebuilds it, atomically: a torch.save dict of the registry
-    name, constructor options (with dim and n_classes), label names, layer, `extra` (plain
-    values) and the state dict. Loads with weights_only=True."""
+    name, constructor options (with dim and n_classes), label names, layer, for an Ensemble
+    its number of "members" (of that name and options), `extra` (plain values) and the state
+    dict. Loads with weights_only=True."""
     from .files import save_torch_atomic
 
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
     info = {"head": name, "kwargs": dict(options), "labels": list(labels), "layer": int(layer), **extra}
+    if isinstance(head, Ensemble):
+        info["members"] = n_members(head)
     save_torch_atomic(path, {**info, "state_dict": state})
 
 
 def load_head(path: Path) -> tuple[Head, dict]:
     """(head in eval mode, its info dict) from a file written by `save_head`."""
     info = torch.load(path, map_location="cpu", weights_only=True)
-    head = build_head(info["head"], **info["kwargs"])
+    head = rebuild_head(info["head"], info["kwargs"], info.get("members"))
     head.load_state_dict(info.pop("state_dict"))
     return head.eval(), info

@@ -119,6 +119,9 @@ class FoldRecord(Record):
     tested: "selected" (the head as chosen on validation; n_train utterances) or "refit"
     (retrained with that choice on training + validation, refit["n_train"] utterances; its
     refit["val_ua"] is measured on utterances it trained on, selected["ua"] is the honest one).
+    members: an ensemble's members, each {"seed", its choice, "ua", "history"} (then history
+    is empty, selected["ua"] is the validation UA of their mean probabilities and selected's
+    choice the median of theirs); empty for one head.
     """
 
     fold: int
@@ -134,6 +137,7 @@ class FoldRecord(Record):
     compute_dtype: str = "float32"  # the arithmetic of the training steps
     tested: str = "selected"  # or "refit"
     refit: dict = field(default_factory=dict)  # n_train, val_ua, seconds (refit only)
+    members: list = field(default_factory=list)  # ensembles only
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -202,6 +206,7 @@ class CellResult(Record):
     compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
     tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
     refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
+    members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
 
 
 @dataclass

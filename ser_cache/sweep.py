@@ -12,8 +12,11 @@ Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains ev
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
 the chosen setting on the test speakers, once. The test speakers never influence a choice.
-With `--refit`, the chosen setting is first retrained on training + validation speakers with
-the epoch (or C) it chose (training.refit_selected); only that head is tested.
+With `--ensemble N`, every setting is N heads of different seeds, each choosing its epoch on
+validation, and settings are compared by the validation UA of their mean probabilities
+(training.fit_selected). With `--refit`, the chosen setting is first retrained on training +
+validation speakers with the epoch (or C) it chose (training.refit_selected); only that head
+is tested.
 Each task records the validation UA of every setting it tried and which one it chose. A grid
 key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs: every
 torch head); other heads run once with the defaults. The linear head also picks its C on
@@ -363,7 +366,7 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
-        tested=best.tested, refit=best.refit)
+        tested=best.tested, refit=best.refit, members=best.members)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------

@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ from .device import pick_device
 from .errors import OptionError, UserError
 from .features import LayerData
 from .folds import Folds, make_folds
-from .heads import Head, head_class, load_head, save_head
+from .heads import Ensemble, Head, head_class, load_head, save_head
 from .metrics import fold_metrics, summarize
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
 
@@ -106,6 +107,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available, else mps, else cpu
     compute_dtype: str = "auto"  # training arithmetic: float32, bfloat16, or auto (the faster, measured)
     refit: bool = False  # retrain on training + validation speakers with the choice made on validation, then test
+    ensemble: int = 1  # heads per fold, seeds member_seed(fold seed, m), probabilities averaged (heads.Ensemble)
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
 
@@ -120,6 +122,7 @@ class TrainConfig:
             (min(self.d_model, self.n_heads, self.head_dim) >= 1, "d_model, n_heads, head_dim must be >= 1"),
             (len(self.linear_c) >= 1 and min(self.linear_c) > 0, "linear_c must be positive values"),
             (self.patience >= 0, "patience must be >= 0 (0: train every epoch)"),
+            (self.ensemble >= 1, "ensemble must be >= 1 (1: one head per fold)"),
             (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {COMPUTE_DTYPES}"),
             (not (self.refit and self.compat_select_on_test),
              "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
@@ -238,6 +241,12 @@ def fold_seed(seed: int, fold: int) -> int:
     return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
 
 
+def member_seed(seed: int, member: int) -> int:
+    """Seed of ensemble member `member` of a fit seeded `seed` (a fold's: fold_seed(seed, fold)).
+    Member 0 keeps `seed`, so an ensemble of one is the plain head."""
+    return seed if member == 0 else int(np.random.SeedSequence([seed, member]).generate_state(1)[0])
+
+
 # --- batches ---------------------------------------------------------------------------------
 
 
@@ -339,6 +348,7 @@ class Fit:
     history: list
     seconds: float
     compute_dtype: str = "float32"  # the arithmetic of the training steps
+    select_probs: np.ndarray | None = None  # (len(select), n_classes) of the choice, in select's order
 
 
 def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
@@ -380,7 +390,7 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return model.logits(z, mask).float()
 
-        best_ua, best_epoch, best_state, history = None, last, None, []
+        best_ua, best_epoch, best_state, best_probs, history = None, last, None, None, []
         for epoch in range(last + 1):
             lr = get_lr(epoch, config)
             train_loss = train_epoch(step, model, optimizer, loss_fn, train_batches, rng, lr)
@@ -393,7 +403,7 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
                 probs = predict(model, select_batches, config.compat_eval_dropout, step)
                 entry["select_ua"] = ua = ua_of(y[select_order], probs, n_classes)
                 if best_ua is None or ua > best_ua:  # ties keep the earlier epoch
-                    best_ua, best_epoch = ua, epoch
+                    best_ua, best_epoch, best_probs = ua, epoch, probs
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             history.append(entry)
             log.debug("epoch %d lr %.2e loss %.4f %s", epoch, lr, train_loss, entry.get("select_ua", ""))
@@ -403,7 +413,8 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         if best_state is not None:
             model.load_state_dict(best_state)
     return Fit(model.eval(), options, {"epoch": best_epoch, "ua": best_ua}, history, time.perf_counter() - t0,
-               str(dtype).removeprefix("torch."))
+               str(dtype).removeprefix("torch."),
+               None if best_probs is None else in_order(best_probs, select_order, select))
 
 
 def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float) -> float:
@@ -439,24 +450,25 @@ def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndar
 
     t0 = time.perf_counter()
     features = data.statistics
-    best_ua, best_c, best, history = None, None, None, []
+    best_ua, best_c, best, best_probs, history = None, None, None, None, []
     for c in config.linear_c if fixed is None else (float(fixed["C"]),):
         pipeline = make_pipeline(StandardScaler(), LogisticRegression(
             C=c, max_iter=config.linear_max_iter, random_state=seed,
             class_weight="balanced" if config.class_weights else None)).fit(features[train], y[train])
-        ua = None
+        ua = probs = None
         if fixed is None:
             probs = np.zeros((len(select), n_classes))
             probs[:, pipeline.classes_] = pipeline.predict_proba(features[select])
             ua = ua_of(y[select], probs, n_classes)
             history.append({"C": c, "select_ua": ua})
         if best is None or ua > best_ua:  # ties keep the smaller C, the first of the grid
-            best_ua, best_c, best = ua, c, pipeline
+            best_ua, best_c, best, best_probs = ua, c, pipeline, probs
     options = cls.options(config, data.dim, n_classes)
     scaler, logreg = best[0], best[-1]
     model = cls(**options).from_fitted(scaler.mean_, scaler.scale_, logreg.coef_, logreg.intercept_,
                                        logreg.classes_)
-    return Fit(model.to(device).eval(), options, {"C": best_c, "ua": best_ua}, history, time.perf_counter() - t0)
+    return Fit(model.to(device).eval(), options, {"C": best_c, "ua": best_ua}, history, time.perf_counter() - t0,
+               select_probs=best_probs)
 
 
 @dataclass(frozen=True)
@@ -493,9 +505,11 @@ def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: T
 
 @dataclass
 class Chosen:
-    """What fitting on one split hands to its single test: the head, the choice made on
-    validation with its validation UA (`selected`), and, after `refit_selected`, how the
-    head was retrained (`refit`: n_train, val_ua, seconds; empty when not refit)."""
+    """What fitting on one split hands to its single test: the head (a heads.Ensemble for
+    config.ensemble > 1), the choice made on validation with its validation UA (`selected`),
+    each ensemble member's own (`members`: seed, choice, ua, history; empty for one head),
+    and, after `refit_selected`, how the head was retrained (`refit`: n_train, val_ua,
+    seconds; empty when not refit)."""
 
     model: Head
     selected: dict
@@ -503,6 +517,7 @@ class Chosen:
     seconds: float
     compute_dtype: str = "float32"
     refit: dict = field(default_factory=dict)
+    members: list = field(default_factory=list)
 
     @property
     def tested(self) -> str:
@@ -512,22 +527,43 @@ class Chosen:
 
 def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
                  n_classes: int, seed: int, device: torch.device) -> Chosen:
-    """Head `name` fitted on `train` with its epoch (or C) chosen on `select`."""
-    fit = fit_head(name, data, y, train, select, config, n_classes, seed, device)
-    return Chosen(fit.model, fit.selected, fit.history, fit.seconds, fit.compute_dtype)
+    """Head `name` fitted on `train` with its epoch (or C) chosen on `select`.
+
+    config.ensemble = N > 1: N members seeded member_seed(seed, m), each choosing its own
+    epoch (or C) on `select`, as one heads.Ensemble. Its selected["ua"] is the validation UA
+    of the members' mean probabilities (what a sweep compares settings by) and selected[key]
+    the median (lower middle) of their choices, for tables; each member's is in `members`.
+    (The linear probe's fit does not depend on the seed: its members are alike.)
+    """
+    fits = [fit_head(name, data, y, train, select, config, n_classes, member_seed(seed, m), device)
+            for m in range(config.ensemble)]
+    seconds = sum(f.seconds for f in fits)
+    if len(fits) == 1:
+        fit = fits[0]
+        return Chosen(fit.model, fit.selected, fit.history, seconds, fit.compute_dtype)
+    key = head_class(name).selects
+    members = [{"seed": member_seed(seed, m), **f.selected, "history": f.history} for m, f in enumerate(fits)]
+    ua = ua_of(y[select], np.mean([f.select_probs for f in fits], axis=0), n_classes)
+    selected = {key: statistics.median_low(f.selected[key] for f in fits), "ua": ua}
+    return Chosen(Ensemble([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
 
 
 def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
                    config: TrainConfig, n_classes: int, seed: int, device: torch.device) -> Chosen:
     """`chosen` retrained from scratch on train + select with the choice made on select and
-    the same seed. Its UA on `select` is recorded as refit["val_ua"]: those utterances were
-    trained on, so it measures fit, not generalisation (selected["ua"] stays the honest one)."""
+    the same seed (an ensemble: every member with its own choice and seed). Its UA on
+    `select` is recorded as refit["val_ua"]: those utterances were trained on, so it measures
+    fit, not generalisation (selected["ua"] stays the honest one)."""
     key = head_class(name).selects
     both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
-    fit = fit_head(name, data, y, both, None, config, n_classes, seed, device, fixed={key: chosen.selected[key]})
-    refit = {"n_train": len(both), "val_ua": ua_of(y[select], predict_proba(fit.model, data, select, device), n_classes),
-             "seconds": fit.seconds}
-    return dataclasses.replace(chosen, model=fit.model, seconds=chosen.seconds + fit.seconds, refit=refit)
+    choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
+    fits = [fit_head(name, data, y, both, None, config, n_classes, member_seed(seed, m), device, fixed={key: c})
+            for m, c in enumerate(choices)]
+    model = fits[0].model if len(fits) == 1 else Ensemble([f.model for f in fits])
+    seconds = sum(f.seconds for f in fits)
+    refit = {"n_train": len(both), "val_ua": ua_of(y[select], predict_proba(model, data, select, device), n_classes),
+             "seconds": seconds}
+    return dataclasses.replace(chosen, model=model, seconds=chosen.seconds + seconds, refit=refit)
 
 
 def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int = 2) -> dict:
@@ -568,6 +604,9 @@ class RunResult:
         lines.append("  mean ± std: " + ", ".join(
             f"{name} {100 * s[key]['mean']:.2f} ± {100 * s[key]['std']:.2f}"
             for name, key in (("UA", "ua"), ("WA", "wa"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1"))))
+        if self.config.ensemble > 1:
+            lines.append(f"  ensembles of {self.config.ensemble} heads per fold (seeds derived from the fold's), "
+                         f"probabilities averaged; {sel}: the median of the members' choices on validation")
         if self.config.refit:
             lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
                          "validation (refit)")
@@ -608,7 +647,7 @@ def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, 
                         metrics=fold_metrics(y[test], probs.argmax(axis=1), n_classes),
                         train_seconds=chosen.seconds, eval_seconds=time.perf_counter() - t0,
                         history=chosen.history, compute_dtype=chosen.compute_dtype, tested=chosen.tested,
-                        refit=chosen.refit)
+                        refit=chosen.refit, members=chosen.members)
     return record, chosen.model
 
 
@@ -669,7 +708,7 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
                     "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
                     "eval_seconds": r.eval_seconds, "history": r.history, "tested": r.tested,
-                    "refit": r.refit} for r in records]
+                    "refit": r.refit, "members": r.members} for r in records]
         folder.write_metrics(RunMetrics(head, int(data.layer), result.metrics, details))  # last: marks it finished
     return result
 

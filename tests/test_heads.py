@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ser_cache.features import LayerData
-from ser_cache.heads import HEADS, build_head, load_head, save_head
+from ser_cache.heads import HEADS, Ensemble, build_head, load_head, save_head
 from ser_cache.training import TrainConfig, fit_head
 
 TORCH_HEADS = ["mean", "attentive", "qkv"]  # the pooling heads
@@ -105,6 +105,40 @@ def test_head_round_trip(name, tmp_path):
     x, mask = make_batch()
     with torch.no_grad():
         torch.testing.assert_close(head(x, mask), again(x, mask))
+
+
+def test_an_ensemble_gives_the_mean_of_its_members_probabilities(tmp_path):
+    """Its logits are log mean probabilities: softmax gives the mean back, padding changes
+    nothing, and it saves and loads as one file."""
+    torch.manual_seed(0)
+    members = [fresh("qkv") for _ in range(3)]
+    ensemble = Ensemble(members).eval()
+    x, mask = make_batch()
+    with torch.no_grad():
+        mean = torch.stack([m(x, mask).softmax(-1) for m in members]).mean(0)
+        torch.testing.assert_close(ensemble(x, mask).softmax(-1), mean)
+        torch.testing.assert_close(ensemble(x, mask).exp(), mean)  # already normalised
+        torch.testing.assert_close(Ensemble(members[:1])(x, mask).softmax(-1), members[0](x, mask).softmax(-1))
+        padded = torch.cat([x, torch.full((4, 3, DIM), float("nan"))], 1)
+        torch.testing.assert_close(ensemble(padded, torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], 1)),
+                                   ensemble(x, mask))
+    save_head(tmp_path / "e.pt", ensemble, "qkv", members[0].options(TrainConfig(d_model=32), DIM, N_CLASSES),
+              ["a"] * N_CLASSES, layer=1)
+    again, info = load_head(tmp_path / "e.pt")
+    assert isinstance(again, Ensemble) and len(again.members) == 3 and info["members"] == 3 and info["head"] == "qkv"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, mask), ensemble(x, mask))
+
+
+def test_an_ensemble_keeps_a_class_no_member_saw_at_probability_zero():
+    probes = [fresh("linear") for _ in range(2)]
+    for p in probes:
+        p.bias[1] = -float("inf")  # class 1 absent from training
+    x, mask = make_batch()
+    with torch.no_grad():
+        probs = Ensemble(probes)(x, mask).softmax(-1)
+    assert torch.isfinite(probs).all() and (probs[:, 1] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=probs.dtype))
 
 
 def tiny_layer(n=30, seed=0):

@@ -2,6 +2,7 @@
 the reason attention pooling exists (evidence in a few frames beats a time average)."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,6 +254,64 @@ def test_refit_trains_on_training_and_validation_with_the_choice_then_tests_once
 def test_refit_with_selection_on_the_test_fold_is_refused():
     with pytest.raises(ConfigError, match="refit"):
         TrainConfig(refit=True, compat_select_on_test=True)
+
+
+# --- seed ensembles --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["linear", "qkv"])
+def test_an_ensemble_of_one_is_the_plain_run(head):
+    """The pinned run's settings (tests/test_pinned_run.py) with ensemble=1 spelt out give its
+    pinned choices and probabilities: member 0 keeps the fold's seed."""
+    pinned = json.loads((Path(__file__).parent / "data" / "pinned_run.json").read_text())[head]
+    data = layer_data(n_speakers=6, per_speaker=8, seed=3)
+    r = run_folds(data, folds_of(data), head, TrainConfig(**{**SMALL, "epochs": 8}, lr=3e-3, seed=1, ensemble=1))
+    assert [{k: v for k, v in f.selected.items() if k != "ua"} for f in r.folds] == pinned["selected"]
+    row = {u: i for i, u in enumerate(data.ids)}
+    for f in r.folds:
+        np.testing.assert_allclose(f.probs, np.asarray(pinned["probs"])[[row[u] for u in f.test_ids]], atol=1e-5)
+        assert f.members == []
+
+
+def test_an_ensemble_averages_members_that_choose_their_own_epochs(data, tmp_path):
+    from ser_cache.heads import Ensemble
+
+    folds, out = folds_of(data), tmp_path / "run"
+    plain = run_folds(data, folds, "qkv", TrainConfig(**SMALL))
+    r = run_folds(data, folds, "qkv", TrainConfig(**SMALL, ensemble=3), out)
+    for f, p in zip(r.folds, plain.folds):
+        seeds = [m["seed"] for m in f.members]
+        assert len(set(seeds)) == 3 and seeds[0] == fold_seed(0, f.fold)  # member 0: the plain run's seed
+        assert all(0 <= m["epoch"] < SMALL["epochs"] and len(m["history"]) == SMALL["epochs"] for m in f.members)
+        model, info = load_head(out / f"fold_{f.fold}.pt")  # every member saved, in one file
+        assert isinstance(model, Ensemble) and len(model.members) == 3 and info["members"] == 3
+        x, mask = data.batch(folds.split(f.fold)[2])
+        with torch.no_grad():
+            members = [m(x, mask).softmax(-1).numpy() for m in model.members]
+        np.testing.assert_allclose(f.probs, np.mean(members, axis=0), atol=1e-6)  # the mean of N members
+        np.testing.assert_allclose(members[0], p.probs, atol=1e-6)  # member 0 is the plain head
+    assert "ensembles of 3" in r.table()
+    (out / "metrics.json").unlink()  # resumes from the saved ensembles: same results
+    for name in ("fold_2.pt", "fold_2.json"):
+        (out / name).unlink()
+    assert run_folds(data, folds, "qkv", TrainConfig(**SMALL, ensemble=3), out).metrics == r.metrics
+
+
+def test_a_refit_ensemble_retrains_each_member_with_its_own_epoch(data, monkeypatch):
+    import ser_cache.training as T
+
+    real, fixed_calls = T.fit_head, []
+
+    def fit_head(*args, fixed=None):
+        if fixed is not None:
+            fixed_calls.append((args[7], fixed))  # (seed, choice)
+        return real(*args, fixed=fixed)
+
+    monkeypatch.setattr(T, "fit_head", fit_head)
+    r = run_folds(data, folds_of(data), "mean", TrainConfig(**SMALL, ensemble=2, refit=True))
+    for k, f in enumerate(r.folds):
+        assert f.tested == "refit" and len(f.members) == 2
+        assert fixed_calls[2 * k : 2 * k + 2] == [(m["seed"], {"epoch": m["epoch"]}) for m in f.members]
 
 
 # --- the reason for attention pooling ---------------------------------------------------------
