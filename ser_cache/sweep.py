@@ -18,8 +18,8 @@ validation, and settings are compared by the validation UA of their mean probabi
 validation speakers with the epoch (or C) it chose (training.refit_selected); only that head
 is tested.
 Each task records the validation UA of every setting it tried and which one it chose. A grid
-key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs: every
-torch head); other heads run once with the defaults. The linear head also picks its C on
+key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs,
+time_mask: every torch head); other heads run once with the defaults. The linear head also picks its C on
 validation (training.py).
 
 Reading and running. A layer is read once (`Cache.read_layer`), put in shared memory, and
@@ -77,7 +77,7 @@ MAX_DEFAULT_JOBS = 8
 LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
 GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
-             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights")
+             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask")
 # Not part of what a sweep computes (where it runs, not what): a re-run may change these.
 FREE_TRAIN_KEYS = ("seed", "device")
 

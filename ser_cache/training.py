@@ -29,6 +29,16 @@ test speakers still choose nothing; the validation speakers only stop being held
 they have chosen. With as many epochs as chosen, the refit head takes more steps per epoch
 (more utterances): the usual convention, and the one the all-speaker export follows.
 
+Time masking (`time_mask`, off by default; a sweep grid key, so it can be chosen on validation):
+each training batch loses about that fraction of every utterance's real frames, in spans of
+MASK_SPAN frames at random places, and the remaining frames close up (`drop_spans`). Spans,
+not single frames: neighbouring 20 ms states have seen each other through self-attention, so
+one dropped frame is all but restored by its neighbours, while a 200 ms gap removes a
+syllable's worth. Removed, not zeroed: after standardisation a zero frame is the average
+frame, which pooling would still count; a removed frame is simply not there, for every head
+(the GRU of `cta` included). Padding is never counted or kept, every utterance keeps at least
+one frame, and validation, test and export never mask.
+
 Compatibility switches reproduce two flaws of the reference code, for comparison only:
 `compat_select_on_test` trains on all non-test speakers and picks the epoch (or the linear
 head's C) on the test fold, which is optimistic; `compat_eval_dropout` leaves dropout on at
@@ -71,6 +81,7 @@ from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_tempor
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+MASK_SPAN = 10  # frames per time-masking span: 200 ms of 20 ms encoder frames, about a syllable
 BUCKET_BATCHES = 32  # training batches per length bucket: shuffled, then sorted within a bucket
 EVAL_BATCH_SIZE = 64  # evaluation has no gradients, so larger batches are cheap
 FLOAT32_BATCH_BYTES = 3 * 2**30  # batches up to this size are held in float32 (see make_batches)
@@ -108,6 +119,7 @@ class TrainConfig:
     compute_dtype: str = "auto"  # training arithmetic: float32, bfloat16, or auto (the faster, measured)
     refit: bool = False  # retrain on training + validation speakers with the choice made on validation, then test
     ensemble: int = 1  # heads per fold, seeds member_seed(fold seed, m), probabilities averaged (heads.Ensemble)
+    time_mask: float = 0.0  # training only: fraction of each utterance's frames dropped, in spans (drop_spans)
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
 
@@ -119,6 +131,7 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (0 <= self.time_mask < 1, "time_mask must be in [0, 1) (0: off)"),
             (min(self.d_model, self.n_heads, self.head_dim) >= 1, "d_model, n_heads, head_dim must be >= 1"),
             (len(self.linear_c) >= 1 and min(self.linear_c) > 0, "linear_c must be positive values"),
             (self.patience >= 0, "patience must be >= 0 (0: train every epoch)"),
@@ -296,6 +309,38 @@ def batch_order(data: LayerData, index, batch_size: int, rng: np.random.Generato
                            for p in np.split(perm, range(bucket, len(perm), bucket))])
 
 
+def drop_spans(x: torch.Tensor, mask: torch.Tensor, fraction: float, span: int = MASK_SPAN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Time masking of a training batch: remove about `fraction` of each utterance's real
+    frames, in spans of `span` frames, and close up the gaps.
+
+    x: (B, T, dim), mask: (B, T) bool, True on each row's first n_b frames. Each row's real
+    frames are cut into spans of `span` frames from a random phase (so the first and last
+    may be shorter) and round(fraction * spans) of them, rounded at random so that the
+    expected fraction is exact, are dropped, but never all: at least one span, so one frame,
+    stays. Padded frames are never counted, dropped or kept. Returns (x', mask') with
+    T' = the longest kept row: each row's kept frames in their order, then zero padding.
+    Draws from torch's global RNG (seeded per fit).
+    """
+    B, T = mask.shape
+    device = mask.device
+    n = mask.sum(dim=1)  # (B,) real frames, >= 1
+    phase = torch.randint(0, span, (B,), device=device)
+    chunk = (torch.arange(T, device=device)[None, :] + phase[:, None]) // span  # (B, T) span of each frame
+    n_spans = (n - 1 + phase) // span + 1  # spans holding real frames
+    n_drop = torch.floor(fraction * n_spans + torch.rand(B, device=device)).long().clamp(max=n_spans - 1)
+    most = (T - 1 + span - 1) // span + 1  # spans of the longest possible row
+    scores = torch.rand(B, most, device=device).masked_fill(torch.arange(most, device=device)[None, :] >= n_spans[:, None],
+                                                           float("inf"))  # spans of padding: never drawn
+    rank = scores.argsort(dim=1).argsort(dim=1)  # a random order of each row's spans
+    keep = mask & ~(rank < n_drop[:, None]).gather(1, chunk.clamp(max=most - 1))
+    lengths = keep.sum(dim=1)  # >= 1 by construction (tested; no check here: it would wait for the GPU)
+    t_kept = int(lengths.max())
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :t_kept]  # kept frames first, in order
+    new_mask = torch.arange(t_kept, device=device)[None, :] < lengths[:, None]
+    kept = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return kept.masked_fill(~new_mask[..., None], 0.0), new_mask
+
+
 @torch.no_grad()
 def predict(model: Head, batches, dropout: bool = False, step=None) -> np.ndarray:
     """(n, n_classes) float64 class probabilities, rows in batch order. step(x, mask): the
@@ -386,6 +431,8 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)
 
+        augment = functools.partial(drop_spans, fraction=config.time_mask) if config.time_mask else None
+
         def step(z, mask):  # logits of a transformed batch; bfloat16 products under autocast
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return model.logits(z, mask).float()
@@ -393,7 +440,7 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         best_ua, best_epoch, best_state, best_probs, history = None, last, None, None, []
         for epoch in range(last + 1):
             lr = get_lr(epoch, config)
-            train_loss = train_epoch(step, model, optimizer, loss_fn, train_batches, rng, lr)
+            train_loss = train_epoch(step, model, optimizer, loss_fn, train_batches, rng, lr, augment)
             if not math.isfinite(train_loss):
                 raise NonFiniteLossError(
                     f"epoch {epoch}: the training loss is {train_loss}; lower the learning rate (lr "
@@ -417,9 +464,11 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
                None if best_probs is None else in_order(best_probs, select_order, select))
 
 
-def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float) -> float:
+def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float,
+                augment=None) -> float:
     """One pass over `batches` (in an order drawn from rng) at learning rate lr; step(x, mask)
-    gives the logits of a batch (model.logits on transformed batches).
+    gives the logits of a batch (model.logits on transformed batches); augment(x, mask), if
+    given, changes each batch first (time masking: training batches only).
 
     Returns the mean training loss per utterance (may be NaN or inf: the caller decides).
     """
@@ -429,7 +478,10 @@ def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.ran
     total, count = None, 0
     for b in rng.permutation(len(batches)):
         x, mask, yb = batches[b]
-        loss = loss_fn(step(x.float(), mask), yb)
+        x = x.float()
+        if augment is not None:
+            x, mask = augment(x, mask)
+        loss = loss_fn(step(x, mask), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -482,7 +534,7 @@ class Fitter:
 
 FITTERS = {
     "epoch": Fitter(fit_by_epochs, ("epochs", "patience", "batch_size", "lr", "weight_decay", "warmup_fraction",
-                                    "class_weights", "standardize", "compute_dtype")),
+                                    "class_weights", "standardize", "compute_dtype", "time_mask")),
     "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
 }
 

@@ -284,3 +284,14 @@ def test_refit_retrains_the_chosen_setting_on_training_and_validation(caches, tm
         assert r.tested == "refit" and r.refit["n_train"] == r.n_train + r.n_val
         assert r.val_ua == max(g["val_ua"] for g in r.grid)  # chosen before the refit, on validation
     assert "refit" in (tmp_path / "refit" / SUMMARY_FILE).read_text()
+
+
+def test_time_masking_is_a_grid_key_for_the_heads_trained_by_epochs():
+    grid = parse_grid(["time_mask=0,0.2"])
+    assert grid == {"time_mask": [0.0, 0.2]}
+    assert head_settings("mean", grid, TrainConfig()) == [{"time_mask": 0.0}, {"time_mask": 0.2}]
+    assert head_settings("linear", grid, TrainConfig()) == [{}]  # no frames to mask: statistics
+    from ser_cache.training import ConfigError
+
+    with pytest.raises(ConfigError, match="time_mask must be in"):
+        head_settings("mean", parse_grid(["time_mask=0,1.5"]), TrainConfig())

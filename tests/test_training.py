@@ -314,6 +314,62 @@ def test_a_refit_ensemble_retrains_each_member_with_its_own_epoch(data, monkeypa
         assert fixed_calls[2 * k : 2 * k + 2] == [(m["seed"], {"epoch": m["epoch"]}) for m in f.members]
 
 
+# --- time masking -----------------------------------------------------------------------------------
+
+
+def test_time_masking_drops_spans_of_real_frames_never_padding():
+    """Kept frames are real frames of their own row, in order; padding (NaN here) is never
+    kept or counted; every row keeps >= 1 frame; the dropped fraction is the one asked."""
+    from ser_cache.training import MASK_SPAN, drop_spans
+
+    lengths = torch.tensor([40, 1, 2, 17, 9, 33])
+    T = 45
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    x = torch.stack([torch.arange(T).float()[None, :].expand(6, -1), torch.arange(6).float()[:, None].expand(-1, T)], -1)
+    x = x.masked_fill(~mask[..., None], float("nan"))  # (6, T, 2): frame number, row
+    torch.manual_seed(0)
+    for fraction in (0.2, 0.5, 0.95):
+        dropped = []
+        for _ in range(300):
+            kept, new_mask = drop_spans(x, mask, fraction)
+            n = new_mask.sum(1)
+            assert (n >= 1).all() and (n <= lengths).all() and n[1] == 1  # a one-frame row keeps its frame
+            assert torch.equal(new_mask, torch.arange(new_mask.shape[1])[None, :] < n[:, None])  # padding at the end
+            assert (kept[~new_mask] == 0).all() and torch.isfinite(kept).all()  # no padded frame kept
+            for row in range(6):
+                frames = kept[row, : n[row], 0]
+                assert (kept[row, : n[row], 1] == row).all() and (frames < lengths[row]).all()
+                assert (frames[1:] > frames[:-1]).all()  # in their order, none twice
+            dropped.append(1 - n[0].item() / 40)
+            gone = sorted(set(range(40)) - set(kept[0, : n[0], 0].long().tolist()))
+            runs = np.split(np.array(gone), np.flatnonzero(np.diff(gone) > 1) + 1) if gone else []
+            # whole spans: a gap inside the row (not cut by its ends) is a multiple of MASK_SPAN
+            assert all(len(r) % MASK_SPAN == 0 for r in runs if r[0] > 0 and r[-1] < 39), runs
+        if fraction < 0.9:  # 40 frames, 4 or 5 spans: round(fraction * spans) at random, never all
+            assert abs(np.mean(dropped) - fraction) < 0.03, (fraction, np.mean(dropped))
+
+
+def test_time_masking_touches_training_batches_only(data, monkeypatch):
+    import ser_cache.training as T
+
+    folds, y = folds_of(data), data.classes()[1]
+    train, val, test = folds.split(0)
+    seen, real = [], T.drop_spans
+    monkeypatch.setattr(T, "drop_spans", lambda x, mask, fraction: (seen.append(int(mask.shape[0])),
+                                                                     real(x, mask, fraction))[1])
+    cpu = torch.device("cpu")
+    masked = fit_head("attentive", data, y, train, val, TrainConfig(**SMALL, time_mask=0.3), 3, 0, cpu)
+    assert sum(seen) == SMALL["epochs"] * len(train)  # every training utterance once per epoch, nothing else
+    seen.clear()
+    plain = fit_head("attentive", data, y, train, val, TrainConfig(**SMALL), 3, 0, cpu)
+    assert seen == []  # off by default: not even a random draw
+    probs = predict_proba(masked.model, data, test, cpu)
+    np.testing.assert_array_equal(probs, predict_proba(masked.model, data, test, cpu))  # evaluation: no masking
+    assert not np.allclose(probs, predict_proba(plain.model, data, test, cpu))
+    with pytest.raises(ConfigError, match="time_mask"):
+        TrainConfig(time_mask=1.0)
+
+
 # --- the reason for attention pooling ---------------------------------------------------------
 
 
