@@ -188,7 +188,7 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @main.command("train")
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--layer", type=click.IntRange(0), required=True, help="Encoder state to train on: 0 = input embedding, last = after ln_post (see `ser-cache inspect`).")
-@click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive or qkv.")
+@click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive, qkv, or cta (channel and frame gates, BiLSTM, attentive pooling).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: config.json, metrics.json, predictions.csv, folds.csv and one head file per fold.")
 @click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified), file, or split (the official train/development/test groups); default: file with --fold-file, split when the groups are split names, loso when the corpus has other groups, else kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, EmoDB and others 5).")

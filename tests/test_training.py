@@ -400,6 +400,32 @@ def test_attention_finds_evidence_that_averaging_drowns(needle_uas, head):
     assert needle_uas[head] >= needle_uas["mean"] + 0.2, needle_uas
 
 
+def test_cta_finds_evidence_that_averaging_drowns():
+    """The CTA head (channel gate, frame gate, BiLSTM, attentive pooling) on the split of
+    `needle_uas`, with 10 epochs to keep it to seconds. In development, over data and training
+    seeds 0-9 with these settings, mean pooling scored UA 0.28-0.41 and cta 0.95-1.00; the
+    smallest margin was 0.56, nearly twice the 0.3 asserted."""
+    data = needle_data(n_speakers=16, per_speaker=30, seed=0)
+    y = np.searchsorted(sorted(set(data.labels)), data.labels)
+    first_half = np.isin(data.speakers, [f"s{i}" for i in range(8)])
+    folds = Folds(data.ids, data.speakers, np.where(first_half, 1, 0), [["s7"], ["s15"]], "file", 0)
+    config = TrainConfig(epochs=10, lr=2e-3, d_model=64, device="cpu", seed=0, compute_dtype="float32")
+    train, val, test = folds.split(0)
+    cpu = torch.device("cpu")
+    ua = {head: ua_of(y[test], predict_proba(fit_head(head, data, y, train, val, config, 4, fold_seed(0, 0), cpu).model,
+                                             data, test, cpu), 4)
+          for head in ("mean", "cta")}
+    assert ua["cta"] >= ua["mean"] + 0.3, ua
+
+
+def test_cta_trains_under_bfloat16_arithmetic(data):
+    """Its LSTMs run in float32 inside autocast; the rest follows --compute-dtype."""
+    folds, y = folds_of(data), data.classes()[1]
+    fit = fit_head("cta", data, y, folds.split(0)[0], None, TrainConfig(**{**SMALL, "compute_dtype": "bfloat16"}), 3,
+                   0, torch.device("cpu"), fixed={"epoch": 0})
+    assert fit.compute_dtype == "bfloat16" and np.isfinite(fit.history[0]["train_loss"])
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 
