@@ -462,6 +462,20 @@ def test_cli_train(tiny_cache, tmp_path):
     assert r.exit_code == 1 and "at most 4 folds" in r.output
 
 
+def test_cli_train_passes_refit_ensemble_and_time_masking(tiny_cache, tmp_path):
+    from ser_cache.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", str(tiny_cache), "--layer", "1", "--head", "cta", "--out", str(out),
+                                  "--folds", "2", "--epochs", "2", "--device", "cpu", "--refit", "--ensemble", "2",
+                                  "--time-mask", "0.2"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["refit"], config["ensemble"], config["time_mask"]) == (True, 2, 0.2)
+    fold = json.loads((out / "fold_0.json").read_text())
+    assert fold["tested"] == "refit" and len(fold["members"]) == 2 and "ensembles of 2" in r.output
+
+
 # --- crash safety of a run folder ---------------------------------------------------------------
 
 
