@@ -36,7 +36,7 @@ not single frames: neighbouring 20 ms states have seen each other through self-a
 one dropped frame is all but restored by its neighbours, while a 200 ms gap removes a
 syllable's worth. Removed, not zeroed: after standardisation a zero frame is the average
 frame, which pooling would still count; a removed frame is simply not there, for every head
-(the GRU of `cta` included). Padding is never counted or kept, every utterance keeps at least
+(the LSTM of `cta` included). Padding is never counted or kept, every utterance keeps at least
 one frame, and validation, test and export never mask.
 
 Compatibility switches reproduce two flaws of the reference code, for comparison only:
