@@ -21,6 +21,11 @@ Two ways to export a run:
                             its estimate (kept in the provenance).
     fold K                  fold K's saved head as is (trained without fold K's test speakers).
 
+A run of ensembles (`--ensemble N`) exports an ensemble (heads.Ensemble) as one file: fold
+K's saved members, or N members trained on all speakers, seeded member_seed(config.seed, m),
+all with the median (lower middle) of every member's choice in every fold (a member's index
+means nothing across folds: its seed differs, so all choices are pooled).
+
 Prediction follows extraction exactly: same input mode, same encoder arithmetic, states rounded
 to the cache's storage dtype and, for several layers, stacked in each row as the cache reader
 stacks them, so the head sees what it was trained on. The encoder runs only up to the highest
@@ -46,12 +51,12 @@ from .encoder import LoadedEncoder, load_encoder, log_mel, speech_frames
 from .errors import UserError
 from .extract import encode_batch, package_versions
 from .features import LayerData
-from .heads import Head, build_head, head_class, load_head
 from . import layers
+from .heads import Ensemble, Head, head_class, load_head, n_members, rebuild_head
 from .layers import Selection, as_selection, is_multi, states_of
 from .files import save_torch_atomic
 from .results import ResultsError, RunFolder, RunMetrics
-from .training import TrainConfig, fit_head, predict_proba, resolve_device
+from .training import TrainConfig, fit_head, member_seed, predict_proba, resolve_device
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
 # A head on several layers records them as a list; its files say so with their own number, so
@@ -141,6 +146,8 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
                     "path": run.cache.get("model_path")},
         "provenance": _plain(provenance),
     }
+    if n_members(model) is not None:
+        saved["members"] = n_members(model)  # an Ensemble of that many heads `head` with `kwargs`
     out.parent.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(out, {**saved, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
     return saved
@@ -168,7 +175,9 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
     fresh `epochs`-long schedule); returns (head, options, provenance details)."""
     key = head_class(run.head).selects
     selected = [d["selected"] for d in metrics.fold_details]
-    choice = {key: median_selected([s[key] for s in selected])}
+    # An ensemble's members each chose: all their choices are pooled (module docstring).
+    choices = [m[key] for d in metrics.fold_details for m in d.get("members") or [d["selected"]]]
+    choice = {key: median_selected(choices)}
     rule = f"{key}: the median (lower middle) of the {key} chosen on validation per fold"
     if key == "epoch":
         rule = (f"the run's {config.epochs}-epoch schedule stopped after epoch {choice['epoch']} (0-based), the "
@@ -182,12 +191,18 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
     data, y = _training_data(run.cache, run.layer, run.labels, cache_path)
     n_classes = len(run.labels)
     dev = resolve_device(device or config.device)
-    fit = fit_head(run.head, data, y, np.arange(len(data)), None, config, n_classes, config.seed, dev, fixed=choice)
+    seeds = [member_seed(config.seed, m) for m in range(config.ensemble)]
+    fits = [fit_head(run.head, data, y, np.arange(len(data)), None, config, n_classes, s, dev, fixed=choice)
+            for s in seeds]
+    model = fits[0].model if len(fits) == 1 else Ensemble([f.model for f in fits])
     detail = {"n_utterances": len(data), "selected_per_fold": selected, "choice": choice, "rule": rule,
               "class_counts": dict(zip(run.labels, np.bincount(y, minlength=n_classes).tolist()))}
+    if len(fits) > 1:
+        detail.update(members=len(fits), member_seeds=seeds,
+                      rule=rule + f"; over every member of every fold's ensemble of {len(fits)}")
     if key == "epoch":
         detail.update(epochs=choice["epoch"] + 1, schedule_epochs=config.epochs)
-    return fit.model.cpu().eval(), fit.options, detail
+    return model.cpu().eval(), fits[0].options, detail
 
 
 def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path | None):
@@ -270,7 +285,7 @@ def load_exported(path: Path) -> Exported:
                            "export the run again with this version (`ser-cache export RUN --out FILE`)")
     kwargs = dict(saved["kwargs"])
     try:
-        model = build_head(saved["head"], **kwargs)
+        model = rebuild_head(saved["head"], kwargs, saved.get("members"))
         model.load_state_dict(saved["state_dict"])
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise PredictError(f"{path}: the head in it cannot be rebuilt ({str(e).splitlines()[0]}); export the run "

@@ -290,6 +290,12 @@ def _training_line(config: dict) -> str:
             f"{t['batch_size']}, lr {t['lr']:g}, heads {t['n_heads']} x {t['head_dim']}")
     if t.get("patience"):
         line += f", stopped after {t['patience']} epochs without a better validation UA"
+    if t.get("time_mask"):
+        line += f", time masking {t['time_mask']:g} of the training frames"
+    if t.get("ensemble", 1) > 1:
+        line += f", ensembles of {t['ensemble']} seeds per fold (mean probabilities)"
+    if t.get("refit"):
+        line += ", the chosen head retrained on training + validation speakers before the test (refit)"
     if t.get("compute_dtype", "float32") != "float32":
         line += f", arithmetic {t['compute_dtype']}"
     if config["grid"]:

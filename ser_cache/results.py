@@ -116,7 +116,15 @@ class RunConfig(Record):
 
 @dataclass
 class FoldRecord(Record):
-    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids."""
+    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids.
+
+    tested: "selected" (the head as chosen on validation; n_train utterances) or "refit"
+    (retrained with that choice on training + validation, refit["n_train"] utterances; its
+    refit["val_ua"] is measured on utterances it trained on, selected["ua"] is the honest one).
+    members: an ensemble's members, each {"seed", its choice, "ua", "history"} (then history
+    is empty, selected["ua"] is the validation UA of their mean probabilities and selected's
+    choice the median of theirs); empty for one head.
+    """
 
     fold: int
     selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua"
@@ -130,6 +138,9 @@ class FoldRecord(Record):
     history: list = field(default_factory=list)
     compute_dtype: str = "float32"  # the arithmetic of the training steps
     layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
+    tested: str = "selected"  # or "refit"
+    refit: dict = field(default_factory=dict)  # n_train, val_ua, seconds (refit only)
+    members: list = field(default_factory=list)  # ensembles only
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -198,6 +209,9 @@ class CellResult(Record):
     compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
     history: list = field(default_factory=list)  # the chosen setting's epochs (or C values) with validation UA
     layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
+    tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
+    refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
+    members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
 
 
 @dataclass

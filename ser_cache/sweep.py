@@ -14,9 +14,14 @@ Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains ev
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
 the chosen setting on the test speakers, once. The test speakers never influence a choice.
+With `--ensemble N`, every setting is N heads of different seeds, each choosing its epoch on
+validation, and settings are compared by the validation UA of their mean probabilities
+(training.fit_selected). With `--refit`, the chosen setting is first retrained on training +
+validation speakers with the epoch (or C) it chose (training.refit_selected); only that head
+is tested.
 Each task records the validation UA of every setting it tried and which one it chose. A grid
-key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs: every
-torch head); other heads run once with the defaults. The linear head also picks its C on
+key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs,
+time_mask: every torch head); other heads run once with the defaults. The linear head also picks its C on
 validation (training.py).
 
 Reading and running. A layer is read once (`Cache.read_layer`), put in shared memory, and
@@ -59,8 +64,8 @@ from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
 from .metrics import fold_metrics
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
-from .training import (NonFiniteLossError, TrainConfig, fit_head, fold_seed, predict_proba, resolve_device,
-                       settings_read)
+from .training import (NonFiniteLossError, TrainConfig, fit_selected, fold_seed, predict_proba, refit_selected,
+                       resolve_device, settings_read)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,7 @@ MAX_DEFAULT_JOBS = 8
 LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
 GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
-             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights")
+             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask")
 # Not part of what a sweep computes (where it runs, not what): a re-run may change these.
 FREE_TRAIN_KEYS = ("seed", "device")
 
@@ -336,16 +341,20 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
     device = resolve_device(job.train.device)
     train, val, test = job.folds.aligned_to(data.ids).split(task.fold)
 
-    trials, best, best_values, train_seconds = [], None, None, 0.0
+    seed = fold_seed(task.seed, task.fold)
+    trials, best, best_values, best_config, train_seconds = [], None, None, None, 0.0
     for values in job.settings:
         config = replace(job.train, seed=task.seed, **values)
         # No test set here: the choice is made on validation only.
-        fit = fit_head(task.head, data, y, train, val, config, n_classes, fold_seed(task.seed, task.fold), device)
+        fit = fit_selected(task.head, data, y, train, val, config, n_classes, seed, device)
         train_seconds += fit.seconds
         trials.append({"setting": setting_label(values), "values": values, "val_ua": fit.selected["ua"],
                        "selected": fit.selected})
         if best is None or fit.selected["ua"] > best.selected["ua"]:  # ties keep the earlier setting
-            best, best_values = fit, values
+            best, best_values, best_config = fit, values, config
+    if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
+        best = refit_selected(best, task.head, data, y, train, val, best_config, n_classes, seed, device)
+        train_seconds += best.refit["seconds"]
 
     t0 = time.perf_counter()
     probs = predict_proba(best.model, data, test, device)
@@ -360,7 +369,8 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
-        history=best.history, layer_weights=best.model.layer_weights())
+        history=best.history, layer_weights=best.model.layer_weights(), tested=best.tested, refit=best.refit,
+        members=best.members)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------

@@ -22,6 +22,23 @@ The paper trains attentive pooling 10 epochs and QKV 30; we default to 30 for ev
 the heads get the same budget, and because the epoch is chosen on validation a longer run only
 adds candidates (`--epochs 10` gives the paper's attentive schedule).
 
+Refit (`refit`, off by default): once the epoch (or C, or in a sweep the grid setting) is
+chosen on the validation speakers, the head is trained again from scratch on training +
+validation speakers with that choice and the same seed, and that head is tested, once. The
+test speakers still choose nothing; the validation speakers only stop being held out after
+they have chosen. With as many epochs as chosen, the refit head takes more steps per epoch
+(more utterances): the usual convention, and the one the all-speaker export follows.
+
+Time masking (`time_mask`, off by default; a sweep grid key, so it can be chosen on validation):
+each training batch loses about that fraction of every utterance's real frames, in spans of
+MASK_SPAN frames at random places, and the remaining frames close up (`drop_spans`). Spans,
+not single frames: neighbouring 20 ms states have seen each other through self-attention, so
+one dropped frame is all but restored by its neighbours, while a 200 ms gap removes a
+syllable's worth. Removed, not zeroed: after standardisation a zero frame is the average
+frame, which pooling would still count; a removed frame is simply not there, for every head
+(the LSTM of `cta` included). Padding is never counted or kept, every utterance keeps at least
+one frame, and validation, test and export never mask.
+
 Compatibility switches reproduce two flaws of the reference code, for comparison only:
 `compat_select_on_test` trains on all non-test speakers and picks the epoch (or the linear
 head's C) on the test fold, which is optimistic; `compat_eval_dropout` leaves dropout on at
@@ -43,6 +60,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +74,7 @@ from .device import pick_device
 from .errors import OptionError, UserError
 from .features import LayerData
 from .folds import Folds, make_folds
-from .heads import Head, head_class, load_head, options_for, save_head
+from .heads import Ensemble, Head, head_class, load_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
 from .metrics import fold_metrics, summarize
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
@@ -64,6 +82,7 @@ from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_tempor
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+MASK_SPAN = 10  # frames per time-masking span: 200 ms of 20 ms encoder frames, about a syllable
 BUCKET_BATCHES = 32  # training batches per length bucket: shuffled, then sorted within a bucket
 EVAL_BATCH_SIZE = 64  # evaluation has no gradients, so larger batches are cheap
 FLOAT32_BATCH_BYTES = 3 * 2**30  # batches up to this size are held in float32 (see make_batches)
@@ -99,6 +118,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else mps, else cpu
     compute_dtype: str = "auto"  # training arithmetic: float32, bfloat16, or auto (the faster, measured)
+    refit: bool = False  # retrain on training + validation speakers with the choice made on validation, then test
+    ensemble: int = 1  # heads per fold, seeds member_seed(fold seed, m), probabilities averaged (heads.Ensemble)
+    time_mask: float = 0.0  # training only: fraction of each utterance's frames dropped, in spans (drop_spans)
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
 
@@ -110,10 +132,15 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (0 <= self.time_mask < 1, "time_mask must be in [0, 1) (0: off)"),
             (min(self.d_model, self.n_heads, self.head_dim) >= 1, "d_model, n_heads, head_dim must be >= 1"),
             (len(self.linear_c) >= 1 and min(self.linear_c) > 0, "linear_c must be positive values"),
             (self.patience >= 0, "patience must be >= 0 (0: train every epoch)"),
+            (self.ensemble >= 1, "ensemble must be >= 1 (1: one head per fold)"),
             (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {COMPUTE_DTYPES}"),
+            (not (self.refit and self.compat_select_on_test),
+             "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
+             "speakers: drop one of the two"),
         ]
         for ok, message in checks:
             if not ok:
@@ -229,6 +256,12 @@ def fold_seed(seed: int, fold: int) -> int:
     return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
 
 
+def member_seed(seed: int, member: int) -> int:
+    """Seed of ensemble member `member` of a fit seeded `seed` (a fold's: fold_seed(seed, fold)).
+    Member 0 keeps `seed`, so an ensemble of one is the plain head."""
+    return seed if member == 0 else int(np.random.SeedSequence([seed, member]).generate_state(1)[0])
+
+
 # --- batches ---------------------------------------------------------------------------------
 
 
@@ -278,6 +311,38 @@ def batch_order(data: LayerData, index, batch_size: int, rng: np.random.Generato
                            for p in np.split(perm, range(bucket, len(perm), bucket))])
 
 
+def drop_spans(x: torch.Tensor, mask: torch.Tensor, fraction: float, span: int = MASK_SPAN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Time masking of a training batch: remove about `fraction` of each utterance's real
+    frames, in spans of `span` frames, and close up the gaps.
+
+    x: (B, T, dim), mask: (B, T) bool, True on each row's first n_b frames. Each row's real
+    frames are cut into spans of `span` frames from a random phase (so the first and last
+    may be shorter) and round(fraction * spans) of them, rounded at random so that the
+    expected fraction is exact, are dropped, but never all: at least one span, so one frame,
+    stays. Padded frames are never counted, dropped or kept. Returns (x', mask') with
+    T' = the longest kept row: each row's kept frames in their order, then zero padding.
+    Draws from torch's global RNG (seeded per fit).
+    """
+    B, T = mask.shape
+    device = mask.device
+    n = mask.sum(dim=1)  # (B,) real frames, >= 1
+    phase = torch.randint(0, span, (B,), device=device)
+    chunk = (torch.arange(T, device=device)[None, :] + phase[:, None]) // span  # (B, T) span of each frame
+    n_spans = (n - 1 + phase) // span + 1  # spans holding real frames
+    n_drop = torch.floor(fraction * n_spans + torch.rand(B, device=device)).long().clamp(max=n_spans - 1)
+    most = (T - 1 + span - 1) // span + 1  # spans of the longest possible row
+    scores = torch.rand(B, most, device=device).masked_fill(torch.arange(most, device=device)[None, :] >= n_spans[:, None],
+                                                           float("inf"))  # spans of padding: never drawn
+    rank = scores.argsort(dim=1).argsort(dim=1)  # a random order of each row's spans
+    keep = mask & ~(rank < n_drop[:, None]).gather(1, chunk.clamp(max=most - 1))
+    lengths = keep.sum(dim=1)  # >= 1 by construction (tested; no check here: it would wait for the GPU)
+    t_kept = int(lengths.max())
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :t_kept]  # kept frames first, in order
+    new_mask = torch.arange(t_kept, device=device)[None, :] < lengths[:, None]
+    kept = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return kept.masked_fill(~new_mask[..., None], 0.0), new_mask
+
+
 @torch.no_grad()
 def predict(model: Head, batches, dropout: bool = False, step=None) -> np.ndarray:
     """(n, n_classes) float64 class probabilities, rows in batch order. step(x, mask): the
@@ -295,9 +360,13 @@ def predict_proba(model: nn.Module, data: LayerData, index, device: torch.device
     """(len(index), n_classes) class probabilities of the utterances `index`, in that order."""
     index = np.asarray(index)
     batches, order = make_batches(data, None, index, EVAL_BATCH_SIZE, device)
-    probs = predict(model, batches, dropout)
+    return in_order(predict(model, batches, dropout), order, index)
+
+
+def in_order(rows: np.ndarray, order: np.ndarray, index) -> np.ndarray:
+    """`rows` (one per utterance of `order`) rearranged to follow `index`, the same utterances."""
     row = {int(u): i for i, u in enumerate(order)}
-    return probs[[row[int(u)] for u in index]]
+    return rows[[row[int(u)] for u in index]]
 
 
 def ua_of(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
@@ -326,6 +395,7 @@ class Fit:
     history: list
     seconds: float
     compute_dtype: str = "float32"  # the arithmetic of the training steps
+    select_probs: np.ndarray | None = None  # (len(select), n_classes) of the choice, in select's order
 
 
 def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
@@ -364,14 +434,16 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
         loss_fn = nn.CrossEntropyLoss(weight=weight)
 
+        augment = functools.partial(drop_spans, fraction=config.time_mask) if config.time_mask else None
+
         def step(z, mask):  # logits of a transformed batch; bfloat16 products under autocast
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return model.logits(z, mask).float()
 
-        best_ua, best_epoch, best_state, history = None, last, None, []
+        best_ua, best_epoch, best_state, best_probs, history = None, last, None, None, []
         for epoch in range(last + 1):
             lr = get_lr(epoch, config)
-            train_loss = train_epoch(step, model, optimizer, loss_fn, train_batches, rng, lr)
+            train_loss = train_epoch(step, model, optimizer, loss_fn, train_batches, rng, lr, augment)
             if not math.isfinite(train_loss):
                 raise NonFiniteLossError(
                     f"epoch {epoch}: the training loss is {train_loss}; lower the learning rate (lr "
@@ -381,7 +453,7 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
                 probs = predict(model, select_batches, config.compat_eval_dropout, step)
                 entry["select_ua"] = ua = ua_of(y[select_order], probs, n_classes)
                 if best_ua is None or ua > best_ua:  # ties keep the earlier epoch
-                    best_ua, best_epoch = ua, epoch
+                    best_ua, best_epoch, best_probs = ua, epoch, probs
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             history.append(entry)
             log.debug("epoch %d lr %.2e loss %.4f %s", epoch, lr, train_loss, entry.get("select_ua", ""))
@@ -391,12 +463,15 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         if best_state is not None:
             model.load_state_dict(best_state)
     return Fit(model.eval(), options, {"epoch": best_epoch, "ua": best_ua}, history, time.perf_counter() - t0,
-               str(dtype).removeprefix("torch."))
+               str(dtype).removeprefix("torch."),
+               None if best_probs is None else in_order(best_probs, select_order, select))
 
 
-def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float) -> float:
+def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float,
+                augment=None) -> float:
     """One pass over `batches` (in an order drawn from rng) at learning rate lr; step(x, mask)
-    gives the logits of a batch (model.logits on transformed batches).
+    gives the logits of a batch (model.logits on transformed batches); augment(x, mask), if
+    given, changes each batch first (time masking: training batches only).
 
     Returns the mean training loss per utterance (may be NaN or inf: the caller decides).
     """
@@ -406,7 +481,10 @@ def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.ran
     total, count = None, 0
     for b in rng.permutation(len(batches)):
         x, mask, yb = batches[b]
-        loss = loss_fn(step(x.float(), mask), yb)
+        x = x.float()
+        if augment is not None:
+            x, mask = augment(x, mask)
+        loss = loss_fn(step(x, mask), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -427,24 +505,25 @@ def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndar
 
     t0 = time.perf_counter()
     features = data.statistics
-    best_ua, best_c, best, history = None, None, None, []
+    best_ua, best_c, best, best_probs, history = None, None, None, None, []
     for c in config.linear_c if fixed is None else (float(fixed["C"]),):
         pipeline = make_pipeline(StandardScaler(), LogisticRegression(
             C=c, max_iter=config.linear_max_iter, random_state=seed,
             class_weight="balanced" if config.class_weights else None)).fit(features[train], y[train])
-        ua = None
+        ua = probs = None
         if fixed is None:
             probs = np.zeros((len(select), n_classes))
             probs[:, pipeline.classes_] = pipeline.predict_proba(features[select])
             ua = ua_of(y[select], probs, n_classes)
             history.append({"C": c, "select_ua": ua})
         if best is None or ua > best_ua:  # ties keep the smaller C, the first of the grid
-            best_ua, best_c, best = ua, c, pipeline
+            best_ua, best_c, best, best_probs = ua, c, pipeline, probs
     options = options_for(cls, config, data.dim, n_classes, data.n_states)
     scaler, logreg = best[0], best[-1]
     model = cls(**options).from_fitted(scaler.mean_, scaler.scale_, logreg.coef_, logreg.intercept_,
                                        logreg.classes_)
-    return Fit(model.to(device).eval(), options, {"C": best_c, "ua": best_ua}, history, time.perf_counter() - t0)
+    return Fit(model.to(device).eval(), options, {"C": best_c, "ua": best_ua}, history, time.perf_counter() - t0,
+               select_probs=best_probs)
 
 
 @dataclass(frozen=True)
@@ -458,7 +537,7 @@ class Fitter:
 
 FITTERS = {
     "epoch": Fitter(fit_by_epochs, ("epochs", "patience", "batch_size", "lr", "weight_decay", "warmup_fraction",
-                                    "class_weights", "standardize", "compute_dtype")),
+                                    "class_weights", "standardize", "compute_dtype", "time_mask")),
     "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
 }
 
@@ -477,6 +556,69 @@ def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: T
     assert (select is None) == (fixed is not None), "give validation utterances or a fixed choice"
     return fitter_of(name).fit(head_class(name), data, y, np.asarray(train), select, config,
                                n_classes, seed, device, fixed)
+
+
+@dataclass
+class Chosen:
+    """What fitting on one split hands to its single test: the head (a heads.Ensemble for
+    config.ensemble > 1), the choice made on validation with its validation UA (`selected`),
+    each ensemble member's own (`members`: seed, choice, ua, history; empty for one head),
+    and, after `refit_selected`, how the head was retrained (`refit`: n_train, val_ua,
+    seconds; empty when not refit)."""
+
+    model: Head
+    selected: dict
+    history: list
+    seconds: float
+    compute_dtype: str = "float32"
+    refit: dict = field(default_factory=dict)
+    members: list = field(default_factory=list)
+
+    @property
+    def tested(self) -> str:
+        """Which head is tested: "selected" (as chosen on validation) or "refit"."""
+        return "refit" if self.refit else "selected"
+
+
+def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
+                 n_classes: int, seed: int, device: torch.device) -> Chosen:
+    """Head `name` fitted on `train` with its epoch (or C) chosen on `select`.
+
+    config.ensemble = N > 1: N members seeded member_seed(seed, m), each choosing its own
+    epoch (or C) on `select`, as one heads.Ensemble. Its selected["ua"] is the validation UA
+    of the members' mean probabilities (what a sweep compares settings by) and selected[key]
+    the median (lower middle) of their choices, for tables; each member's is in `members`.
+    (The linear probe's fit does not depend on the seed: its members are alike.)
+    """
+    fits = [fit_head(name, data, y, train, select, config, n_classes, member_seed(seed, m), device)
+            for m in range(config.ensemble)]
+    seconds = sum(f.seconds for f in fits)
+    if len(fits) == 1:
+        fit = fits[0]
+        return Chosen(fit.model, fit.selected, fit.history, seconds, fit.compute_dtype)
+    key = head_class(name).selects
+    members = [{"seed": member_seed(seed, m), **f.selected, "history": f.history} for m, f in enumerate(fits)]
+    ua = ua_of(y[select], np.mean([f.select_probs for f in fits], axis=0), n_classes)
+    selected = {key: statistics.median_low(f.selected[key] for f in fits), "ua": ua}
+    return Chosen(Ensemble([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
+
+
+def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
+                   config: TrainConfig, n_classes: int, seed: int, device: torch.device) -> Chosen:
+    """`chosen` retrained from scratch on train + select with the choice made on select and
+    the same seed (an ensemble: every member with its own choice and seed). Its UA on
+    `select` is recorded as refit["val_ua"]: those utterances were trained on, so it measures
+    fit, not generalisation (selected["ua"] stays the honest one)."""
+    key = head_class(name).selects
+    both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
+    choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
+    fits = [fit_head(name, data, y, both, None, config, n_classes, member_seed(seed, m), device, fixed={key: c})
+            for m, c in enumerate(choices)]
+    model = fits[0].model if len(fits) == 1 else Ensemble([f.model for f in fits])
+    seconds = sum(f.seconds for f in fits)
+    refit = {"n_train": len(both), "val_ua": ua_of(y[select], predict_proba(model, data, select, device), n_classes),
+             "seconds": seconds}
+    return dataclasses.replace(chosen, model=model, seconds=chosen.seconds + seconds, refit=refit)
 
 
 def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int = 2) -> dict:
@@ -518,6 +660,12 @@ class RunResult:
             f"{name} {100 * s[key]['mean']:.2f} ± {100 * s[key]['std']:.2f}"
             for name, key in (("UA", "ua"), ("WA", "wa"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1"))))
         lines += self.weights_table()
+        if self.config.ensemble > 1:
+            lines.append(f"  ensembles of {self.config.ensemble} heads per fold (seeds derived from the fold's), "
+                         f"probabilities averaged; {sel}: the median of the members' choices on validation")
+        if self.config.refit:
+            lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
+                         "validation (refit)")
         if self.config.flawed:
             lines.append("  FLAWED compatibility switches on (select_on_test={}, eval_dropout={}): "
                          "not an honest estimate".format(self.config.compat_select_on_test,
@@ -551,23 +699,27 @@ def fold_split(folds: Folds, k: int, config: TrainConfig) -> tuple[np.ndarray, n
 
 def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, config: TrainConfig,
                n_classes: int, device: torch.device) -> tuple[FoldRecord, Head]:
-    """Fit `head` on fold k's training speakers, choose on its validation speakers, test once."""
+    """Fit `head` on fold k's training speakers, choose on its validation speakers (then, with
+    config.refit, retrain on both with that choice), test once."""
     train, select, test = fold_split(folds, k, config)
     seed = fold_seed(config.seed, k)
     try:
-        fit = fit_head(head, data, y, train, select, config, n_classes, seed, device)
+        chosen = fit_selected(head, data, y, train, select, config, n_classes, seed, device)
+        if config.refit:
+            chosen = refit_selected(chosen, head, data, y, train, select, config, n_classes, seed, device)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"fold {k}, {e}") from None
     t0 = time.perf_counter()
     with fork_rng(device):  # seeded: even the FLAWED dropout at evaluation is reproducible
         torch.manual_seed(seed)
-        probs = predict_proba(fit.model, data, test, device, config.compat_eval_dropout)
-    record = FoldRecord(fold=k, selected=fit.selected, n_train=len(train), n_val=len(select),
+        probs = predict_proba(chosen.model, data, test, device, config.compat_eval_dropout)
+    record = FoldRecord(fold=k, selected=chosen.selected, n_train=len(train), n_val=len(select),
                         test_ids=data.ids[test].tolist(), probs=probs,
                         metrics=fold_metrics(y[test], probs.argmax(axis=1), n_classes),
-                        train_seconds=fit.seconds, eval_seconds=time.perf_counter() - t0, history=fit.history,
-                        compute_dtype=fit.compute_dtype, layer_weights=fit.model.layer_weights())
-    return record, fit.model
+                        train_seconds=chosen.seconds, eval_seconds=time.perf_counter() - t0,
+                        history=chosen.history, compute_dtype=chosen.compute_dtype, tested=chosen.tested,
+                        refit=chosen.refit, members=chosen.members, layer_weights=chosen.model.layer_weights())
+    return record, chosen.model
 
 
 def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | None = None,
@@ -629,7 +781,8 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         folder.write_predictions(data.ids, labels, y, records)
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
                     "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
-                    "eval_seconds": r.eval_seconds, "history": r.history,
+                    "eval_seconds": r.eval_seconds, "history": r.history, "tested": r.tested,
+                    "refit": r.refit, "members": r.members,
                     **({"layer_weights": r.layer_weights} if r.layer_weights is not None else {})} for r in records]
         folder.write_metrics(RunMetrics(head, to_json(data.layer), result.metrics, details))  # last: marks it finished
     return result
@@ -657,7 +810,9 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
         if folder.finished:
             raise ConfigError(f"{folder.root} already holds a finished run: choose another output folder "
                               "or allow overwriting")
-        differences = folder.read_config().same_work(run)
+        stored = folder.read_config()
+        stored.config = {**TrainConfig().to_dict(), **stored.config}  # settings added since: their defaults
+        differences = stored.same_work(run)
         if differences:
             raise ConfigError(f"{folder.root} holds an unfinished run with other settings:\n  "
                               + "\n  ".join(differences)

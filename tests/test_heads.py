@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ser_cache.features import LayerData
-from ser_cache.heads import HEADS, build_head, load_head, save_head
+from ser_cache.heads import HEADS, Ensemble, build_head, load_head, save_head
 from ser_cache.training import TrainConfig, fit_head
 
 TORCH_HEADS = ["mean", "attentive", "qkv"]  # the pooling heads
@@ -20,7 +20,7 @@ def make_batch(B=4, T=9, seed=0):
 
 
 def test_registry_names():
-    assert sorted(HEADS) == ["attentive", "linear", "mean", "qkv"]
+    assert sorted(HEADS) == ["attentive", "cta", "linear", "mean", "qkv"]
     with pytest.raises(ValueError, match="available heads"):
         build_head("transformer", DIM, N_CLASSES)
 
@@ -105,6 +105,78 @@ def test_head_round_trip(name, tmp_path):
     x, mask = make_batch()
     with torch.no_grad():
         torch.testing.assert_close(head(x, mask), again(x, mask))
+
+
+def test_an_ensemble_gives_the_mean_of_its_members_probabilities(tmp_path):
+    """Its logits are log mean probabilities: softmax gives the mean back, padding changes
+    nothing, and it saves and loads as one file."""
+    torch.manual_seed(0)
+    members = [fresh("qkv") for _ in range(3)]
+    ensemble = Ensemble(members).eval()
+    x, mask = make_batch()
+    with torch.no_grad():
+        mean = torch.stack([m(x, mask).softmax(-1) for m in members]).mean(0)
+        torch.testing.assert_close(ensemble(x, mask).softmax(-1), mean)
+        torch.testing.assert_close(ensemble(x, mask).exp(), mean)  # already normalised
+        torch.testing.assert_close(Ensemble(members[:1])(x, mask).softmax(-1), members[0](x, mask).softmax(-1))
+        padded = torch.cat([x, torch.full((4, 3, DIM), float("nan"))], 1)
+        torch.testing.assert_close(ensemble(padded, torch.cat([mask, torch.zeros(4, 3, dtype=torch.bool)], 1)),
+                                   ensemble(x, mask))
+    save_head(tmp_path / "e.pt", ensemble, "qkv", members[0].options(TrainConfig(d_model=32), DIM, N_CLASSES),
+              ["a"] * N_CLASSES, layer=1)
+    again, info = load_head(tmp_path / "e.pt")
+    assert isinstance(again, Ensemble) and len(again.members) == 3 and info["members"] == 3 and info["head"] == "qkv"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, mask), ensemble(x, mask))
+
+
+def test_an_ensemble_keeps_a_class_no_member_saw_at_probability_zero():
+    probes = [fresh("linear") for _ in range(2)]
+    for p in probes:
+        p.bias[1] = -float("inf")  # class 1 absent from training
+    x, mask = make_batch()
+    with torch.no_grad():
+        probs = Ensemble(probes)(x, mask).softmax(-1)
+    assert torch.isfinite(probs).all() and (probs[:, 1] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=probs.dtype))
+
+
+def test_cta_runs_each_lstm_direction_over_real_frames_only():
+    """The forward direction at frame t has read frames 0..t; the backward one at the last
+    real frame has read only that frame (its first step); padding is zero on the way out."""
+    torch.manual_seed(0)
+    head = build_head("cta", DIM, N_CLASSES, d_model=32).eval()
+    h, mask = make_batch()  # widths: the LSTMs read d_model-wide frames
+    h = torch.randn(4, mask.shape[1], 32).masked_fill(~mask[..., None], 0.0)
+    hidden = head.rnn_forward.hidden_size
+    with torch.no_grad():
+        out = head.recur(h, mask)
+        for row in range(4):
+            n = int(mask[row].sum())
+            forward, _ = head.rnn_forward(h[row : row + 1, :n])
+            last, _ = head.rnn_backward(h[row : row + 1, n - 1 : n])
+            torch.testing.assert_close(out[row, :n, :hidden], forward[0])
+            torch.testing.assert_close(out[row, n - 1, hidden:], last[0, 0])
+            assert (out[row, n:] == 0).all()
+
+
+def test_cta_channel_gate_weighs_every_channel_of_a_frame_per_utterance():
+    """One gate value per channel and utterance, from its real frames: the same module gates
+    L stacked states flattened to L * d channels."""
+    from ser_cache.heads import ChannelGate
+
+    torch.manual_seed(0)
+    layers, d = 3, DIM
+    gate = ChannelGate(layers * d)
+    x, mask = torch.randn(4, 9, layers * d), torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 4:] = False
+    x = x.masked_fill(~mask[..., None], 0.0)
+    with torch.no_grad():
+        g = gate(x, mask) / x.where(x != 0, torch.ones(()))  # the gate, wherever x is not 0
+        torch.testing.assert_close(g[0], g[0, :1].expand(9, -1))  # constant over time ...
+        assert not torch.allclose(g[0, 0], g[2, 0])  # ... but not over utterances
+        assert ((g[mask] > 0) & (g[mask] < 1)).all() and g.shape == (4, 9, layers * d)
+        torch.testing.assert_close(gate(x[1:2, :4], mask[1:2, :4]), gate(x, mask)[1:2, :4])  # padding: no effect
 
 
 def tiny_layer(n=30, seed=0):
@@ -196,7 +268,7 @@ def stacked_batch(n_states=3, seed=0):
     return x.masked_fill(~mask[..., None], 0.0), mask
 
 
-@pytest.mark.parametrize("name", TORCH_HEADS)
+@pytest.mark.parametrize("name", TORCH_HEADS + ["cta"])
 def test_a_multi_layer_head_starts_with_equal_weights_and_keeps_them_summing_to_one(name, tmp_path):
     head = build_head(name, DIM, N_CLASSES, d_model=32, n_states=3).eval()
     assert head.layer_weights() == pytest.approx([1 / 3] * 3)
@@ -215,7 +287,7 @@ def test_a_multi_layer_head_starts_with_equal_weights_and_keeps_them_summing_to_
         torch.testing.assert_close(again(x, mask), head(x, mask))
 
 
-@pytest.mark.parametrize("name", TORCH_HEADS)
+@pytest.mark.parametrize("name", TORCH_HEADS + ["cta"])
 @pytest.mark.parametrize("junk", ["huge", "nan"])
 def test_padding_does_not_change_a_multi_layer_heads_output(name, junk):
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ import soundfile as sf
 import torch
 from click.testing import CliRunner
 
+from ser_cache.audio import load_utterance
 from ser_cache.cache import open_cache
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
@@ -255,6 +256,41 @@ def test_bad_file_fails_alone(exported, corpus, tiny_checkpoint, tmp_path):
     assert "not a readable audio file" in out[0]["error"] and "not found" in out[2]["error"]
     assert out[1]["prediction"] in load_exported(exported["qkv"]).labels
     assert "2 of 3 files could not be used" in result.output
+
+
+def test_an_ensemble_run_exports_and_predicts_as_one_file(corpus, tiny_checkpoint, tmp_path):
+    """Export on all speakers trains N members (one file); export --fold K keeps fold K's
+    members; predict gives the mean of the members' probabilities."""
+    from ser_cache.heads import Ensemble
+
+    root, records = corpus
+    cache = make_cache(root, records, tiny_checkpoint, "trim")
+    run = tmp_path / "run"
+    train_from_cache(cache, LAYER, "mean", run, TrainConfig(**SMALL, ensemble=2), protocol="kfold", n_folds=3)
+    export_run(run, tmp_path / "all.pt")
+    export_run(run, tmp_path / "f0.pt", fold=0)
+    ex = load_exported(tmp_path / "all.pt")
+    assert isinstance(ex.model, Ensemble) and len(ex.model.members) == 2
+    p = ex.provenance
+    assert p["members"] == 2 and len(set(p["member_seeds"])) == 2 and p["member_seeds"][0] == 0
+    member_epochs = [m["epoch"] for d in json.loads((run / "metrics.json").read_text())["fold_details"] for m in d["members"]]
+    assert len(member_epochs) == 6 and p["choice"]["epoch"] == sorted(member_epochs)[2]  # median of all members
+    saved, info = load_head(run / "fold_0.pt")
+    fold0 = load_exported(tmp_path / "f0.pt")
+    assert info["members"] == 2 and isinstance(fold0.model, Ensemble)
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(fold0.model.state_dict()[k], v, rtol=0, atol=0)
+    result = invoke("predict", tmp_path / "all.pt", records[0].path, records[5].path, "--model", tiny_checkpoint, "--json")
+    assert result.exit_code == 0, result.output
+    assert "ensemble of 2 mean heads" in result.stderr
+    predictor = load_predictor(tmp_path / "all.pt", str(tiny_checkpoint))
+    states = [predictor.states([load_utterance(records[i].path)[0][0]])[0] for i in (0, 5)]
+    members = []
+    for member in ex.model.members:
+        predictor.exported.model = member
+        members.append(predictor.head_probs(states))
+    out = json.loads(result.stdout)
+    np.testing.assert_allclose([list(o["probabilities"].values()) for o in out], np.mean(members, axis=0), atol=1e-5)
 
 
 def test_a_run_fold_file_is_not_an_export(runs):

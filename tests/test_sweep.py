@@ -195,7 +195,9 @@ def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, mo
         pred = y[test] if model.n_heads == 4 else (y[test] + 1) % n_classes
         return np.eye(n_classes)[pred]
 
-    monkeypatch.setattr(S, "fit_head", fake_fit)
+    import ser_cache.training as T
+
+    monkeypatch.setattr(T, "fit_head", fake_fit)  # what the sweep's fit_selected calls
     monkeypatch.setattr(S, "predict_proba", fake_test)
     spec = spec_for(caches["trim"], heads=["qkv"], layers="2", grid=parse_grid(["heads=2,4"]))
     run_sweep(spec, tmp_path / "grid", jobs=1, progress=False)
@@ -308,3 +310,26 @@ def test_a_bad_layers_spec_names_the_fix(caches, tmp_path):
     result = CliRunner().invoke(main, ["sweep", str(caches["trim"]), "--out", str(tmp_path / "x"),
                                        "--layers", "1+5"])
     assert result.exit_code != 0 and "layers [5] are not in the cache" in result.output
+
+
+def test_refit_retrains_the_chosen_setting_on_training_and_validation(caches, tmp_path):
+    spec = spec_for(caches["trim"], heads=["mean", "linear"], layers="2", train=replace(TRAIN, refit=True),
+                    grid=parse_grid(["lr=1e-3,3e-3"]))
+    run_sweep(spec, tmp_path / "refit", jobs=1, progress=False)
+    records = load_sweep(tmp_path / "refit").records
+    assert len(records) == 2 * N_FOLDS
+    for r in records:
+        assert r.tested == "refit" and r.refit["n_train"] == r.n_train + r.n_val
+        assert r.val_ua == max(g["val_ua"] for g in r.grid)  # chosen before the refit, on validation
+    assert "refit" in (tmp_path / "refit" / SUMMARY_FILE).read_text()
+
+
+def test_time_masking_is_a_grid_key_for_the_heads_trained_by_epochs():
+    grid = parse_grid(["time_mask=0,0.2"])
+    assert grid == {"time_mask": [0.0, 0.2]}
+    assert head_settings("mean", grid, TrainConfig()) == [{"time_mask": 0.0}, {"time_mask": 0.2}]
+    assert head_settings("linear", grid, TrainConfig()) == [{}]  # no frames to mask: statistics
+    from ser_cache.training import ConfigError
+
+    with pytest.raises(ConfigError, match="time_mask must be in"):
+        head_settings("mean", parse_grid(["time_mask=0,1.5"]), TrainConfig())
