@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -41,6 +42,9 @@ class Commands(click.Group):
     """The group that turns the commands' failures into messages (see the module docstring)."""
 
     def invoke(self, ctx):
+        # A scheduler's time limit or `kill` sends SIGTERM: stop as Ctrl-C does, so that the
+        # commands that resume keep what is finished and stop their workers.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
@@ -53,6 +57,10 @@ class Commands(click.Group):
             if kept is None:
                 raise
             raise click.ClickException(f"interrupted; {kept}. Re-run the same command to resume") from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

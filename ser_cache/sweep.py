@@ -38,6 +38,8 @@ results.py (SweepFolder, CellResult, SweepTiming), which report.py reads through
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
+import ctypes.util
 import hashlib
 import itertools
 import json
@@ -77,6 +79,7 @@ DEFAULT_HEADS = ("linear", "mean", "attentive", "qkv")
 # threads. Batches of 16 make each op small, so a second thread mostly waits at barriers, and
 # far longer when the cores are shared. Each worker holds about one layer of padded batches.
 MAX_DEFAULT_JOBS = 8
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
 GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
@@ -421,11 +424,26 @@ class LoadedLayer:
 _WORKER: dict = {}  # in a worker process: {"name", "shm", "layer"} of the attached layer
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the parent alone handles it and stops the workers
     # (a worker would otherwise return the KeyboardInterrupt as a result and take the next task).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(parent)
     torch.set_num_threads(threads)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this worker when the sweep that started it dies (Linux). A parent
+    killed outright (SIGKILL, or a scheduler's time limit) cannot stop its workers; without
+    this they would go on training orphaned for the rest of their tasks. Their cells are
+    written atomically, so a worker killed mid-task leaves only a temporary file."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: Ctrl-C and SIGTERM still stop the workers
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _worker_run(ref: LayerRef, job: TaskJob) -> dict:
@@ -560,7 +578,7 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
     read while the workers train on the current one."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's thread pools
     pool = cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                                  initargs=(threads,))
+                                  initargs=(threads, os.getpid()))
     inflight: deque = deque()  # (SharedLayer, {future: task}) in submission order
 
     def finish(shared, futures):

@@ -333,3 +333,49 @@ def test_time_masking_is_a_grid_key_for_the_heads_trained_by_epochs():
 
     with pytest.raises(ConfigError, match="time_mask must be in"):
         head_settings("mean", parse_grid(["time_mask=0,1.5"]), TrainConfig())
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_workers_do_not_outlive_a_killed_sweep(caches, tmp_path, how):
+    """A sweep killed outright (SIGKILL) or by a scheduler's SIGTERM leaves no worker training on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ser_cache.cli", "sweep", str(caches["trim"]), "--out", str(out), "--heads", "qkv",
+           "--epochs", "50", "--folds", str(N_FOLDS), "--jobs", "2", "--compute-dtype", "float32"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers, deadline = set(), time.time() + 60
+    while time.time() < deadline and len(workers) < 2:  # the two training workers (and a resource tracker)
+        workers = {c for c in _children(parent.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()
+                   and "tracker_fd" in Path(f"/proc/{c}/cmdline").read_text()}
+        time.sleep(0.2)
+    assert len(workers) >= 2, "the sweep started no workers"
+    time.sleep(1.0)  # the workers are training
+    parent.send_signal(getattr(signal, how))
+    output, _ = parent.communicate(timeout=60)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), f"workers outlived the sweep: {workers}"
+    if how == "SIGTERM":
+        assert parent.returncode == 1 and "interrupted; every finished fold is saved" in output
