@@ -56,7 +56,7 @@ from .heads import Ensemble, Head, head_class, load_head, n_members, rebuild_hea
 from .layers import Selection, as_selection, is_multi, states_of
 from .files import save_torch_atomic
 from .results import ResultsError, RunFolder, RunMetrics
-from .training import TrainConfig, fit_head, member_seed, predict_proba, resolve_device
+from .training import TrainConfig, as_made, fit_head, member_seed, predict_proba, resolve_device
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
 # A head on several layers records them as a list; its files say so with their own number, so
@@ -109,7 +109,7 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
     if missing:
         raise PredictError(f"{folder.root / RunFolder.CONFIG} lacks {missing}: the run was not trained from a "
                            "cache by `ser-cache train`; re-run it")
-    config = TrainConfig.from_dict(run.config)
+    config = TrainConfig.from_dict(as_made(run.config))
     provenance = {
         "run": str(run_dir.resolve()),
         "corpus": run.cache.get("corpus"),

@@ -66,7 +66,7 @@ from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
 from .metrics import fold_metrics
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
-from .training import (NonFiniteLossError, TrainConfig, fit_selected, fold_seed, predict_proba, refit_selected,
+from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, predict_proba, refit_selected,
                        resolve_device, settings_read)
 
 log = logging.getLogger(__name__)
@@ -288,9 +288,8 @@ def claim_folder(out: Path, plan: SweepPlan) -> SweepFolder:
     folder = SweepFolder(out)
     if folder.is_sweep():
         stored = folder.read_config()
-        # A setting added since the sweep was made counts as its default then.
-        defaults = {k: v for k, v in TrainConfig().to_dict().items() if k not in FREE_TRAIN_KEYS}
-        stored["train"] = {**defaults, **stored.get("train", {})}
+        # A setting added since the sweep was made counts as the value it had then.
+        stored["train"] = {k: v for k, v in as_made(stored.get("train", {})).items() if k not in FREE_TRAIN_KEYS}
         diff = config_differences(stored, plan.config)
         if diff:
             raise SweepError(

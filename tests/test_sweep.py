@@ -379,3 +379,19 @@ def test_workers_do_not_outlive_a_killed_sweep(caches, tmp_path, how):
     assert not any(_alive(w) for w in workers), f"workers outlived the sweep: {workers}"
     if how == "SIGTERM":
         assert parent.returncode == 1 and "interrupted; every finished fold is saved" in output
+
+
+def test_a_sweep_from_before_a_setting_existed_resumes_only_as_it_was_made(caches, full, tmp_path):
+    """Settings added later (patience, arithmetic, ...) count as the value that reproduces an
+    older sweep (patience 0, float32), not as today's default."""
+    old = tmp_path / "old"
+    shutil.copytree(full[0], old)
+    stored = json.loads((old / SweepFolder.CONFIG).read_text())
+    for key in ("patience", "compute_dtype", "refit", "ensemble", "time_mask"):
+        stored["config"]["train"].pop(key)
+    (old / SweepFolder.CONFIG).write_text(json.dumps(stored))
+    spec = spec_for(caches["trim"], seeds=[0, 1])  # today's default patience
+    with pytest.raises(SweepError, match=r"train\.patience: sweep has 0, asked for 10"):
+        run_sweep(spec, old, jobs=1, progress=False)
+    again = run_sweep(replace(spec, train=replace(TRAIN, patience=0)), old, jobs=1, progress=False)
+    assert again.tasks_run == 0 and again.tasks_done_before == again.tasks_total
