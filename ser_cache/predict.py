@@ -46,17 +46,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import layers
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES, AudioError, load_utterance
+from .batches import predict_proba
 from .encoder import LoadedEncoder, load_encoder, log_mel, speech_frames
 from .errors import UserError
 from .extract import encode_batch, package_versions
 from .features import LayerData
-from . import layers
+from .files import save_torch_atomic
 from .heads import Ensemble, Head, head_class, load_head, n_members, rebuild_head
 from .layers import Selection, as_selection, is_multi, states_of
-from .files import save_torch_atomic
 from .results import ResultsError, RunFolder, RunMetrics
-from .training import TrainConfig, as_made, fit_head, member_seed, predict_proba, resolve_device
+from .training import TrainConfig, as_made, fit_head, member_seed, resolve_device
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
 # A head on several layers records them as a list; its files say so with their own number, so

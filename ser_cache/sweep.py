@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batches import predict_proba
 from .cache import Cache, open_cache
 from .errors import OptionError
 from .features import LayerData
@@ -66,7 +67,7 @@ from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
 from .metrics import fold_metrics
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
-from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, predict_proba, refit_selected,
+from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, refit_selected,
                        resolve_device, settings_read)
 
 log = logging.getLogger(__name__)

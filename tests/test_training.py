@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ser_cache.batches import make_batches, predict_proba
 from ser_cache.features import LayerData
 from ser_cache.folds import Folds, kfold_folds
 from ser_cache.heads import load_head
@@ -19,8 +20,6 @@ from ser_cache.training import (
     fit_head,
     fold_seed,
     get_lr,
-    make_batches,
-    predict_proba,
     run_folds,
     ua_of,
 )
@@ -320,7 +319,7 @@ def test_a_refit_ensemble_retrains_each_member_with_its_own_epoch(data, monkeypa
 def test_time_masking_drops_spans_of_real_frames_never_padding():
     """Kept frames are real frames of their own row, in order; padding (NaN here) is never
     kept or counted; every row keeps >= 1 frame; the dropped fraction is the one asked."""
-    from ser_cache.training import MASK_SPAN, drop_spans
+    from ser_cache.batches import MASK_SPAN, drop_spans
 
     lengths = torch.tensor([40, 1, 2, 17, 9, 33])
     T = 45
