@@ -230,7 +230,7 @@ def _panel_markdown(p: Panel) -> list[str]:
     lines = [f"## {p.title}", "",
              f"{f['n_utterances']} utterances, {n_classes} classes ({', '.join(p.labels)}; chance UA "
              f"{100 / n_classes:.1f}); {f['n_folds']} speaker-independent folds ({f['protocol']}) "
-             f"x seeds {f['seeds']}. {_training_line(p.sweep.config)}", "",
+             f"x seeds {f['seeds']}. {_training_line(p.sweep.config, _arithmetic(p))}", "",
              "UA % by layer (rows) and head (columns):", "",
              "| layer | " + " | ".join(p.heads) + " |",
              "|---:|" + "---:|" * len(p.heads)]
@@ -284,7 +284,12 @@ def _weights_markdown(p: Panel) -> list[str]:
     return lines + [""]
 
 
-def _training_line(config: dict) -> str:
+def _arithmetic(p: Panel) -> list[str]:
+    """The arithmetic the panel's cells were trained in, as recorded (auto resolves per machine)."""
+    return sorted({r.compute_dtype for r in p.sweep.records if r.cache == p.cache})
+
+
+def _training_line(config: dict, arithmetic: list[str]) -> str:
     t = config["train"]
     line = (f"Training: {t['epochs']} epochs (the epoch kept chosen on validation), batch "
             f"{t['batch_size']}, lr {t['lr']:g}, heads {t['n_heads']} x {t['head_dim']}")
@@ -296,8 +301,8 @@ def _training_line(config: dict) -> str:
         line += f", ensembles of {t['ensemble']} seeds per fold (mean probabilities)"
     if t.get("refit"):
         line += ", the chosen head retrained on training + validation speakers before the test (refit)"
-    if t.get("compute_dtype", "float32") != "float32":
-        line += f", arithmetic {t['compute_dtype']}"
+    if t.get("compute_dtype", "float32") != "float32":  # auto or bfloat16: say what was used
+        line += f", arithmetic {t['compute_dtype']} ({', '.join(arithmetic)})"
     if config["grid"]:
         grid = "; ".join(f"{k} {', '.join(str(v) for v in vs)}" for k, vs in config["grid"].items())
         line += f"; grid searched on validation: {grid}"
