@@ -83,7 +83,7 @@ class LayerData:
 
     def classes(self) -> tuple[list[str], np.ndarray]:
         """(class names, sorted; (n,) int64 class number of each utterance): the one label
-        encoding of stage 2, records.labels_of's order."""
+        encoding of stage 2."""
         names = sorted(set(self.labels.tolist()))
         return names, np.searchsorted(names, self.labels).astype(np.int64)
 

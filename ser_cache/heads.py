@@ -502,6 +502,11 @@ def build_head(name: str, dim: int, n_classes: int, **options) -> Head:
     return head_class(name)(dim, n_classes, **options)
 
 
+def one_head(models: list[Head]) -> Head:
+    """The single head of a list of one, or the Ensemble of several (members' seeds differ)."""
+    return models[0] if len(models) == 1 else Ensemble(models)
+
+
 def rebuild_head(name: str, options: dict, members: int | None = None) -> Head:
     """A fresh head to load a saved state into: head `name` with its constructor `options`,
     or an Ensemble of `members` such heads."""

@@ -49,15 +49,16 @@ import torch
 from . import layers
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES, AudioError, load_utterance
 from .batches import predict_proba
+from .device import pick_device
 from .encoder import LoadedEncoder, load_encoder, log_mel, speech_frames
 from .errors import UserError
 from .extract import encode_batch, package_versions
 from .features import LayerData
 from .files import save_torch_atomic
-from .heads import Ensemble, Head, head_class, load_head, n_members, rebuild_head
+from .heads import Head, head_class, load_head, n_members, one_head, rebuild_head
 from .layers import Selection, as_selection, is_multi, states_of
 from .results import ResultsError, RunFolder, RunMetrics
-from .training import TrainConfig, as_made, fit_head, member_seed, resolve_device
+from .training import TrainConfig, as_made, fit_head, member_seed
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
 # A head on several layers records them as a list; its files say so with their own number, so
@@ -123,8 +124,9 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
         "versions": package_versions(),
     }
     if fold is not None:
-        model, options = _fold_head(folder, fold, run)
-        provenance.update(trained_on=f"fold {fold}", selected=_fold_selected(folder, fold),
+        model, info = _fold_head(folder, fold, run)
+        options = dict(info["kwargs"])
+        provenance.update(trained_on=f"fold {fold}", selected=info.get("selected"),
                           fold_metrics=_fold_metrics(metrics, fold))
     else:
         if metrics is None:
@@ -155,7 +157,7 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
 
 
 def _fold_head(folder: RunFolder, fold: int, run) -> tuple[Head, dict]:
-    """Fold `fold`'s saved head and its constructor options, checked against the run."""
+    """Fold `fold`'s saved head and what save_head recorded with it, checked against the run."""
     path = folder.head_path(fold)
     if not path.is_file():
         saved = sorted(p.name for p in folder.root.glob("fold_*.pt"))
@@ -163,11 +165,7 @@ def _fold_head(folder: RunFolder, fold: int, run) -> tuple[Head, dict]:
     model, info = load_head(path)
     if info["head"] != run.head or as_selection(info["layer"]) != as_selection(run.layer) or list(info["labels"]) != run.labels:
         raise PredictError(f"{path} does not belong to this run (head, layer or labels differ from config.json)")
-    return model, dict(info["kwargs"])
-
-
-def _fold_selected(folder: RunFolder, fold: int):
-    return torch.load(folder.head_path(fold), map_location="cpu", weights_only=True).get("selected")
+    return model, info
 
 
 def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | None,
@@ -191,11 +189,11 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
         rule = f"--epochs {epochs}: a full {epochs}-epoch schedule"
     data, y = _training_data(run.cache, run.layer, run.labels, cache_path)
     n_classes = len(run.labels)
-    dev = resolve_device(device or config.device)
+    dev = pick_device(device or config.device)
     seeds = [member_seed(config.seed, m) for m in range(config.ensemble)]
     fits = [fit_head(run.head, data, y, np.arange(len(data)), None, config, n_classes, s, dev, fixed=choice)
             for s in seeds]
-    model = fits[0].model if len(fits) == 1 else Ensemble([f.model for f in fits])
+    model = one_head([f.model for f in fits])
     detail = {"n_utterances": len(data), "selected_per_fold": selected, "choice": choice, "rule": rule,
               "class_counts": dict(zip(run.labels, np.bincount(y, minlength=n_classes).tolist()))}
     if len(fits) > 1:

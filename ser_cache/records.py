@@ -101,11 +101,6 @@ def class_counts(records: Iterable[Utterance]) -> dict[str, int]:
     return dict(sorted(Counter(r.label for r in records).items()))
 
 
-def labels_of(records: Iterable[Utterance]) -> list[str]:
-    """The sorted class names; the index of a name is its class number everywhere."""
-    return sorted({r.label for r in records})
-
-
 def target_names(records: Iterable[Utterance]) -> list[str]:
     """The sorted names of the numeric targets the records carry (empty when none has any)."""
     return sorted({name for r in records for name, _ in r.targets})

@@ -60,6 +60,7 @@ import torch
 
 from .batches import predict_proba
 from .cache import Cache, open_cache
+from .device import pick_device
 from .errors import OptionError
 from .features import LayerData
 from .folds import Folds, make_folds
@@ -68,7 +69,7 @@ from .layers import Selection, label, parse_cells, states_of, to_json
 from .metrics import fold_metrics
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
 from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, refit_selected,
-                       resolve_device, settings_read)
+                       settings_read)
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
     task = job.task
     labels, y = data.classes()
     n_classes = len(labels)
-    device = resolve_device(job.train.device)
+    device = pick_device(job.train.device)
     train, val, test = job.folds.aligned_to(data.ids).split(task.fold)
 
     seed = fold_seed(task.seed, task.fold)
@@ -485,7 +486,7 @@ def available_cores() -> int:
 
 def default_jobs(device: str = "auto") -> int:
     """Worker processes by default: 1 on a GPU, else one per core (at most MAX_DEFAULT_JOBS)."""
-    if resolve_device(device).type != "cpu":
+    if pick_device(device).type != "cpu":
         return 1
     return max(1, min(MAX_DEFAULT_JOBS, available_cores()))
 
@@ -527,7 +528,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
             return data
 
         timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
-                             threads_per_job=threads, device=str(resolve_device(device)),
+                             threads_per_job=threads, device=str(pick_device(device)),
                              tasks_total=len(tasks), tasks_done_before=len(tasks) - len(todo))
         records, failures = [], []
         log.info("sweep %s: %d tasks, %d already done; %d job(s) x %d thread(s)",

@@ -83,7 +83,7 @@ from .device import pick_device
 from .errors import OptionError, UserError
 from .features import LayerData
 from .folds import Folds, make_folds
-from .heads import Ensemble, Head, head_class, load_head, options_for, save_head
+from .heads import Head, head_class, load_head, one_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
 from .metrics import fold_metrics, summarize
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
@@ -212,14 +212,6 @@ def get_lr(epoch: int, config: TrainConfig) -> float:
         return config.lr * (epoch + 1) / (warmup + 1)
     progress = (epoch - warmup) / max(1, config.epochs - warmup)
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_device(device: str) -> torch.device:
-    """torch.device for a --device value ("auto": cuda, else mps, else cpu)."""
-    try:
-        return pick_device(device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -455,10 +447,7 @@ FITTERS = {
 
 
 def fitter_of(name: str) -> Fitter:
-    try:
-        return FITTERS[head_class(name).selects]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    return FITTERS[head_class(name).selects]
 
 
 def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
@@ -512,7 +501,7 @@ def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, confi
     members = [{"seed": member_seed(seed, m), **f.selected, "history": f.history} for m, f in enumerate(fits)]
     ua = ua_of(y[select], np.mean([f.select_probs for f in fits], axis=0), n_classes)
     selected = {key: statistics.median_low(f.selected[key] for f in fits), "ua": ua}
-    return Chosen(Ensemble([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
+    return Chosen(one_head([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
 
 
 def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
@@ -526,7 +515,7 @@ def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, tr
     choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
     fits = [fit_head(name, data, y, both, None, config, n_classes, member_seed(seed, m), device, fixed={key: c})
             for m, c in enumerate(choices)]
-    model = fits[0].model if len(fits) == 1 else Ensemble([f.model for f in fits])
+    model = one_head([f.model for f in fits])
     seconds = sum(f.seconds for f in fits)
     refit = {"n_train": len(both), "val_ua": ua_of(y[select], predict_proba(model, data, select, device), n_classes),
              "seconds": seconds}
@@ -646,14 +635,14 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     (naming what differs) unless overwrite.
     """
     config = config or TrainConfig()
-    cls = head_class_or_error(head)
+    cls = head_class(head)
     folds = folds.aligned_to(data.ids)
     if (data.n_frames < 1).any():
         raise ConfigError(f"{(data.n_frames < 1).sum()} utterances have no frames, e.g. "
                           f"{data.ids[data.n_frames < 1][:3]}: rebuild the cache or drop them")
     labels, y = data.classes()
     n_classes = len(labels)
-    device = resolve_device(config.device)
+    device = pick_device(config.device)
     run = RunConfig(
         head=head, layer=to_json(data.layer), labels=labels, dim=int(data.dim),
         class_counts=dict(zip(labels, np.bincount(y, minlength=n_classes).tolist())),
@@ -698,13 +687,6 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
                     **({"layer_weights": r.layer_weights} if r.layer_weights is not None else {})} for r in records]
         folder.write_metrics(RunMetrics(head, to_json(data.layer), result.metrics, details))  # last: marks it finished
     return result
-
-
-def head_class_or_error(name: str) -> type[Head]:
-    try:
-        return head_class(name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def folds_digest(folds: Folds) -> str:
@@ -752,7 +734,7 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     from .cache import open_cache
 
     config = config or TrainConfig()
-    head_class_or_error(head)
+    head_class(head)
     cache = open_cache(cache_path)  # read_layer runs the cheap checks (Cache.check) itself
     if isinstance(layer, str):
         layer = parse_selection(layer, cache.settings.dims["n_audio_layer"] + 1)
