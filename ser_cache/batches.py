@@ -55,6 +55,39 @@ def make_batches(data: LayerData, y: np.ndarray | None, index: np.ndarray, batch
 
 
 
+class HeldBatches:
+    """Batches built once and held in memory (make_batches): the batch source of a LayerData.
+
+    A batch source is what the training loop and `predict` read batches from: iterated, it
+    gives the batches in a fixed order (evaluation; `order` holds each row's utterance);
+    `epoch(rng)` gives them in an epoch's random order. streaming.BlockBatches is the other
+    one, for a layer read from the shards a block at a time."""
+
+    def __init__(self, batches: list, order: np.ndarray):
+        self.batches, self.order = batches, order
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def epoch(self, rng: np.random.Generator):
+        """Every batch once, in an order drawn from rng."""
+        for b in rng.permutation(len(self.batches)):
+            yield self.batches[b]
+
+
+def batch_source(data, y: np.ndarray | None, index, batch_size: int, device: torch.device,
+                 rng: np.random.Generator | None = None, transform=None):
+    """The batches of utterances `index` (see HeldBatches): built once and held for a LayerData
+    (make_batches), read a block of shards at a time for a streaming.StreamedLayer (its
+    `batches`, whose order is drawn within blocks). rng and transform as make_batches."""
+    if isinstance(data, LayerData):
+        return HeldBatches(*make_batches(data, y, index, batch_size, device, rng, transform))
+    return data.batches(y, index, batch_size, device, rng, transform)
+
+
 def batch_order(data: LayerData, index, batch_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """The utterances `index` in batch order: by length without rng (evaluation); with rng,
     shuffled, then sorted by length within buckets of BUCKET_BATCHES batches."""
@@ -112,12 +145,12 @@ def predict(model: Head, batches, dropout: bool = False, step=None) -> np.ndarra
     return torch.cat(probs).numpy().astype(np.float64)
 
 
-def predict_proba(model: nn.Module, data: LayerData, index, device: torch.device,
+def predict_proba(model: nn.Module, data, index, device: torch.device,
                   dropout: bool = False) -> np.ndarray:
     """(len(index), n_classes) class probabilities of the utterances `index`, in that order."""
     index = np.asarray(index)
-    batches, order = make_batches(data, None, index, EVAL_BATCH_SIZE, device)
-    return in_order(predict(model, batches, dropout), order, index)
+    batches = batch_source(data, None, index, EVAL_BATCH_SIZE, device)
+    return in_order(predict(model, batches, dropout), batches.order, index)
 
 
 def in_order(rows: np.ndarray, order: np.ndarray, index) -> np.ndarray:

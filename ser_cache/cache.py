@@ -489,14 +489,18 @@ class Cache:
             )
 
     def read_meta(self) -> dict[str, np.ndarray]:
-        """Per-utterance metadata of all complete shards: ids, labels, speakers, groups, n_frames."""
+        """Per-utterance metadata of all complete shards: ids, labels, speakers, groups, n_frames,
+        speech_frames, and shard (the shard each utterance is stored in)."""
         cols = {name: [] for name in (*META_FIELDS, "n_frames", "speech_frames")}
+        shard = []
         for k in self.complete_shards():
             with self.open_shard(k) as f:
                 for name in cols:
                     ds = f[name]
                     # asstr(): h5py hands strings back as UTF-8 bytes, which numpy decodes as ASCII
                     cols[name].append(ds.asstr()[()].astype(str) if h5py.check_string_dtype(ds.dtype) else ds[()])
+                shard.append(np.full(len(f["ids"]), k, dtype=np.int32))
+        cols["shard"] = shard
         return {n: (np.concatenate(v) if v else np.array([], dtype=str if n in META_FIELDS else np.int32)) for n, v in cols.items()}
 
     def read_layer(self, layer: Selection, dtype=None) -> LayerData:
@@ -508,17 +512,30 @@ class Cache:
         states x dim x itemsize) plus metadata. dtype: the in-memory dtype (default: as stored).
         """
         states = states_of(layer)
+        self.require(states)
+        self.check()
+        meta = self.read_meta()
+        offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
+        frames = np.empty((int(offsets[-1]), len(states) * self.dim), dtype=dtype or self.settings.dtype)
+        self.read_slices(self.complete_shards(), states, frames)
+        return LayerData(
+            frames=frames, offsets=offsets, ids=meta["ids"], labels=meta["labels"],
+            speakers=meta["speakers"], groups=meta["groups"], layer=selection(states),
+        )
+
+    def require(self, states: list[int]) -> None:
+        """Raise CacheError naming the states not in this cache, if any."""
         missing = [s for s in states if s not in self.layers]
         if missing:
             what = f"layer {missing[0]} is" if len(missing) == 1 else f"layers {missing} are"
             raise CacheError(f"{what} not in this cache; it holds layers {self.layers}")
-        self.check()
-        meta = self.read_meta()
-        offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
-        dim = self.dim
-        frames = np.empty((int(offsets[-1]), len(states) * dim), dtype=dtype or self.settings.dtype)
-        row = 0
-        for k in self.complete_shards():
+
+    def read_slices(self, shards: list[int], states: list[int], frames: np.ndarray) -> None:
+        """Fill `frames` (rows: the frames of `shards`, in order; columns: len(states) * dim)
+        with those shards' slices of `states`: one contiguous read per shard and state, each
+        straight into its rows and columns (`read_layer`, and streaming.py a few shards at a time)."""
+        dim, row = self.dim, 0
+        for k in shards:
             with self.open_shard(k) as f:
                 n = f[layer_name(states[0])].shape[0]
                 for j, state in enumerate(states if n else ()):
@@ -530,11 +547,7 @@ class Cache:
                     else:  # converted one shard's state at a time
                         frames[where] = ds[()]
                 row += n
-        assert row == len(frames), f"read {row} frames, metadata says {len(frames)}"
-        return LayerData(
-            frames=frames, offsets=offsets, ids=meta["ids"], labels=meta["labels"],
-            speakers=meta["speakers"], groups=meta["groups"], layer=selection(states),
-        )
+        assert row == len(frames), f"read {row} frames of shards {shards}, expected {len(frames)}"
 
     def skipped(self, shards: list[int] | None = None) -> list[dict]:
         """Every planned utterance that could not be used: [{id, path, reason}].

@@ -218,10 +218,11 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--memory-budget", default=None, help="Memory the layer may take, e.g. 2G or 500M (powers of 1024); a layer that does not fit is streamed from the cache's shards, a few at a time, in a batch order drawn per block of shards. Default: half of the memory available.")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
               lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, compat_select_on_test,
-              compat_eval_dropout, device, overwrite):
+              compat_eval_dropout, device, memory_budget, overwrite):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
@@ -240,8 +241,12 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
         refit=refit, ensemble=ensemble,
         device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
+    from .streaming import parse_size
+
+    budget = None if memory_budget is None else parse_size(memory_budget)
     result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
-                                        n_folds=n_folds, fold_file=fold_file, overwrite=overwrite)
+                                        n_folds=n_folds, fold_file=fold_file, overwrite=overwrite,
+                                        memory_budget=budget)
     click.echo(result.table())
     click.echo(f"run saved in {out}")
 
@@ -268,10 +273,11 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
+@click.option("--memory-budget", default=None, help="Memory the layers and batches of all workers may take, e.g. 8G or 500M; a layer that does not fit is streamed from the cache's shards by each worker with an equal share (batch order drawn per block of shards). Default: half of the memory available.")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble, protocol,
-              n_folds, fold_file, jobs, device):
+              n_folds, fold_file, jobs, device, memory_budget):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -292,7 +298,10 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
                                                                time_mask=time_mask, refit=refit, ensemble=ensemble),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file)
-    outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
+    from .streaming import parse_size
+
+    budget = None if memory_budget is None else parse_size(memory_budget)
+    outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False, memory_budget=budget)
     paths = write_report([out], out)
     t = outcome.timing
     if outcome.tasks_done_before == outcome.tasks_total:

@@ -93,10 +93,15 @@ class LayerData:
         the row (the linear probe's input; with several states, every state's), computed once
         per LayerData."""
         out = np.empty((len(self), 2 * self.width))
+        self.fill_statistics(out)
+        return out
+
+    def fill_statistics(self, out: np.ndarray) -> None:
+        """Write `statistics` into out (len(self), 2 * width), row by row (streaming.py fills
+        its rows block by block)."""
         for i in range(len(self)):
             u = self.utterance(i).astype(np.float64)
             out[i, : self.width], out[i, self.width :] = u.mean(axis=0), u.std(axis=0)
-        return out
 
     def utterance(self, i: int) -> np.ndarray:
         """(n_frames[i], width) states of utterance i (a view, no copy)."""
@@ -123,19 +128,11 @@ class LayerData:
         """Per-value mean and std, (width,) float64 each, over every frame of utterances `index`:
         with several states, each state's own statistics.
 
-        Accumulated one utterance at a time in float64, so no copy of the frames is made.
+        Accumulated one utterance at a time in float64 (FrameSums), so no copy of the frames is made.
         """
-        total = np.zeros(self.width)
-        squares = np.zeros(self.width)
-        count = 0
-        for i in np.asarray(index):
-            u = self.utterance(int(i)).astype(np.float64)
-            total += u.sum(axis=0)
-            squares += np.square(u).sum(axis=0)
-            count += len(u)
-        assert count > 0, "moments of no frames"
-        mean = total / count
-        return mean, np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        sums = FrameSums(self.width)
+        sums.add(self, index)
+        return sums.moments()
 
     def subset(self, index) -> "LayerData":
         """A new LayerData holding only the utterances `index` (frames copied)."""
@@ -152,3 +149,26 @@ class LayerData:
             groups=self.groups[index],
             layer=self.layer,
         )
+
+
+class FrameSums:
+    """Running float64 sums of frame values and their squares, one utterance at a time: the
+    moments of frames that need not all be in memory at once (streaming.py adds them block by
+    block, in the same order, so that the numbers are those of LayerData.moments)."""
+
+    def __init__(self, width: int):
+        self.total, self.squares, self.count = np.zeros(width), np.zeros(width), 0
+
+    def add(self, data: LayerData, index) -> None:
+        """Add every frame of the utterances `index` of `data`, in that order."""
+        for i in np.asarray(index):
+            u = data.utterance(int(i)).astype(np.float64)
+            self.total += u.sum(axis=0)
+            self.squares += np.square(u).sum(axis=0)
+            self.count += len(u)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std), (width,) float64 each."""
+        assert self.count > 0, "moments of no frames"
+        mean = self.total / self.count
+        return mean, np.sqrt(np.maximum(self.squares / self.count - mean**2, 0.0))

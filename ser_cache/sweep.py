@@ -27,7 +27,9 @@ validation (training.py).
 Reading and running. A layer is read once (`Cache.read_layer`), put in shared memory, and
 all its tasks go to a pool of `jobs` worker processes with cores // jobs torch threads each;
 the next layer is read while the workers train on the current one (at most two layers held).
-With jobs == 1 everything runs in this process (the default on a GPU).
+With jobs == 1 everything runs in this process (the default on a GPU). A layer that does not
+fit `--memory-budget` (streaming.open_layer) is not shared: each worker streams it from the
+shards itself, with budget / jobs (StreamedRef).
 
 Crash safety and resume. A worker writes each finished task as one JSON file (temporary
 name, fsync, rename), so a file exists only when its task is complete. A re-run with the same
@@ -68,6 +70,7 @@ from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
 from .metrics import fold_metrics
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
+from .streaming import StreamedLayer, open_layer, open_streamed
 from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, refit_selected,
                        settings_read)
 
@@ -409,6 +412,31 @@ class SharedLayer:
         self.shm.unlink()
 
 
+@dataclass
+class StreamedRef:
+    """A streamed layer for worker processes: each worker opens the shards itself
+    (streaming.open_streamed with this budget), so nothing is shared but this."""
+
+    root: str
+    layer: Selection
+    budget: int
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.root}:{label(self.layer)}"
+
+
+class StreamedShare:
+    """The SharedLayer of a streamed layer: only its StreamedRef; nothing to free."""
+
+    def __init__(self, data: StreamedLayer):
+        self.ref = StreamedRef(*data.opened_as)
+
+    def close(self) -> None:
+        pass
+
+
 class LoadedLayer:
     """One layer in memory, in this process."""
 
@@ -447,15 +475,20 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_run(ref: LayerRef, job: TaskJob) -> dict:
-    """In a worker process: attach the shared layer (once per layer), run and save one task."""
+def _worker_run(ref: LayerRef | StreamedRef, job: TaskJob) -> dict:
+    """In a worker process: attach the shared layer, or open the streamed one (once per
+    layer), run and save one task."""
     if _WORKER.get("name") != ref.name:
+        _WORKER.pop("layer", None)
         if "shm" in _WORKER:
-            _WORKER.pop("layer")
             try:
                 _WORKER.pop("shm").close()
             except BufferError:  # a view still alive somewhere: the mapping goes at exit
                 pass
+        if isinstance(ref, StreamedRef):
+            data = open_streamed(open_cache(ref.root), ref.layer, ref.budget, ref.batch_size)
+            _WORKER.update(name=ref.name, layer=LoadedLayer(data))
+            return _WORKER["layer"].run(job)
         # Spawned workers share the parent's resource tracker, so attaching here registers the
         # same name again (a set) and the parent's unlink() unregisters it for both.
         shm = shared_memory.SharedMemory(name=ref.name)
@@ -492,8 +525,12 @@ def default_jobs(device: str = "auto") -> int:
 
 
 def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str = "auto",
-              progress: bool = True, write_report: bool = True) -> SweepOutcome:
+              progress: bool = True, write_report: bool = True, memory_budget: int | None = None) -> SweepOutcome:
     """Run every task of `spec` not yet saved in `out`, then write the report there.
+
+    memory_budget: bytes for the layers and batches of all workers (default:
+    streaming.default_budget()); a layer that does not fit is streamed from the shards, each
+    worker opening them itself with an equal share (streaming.open_layer).
 
     Raises SweepError (bad request, or a folder holding another sweep), CacheError, FoldsError.
     A task whose training diverges (NonFiniteLossError) is logged, listed in the outcome and
@@ -520,9 +557,12 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
             return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
                            spec.train, info[task.cache], out)
 
-        def read(key: str, layer: int) -> LayerData:
+        batch_size = max([spec.train.batch_size] + [v.get("batch_size", 0) for vs in plan.settings.values() for v in vs])
+
+        def read(key: str, layer: int) -> LayerData | StreamedLayer:
             t0 = time.perf_counter()
-            data = plan.caches[key].read_layer(layer)
+            data = open_layer(plan.caches[key], layer, memory_budget, batch_size, workers=jobs,
+                              held=1 if jobs == 1 else LAYERS_IN_FLIGHT)
             timing.read_seconds += time.perf_counter() - t0
             timing.layers_read += 1
             return data
@@ -594,7 +634,7 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
             while len(inflight) >= LAYERS_IN_FLIGHT:
                 finish(*inflight.popleft())
             data = read(key, layer)
-            shared = SharedLayer(data)
+            shared = SharedLayer(data) if isinstance(data, LayerData) else StreamedShare(data)
             del data
             futures = {}
             try:

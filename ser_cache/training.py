@@ -72,10 +72,9 @@ import torch.nn as nn
 
 from .batches import (
     EVAL_BATCH_SIZE,
-    batch_order,
+    batch_source,
     drop_spans,
     in_order,
-    make_batches,
     predict,
     predict_proba,
 )
@@ -320,19 +319,18 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
     with fork_rng(device):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        # Random draws in the order of earlier versions (batch order, then initialisation),
-        # so that a seed keeps giving the same heads.
-        order = batch_order(data, train, config.batch_size, rng)
         model = cls(**options)
         model.prepare(data, train, config)
         model = model.to(device)
-        # The fixed input transform (standardisation) is applied once to the fold's batches,
-        # not at every step (it holds no parameters): the same numbers, fewer passes.
-        train_batches, _ = make_batches(data, y, order, config.batch_size, device, transform=model.inputs,
-                                        ordered=True)
+        # The fixed input transform (standardisation) is applied to the batches as they are
+        # built, not at every step (it holds no parameters): the same numbers, fewer passes.
+        # The batch order is the first draw from rng, as in earlier versions (initialisation
+        # draws from torch's RNG), so that a seed keeps giving the same heads. A streamed
+        # layer draws its order within blocks of shards (streaming.py).
+        train_batches = batch_source(data, y, train, config.batch_size, device, rng, transform=model.inputs)
         if fixed is None:
-            select_batches, select_order = make_batches(data, y, select, EVAL_BATCH_SIZE, device,
-                                                        transform=model.inputs)
+            select_batches = batch_source(data, y, select, EVAL_BATCH_SIZE, device, transform=model.inputs)
+            select_order = select_batches.order
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                       fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
         weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
@@ -373,7 +371,8 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
 
 def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float,
                 augment=None) -> float:
-    """One pass over `batches` (in an order drawn from rng) at learning rate lr; step(x, mask)
+    """One pass over `batches` (a batch source, batches.batch_source: its `epoch(rng)` order) at
+    learning rate lr; step(x, mask)
     gives the logits of a batch (model.logits on transformed batches); augment(x, mask), if
     given, changes each batch first (time masking: training batches only).
 
@@ -383,8 +382,7 @@ def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.ran
         group["lr"] = lr
     model.train()
     total, count = None, 0
-    for b in rng.permutation(len(batches)):
-        x, mask, yb = batches[b]
+    for x, mask, yb in batches.epoch(rng):
         x = x.float()
         if augment is not None:
             x, mask = augment(x, mask)
@@ -724,14 +722,17 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
 def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_dir: Path | None,
                      config: TrainConfig | None = None, protocol: str | None = None,
                      n_folds: int | None = None, fold_file: Path | None = None,
-                     overwrite: bool = False) -> RunResult:
+                     overwrite: bool = False, memory_budget: int | None = None) -> RunResult:
     """Open a cache, read one layer (or several: a tuple, or a --layer spec such as '2-5',
     layers.py), build its folds (seeded by config.seed) and run them.
 
     protocol None: "file" with a fold file, "loso" when the corpus has groups, else "kfold"
-    with n_folds (default per corpus, folds.DEFAULT_N_FOLDS).
+    with n_folds (default per corpus, folds.DEFAULT_N_FOLDS). memory_budget: bytes the layer
+    may take (default: streaming.default_budget()); a layer that does not fit is streamed from
+    the shards (streaming.py), and its blocks are recorded with the cache in config.json.
     """
     from .cache import open_cache
+    from .streaming import open_layer
 
     config = config or TrainConfig()
     head_class(head)
@@ -742,7 +743,9 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     if missing:
         what = f"layer {missing[0]} is" if len(missing) == 1 else f"layers {missing} are"
         raise ConfigError(f"{what} not in the cache {cache_path}; cached layers = {cache.layers}")
-    data = cache.read_layer(layer)
+    data = open_layer(cache, layer, memory_budget, config.batch_size)
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
                        n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed)
-    return run_folds(data, folds, head, config, out_dir, cache=cache.fingerprint, overwrite=overwrite)
+    # A streamed layer's batch order follows its blocks: part of what decides the results.
+    where = cache.fingerprint if isinstance(data, LayerData) else {**cache.fingerprint, **data.describe()}
+    return run_folds(data, folds, head, config, out_dir, cache=where, overwrite=overwrite)
