@@ -14,8 +14,11 @@ same run, never an absolute time:
                            a share of the measured matmul rate          target >= 0.5
                            the full 30-epoch layer sweep                 target <= 20 min
                            that sweep if every cell re-ran Whisper / the sweep   target >= 20
+  7. streaming             streamed / in-memory training time per epoch, a layer
+                           4x its memory budget (synthetic cache)        target <= 2
 
     python bench/bench.py [--full] [--data DIR] [--weights-dir DIR] [--out bench/results]
+    python bench/bench.py --only streaming     (section 7 alone: no Whisper, no corpus)
 
 Results go to bench/results/<date>-<machine>.json, and a Markdown table is printed.
 """
@@ -285,6 +288,44 @@ def bench_training(cache_path: Path, state: int, encode_s_per_utt: float, epochs
             "cache_saves_ratio": (sweep_s + cells * whisper_per_cell) / sweep_s}
 
 
+def bench_streaming(tmp: Path, epochs: int = 3, layer_mb: float = 200.0, budget_fraction: float = 0.25) -> dict:
+    """7. A layer streamed from its shards in a budget of a quarter of its size, against the same
+    layer in memory: seconds per epoch of the mean head on one split, one torch thread (as a
+    sweep worker). Both times include what a fold does besides its epochs (input statistics,
+    batches built once in memory, blocks read every epoch when streamed), not the one read of
+    the whole layer that the in-memory path does per layer. The cache is synthetic (random
+    states of Whisper base's width, written through the cache writer) and its shards sit in
+    the page cache, so this is the cost of streaming's order and re-reads, not of a disk."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from test_cache import synthetic_cache  # the tests' writer of random caches (cache.write_shard)
+
+    from ser_cache.streaming import open_streamed
+    from ser_cache.training import TrainConfig, fit_head
+
+    dim, frames = 512, (50, 250)  # Whisper base width; 1-5 s of speech
+    n_utts = int(layer_mb * 2**20 / (dim * 2 * sum(frames) / 2))
+    cache = synthetic_cache(tmp / "streaming", n_utts=n_utts, per_shard=64, dim=dim, states=(1,), frames=frames,
+                            n_speakers=12)
+    data = cache.read_layer(1)
+    budget = int(data.frames.nbytes * budget_fraction)
+    streamed = open_streamed(cache, 1, budget, 16)
+    labels, y = data.classes()
+    speaker = np.char.lstrip(data.speakers, "s").astype(int)
+    train, val = np.flatnonzero(speaker < 9), np.flatnonzero(speaker >= 9)
+    config = TrainConfig(epochs=epochs, patience=0, seed=0, device="cpu", compute_dtype="float32")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = {name: timed(fit_head, "mean", d, y, train, val, config, len(labels), 0, torch.device("cpu"))[0]
+                   for name, d in (("in_memory", data), ("streamed", streamed))}
+    finally:
+        torch.set_num_threads(before)
+    return {"layer_bytes": int(data.frames.nbytes), "utterances": len(data), "budget_bytes": budget,
+            "blocks": len(streamed.blocks), "shards": len(cache.plan), "epochs": epochs,
+            "in_memory_s_per_epoch": seconds["in_memory"] / epochs, "streamed_s_per_epoch": seconds["streamed"] / epochs,
+            "ratio": seconds["streamed"] / seconds["in_memory"]}
+
+
 # --- driver -------------------------------------------------------------------------------
 
 
@@ -296,7 +337,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="an existing full RAVDESS base cache for 5 and 6 (else one is built, short mode)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--utterances", type=int, default=None, help="override the number of utterances of 1 (smoke runs)")
+    ap.add_argument("--only", choices=["streaming"], default=None, help="run only this section (no Whisper, no corpus)")
     args = ap.parse_args(argv)
+    if args.only == "streaming":
+        with tempfile.TemporaryDirectory(prefix="ser-cache-bench-") as tmpdir:
+            print("7. streaming ...", flush=True)
+            r = bench_streaming(Path(tmpdir))
+        print(json.dumps(r, indent=1))
+        for row in streaming_rows(r):
+            print("| " + " | ".join(row) + " |")
+        return 0
 
     torch.manual_seed(0)
     records = prepare("ravdess", args.data).records
@@ -341,6 +391,8 @@ def main(argv=None) -> int:
         results["training"] = bench_training(cache, 4, enc_s, epochs=30 if args.full else 5)
         if bf16_ok:
             results["bf16_accuracy"] = bench_bf16_accuracy(encs["base"], records, tmp, cache)
+        print("7. streaming ...", flush=True)
+        results["streaming"] = bench_streaming(tmp)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{results['date']}-{results['machine']}.json"
     path.write_text(json.dumps(results, indent=1))
@@ -404,11 +456,21 @@ def table(r: dict) -> str:
     rows.append((f"full layer sweep, {t['sweep_cells']} cells x 6 folds, {t['sweep_epochs']} epochs, {t['jobs']} workers (estimated from the above)",
                  f"{t['sweep_s'] / 60:.0f} min", "<= 20 min", _ok(t["sweep_s"] <= 20 * 60)))
     rows.append(("same sweep re-running Whisper per cell", f"{t['sweep_if_whisper_rerun_s'] / 60:.0f} min ({t['cache_saves_ratio']:.1f}x)", ">= 20x", _ok(t["cache_saves_ratio"] >= 20)))
+    if "streaming" in r:
+        rows += streaming_rows(r["streaming"])
     width = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, width)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
     head = f"{r['date']}, {r['cpu']}, {r['threads']} threads, torch {r['torch']}" + (" (--full)" if r["full"] else "")
     return head + "\n\n" + "\n".join(lines)
+
+
+def streaming_rows(st: dict) -> list[tuple]:
+    """7. The streaming row of the table."""
+    return [(f"streamed / in-memory training per epoch ({st['layer_bytes'] / 2**20:.0f} MiB layer, budget "
+             f"{st['budget_bytes'] / 2**20:.0f} MiB, {st['blocks']} blocks of {st['shards']} shards)",
+             f"{st['streamed_s_per_epoch']:.2f} / {st['in_memory_s_per_epoch']:.2f} s = {st['ratio']:.2f}x",
+             "<= 2x", _ok(st["ratio"] <= 2))]
 
 
 def _ok(flag: bool) -> str:

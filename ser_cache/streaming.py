@@ -25,8 +25,9 @@ that way, a streamed epoch would read every shard once per batch. A streamed fol
 draws its batches within each block (the block's training utterances shuffled, then bucketed
 by length: batch_order on that block), and each epoch visits the blocks in a random order and
 each block's batches in a random order, so an epoch reads every shard once (and a validation
-or test pass once more; evaluation batches are sorted by length within each block). A batch
-never mixes blocks, so a block may end with one short batch.
+or test pass once more; evaluation batches are sorted by length within each block, and no
+larger than training batches). A batch never mixes blocks, so a block may end with one short
+batch.
 
 Same numbers. The two orders differ, so on the same seed the two paths train different (equally
 valid) heads; we keep the in-memory order because changing it would change every result made
@@ -48,7 +49,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .batches import EVAL_BATCH_SIZE, batch_order
+from .batches import batch_order
 from .errors import OptionError
 from .features import FrameSums, LayerData
 from .layers import Selection, label, selection, states_of
@@ -158,11 +159,12 @@ class StreamedLayer:
     peak_bytes: the most frame bytes held at once (a block), for tests and logs."""
 
     def __init__(self, meta: dict, offsets: np.ndarray, layer: Selection, dim: int, dtype,
-                 blocks: list[Block], read: Callable[[Block], np.ndarray], reserve_batch: int):
+                 blocks: list[Block], read: Callable[[Block], np.ndarray], batch_size: int, reserve_batch: int):
         self.ids, self.labels = meta["ids"], meta["labels"]
         self.speakers, self.groups = meta["speakers"], meta["groups"]
         self.offsets, self.layer, self.dim, self.dtype = offsets, layer, dim, np.dtype(dtype)
-        self.blocks, self._read, self.reserve_batch = blocks, read, reserve_batch
+        self.blocks, self._read = blocks, read
+        self.batch_size, self.reserve_batch = batch_size, reserve_batch
         self.peak_bytes = 0
         self._statistics = None
 
@@ -223,10 +225,13 @@ class StreamedLayer:
                 transform=None) -> "BlockBatches":
         """The batch source of utterances `index` (batches.batch_source): with rng, training
         batches drawn within each block (module docstring); without, evaluation batches sorted
-        by length within each block."""
-        if batch_bytes(batch_size, int(self.n_frames.max(initial=0)), self.width, self.dtype.itemsize) > self.reserve_batch:
-            raise MemoryBudgetError(f"batches of {batch_size} were not planned for when the layer was opened "
-                                    f"(largest {self.reserve_batch} bytes): open it with that batch size")
+        by length within each block, of at most the training batch size planned for (64 rows of
+        the longest utterance, batches.EVAL_BATCH_SIZE, would set the smallest budget)."""
+        if rng is None:
+            batch_size = min(batch_size, self.batch_size)
+        if batch_size > self.batch_size:
+            raise MemoryBudgetError(f"training batches of {batch_size} on a layer opened for batches of "
+                                    f"{self.batch_size}: open it with the larger batch size")
         plan = []
         for block in self.blocks:
             mine = self._in_block(index, block)
@@ -322,15 +327,15 @@ def open_layer(cache, layer: Selection, budget: int | None, batch_size: int, wor
 
 
 def open_streamed(cache, layer: Selection, budget: int, batch_size: int) -> StreamedLayer:
-    """Layer `layer` of `cache` as a StreamedLayer whose blocks fit `budget` bytes with one batch
-    of max(batch_size, EVAL_BATCH_SIZE) utterances."""
+    """Layer `layer` of `cache` as a StreamedLayer whose blocks fit `budget` bytes with padded
+    batches of batch_size utterances (training and evaluation)."""
     states = states_of(layer)
     cache.require(states)
     cache.check()
     meta = cache.read_meta()
     offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
     dtype, width = np.dtype(cache.settings.dtype), len(states) * cache.dim
-    reserve = batch_bytes(max(batch_size, EVAL_BATCH_SIZE), int(meta["n_frames"].max(initial=0)), width, dtype.itemsize)
+    reserve = batch_bytes(batch_size, int(meta["n_frames"].max(initial=0)), width, dtype.itemsize)
     blocks = plan_blocks(meta["shard"], offsets, width, dtype.itemsize, budget, reserve,
                          f"layer {label(layer)} of {cache.root}")
 
@@ -343,7 +348,7 @@ def open_streamed(cache, layer: Selection, budget: int, batch_size: int) -> Stre
         cache.read_slices(list(block.shards), states, frames)
         return frames
 
-    data = StreamedLayer(meta, offsets, selection(states), cache.dim, dtype, blocks, read, reserve)
+    data = StreamedLayer(meta, offsets, selection(states), cache.dim, dtype, blocks, read, batch_size, reserve)
     data.opened_as = (str(cache.root), selection(states), budget, batch_size)  # how a worker opens it again
     return data
 
@@ -353,9 +358,8 @@ def from_memory(data: LayerData, shard_of: np.ndarray, budget: int, batch_size: 
     open_streamed gives for the cache it was read from (shard_of: Cache.read_meta()["shard"]),
     each block a view of data.frames. For tests: equal results prove that streaming changes
     nothing but the order."""
-    reserve = batch_bytes(max(batch_size, EVAL_BATCH_SIZE), int(data.n_frames.max(initial=0)), data.width,
-                          data.frames.itemsize)
+    reserve = batch_bytes(batch_size, int(data.n_frames.max(initial=0)), data.width, data.frames.itemsize)
     blocks = plan_blocks(shard_of, data.offsets, data.width, data.frames.itemsize, budget, reserve)
     meta = {"ids": data.ids, "labels": data.labels, "speakers": data.speakers, "groups": data.groups}
     return StreamedLayer(meta, data.offsets, data.layer, data.dim, data.frames.dtype, blocks,
-                         lambda block: data.frames[block.f0 : block.f1], reserve)
+                         lambda block: data.frames[block.f0 : block.f1], batch_size, reserve)

@@ -13,7 +13,7 @@ import pytest
 
 from ser_cache.folds import make_folds
 from ser_cache.features import LayerData
-from ser_cache.streaming import (HEADROOM, MemoryBudgetError, from_memory, in_memory_bytes, open_layer,
+from ser_cache.streaming import (HEADROOM, MemoryBudgetError, StreamedLayer, from_memory, in_memory_bytes, open_layer,
                                  open_streamed, parse_size)
 from ser_cache.training import TrainConfig, run_folds
 
@@ -78,10 +78,7 @@ def test_open_layer_reads_whole_layers_that_fit_and_streams_the_others(small):
     whole = small.read_layer(1)
     fits = in_memory_bytes(len(whole.frames), whole.width, 2)
     assert isinstance(open_layer(small, 1, fits, 16), LayerData)
-    # A byte less and the layer is streamed, here in a budget smaller than one padded batch.
-    with pytest.raises(MemoryBudgetError, match="too small to stream layer 1"):
-        open_layer(small, 1, fits - 1, 16)
-    assert isinstance(open_layer(small, 1, budget_for(small, 2), 16), LayerData)  # fits: read whole
+    assert isinstance(open_layer(small, 1, fits - 1, 16), StreamedLayer)  # a byte less: streamed
     with pytest.raises(Exception, match=r"layer 5 is not in this cache; it holds layers \[0, 1\]"):
         open_layer(small, 5, 100, 16)
 
@@ -95,16 +92,16 @@ def test_streamed_statistics_equal_the_in_memory_ones(small):
     np.testing.assert_array_equal(data.statistics, whole.statistics)
 
 
-@pytest.mark.parametrize("head", ["mean", "attentive", "linear"])
+@pytest.mark.parametrize("head", ["mean", "linear"])
 def test_streamed_training_equals_in_memory_training_in_the_same_order(small, head):
     budget = budget_for(small, 5)  # blocks of 5, 5 and 2 shards: uneven on purpose
     streamed = open_streamed(small, 1, budget, 16)
     assert len(streamed.blocks) == 3
     whole = small.read_layer(1)
     in_memory = from_memory(whole, small.read_meta()["shard"], budget, 16)
-    folds = make_folds(whole.ids, whole.labels, whole.speakers, whole.groups, protocol="kfold", n_folds=3,
+    folds = make_folds(whole.ids, whole.labels, whole.speakers, whole.groups, protocol="kfold", n_folds=2,
                        corpus="csv", seed=0)
-    config = TrainConfig(**SMALL, time_mask=0.2 if head == "attentive" else 0.0)
+    config = TrainConfig(**{**SMALL, "epochs": 2}, time_mask=0.2)  # time masking: torch's RNG is drawn too
     a, b = run_folds(streamed, folds, head, config), run_folds(in_memory, folds, head, config)
     for fa, fb in zip(a.folds, b.folds):
         np.testing.assert_array_equal(fa.probs, fb.probs)
@@ -185,3 +182,42 @@ def test_training_a_layer_several_times_the_budget_stays_under_it(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["streamed"] and result["finite"] and result["epochs"] == 2
     assert 0 < result["growth"] < budget, (result, layer_bytes)
+
+
+def test_the_commands_take_a_budget_and_refuse_bad_ones(small, tmp_path):
+    from click.testing import CliRunner
+
+    from ser_cache.cli import main
+
+    def train(budget, *more):
+        return CliRunner().invoke(main, ["train", str(small.root), "--layer", "1", "--head", "linear", "--folds", "2",
+                                         "--out", str(tmp_path / budget), "--memory-budget", budget, *more])
+
+    bad = train("2gigs")
+    assert bad.exit_code == 1 and bad.output.strip() == (
+        "Error: --memory-budget '2gigs' is not a size: give a number of bytes with an optional K, M, G or T suffix "
+        "(powers of 1024), e.g. 500M, 2G or 1.5G")
+    small_budget = train("100K")
+    assert small_budget.exit_code == 1 and "too small to stream layer 1" in small_budget.output
+    assert "needs at least" in small_budget.output
+    sweep = CliRunner().invoke(main, ["sweep", str(small.root), "--out", str(tmp_path / "sweep"), "--layers", "1",
+                                      "--heads", "linear", "--memory-budget", "-3M"])
+    assert sweep.exit_code == 1 and "Error: --memory-budget '-3M' is not a size" in sweep.output
+
+
+def test_a_streamed_run_records_its_blocks_and_a_sweep_streams_in_its_workers(small, tmp_path, monkeypatch):
+    import ser_cache.streaming as S
+    from ser_cache.sweep import SweepSpec, run_sweep
+    from ser_cache.training import train_from_cache
+
+    budget = budget_for(small, 6)
+    monkeypatch.setattr(S, "in_memory_bytes", lambda *a: budget * 100)  # this small layer would fit: say it does not
+    train_from_cache(small.root, 1, "linear", tmp_path / "run", TrainConfig(**SMALL), n_folds=2, memory_budget=budget)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["cache"]
+    assert stored["streamed_blocks"] == [list(range(0, 6)), list(range(6, 12))]
+    spec = SweepSpec(caches=[small.root], layers="1", heads=["linear"], train=TrainConfig(**SMALL), protocol="kfold",
+                     n_folds=2)
+    # Two workers, each opening the shards itself with half the budget: blocks of 6 shards again.
+    outcome = run_sweep(spec, tmp_path / "sweep", jobs=2, device="cpu", progress=False, write_report=False,
+                        memory_budget=2 * budget)
+    assert outcome.tasks_run == 2 and not outcome.failures
