@@ -12,12 +12,13 @@ memory, frames read from the shards when a batch needs them.
 
 Blocks. A shard stores one contiguous dataset per layer, so a run of consecutive shards is
 read with one sequential read per shard and state (Cache.read_slices). The shards are cut
-into *blocks* (`plan_blocks`): runs of consecutive shards whose slices, plus the largest
-padded batch built from them and its float32 copies (`batch_bytes`), fit the budget less
+into *blocks* (`plan_blocks`): runs of consecutive shards whose slices, plus the padded
+batches alive at once (`batch_bytes`: one being built, the previous one), fit the budget less
 HEADROOM (1/8, for the head's activations, Python objects, the allocator). One block is held
 at a time, in one buffer reused for every block. Not counted: the metadata, and the linear
-probe's per-utterance statistics ((n, 2 * width) float64, what scikit-learn fits on). A budget below the largest shard's slice
-plus one batch is refused, naming that minimum (a smaller `extract --shard-mb` lowers it).
+probe's per-utterance statistics ((n, 2 * width) float64, what scikit-learn fits on). A
+budget below the largest shard's slice and the batches is refused, naming that minimum (a
+smaller `extract --shard-mb`, or `--batch-size`, lowers it).
 
 Batch order. The in-memory path shuffles a fold's training utterances globally, buckets them
 by length into batches, and shuffles those batches each epoch (batches.batch_order); drawn

@@ -50,7 +50,9 @@ at any point resumes from its finished folds when re-run with the same settings.
 
 Efficiency: the cost is the front Linear over every frame, so batches are padded once per fold
 (lengths bucketed to limit padding, kept in the cache's dtype, moved to the device once) and
-only their order is shuffled each epoch; compute is float32.
+only their order is shuffled each epoch; compute is float32. A layer larger than the memory
+budget is streamed instead (streaming.py): the loop is the same, its batches are read a
+block of shards at a time (batches.batch_source).
 """
 from __future__ import annotations
 
