@@ -53,10 +53,10 @@ def budget_for(cache, shards_per_block: int, layer=1) -> int:
 
 
 def test_a_budget_below_one_shard_and_one_batch_names_the_minimum(small):
-    with pytest.raises(MemoryBudgetError, match=r"--memory-budget 1000 is too small to stream layer 1 of .*: it needs "
-                                                r"at least [\d.]+K \(the largest shard's slice, [\d.]+K, and padded "
-                                                r"batches, [\d.]+K, plus 1/8 headroom\); raise --memory-budget, or extract with a smaller "
-                                                r"--shard-mb"):
+    with pytest.raises(MemoryBudgetError, match=r"--memory-budget 1000 is too small to stream layer 1 of .*: it "
+                                                r"needs at least [\d.]+K \(the largest shard's slice, [\d.]+K, and "
+                                                r"padded batches, [\d.]+K, plus 1/8 headroom\); raise "
+                                                r"--memory-budget, or extract with a smaller --shard-mb"):
         open_streamed(small, 1, 1000, 16)
     minimum = budget_for(small, 1)
     assert len(open_streamed(small, 1, minimum, 16).blocks) == len(small.plan)  # the minimum is enough
