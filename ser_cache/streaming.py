@@ -44,8 +44,8 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -223,7 +223,7 @@ class StreamedLayer:
         return self._statistics
 
     def batches(self, y, index, batch_size: int, device, rng: np.random.Generator | None = None,
-                transform=None) -> "BlockBatches":
+                transform=None) -> BlockBatches:
         """The batch source of utterances `index` (batches.batch_source): with rng, training
         batches drawn within each block (module docstring); without, evaluation batches sorted
         by length within each block, of at most the training batch size planned for (64 rows of

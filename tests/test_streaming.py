@@ -10,16 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ser_cache.folds import make_folds
-from ser_cache.features import LayerData
-from ser_cache.streaming import (HEADROOM, MemoryBudgetError, StreamedLayer, from_memory, in_memory_bytes, open_layer,
-                                 open_streamed, parse_size)
-from ser_cache.training import TrainConfig, run_folds
-
 from test_cache import synthetic_cache
 
-SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
+from ser_cache.features import LayerData
+from ser_cache.folds import make_folds
+from ser_cache.streaming import (
+    HEADROOM,
+    MemoryBudgetError,
+    StreamedLayer,
+    from_memory,
+    in_memory_bytes,
+    open_layer,
+    open_streamed,
+    parse_size,
+)
+from ser_cache.training import TrainConfig, run_folds
+
+SMALL = {"epochs": 3, "d_model": 16, "n_heads": 2, "head_dim": 4, "device": "cpu", "compute_dtype": "float32"}
 
 
 @pytest.mark.parametrize("text, size", [("2G", 2 * 2**30), ("500M", 500 * 2**20), ("1.5G", 3 * 2**29),
@@ -177,7 +184,8 @@ def test_training_a_layer_several_times_the_budget_stays_under_it(tmp_path):
     assert layer_bytes >= 3 * budget
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(cache.root), str(budget)], capture_output=True,
-                         text=True, cwd=root, env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, timeout=600)
+                         text=True, cwd=root, env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, timeout=600,
+                         check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["streamed"] and result["finite"] and result["epochs"] == 2
@@ -214,7 +222,7 @@ def test_a_streamed_run_records_its_blocks_and_a_sweep_streams_in_its_workers(sm
     monkeypatch.setattr(S, "in_memory_bytes", lambda *a: budget * 100)  # this small layer would fit: say it does not
     train_from_cache(small.root, 1, "linear", tmp_path / "run", TrainConfig(**SMALL), n_folds=2, memory_budget=budget)
     stored = json.loads((tmp_path / "run" / "config.json").read_text())["cache"]
-    assert stored["streamed_blocks"] == [list(range(0, 6)), list(range(6, 12))]
+    assert stored["streamed_blocks"] == [list(range(6)), list(range(6, 12))]
     spec = SweepSpec(caches=[small.root], layers="1", heads=["linear"], train=TrainConfig(**SMALL), protocol="kfold",
                      n_folds=2)
     # Two workers, each opening the shards itself with half the budget: blocks of 6 shards again.
