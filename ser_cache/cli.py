@@ -279,8 +279,10 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
+@click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble, protocol,
-              n_folds, fold_file, jobs, device):
+              n_folds, fold_file, jobs, device, test_cache, label_map):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -300,7 +302,7 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
                      grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
                                                                time_mask=time_mask, refit=refit, ensemble=ensemble),
                      protocol=protocol,
-                     n_folds=n_folds, fold_file=fold_file)
+                     n_folds=n_folds, fold_file=fold_file, test_cache=test_cache, label_map=label_map)
     outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
     paths = write_report([out], out)
     t = outcome.timing

@@ -78,21 +78,31 @@ def incompatibilities(train: Cache, test: Cache, states: list[int]) -> list[str]
     return problems
 
 
+def map_labels(labels: np.ndarray, label_map: str | None, where: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(kept: (n,) bool, the kept utterances' new class names, dropped count per class) of
+    class names `labels` under the label map; no map keeps all. `where` names the cache."""
+    name, table = resolve_map(label_map)
+    labels = np.asarray(labels).astype(str)
+    if table is None:
+        return np.ones(len(labels), dtype=bool), labels, {}
+    keep = np.array([c in table for c in labels.tolist()], dtype=bool)
+    if not keep.any():
+        raise CrossCorpusError(f"label map {name!r} keeps none of the {len(labels)} utterances of {where}: it maps "
+                               f"{sorted(table)}, the cache has classes {sorted(set(labels.tolist()))}; "
+                               f"pick another map ({', '.join(sorted(LABEL_MAPS))})")
+    classes, counts = np.unique(labels[~keep], return_counts=True)
+    return keep, np.array([table[c] for c in labels[keep].tolist()]), dict(zip(classes.tolist(), counts.tolist()))
+
+
 def map_classes(data: LayerData, label_map: str | None, where: str) -> tuple[LayerData, dict[str, int]]:
     """(data with its classes renamed by the label map, utterances of unlisted classes
     dropped; dropped count per class). No map: (data, {}). `where` names the cache in errors."""
-    name, table = resolve_map(label_map)
-    if table is None:
+    if resolve_map(label_map)[1] is None:
         return data, {}
-    keep = np.array([c in table for c in data.labels.tolist()], dtype=bool)
-    if not keep.any():
-        raise CrossCorpusError(f"label map {name!r} keeps none of the {len(data)} utterances of {where}: it maps "
-                               f"{sorted(table)}, the cache has classes {sorted(set(data.labels.tolist()))}; "
-                               f"pick another map ({', '.join(sorted(LABEL_MAPS))})")
-    dropped = dict(zip(*np.unique(data.labels[~keep], return_counts=True)))
+    keep, labels, dropped = map_labels(data.labels, label_map, where)
     kept = data.subset(np.flatnonzero(keep))
-    kept.labels = np.array([table[c] for c in kept.labels.tolist()])
-    return kept, {str(c): int(n) for c, n in sorted(dropped.items())}
+    kept.labels = labels
+    return kept, dropped
 
 
 def resolve_map(label_map: str | None) -> tuple[str | None, dict[str, str] | None]:
@@ -261,3 +271,39 @@ class CrossResult:
         lines.append(" " * (width + 2) + "".join(f"{c:>{width}}" for c in self.labels))
         lines += [f"  {c:>{width}}" + "".join(f"{v:>{width}d}" for v in row) for c, row in zip(self.labels, counts)]
         return "\n".join(lines)
+
+
+# --- sweeps ------------------------------------------------------------------------------------
+
+
+def check_sweep_target(caches: dict[str, Cache], states: dict[str, list[int]], test_cache: Path | None,
+                       label_map: str | None) -> Cache | None:
+    """For a sweep: the test cache (None without one), checked against every training cache
+    on the `states` its cells read, and the classes every cache keeps after the map against
+    the test cache's (from the metadata: no layer is read). Raises CrossCorpusError."""
+    resolve_map(label_map)
+    if test_cache is None:
+        return None
+    test = open_cache(test_cache)
+    test.check()
+    target = set(map_labels(test.read_meta()["labels"], label_map, f"the test cache {test_cache}")[1].tolist())
+    for key, cache in caches.items():
+        problems = incompatibilities(cache, test, states[key])
+        if problems:
+            raise CrossCorpusError(f"the test cache {test_cache} cannot be scored by heads trained on {cache.root}: "
+                                   + "; ".join(problems) + ". Extract both corpora with the same checkpoint, --mode, "
+                                   "--compute-dtype and layers")
+        source = map_labels(cache.read_meta()["labels"], label_map, str(cache.root))[1]
+        why = classes_differ(sorted(set(source.tolist())), sorted(target), resolve_map(label_map)[0])
+        if why:
+            raise CrossCorpusError(f"{cache.root}: {why}")
+    return test
+
+
+def target_metrics(model, target: LayerData, labels: list[str], device: torch.device) -> dict:
+    """metrics.fold_metrics of one head on every utterance of the target (classes already
+    mapped and shared with `labels`), plus n: a sweep cell's record of the target corpus."""
+    y = np.searchsorted(labels, target.labels).astype(np.int64)
+    assert (np.asarray(labels)[y] == target.labels).all(), "a test class the head does not know"
+    probs = predict_proba(model, target, np.arange(len(target)), device)
+    return {**fold_metrics(y, probs.argmax(axis=1), len(labels)), "n": len(target)}

@@ -229,6 +229,7 @@ class CellResult(Record):
     tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
     refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
     members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
+    target: dict = field(default_factory=dict)  # cross-corpus: fold_metrics and n on all of the test cache
 
 
 @dataclass

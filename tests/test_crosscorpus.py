@@ -2,6 +2,7 @@
 follow the labels (and fail when they are permuted), resume, and the command line."""
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -215,3 +216,40 @@ def test_cli_cross_corpus_run_and_its_one_line_errors(caches, tmp_path):
         assert r.exit_code == 1 and message in r.output, r.output
         error = [line for line in r.output.splitlines() if line.startswith("Error:")]
         assert len(error) == 1 and message in error[0]
+
+
+# --- sweeps ------------------------------------------------------------------------------------
+
+
+def test_a_cross_corpus_sweep_records_target_metrics_equal_to_the_train_run_on_the_same_folds(caches, tmp_path):
+    from ser_cache.report import write_report
+    from ser_cache.results import SweepError, SweepFolder
+    from ser_cache.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec(caches=[caches["a"]], layers="1,2", heads=["linear", "mean"], train=TrainConfig(**SMALL),
+                     n_folds=2, test_cache=caches["b"], label_map="ravdess-emodb6")
+    out = tmp_path / "sweep"
+    run_sweep(spec, out, jobs=1, progress=False, write_report=False)
+    cells = SweepFolder(out).cells()
+    assert len(cells) == 2 * 2 * 2 and {c.target["n"] for c in cells} == {9}  # B: 12 utterances, 3 bored
+    assert all(c.labels == ["angry", "happy", "sad"] and c.n_train + c.n_val + c.n_test == 12 for c in cells)
+    run = train_from_cache(caches["a"], 2, "linear", None, TrainConfig(**SMALL), n_folds=2,
+                           test_cache=caches["b"], label_map="ravdess-emodb6")
+    swept = sorted((c.fold, c.target["ua"], c.ua) for c in cells if c.layer == 2 and c.head == "linear")
+    trained = [(k, ua, r.metrics["ua"]) for k, (ua, r) in
+               enumerate(zip(run.cross_corpus.target["ua"]["folds"], run.folds))]
+    np.testing.assert_allclose(swept, trained)
+    # worker processes get the test cache's layer through shared memory: the same records
+    run_sweep(replace(spec, heads=["linear"]), tmp_path / "pool", jobs=2, progress=False, write_report=False)
+    pooled = {(c.layer, c.fold): c.target for c in SweepFolder(tmp_path / "pool").cells()}
+    assert pooled == {(c.layer, c.fold): c.target for c in cells if c.head == "linear"}
+    paths = write_report([out], out)
+    assert "target_ua" in paths["results"].read_text().splitlines()[0]
+    summary = paths["summary"].read_text()
+    assert "Cross-corpus: UA % in-corpus (test folds) → on all 9 utterances" in summary
+    assert "label map ravdess-emodb6" in summary
+    with pytest.raises(SweepError, match=r"cross_corpus.test_cache.records_hash: sweep has"):
+        run_sweep(replace(spec, test_cache=caches["a"]), out, jobs=1, progress=False)
+    with pytest.raises(CrossCorpusError, match="mode: training cache has 'short', test cache has 'trim'"):
+        run_sweep(replace(spec, test_cache=caches["b-trim"]), tmp_path / "other", jobs=1,
+                  progress=False)
