@@ -31,6 +31,11 @@ class subset of one cache.
 
 B's states are standardised with the statistics each head learned on A's training speakers
 (no adaptation to B), and B's utterances are scored with dropout off.
+
+Sweeps (`ser-cache sweep CACHE... --test-cache B [--label-map NAME]`): the same checks for
+every cache and cell (`check_sweep_target`, from metadata before any layer is read), folds
+made on the mapped classes, and each task's chosen head also scored on B's same layer
+(`target_metrics`, results.CellResult.target); report.py shows B's UA beside the in-corpus UA.
 """
 from __future__ import annotations
 
@@ -70,8 +75,13 @@ def incompatibilities(train: Cache, test: Cache, states: list[int]) -> list[str]
     """Why `test`'s states cannot be scored by heads trained on `train`'s: the SAME_STATES
     settings that differ, and the `states` that `test` lacks; [] when they fit."""
     assert set(SAME_STATES) <= {f.name for f in fields(CacheSettings)}, SAME_STATES
-    problems = train.settings.differences(test.settings, keys=SAME_STATES,
-                                          sides=("training cache has", "test cache has"))
+    sides = ("training cache has", "test cache has")
+    problems = train.settings.differences(test.settings, keys=[k for k in SAME_STATES if k != "dims"], sides=sides)
+    if train.settings.model_sha256 != test.settings.model_sha256:
+        problems[0] += f" (models {train.settings.model!r} and {test.settings.model!r})"
+    a, b = train.settings.dims, test.settings.dims  # named key by key: the whole dicts are long
+    problems += [f"dims.{k}: {sides[0]} {a.get(k)!r}, {sides[1]} {b.get(k)!r}"
+                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     missing = [s for s in states if s not in test.layers]
     if missing:
         problems.append(f"layers {missing}: not in the test cache, which holds layers {test.layers}")
@@ -261,10 +271,10 @@ class CrossResult:
                                                  for _, k in SHOWN))
         lines.append(f"{'difference':>22}" + "".join(
             f"{100 * (self.target[k]['mean'] - self.in_corpus[k]['mean']):+16.2f}" for _, k in SHOWN))
-        for role, dropped in self.dropped.items():
-            if dropped:
+        for role in ROLES:
+            if self.dropped.get(role):
                 lines.append(f"  dropped by the label map from the {ROLES[role]} cache: "
-                             + ", ".join(f"{c} {n}" for c, n in dropped.items()))
+                             + ", ".join(f"{c} {n}" for c, n in self.dropped[role].items()))
         counts = np.array(self.target["confusion"]["counts"])
         width = max(8, *(len(c) + 1 for c in self.labels))
         lines.append(f"  target confusion (rows: true, columns: predicted; summed over the {n_heads} fold heads):")

@@ -3,7 +3,8 @@
     SWEEP/cells/**/*.json  (one per finished fold of a cell)  --write_report-->
         results.csv         one row per cell and fold
         summary.md          UA mean ± std per layer and head, best cells marked, time spent
-        ua_by_layer.png     UA against layer, one line per head, a band for the std over folds;
+        ua_by_layer.png     UA against layer, one line per head, a band for the std over folds
+                            (cross-corpus: a dashed line per head for the test cache);
                             one panel per cache (per sweep and cache when sweeps are compared);
                             a multi-layer cell is a dotted level across the panel
         confusion_best.png  the best cell's confusion matrix per panel, normalised by row
@@ -398,6 +399,9 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
             std = 100 * np.array([c.ua[1] for c in cells])
             ax.plot(x, mean, marker="o", color=colors[head], label=head)
             ax.fill_between(x, mean - std, mean + std, color=colors[head], alpha=0.15, linewidth=0)
+            target = [(c.layer, 100 * c.target_ua[0]) for c in cells if c.target_ua]
+            if target:  # cross-corpus: the same heads on the test cache, dashed
+                ax.plot(*zip(*target), marker="x", linestyle="--", color=colors[head], label=f"{head}, test cache")
         styles = iter([":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2))] * 8)
         best = p.best
         for layer in [layer for layer in p.layers if is_multi(layer)]:  # no place on the axis: a level
