@@ -253,3 +253,17 @@ def test_a_cross_corpus_sweep_records_target_metrics_equal_to_the_train_run_on_t
     with pytest.raises(CrossCorpusError, match="mode: training cache has 'short', test cache has 'trim'"):
         run_sweep(replace(spec, test_cache=caches["b-trim"]), tmp_path / "other", jobs=1,
                   progress=False)
+
+
+def test_a_sweep_with_a_label_map_alone_makes_its_folds_on_the_kept_classes(caches, tmp_path):
+    from ser_cache.results import SweepFolder
+    from ser_cache.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec(caches=[caches["a"]], layers="1", heads=["linear"], train=TrainConfig(**SMALL), n_folds=2,
+                     label_map="ravdess-emodb6")
+    run_sweep(spec, tmp_path / "sweep", jobs=1, progress=False, write_report=False)
+    cells = SweepFolder(tmp_path / "sweep").cells()
+    assert len(cells) == 2 and all(not c.target and c.labels == ["angry", "happy", "sad"] for c in cells)
+    assert sum(c.n_test for c in cells) == 12  # 16 utterances, 4 calm dropped
+    assert SweepFolder(tmp_path / "sweep").read_config()["cross_corpus"] == {"label_map": "ravdess-emodb6",
+                                                                          "test_cache": None}
