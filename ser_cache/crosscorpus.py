@@ -55,8 +55,8 @@ from .errors import OptionError
 from .features import LayerData
 from .files import write_json_atomic, write_text_atomic
 from .layers import Selection, states_of
-from .records import RecordsError
 from .metrics import SCALARS, fold_metrics, summarize
+from .records import RecordsError
 from .results import RunFolder
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class CrossCorpus:
         return data
 
     def evaluate(self, labels: list[str], models: list, in_corpus: dict, device: torch.device,
-                 folder: RunFolder | None) -> "CrossResult | None":
+                 folder: RunFolder | None) -> CrossResult | None:
         """Each fold head (`models`, in fold order) scored once on every utterance of B;
         the result beside the in-corpus `summarize` dict, written into `folder` if given."""
         if self.target is None:
@@ -271,9 +271,9 @@ class CrossResult:
                                                  for _, k in SHOWN))
         lines.append(f"{'difference':>22}" + "".join(
             f"{100 * (self.target[k]['mean'] - self.in_corpus[k]['mean']):+16.2f}" for _, k in SHOWN))
-        for role in ROLES:
+        for role, name in ROLES.items():
             if self.dropped.get(role):
-                lines.append(f"  dropped by the label map from the {ROLES[role]} cache: "
+                lines.append(f"  dropped by the label map from the {name} cache: "
                              + ", ".join(f"{c} {n}" for c, n in self.dropped[role].items()))
         counts = np.array(self.target["confusion"]["counts"])
         width = max(8, *(len(c) + 1 for c in self.labels))
