@@ -191,6 +191,7 @@ from .folds import PROTOCOLS as _FOLD_PROTOCOLS  # noqa: E402
 from .heads import HEADS as _HEADS  # noqa: E402
 
 _TRAIN = _training.TrainConfig()  # the defaults shown in --help
+from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 
 
 @main.command("train")
@@ -215,25 +216,32 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off).")
 @click.option("--refit", is_flag=True, help="After the epoch (or C) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean, and every member is saved and exported.")
+@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the head learns: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
+@click.option("--targets", default=None, help="Regression: the numeric targets to learn, comma-separated (e.g. arousal,valence); default with --task regression: every target the cache's records carry.")
+@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets). The epoch (or C) is always chosen on validation mean CCC.")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
-              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, compat_select_on_test,
-              compat_eval_dropout, device, overwrite):
+              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, task, targets, loss,
+              compat_select_on_test, compat_eval_dropout, device, overwrite):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
     speakers, then the test speakers are evaluated once. Prints a table per fold with the
     mean and std of UA, WA and F1, and writes everything into --out. On several layers, the
     pooling heads mix the states with learned softmax weights (printed per fold) and the
-    linear head reads the statistics of every state.
+    linear head reads the statistics of every state. With --task regression (or --targets),
+    the head learns continuous targets, the epoch is chosen on validation mean CCC, and the
+    table gives CCC, Pearson r and MAE per target.
     """
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    task, targets = _task_options(task, targets)
     config = _training.TrainConfig.from_dict(dict(
+        task=task, targets=targets, loss=loss,
         epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
@@ -244,6 +252,17 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
                                         n_folds=n_folds, fold_file=fold_file, overwrite=overwrite)
     click.echo(result.table())
     click.echo(f"run saved in {out}")
+
+
+def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]]:
+    """(task, target names) from --task and --targets: targets imply regression."""
+    names = [t.strip() for t in (targets or "").split(",") if t.strip()]
+    if targets is not None and not names:
+        raise click.BadParameter("give target names, e.g. --targets arousal,valence", param_hint="--targets")
+    if names and task == "classification":
+        raise click.BadParameter("targets are learned by regression: use --task regression, or drop --targets",
+                                 param_hint="--targets")
+    return ("regression" if names else task or "classification"), names
 
 
 # --- layer-wise comparisons ----------------------------------------------------------------
@@ -399,7 +418,8 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     what = f"ensemble of {saved['members']} {saved['head']} heads" if "members" in saved else f"{saved['head']} head"
     click.echo(f"{what} on layer {label(saved['layer'])}, trained on {p['trained_on']}"
                + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
-    click.echo(f"labels: {', '.join(saved['labels'])}")
+    kind = "targets" if saved["task"] == "regression" else "labels"
+    click.echo(f"{kind}: {', '.join(saved['labels'])}")
     click.echo(f"needs Whisper {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
     click.echo(f"wrote {out}; use it with: ser-cache predict {out} AUDIO...")
 
@@ -414,7 +434,8 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
 def predict(model_file, audio, whisper_model, as_json, allow_other_model, device):
     """Predict the emotion of each AUDIO file with a head written by `ser-cache export`.
 
-    Prints the predicted emotion and every class probability. Files over 30 s are cut into
+    Prints the predicted emotion and every class probability (a regression head: the value of
+    each target, e.g. arousal and valence, on the scale it was trained on). Files over 30 s are cut into
     30 s windows, each shown with its own probabilities; the file's are their mean weighted
     by window duration. The Whisper encoder runs only up to the head's (highest) layer. Files that
     cannot be read are reported and the others still processed (the exit status is then 1).
@@ -432,7 +453,9 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
         click.echo(f"warning: the head was trained on Whisper {ex.whisper['name']} (sha256 "
                    f"{ex.whisper['sha256'][:12]}...), not this checkpoint (--allow-other-model)", err=True)
     results = [predictor.predict_file(path) for path in audio]
-    click.echo(to_json(results, predictor.labels) if as_json else format_table(results, predictor.labels))
+    regression = ex.regression
+    click.echo(to_json(results, predictor.labels, regression) if as_json
+               else format_table(results, predictor.labels, regression))
     failed = [r for r in results if r.error]
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(results)} files could not be used: "
