@@ -288,9 +288,12 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
+@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the heads learn: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
+@click.option("--targets", default=None, help="Regression: the numeric targets, comma-separated (e.g. arousal,valence); every setting is chosen on validation mean CCC and the report draws one CCC curve per target. Default with --task regression: every target of the first cache.")
+@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble, protocol,
-              n_folds, fold_file, jobs, device):
+              n_folds, fold_file, jobs, task, targets, loss, device):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -306,9 +309,11 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
             hint = (" (a grid key? give each one its own --grid, or quote them together)"
                     if "=" in c.name else "")
             raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
+    task, targets = _task_options(task, targets)
     spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
                      grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
-                                                               time_mask=time_mask, refit=refit, ensemble=ensemble),
+                                                               time_mask=time_mask, refit=refit, ensemble=ensemble,
+                                                               task=task, targets=targets, loss=loss),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file)
     outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
@@ -348,7 +353,7 @@ def report_cmd(sweeps, out):
 
 
 def _echo_report(paths: dict) -> None:
-    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights") if k in paths)
+    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights", "ccc") if k in paths)
     click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
 
 

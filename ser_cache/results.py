@@ -179,7 +179,10 @@ class CellResult(Record):
     """One fold of one sweep cell (cache, layer, head, seed), as saved by a sweep worker.
 
     Metrics are in [0, 1] (metrics.fold_metrics); grid lists every setting tried with its
-    validation UA; setting and values are the one chosen on validation.
+    validation UA; setting and values are the one chosen on validation. A regression cell
+    (task "regression"; labels name its targets) has no UA, WA, F1 or confusion (None, []):
+    its test scores are `ccc` (mean over targets) and `targets` ({target: {"ccc", "pearson",
+    "mae"}}), its validation score `val_ccc`, and its grid entries carry "val_ccc".
     """
 
     cache: str
@@ -216,6 +219,10 @@ class CellResult(Record):
     tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
     refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
     members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
+    task: str = "classification"  # or "regression" (cells saved before tasks: classification)
+    ccc: float | None = None  # regression: test CCC, mean over targets
+    val_ccc: float | None = None  # regression: validation CCC of the chosen setting, mean over targets
+    targets: dict = field(default_factory=dict)  # regression: {target: {"ccc", "pearson", "mae"}} on the test fold
 
 
 @dataclass

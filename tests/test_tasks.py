@@ -274,3 +274,36 @@ def test_a_run_folder_without_task_settings_resumes_and_exports_as_classificatio
     export_run(out, tmp_path / "m.pt")
     exported = load_exported(tmp_path / "m.pt")
     assert exported.task == "classification" and exported.labels == first.labels
+
+
+# --- sweeps over targets ---------------------------------------------------------------------------
+
+
+def test_a_regression_sweep_draws_one_ccc_curve_per_target(csv_cache, tmp_path):
+    from ser_cache.report import CCC_PLOT, CONFUSION_PLOT, RESULTS_FILE, SUMMARY_FILE
+    from ser_cache.results import SweepFolder
+
+    root, _ = csv_cache
+    out = tmp_path / "sweep"
+    r = invoke("sweep", root / "cache", "--out", out, "--task", "regression", "--targets", "arousal,valence",
+               "--heads", "linear,mean", "--layers", "all,1+2", "--epochs", 2, "--folds", 2, "--jobs", 2,
+               "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert (out / CCC_PLOT).is_file() and not (out / CONFUSION_PLOT).exists()
+    with open(out / RESULTS_FILE) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2 * 2  # (states 0, 1, 2 and 1+2) x heads x folds
+    assert {"ccc", "val_ccc", "ccc_arousal", "pearson_valence", "mae_valence"} <= set(rows[0])
+    for row in rows:  # the mean CCC is the mean of the targets'
+        assert float(row["ccc"]) == pytest.approx((float(row["ccc_arousal"]) + float(row["ccc_valence"])) / 2, abs=1e-5)
+    summary = (out / SUMMARY_FILE).read_text()
+    assert "CCC of arousal by layer" in summary and "CCC of valence by layer" in summary
+    assert summary.count("†") >= 3 and "Best on validation †" in summary  # chosen on validation CCC
+    cells = SweepFolder(out).cells()
+    assert all(c.task == "regression" and c.labels == ["arousal", "valence"] and c.ua is None for c in cells)
+    assert all("val_ccc" in trial for c in cells for trial in c.grid)
+    stored = json.loads((out / SweepFolder.CONFIG).read_text())["config"]["train"]
+    assert stored["task"] == "regression" and stored["targets"] == ["arousal", "valence"]
+    r = invoke("sweep", root / "cache", "--out", tmp_path / "other", "--targets", "dominance", "--heads", "mean",
+               "--folds", 2)
+    assert r.exit_code == 1 and "target 'dominance' not found" in r.output
