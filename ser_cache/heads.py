@@ -497,6 +497,7 @@ class Ensemble(Head):
     argmax picks the class of highest mean probability. These are not the mean of the members'
     logits: that would be a normalised geometric mean of their probabilities. A class that
     every member gives probability 0 (the linear probe's unseen classes) keeps logit -inf.
+    Regression members: the ensemble's output is the mean of their values (on the targets' scale).
     """
 
     def __init__(self, members: list[Head]):

@@ -9,6 +9,11 @@ loop, used for folds, sweeps and exports), the linear probe by scikit-learn with
 validation (`fit_logistic`). With a `fixed` choice instead of validation utterances (an export
 on all speakers), the choice is applied as given.
 
+What is learned is the run's task (tasks.py, config.task): class labels, scored by UA, or
+continuous targets (`task="regression"`, `targets`), scored by the mean CCC over targets. The
+loop asks the task for its loss, its validation score and its metrics, so every head, fitter,
+ensemble and refit below works for both; "UA" below reads "mean CCC" for a regression.
+
 For every fold, run_folds trains on the training speakers, picks the epoch (or C) with the best
 UA on the validation speakers (carved from the training speakers, see folds.py), then evaluates
 the test speakers once with that state and dropout off. One seed fixes everything: the folds'
