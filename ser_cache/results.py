@@ -87,7 +87,9 @@ class RunConfig(Record):
     """RUN/config.json: what a `ser-cache train` run trained, on which data, with which settings.
 
     train: TrainConfig.to_dict(); head_kwargs: the head's constructor options; cache: the cache's
-    fingerprint (cache.Cache.fingerprint); folds: protocol, n_folds, seed.
+    fingerprint (cache.Cache.fingerprint); folds: protocol, n_folds, seed. labels: the head's
+    outputs in order, the classes, or a regression run's targets (config["task"]); class_counts
+    counts the classes either way.
     """
 
     head: str

@@ -273,7 +273,7 @@ def sweep_targets(spec: SweepSpec, caches: dict[str, Cache]) -> tuple[str, ...]:
     """The targets a regression sweep learns: spec.train.targets, or every target of the first
     cache; every cache must carry them all (refused otherwise, naming the cache)."""
     targets = tuple(spec.train.targets)
-    for key, cache in caches.items():
+    for cache in caches.values():
         names = target_names(cache.records())
         if not names:
             raise SweepError(f"the cache {cache.root} carries no numeric targets: extract a corpus with targets "

@@ -92,7 +92,7 @@ from .heads import Head, head_class, load_head, one_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
 from .metrics import fold_metrics
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
-from .tasks import LOSSES, TASKS, Classification, Regression, Task, as_task, class_weights, make_task
+from .tasks import LOSSES, TASKS, Classification, Regression, Task, as_task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,8 @@ class TrainConfig:
             (self.loss in LOSSES, f"loss must be one of {LOSSES} (regression; classification uses cross-entropy)"),
             (self.task == "regression" or not self.targets,
              "targets are learned by regression: add --task regression, or drop --targets"),
+            (self.task == "classification" or not self.class_weights,
+             "class weights weigh classes, and a regression has none: drop class_weights"),
             (not (self.refit and self.compat_select_on_test),
              "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
              "speakers: drop one of the two"),
@@ -587,8 +589,9 @@ class RunResult:
         lines = self.regression_rows() if self.config.task == "regression" else self.classification_rows()
         lines += self.weights_table()
         if self.config.ensemble > 1:
+            averaged = "values" if self.config.task == "regression" else "probabilities"
             lines.append(f"  ensembles of {self.config.ensemble} heads per fold (seeds derived from the fold's), "
-                         f"probabilities averaged; {sel}: the median of the members' choices on validation")
+                         f"{averaged} averaged; {sel}: the median of the members' choices on validation")
         if self.config.refit:
             lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
                          "validation (refit)")

@@ -225,8 +225,8 @@ def _cache_records(root):
     return open_cache(root / "cache").records()
 
 
-def test_cli_regression_errors(csv_cache, tiny_checkpoint, tmp_path):
-    root, records = csv_cache
+def test_cli_regression_errors(csv_cache, tmp_path):
+    root, _ = csv_cache
     base = ["train", root / "cache", "--layer", 1, "--head", "mean", "--folds", 2, "--epochs", 1, "--device", "cpu"]
     r = invoke(*base, "--out", tmp_path / "a", "--targets", "arousal,dominance")
     assert r.exit_code == 1 and "target 'dominance' not found; this cache's targets = ['arousal', 'valence']" in r.output
@@ -307,3 +307,14 @@ def test_a_regression_sweep_draws_one_ccc_curve_per_target(csv_cache, tmp_path):
     r = invoke("sweep", root / "cache", "--out", tmp_path / "other", "--targets", "dominance", "--heads", "mean",
                "--folds", 2)
     assert r.exit_code == 1 and "target 'dominance' not found" in r.output
+
+
+def test_settings_that_mean_nothing_for_regression_are_refused():
+    from ser_cache.training import ConfigError
+
+    with pytest.raises(ConfigError, match="drop class_weights"):
+        TrainConfig(task="regression", class_weights=True)
+    with pytest.raises(ConfigError, match="add --task regression"):
+        TrainConfig(targets=("arousal",))
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        TrainConfig(task="regression", loss="huber")
