@@ -352,6 +352,25 @@ def report_cmd(sweeps, out):
     _echo_report(paths)
 
 
+@main.command("compare")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--metric", type=click.Choice(["ua", "wa", "macro_f1"]), default="ua", help="The fold metric to pair.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
+def compare_cmd(results, metric, as_json):
+    """Paired differences of RESULTS[1:] against RESULTS[0] over the same folds.
+
+    Each result is a run folder or a sweep cell SWEEP:LAYER:HEAD (SWEEP:LAYER:HEAD:CACHE when
+    the sweep holds several caches), e.g. `ser-cache compare sweeps/mix:3:linear
+    sweeps/mix:0-6:linear sweeps/mix:0-6:qkv`. Prints the mean, std and range of the per-fold
+    differences, the folds improved and an exact sign-flip p-value. Results tested on other
+    folds are refused.
+    """
+    from .compare import compare, table
+
+    rows = compare(list(results), metric)
+    click.echo(json.dumps(rows, indent=1) if as_json else table(rows))
+
+
 def _echo_report(paths: dict) -> None:
     plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights", "ccc") if k in paths)
     click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
