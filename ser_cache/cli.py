@@ -354,7 +354,7 @@ def report_cmd(sweeps, out):
 
 @main.command("compare")
 @click.argument("results", nargs=-1, required=True)
-@click.option("--metric", type=click.Choice(["ua", "wa", "macro_f1"]), default="ua", help="The fold metric to pair.")
+@click.option("--metric", default="ua", help="The fold metric to pair: ua, wa, macro_f1; for regression results ccc (mean over targets) or ccc_TARGET (e.g. ccc_valence).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
 def compare_cmd(results, metric, as_json):
     """Paired differences of RESULTS[1:] against RESULTS[0] over the same folds.

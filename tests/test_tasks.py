@@ -304,6 +304,8 @@ def test_a_regression_sweep_draws_one_ccc_curve_per_target(csv_cache, tmp_path):
     assert all("val_ccc" in trial for c in cells for trial in c.grid)
     stored = json.loads((out / SweepFolder.CONFIG).read_text())["config"]["train"]
     assert stored["task"] == "regression" and stored["targets"] == ["arousal", "valence"]
+    r = invoke("compare", f"{out}:0:linear", f"{out}:1+2:mean", "--metric", "ccc_arousal")  # cells pair by CCC
+    assert r.exit_code == 0 and "ccc_arousal as CCC" in r.output, r.output
     r = invoke("sweep", root / "cache", "--out", tmp_path / "other", "--targets", "dominance", "--heads", "mean",
                "--folds", 2)
     assert r.exit_code == 1 and "target 'dominance' not found" in r.output
@@ -318,3 +320,18 @@ def test_settings_that_mean_nothing_for_regression_are_refused():
         TrainConfig(targets=("arousal",))
     with pytest.raises(ConfigError, match="loss must be one of"):
         TrainConfig(task="regression", loss="huber")
+
+
+def test_compare_pairs_regression_results_by_ccc(data, folds, tmp_path):
+    """Runs of two layers on the same folds pair by mean CCC or one target's; UA is refused by name."""
+    from ser_cache.compare import CompareError, compare, table
+
+    config = TrainConfig(**SMALL, linear_c=(1.0,), **REGRESS)
+    run_folds(one_state(data, 0), folds, "linear", config, tmp_path / "signal")
+    run_folds(one_state(data, 1), folds, "linear", config, tmp_path / "noise")
+    row, = compare([str(tmp_path / "noise"), str(tmp_path / "signal")], "ccc_valence")
+    assert row["better"] == 3 and row["diff_mean"] > 0.5  # the layer that carries the target, fold by fold
+    assert "ccc_valence as CCC" in table([row])
+    assert compare([str(tmp_path / "noise"), str(tmp_path / "signal")], "ccc")[0]["better"] == 3
+    with pytest.raises(CompareError, match="it has ccc, ccc_arousal, ccc_valence"):
+        compare([str(tmp_path / "noise"), str(tmp_path / "signal")], "ua")
