@@ -51,7 +51,7 @@ from .errors import UserError
 from .features import LayerData
 from .files import process_tag, write_json_atomic
 from .layers import Selection, selection, states_of
-from .records import Utterance, load_records
+from .records import Utterance, load_records, target_names
 
 CACHE_FORMAT = 1
 SETTINGS_FILE = "cache.json"
@@ -533,10 +533,25 @@ class Cache:
                         frames[where] = ds[()]
                 row += n
         assert row == len(frames), f"read {row} frames, metadata says {len(frames)}"
+        names, values = self.targets_of(meta["ids"])
         return LayerData(
             frames=frames, offsets=offsets, ids=meta["ids"], labels=meta["labels"],
             speakers=meta["speakers"], groups=meta["groups"], layer=selection(states),
+            target_names=names, target_values=values,
         )
+
+    def targets_of(self, ids: np.ndarray) -> tuple[tuple[str, ...], np.ndarray | None]:
+        """(target names, (len(ids), n_targets) float64 values, NaN where a record lacks one)
+        of the utterances `ids`, from the records the cache was planned from; ((), None) when
+        no record carries targets."""
+        records = self.records()
+        names = tuple(target_names(records))
+        if not names:
+            return (), None
+        by_id = {r.id: dict(r.targets) for r in records}
+        values = np.array([[by_id.get(i, {}).get(t, np.nan) for t in names] for i in ids.tolist()],
+                          dtype=np.float64).reshape(len(ids), len(names))
+        return names, values
 
     def skipped(self, shards: list[int] | None = None) -> list[dict]:
         """Every planned utterance that could not be used: [{id, path, reason}].

@@ -191,6 +191,7 @@ from .folds import PROTOCOLS as _FOLD_PROTOCOLS  # noqa: E402
 from .heads import HEADS as _HEADS  # noqa: E402
 
 _TRAIN = _training.TrainConfig()  # the defaults shown in --help
+from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 
 
 @main.command("train")
@@ -215,6 +216,9 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off).")
 @click.option("--refit", is_flag=True, help="After the epoch (or C) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean, and every member is saved and exported.")
+@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the head learns: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
+@click.option("--targets", default=None, help="Regression: the numeric targets to learn, comma-separated (e.g. arousal,valence); default with --task regression: every target the cache's records carry.")
+@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets). The epoch (or C) is always chosen on validation mean CCC.")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
@@ -222,15 +226,17 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's head once on all of this cache (another corpus, same checkpoint, mode and layers); its metrics are printed beside the in-corpus ones and saved in cross_corpus.json.")
 @click.option("--label-map", default=None, help="Rename the classes of both caches with a named label map (e.g. ravdess-emodb6) before training; utterances of classes it does not list are dropped and counted.")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
-              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, compat_select_on_test,
-              compat_eval_dropout, device, overwrite, test_cache, label_map):
+              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, task, targets, loss,
+              compat_select_on_test, compat_eval_dropout, device, overwrite, test_cache, label_map):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
     speakers, then the test speakers are evaluated once. Prints a table per fold with the
     mean and std of UA, WA and F1, and writes everything into --out. On several layers, the
     pooling heads mix the states with learned softmax weights (printed per fold) and the
-    linear head reads the statistics of every state.
+    linear head reads the statistics of every state. With --task regression (or --targets),
+    the head learns continuous targets, the epoch is chosen on validation mean CCC, and the
+    table gives CCC, Pearson r and MAE per target.
 
     Cross-corpus: --test-cache B scores each fold's head once on all of B (nothing is chosen
     on B) and prints B's metrics beside the in-corpus ones; --label-map brings both caches to
@@ -239,7 +245,9 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    task, targets = _task_options(task, targets)
     config = _training.TrainConfig.from_dict(dict(
+        task=task, targets=targets, loss=loss,
         epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
@@ -253,6 +261,17 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     if result.cross_corpus is not None:
         click.echo(result.cross_corpus.table())
     click.echo(f"run saved in {out}")
+
+
+def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]]:
+    """(task, target names) from --task and --targets: targets imply regression."""
+    names = [t.strip() for t in (targets or "").split(",") if t.strip()]
+    if targets is not None and not names:
+        raise click.BadParameter("give target names, e.g. --targets arousal,valence", param_hint="--targets")
+    if names and task == "classification":
+        raise click.BadParameter("targets are learned by regression: use --task regression, or drop --targets",
+                                 param_hint="--targets")
+    return ("regression" if names else task or "classification"), names
 
 
 # --- layer-wise comparisons ----------------------------------------------------------------
@@ -278,11 +297,14 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
+@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the heads learn: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
+@click.option("--targets", default=None, help="Regression: the numeric targets, comma-separated (e.g. arousal,valence); every setting is chosen on validation mean CCC and the report draws one CCC curve per target. Default with --task regression: every target of the first cache.")
+@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
 @click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble, protocol,
-              n_folds, fold_file, jobs, device, test_cache, label_map):
+              n_folds, fold_file, jobs, task, targets, loss, device, test_cache, label_map):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -298,9 +320,11 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
             hint = (" (a grid key? give each one its own --grid, or quote them together)"
                     if "=" in c.name else "")
             raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
+    task, targets = _task_options(task, targets)
     spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
                      grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
-                                                               time_mask=time_mask, refit=refit, ensemble=ensemble),
+                                                               time_mask=time_mask, refit=refit, ensemble=ensemble,
+                                                               task=task, targets=targets, loss=loss),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file, test_cache=test_cache, label_map=label_map)
     outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
@@ -341,7 +365,7 @@ def report_cmd(sweeps, out):
 
 @main.command("compare")
 @click.argument("results", nargs=-1, required=True)
-@click.option("--metric", type=click.Choice(["ua", "wa", "macro_f1"]), default="ua", help="The fold metric to pair.")
+@click.option("--metric", default="ua", help="The fold metric to pair: ua, wa, macro_f1; for regression results ccc (mean over targets) or ccc_TARGET (e.g. ccc_valence).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
 def compare_cmd(results, metric, as_json):
     """Paired differences of RESULTS[1:] against RESULTS[0] over the same folds.
@@ -359,7 +383,7 @@ def compare_cmd(results, metric, as_json):
 
 
 def _echo_report(paths: dict) -> None:
-    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights") if k in paths)
+    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights", "ccc") if k in paths)
     click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
 
 
@@ -429,7 +453,8 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     what = f"ensemble of {saved['members']} {saved['head']} heads" if "members" in saved else f"{saved['head']} head"
     click.echo(f"{what} on layer {label(saved['layer'])}, trained on {p['trained_on']}"
                + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
-    click.echo(f"labels: {', '.join(saved['labels'])}")
+    kind = "targets" if saved["task"] == "regression" else "labels"
+    click.echo(f"{kind}: {', '.join(saved['labels'])}")
     click.echo(f"needs Whisper {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
     click.echo(f"wrote {out}; use it with: ser-cache predict {out} AUDIO...")
 
@@ -444,7 +469,8 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
 def predict(model_file, audio, whisper_model, as_json, allow_other_model, device):
     """Predict the emotion of each AUDIO file with a head written by `ser-cache export`.
 
-    Prints the predicted emotion and every class probability. Files over 30 s are cut into
+    Prints the predicted emotion and every class probability (a regression head: the value of
+    each target, e.g. arousal and valence, on the scale it was trained on). Files over 30 s are cut into
     30 s windows, each shown with its own probabilities; the file's are their mean weighted
     by window duration. The Whisper encoder runs only up to the head's (highest) layer. Files that
     cannot be read are reported and the others still processed (the exit status is then 1).
@@ -462,7 +488,9 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
         click.echo(f"warning: the head was trained on Whisper {ex.whisper['name']} (sha256 "
                    f"{ex.whisper['sha256'][:12]}...), not this checkpoint (--allow-other-model)", err=True)
     results = [predictor.predict_file(path) for path in audio]
-    click.echo(to_json(results, predictor.labels) if as_json else format_table(results, predictor.labels))
+    regression = ex.regression
+    click.echo(to_json(results, predictor.labels, regression) if as_json
+               else format_table(results, predictor.labels, regression))
     failed = [r for r in results if r.error]
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(results)} files could not be used: "

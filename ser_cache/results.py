@@ -97,7 +97,9 @@ class RunConfig(Record):
     """RUN/config.json: what a `ser-cache train` run trained, on which data, with which settings.
 
     train: TrainConfig.to_dict(); head_kwargs: the head's constructor options; cache: the cache's
-    fingerprint (cache.Cache.fingerprint); folds: protocol, n_folds, seed.
+    fingerprint (cache.Cache.fingerprint); folds: protocol, n_folds, seed. labels: the head's
+    outputs in order, the classes, or a regression run's targets (config["task"]); class_counts
+    counts the classes either way.
     """
 
     head: str
@@ -133,7 +135,9 @@ class RunConfig(Record):
 
 @dataclass
 class FoldRecord(Record):
-    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids.
+    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids;
+    for a regression run the predicted target values (n_test, n_targets), with the true ones
+    in true_values (None for classes), and metrics tasks.Regression.fold_metrics.
 
     tested: "selected" (the head as chosen on validation; n_train utterances) or "refit"
     (retrained with that choice on training + validation, refit["n_train"] utterances; its
@@ -144,7 +148,7 @@ class FoldRecord(Record):
     """
 
     fold: int
-    selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua"
+    selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua" (regression: mean CCC "ccc")
     n_train: int
     n_val: int
     test_ids: list[str]
@@ -158,6 +162,7 @@ class FoldRecord(Record):
     tested: str = "selected"  # or "refit"
     refit: dict = field(default_factory=dict)  # n_train, val_ua, seconds (refit only)
     members: list = field(default_factory=list)  # ensembles only
+    true_values: list | None = None  # regression: (n_test, n_targets) true target values
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -169,7 +174,8 @@ class FoldRecord(Record):
 
 @dataclass
 class RunMetrics(Record):
-    """RUN/metrics.json: metrics.summarize over folds, plus each fold's choice and timing."""
+    """RUN/metrics.json: metrics.summarize over folds (regression: tasks.Regression.summarize,
+    mean CCC "ccc" and per-target "targets"), plus each fold's choice and timing."""
 
     head: str
     layer: int | list
@@ -181,7 +187,7 @@ class RunMetrics(Record):
 
     @classmethod
     def from_dict(cls, d: dict, source: Path | str = "?") -> "RunMetrics":
-        if not isinstance(d, dict) or not {"head", "layer", "fold_details", "ua"} <= set(d):
+        if not isinstance(d, dict) or not {"head", "layer", "fold_details"} <= set(d) or not {"ua", "ccc"} & set(d):
             raise ResultsError(f"{source} is not a metrics.json of this version of ser-cache: re-run the run")
         summary = {k: v for k, v in d.items() if k not in ("head", "layer", "fold_details")}
         return cls(d["head"], d["layer"], summary, d["fold_details"])
@@ -192,7 +198,10 @@ class CellResult(Record):
     """One fold of one sweep cell (cache, layer, head, seed), as saved by a sweep worker.
 
     Metrics are in [0, 1] (metrics.fold_metrics); grid lists every setting tried with its
-    validation UA; setting and values are the one chosen on validation.
+    validation UA; setting and values are the one chosen on validation. A regression cell
+    (task "regression"; labels name its targets) has no UA, WA, F1 or confusion (None, []):
+    its test scores are `ccc` (mean over targets) and `targets` ({target: {"ccc", "pearson",
+    "mae"}}), its validation score `val_ccc`, and its grid entries carry "val_ccc".
     """
 
     cache: str
@@ -230,6 +239,10 @@ class CellResult(Record):
     refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
     members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
     target: dict = field(default_factory=dict)  # cross-corpus: fold_metrics and n on all of the test cache
+    task: str = "classification"  # or "regression" (cells saved before tasks: classification)
+    ccc: float | None = None  # regression: test CCC, mean over targets
+    val_ccc: float | None = None  # regression: validation CCC of the chosen setting, mean over targets
+    targets: dict = field(default_factory=dict)  # regression: {target: {"ccc", "pearson", "mae"}} on the test fold
 
 
 @dataclass
@@ -301,6 +314,19 @@ class RunFolder:
     def write_fold(self, record: FoldRecord) -> None:
         """The record after the head (saved first by the caller): a record means a whole fold."""
         write_json_atomic(self.record_path(record.fold), record.to_dict())
+
+    def write_value_predictions(self, ids: np.ndarray, classes: np.ndarray, targets: list[str], y: np.ndarray,
+                                records: list[FoldRecord]) -> None:
+        """A regression run's: one row per utterance, in cache order: id, fold, label (its
+        class), then true_<target> and pred_<target> for each target. y: (n, n_targets)."""
+        row_of = {u: i for i, u in enumerate(ids)}
+        rows = sorted((row_of[u], r.fold, np.asarray(p)) for r in records for u, p in zip(r.test_ids, r.probs))
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["id", "fold", "label"] + [f"{kind}_{t}" for t in targets for kind in ("true", "pred")])
+        for i, fold, p in rows:
+            w.writerow([ids[i], fold, classes[i]] + [f"{v:.6g}" for pair in zip(y[i], p) for v in pair])
+        write_text_atomic(self.root / self.PREDICTIONS, out.getvalue())
 
     def write_predictions(self, ids: np.ndarray, labels: list[str], y: np.ndarray,
                           records: list[FoldRecord]) -> None:

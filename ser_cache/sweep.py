@@ -10,6 +10,10 @@ which the cell records, so single-layer and multi-layer cells share one table. A
 the same folds: they are built once per cache and seed from the cache's utterance metadata
 and saved in SWEEP/folds/, so the cells of a table differ only in layer and head.
 
+Continuous targets (`--task regression --targets arousal,valence`, tasks.py): every choice
+below is made on the validation mean CCC over targets instead of UA, and each task records
+CCC, Pearson r and MAE per target (report.py draws one curve per target against the layer).
+
 Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains every grid
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
@@ -67,8 +71,9 @@ from .features import LayerData
 from .folds import Folds, make_folds
 from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
-from .metrics import fold_metrics
+from .records import target_names
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
+from .tasks import Regression, make_task
 from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, refit_selected,
                        settings_read)
 
@@ -249,6 +254,11 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         caches[key], layers[key] = cache, wanted
     target = check_sweep_target(caches, {key: sorted({s for cell in cells for s in states_of(cell)})
                                          for key, cells in layers.items()}, spec.test_cache, spec.label_map)
+    if spec.train.task == "regression":
+        if target is not None:
+            raise SweepError("--test-cache scores class labels on another corpus: sweep a regression task "
+                             "without it, or cross-corpus with --task classification")
+        spec = replace(spec, train=replace(spec.train, targets=sweep_targets(spec, caches)))
     settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
     train = {k: v for k, v in spec.train.to_dict().items() if k not in FREE_TRAIN_KEYS}
     if spec.train.flawed:
@@ -269,6 +279,22 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         config["cross_corpus"] = {"label_map": spec.label_map,
                                   "test_cache": _cache_identity(target) if target else None}
     return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)), target)
+
+
+def sweep_targets(spec: SweepSpec, caches: dict[str, Cache]) -> tuple[str, ...]:
+    """The targets a regression sweep learns: spec.train.targets, or every target of the first
+    cache; every cache must carry them all (refused otherwise, naming the cache)."""
+    targets = tuple(spec.train.targets)
+    for cache in caches.values():
+        names = target_names(cache.records())
+        if not names:
+            raise SweepError(f"the cache {cache.root} carries no numeric targets: extract a corpus with targets "
+                             "(a csv with numeric columns, iemocap, msp-podcast) or sweep without --task regression")
+        targets = targets or tuple(names)
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise SweepError(f"target {unknown[0]!r} not found in the cache {cache.root}; its targets = {names}")
+    return targets
 
 
 def _cache_identity(cache: Cache) -> dict:
@@ -353,8 +379,8 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
     result (not yet saved)."""
     t_start = time.perf_counter()
     task = job.task
-    labels, y = data.classes()
-    n_classes = len(labels)
+    learn, y = make_task(data, job.train)  # classes, or the targets of a regression sweep
+    score = learn.score_name  # "ua", or "ccc" (mean over targets): what settings are compared by
     device = pick_device(job.train.device)
     train, val, test = job.folds.aligned_to(data.ids).split(task.fold)
 
@@ -363,27 +389,31 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
     for values in job.settings:
         config = replace(job.train, seed=task.seed, **values)
         # No test set here: the choice is made on validation only.
-        fit = fit_selected(task.head, data, y, train, val, config, n_classes, seed, device)
+        fit = fit_selected(task.head, data, y, train, val, config, learn, seed, device)
         train_seconds += fit.seconds
-        trials.append({"setting": setting_label(values), "values": values, "val_ua": fit.selected["ua"],
+        trials.append({"setting": setting_label(values), "values": values, f"val_{score}": fit.selected[score],
                        "selected": fit.selected})
-        if best is None or fit.selected["ua"] > best.selected["ua"]:  # ties keep the earlier setting
+        if best is None or fit.selected[score] > best.selected[score]:  # ties keep the earlier setting
             best, best_values, best_config = fit, values, config
     if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
-        best = refit_selected(best, task.head, data, y, train, val, best_config, n_classes, seed, device)
+        best = refit_selected(best, task.head, data, y, train, val, best_config, learn, seed, device)
         train_seconds += best.refit["seconds"]
 
     t0 = time.perf_counter()
     probs = predict_proba(best.model, data, test, device)
-    metrics = fold_metrics(y[test], probs.argmax(axis=1), n_classes)
-    target_result = target_metrics(best.model, target, labels, device) if target is not None else {}
+    metrics = learn.fold_metrics(y[test], probs)
+    if isinstance(learn, Regression):  # no classes: CCC per target, the mean CCC, no UA or confusion
+        metrics = {"ua": None, "wa": None, "macro_f1": None, "weighted_f1": None, "per_class_recall": [],
+                   "confusion": [], "task": learn.kind, "ccc": metrics["ccc"], "targets": metrics["targets"],
+                   "val_ccc": best.selected["ccc"]}
+    target_result = target_metrics(best.model, target, learn.names, device) if target is not None else {}
     eval_seconds = time.perf_counter() - t0
-    choice = {k: v for k, v in best.selected.items() if k not in ("ua", "epoch")}  # e.g. the linear probe's C
+    choice = {k: v for k, v in best.selected.items() if k not in (score, "epoch")}  # e.g. the linear probe's C
     chosen = " ".join(filter(None, [setting_label(best_values), setting_label(choice)]))
     return CellResult(
         cache=task.cache, **job.cache_info, layer=to_json(task.layer), head=task.head, seed=task.seed,
         fold=task.fold, setting=chosen or "default", values=best_values, selected=best.selected,
-        val_ua=best.selected["ua"], grid=trials, labels=labels, **metrics,
+        val_ua=best.selected.get("ua"), grid=trials, labels=learn.names, **metrics,
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
@@ -408,6 +438,8 @@ class LayerRef:
     groups: np.ndarray
     layer: Selection
     target: "LayerRef | None" = None  # the test cache's same layer (cross-corpus sweeps)
+    target_names: tuple = ()
+    target_values: np.ndarray | None = None
 
 
 class SharedLayer:
@@ -419,7 +451,8 @@ class SharedLayer:
         self.target = SharedLayer(target) if target is not None else None
         self.ref = LayerRef(self.shm.name, data.frames.shape, str(data.frames.dtype), data.offsets,
                             data.ids, data.labels, data.speakers, data.groups, data.layer,
-                            self.target.ref if self.target else None)
+                            target=self.target.ref if self.target else None,
+                            target_names=data.target_names, target_values=data.target_values)
 
     def close(self) -> None:
         self.shm.close()
@@ -488,7 +521,8 @@ def _attach(ref: LayerRef) -> tuple[shared_memory.SharedMemory, LayerData]:
     """The shared memory of `ref` and a LayerData over it (no copy)."""
     shm = shared_memory.SharedMemory(name=ref.name)
     frames = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
-    return shm, LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer)
+    return shm, LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer,
+                          ref.target_names, ref.target_values)
 
 
 # --- running a sweep --------------------------------------------------------------------------
@@ -544,7 +578,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
 
         def job_for(task: Task) -> TaskJob:
             return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
-                           spec.train, info[task.cache], out)
+                           plan.spec.train, info[task.cache], out)
 
         def read(key: str, layer: int) -> tuple[LayerData, LayerData | None]:
             """The layer of cache `key` and, cross-corpus, of the test cache: classes mapped."""
