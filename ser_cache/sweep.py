@@ -490,6 +490,7 @@ class SweepOutcome:
     failures: list[tuple[Task, str]]
     timing: SweepTiming
     state: "SweepState" = None
+    report: dict | None = None  # the report's files (report.write_report), when written
 
 
 @dataclass
@@ -524,17 +525,6 @@ class SweepState:
             words.append(f"{self.missing_others} left for other --part parts (run those jobs, or this "
                          "command without --part, to finish)")
         return "; ".join(words)
-
-
-def parse_part(spec: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N."""
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise OptionError(f"--part {spec!r}: write I/N, for example 0/4 for the first of 4 jobs") from None
-    if not 0 <= i < n:
-        raise OptionError(f"--part {spec!r}: need 0 <= I < N (I counts from 0)")
-    return i, n
 
 
 def part_of(tasks: list[Task], part: tuple[int, int]) -> list[Task]:
@@ -657,13 +647,13 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
                 folder.append_timing(timing)
     for task, why in failures:
         log.warning("failed, will be retried by a re-run: %s: %s", task, why)
-    state = sweep_state(out, tasks, mine, claims)
-    if write_report and state.done:
+    state, report = sweep_state(out, tasks, mine, claims), None
+    if write_report and state.done:  # a partial table too: it shows the sweep's progress
         from .report import write_report as _write_report
 
         with folder.lock():
-            _write_report([out], out)
-    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing, state)
+            report = _write_report([out], out)
+    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing, state, report)
 
 
 def claimed_layers(folder: SweepFolder, claims: Claims, todo: list[Task], held: list[Task], bar):
