@@ -132,6 +132,9 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
     summary = run_extract(records, out, corpus, enc, opts, device=dev)
     click.echo(summary_text(summary))
+    if summary.shards_this_job == 0:  # more parts than shards: this job had nothing to do
+        click.echo(f"part {shard[0]}/{shard[1]} holds none of the {summary.shards_planned} planned shards: for "
+                   "N parts, pick a --shard-mb that plans at least N shards")
     cache = open_cache(out)
     # Other jobs may share this folder: the state is read now, claims included, and the exit
     # status is 0 only if this job's own part is complete or in the hands of a live job.
@@ -374,18 +377,19 @@ def _echo_report(paths: dict) -> None:
 
 
 @main.command("slurm", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--tasks", type=click.IntRange(1), required=True, help="Array tasks N (--array 0-(N-1)); task I does part I/N.")
+@click.option("--tasks", type=click.IntRange(1), required=True, help="Array tasks N (--array 0-(N-1)); task I does part I/N. extract splits by shards: pass it a --shard-mb that plans at least N.")
 @click.option("--partition", default=None, help="sbatch --partition (default: the cluster's).")
 @click.option("--time", "time_limit", default=None, help="sbatch --time per task, e.g. 2:00:00 (a task cut short resumes when re-submitted).")
 @click.option("--cpus-per-task", type=click.IntRange(1), default=None, help="sbatch --cpus-per-task.")
 @click.option("--mem", default=None, help="sbatch --mem per task, e.g. 16G.")
 @click.option("--sbatch", "extra", multiple=True, help="Any other sbatch option for every job, e.g. --sbatch=--gres=gpu:1 --sbatch=--account=X (repeat).")
+@click.option("--after", "after", default=None, help="A job id: start the array only once that job has ended well (e.g. the sweep after its cache's extract array).")
 @click.option("--job-name", default=None, help="Default: ser-cache-COMMAND-<name of --out>.")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("slurm"), help="Folder for the scripts and the jobs' output.")
 @click.option("--dry-run", is_flag=True, help="Print the scripts; submit nothing.")
 @click.argument("command", type=click.Choice(["extract", "sweep"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def slurm_cmd(tasks, partition, time_limit, cpus_per_task, mem, extra, job_name, log_dir, dry_run, command, args):
+def slurm_cmd(tasks, partition, time_limit, cpus_per_task, mem, extra, after, job_name, log_dir, dry_run, command, args):
     """Run `ser-cache COMMAND ARGS` as a SLURM array job of --tasks tasks.
 
     E.g. `ser-cache slurm --tasks 8 --time 4:00:00 extract DATA --corpus ravdess --model base
@@ -407,7 +411,7 @@ def slurm_cmd(tasks, partition, time_limit, cpus_per_task, mem, extra, job_name,
     opts = JobOptions(tasks=tasks, job_name=job_name or f"ser-cache-{command}-{out.resolve().name}",
                       log_dir=log_dir.resolve(), partition=partition, time=time_limit, cpus_per_task=cpus_per_task,
                       mem=mem, extra=tuple(extra))
-    sub = plan_submission(command, args, out, opts, Path.cwd())
+    sub = plan_submission(command, args, out, opts, Path.cwd(), after)
     if dry_run:
         click.echo(f"# {sub.array_path}\n{sub.array}")
         if sub.report:
@@ -417,8 +421,8 @@ def slurm_cmd(tasks, partition, time_limit, cpus_per_task, mem, extra, job_name,
     click.echo(f"submitted array job {sub.array_id} ({tasks} tasks): {sub.array_path}")
     if sub.report_id:
         click.echo(f"submitted report job {sub.report_id} after it: {sub.report_path}")
-    click.echo(f"output in {opts.log_dir}; follow with `squeue -j {sub.array_id}`"
-               + (f", progress with `ser-cache report {out}`" if command == "sweep" else f", `ser-cache inspect {out}`"))
+    progress = f"ser-cache report {out}" if command == "sweep" else f"ser-cache inspect {out}"
+    click.echo(f"output in {opts.log_dir}; follow with `squeue -j {sub.array_id}`, progress with `{progress}`")
 
 
 # --- corpora: download and check -----------------------------------------------------------

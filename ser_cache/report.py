@@ -151,7 +151,7 @@ def progress_text(sweep: Sweep) -> str:
     (c, n_cells), (f, n_folds) = p["cells"], p["folds"]
     if finished(p):
         return f"sweep {sweep.name}: complete ({n_cells} cells, {n_folds} folds)"
-    running = f", {p['running']} running now" if p["running"] else ""
+    running = f", {p['running']} claimed by running jobs" if p["running"] else ""
     return f"sweep {sweep.name}: {c} of {n_cells or '?'} cells complete ({f} of {n_folds or '?'} folds{running})"
 
 

@@ -111,9 +111,9 @@ def ser_cache_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "ser_cache.cli"]
 
 
-def array_script(command: str, args: list[str], opts: JobOptions, workdir: Path) -> str:
+def array_script(command: str, args: list[str], opts: JobOptions, workdir: Path, after: str | None = None) -> str:
     """The array job: task I of N runs `ser-cache COMMAND ARGS` on part I/N (read from the
-    SLURM environment by the command itself)."""
+    SLURM environment by the command itself); with `after`, once that job has ended well."""
     return "\n".join([
         "#!/bin/bash",
         f"# ser-cache {command}, split over a SLURM array: task I of N does part I/N, which",
@@ -123,6 +123,7 @@ def array_script(command: str, args: list[str], opts: JobOptions, workdir: Path)
         f"#SBATCH --array=0-{opts.tasks - 1}",
         f"#SBATCH --chdir={workdir}",
         f"#SBATCH --output={opts.log_dir / '%x-%A_%a.out'}",
+        *([f"#SBATCH --dependency=afterok:{after}", "#SBATCH --kill-on-invalid-dep=yes"] if after else []),
         *opts.directives(),
         "set -euo pipefail",
         shlex.join([*ser_cache_command(), command, *args]),
@@ -156,11 +157,15 @@ class Submission:
     report_id: str | None = None
 
 
-def plan_submission(command: str, args: list[str], out: Path, opts: JobOptions, workdir: Path) -> Submission:
-    """The scripts for `ser-cache COMMAND ARGS` over opts.tasks array tasks (nothing written)."""
+def plan_submission(command: str, args: list[str], out: Path, opts: JobOptions, workdir: Path,
+                    after: str | None = None) -> Submission:
+    """The scripts for `ser-cache COMMAND ARGS` over opts.tasks array tasks, the array waiting
+    for job `after` if given (nothing written)."""
     script_dir = opts.log_dir
     report = report_script(out, opts, workdir) if command == "sweep" else None
-    return Submission(array_script(command, args, opts, workdir), report,
+    if after is not None and not after.isdigit():
+        raise OptionError(f"--after {after!r}: give the job id that sbatch (or `ser-cache slurm`) printed, e.g. 1234")
+    return Submission(array_script(command, args, opts, workdir, after), report,
                       script_dir / f"{opts.job_name}.sbatch",
                       script_dir / f"{opts.job_name}-report.sbatch" if report else None)
 

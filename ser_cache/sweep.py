@@ -518,7 +518,7 @@ class SweepState:
             return f"complete ({self.total} folds)"
         words = [f"{self.done} of {self.total} folds done"]
         if self.running:
-            words.append(f"{self.running} being run by other jobs")
+            words.append(f"{self.running} claimed by other running jobs")
         if self.missing_mine:
             words.append(f"{self.missing_mine} missing (re-run to finish)")
         if self.missing_others:

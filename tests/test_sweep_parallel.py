@@ -166,10 +166,10 @@ def test_a_task_held_by_a_live_process_is_left_to_it_and_taken_once_it_is_killed
         result = CliRunner().invoke(main, ["sweep", str(cache), "--out", str(out), *SWEEP_ARGS])
         assert result.exit_code == 0, result.output  # its part (all) is done or in a live job's hands
         last = result.output.strip().splitlines()[-1]
-        assert last == f"sweep {out}: {N_TASKS - 1} of {N_TASKS} folds done; 1 being run by other jobs"
+        assert last == f"sweep {out}: {N_TASKS - 1} of {N_TASKS} folds done; 1 claimed by other running jobs"
         assert not task.path(out).exists()
         report = CliRunner().invoke(main, ["report", str(out)])
-        assert f"{2 * 2 - 1} of {2 * 2} cells complete ({N_TASKS - 1} of {N_TASKS} folds, 1 running now)" in report.output
+        assert f"{2 * 2 - 1} of {2 * 2} cells complete ({N_TASKS - 1} of {N_TASKS} folds, 1 claimed by running jobs)" in report.output
         assert "**Partial:**" in (out / SUMMARY_FILE).read_text()
     finally:
         other.kill()
@@ -254,6 +254,9 @@ def test_slurm_dry_run_prints_an_array_and_a_dependent_report_job(cache, tmp_pat
     refused = CliRunner().invoke(main, ["slurm", "--tasks", "2", "--dry-run", "sweep", str(cache), "--out", str(out),
                                         "--part", "0/2"])
     assert refused.exit_code != 0 and "drop --part" in refused.output
+    after = CliRunner().invoke(main, ["slurm", "--tasks", "2", "--after", "77", "--dry-run", "sweep", str(cache),
+                                      "--out", str(out), *SWEEP_ARGS])
+    assert after.exit_code == 0 and after.output.count("#SBATCH --dependency=afterok:77") == 1  # the array only
     typo = CliRunner().invoke(main, ["slurm", "--tasks", "2", "--dry-run", "sweep", str(cache), "--out", str(out),
                                      "--haeds", "mean"])
     assert typo.exit_code != 0 and "--haeds" in typo.output  # found now, not in every queued task
