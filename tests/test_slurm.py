@@ -103,6 +103,8 @@ def test_extract_and_sweep_as_array_jobs_equal_one_process(cluster, ravdess_dir,
     one, array = tmp_path / "one", tmp_path / "array"
     one.mkdir(), array.mkdir()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # passed on to the jobs by sbatch
+    if os.environ.get("PYTHONPATH"):  # the jobs start in another folder: the same code must be found there
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(str(Path(p).resolve()) for p in os.environ["PYTHONPATH"].split(os.pathsep)))
     monkeypatch.chdir(array)
 
     jobs = submit("--tasks", 3, "--cpus-per-task", 1, "--time", "10:00", "extract", data, "--model", model,
