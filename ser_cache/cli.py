@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .audio import LONG_AUDIO_POLICIES
-from .cache import COMPUTE_DTYPES, DTYPES, open_cache, shard_name
+from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, ShardClaims, open_cache, shard_name
 from .corpora import CORPORA, prepare, single_speaker_warnings
 from .device import pick_device
 from .encoder import MODES
@@ -159,7 +159,12 @@ def inspect(cache_dir, as_json):
     click.echo(f"  corpus {info['corpus']}, model {info['model']} (sha256 {info['model_sha256'][:12]}), width {info['dim']}")
     click.echo(f"  mode {info['mode']}, dtype {info['dtype']}, layers {info['layers']}")
     click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} frames, {info['bytes'] / 2**20:.1f} MiB")
-    click.echo(f"  shards {info['shards']} of {info['shards_planned']}" + (f", missing {info['missing_shards'][:10]}" if info['missing_shards'] else ""))
+    # A partial cache may be filling now (an array job): say how many missing shards are claimed.
+    claims = ShardClaims(Path(cache_dir) / SHARD_DIR)
+    writing = sum(claims.held_elsewhere(k) for k in info["missing_shards"])
+    click.echo(f"  shards {info['shards']} of {info['shards_planned']}"
+               + (f", missing {info['missing_shards'][:10]}" if info["missing_shards"] else "")
+               + (f" ({writing} being written by running jobs)" if writing else ""))
     click.echo(f"  skipped {len(info['skipped'])}")
     for s in info["skipped"]:
         click.echo(f"    {s['id']}: {s['reason']}  [{s['path']}]")

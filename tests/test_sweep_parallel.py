@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from ser_cache import sweep as S
-from ser_cache.cache import open_cache
+from ser_cache.cache import ShardClaims, open_cache
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.errors import OptionError
@@ -231,6 +231,13 @@ def test_extract_takes_its_shard_part_from_the_slurm_environment(tiny_checkpoint
     n = len(open_cache(out).plan)
     assert n >= 3 and shards == list(range(1, n, 2))
     assert "of other --shard parts missing" in result.output.strip().splitlines()[-1]
+    other = hold_claim(ShardClaims(out / "shards").lock_path(0))  # as a running job writing shard 0
+    try:
+        shown = CliRunner().invoke(main, ["inspect", str(out)]).output
+    finally:
+        other.kill()
+        other.wait()
+    assert f"shards {len(shards)} of {n}, missing {list(range(0, n, 2))} (1 being written by running jobs)" in shown
     whole = CliRunner().invoke(main, extract_args(corpus, tiny_checkpoint, out, "--shard", "0/1"), env=env)
     assert whole.exit_code == 0 and whole.output.strip().splitlines()[-1].startswith(f"cache {out}: complete")
 
