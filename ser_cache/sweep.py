@@ -41,8 +41,12 @@ cells/.../HEAD-seedS-foldF.lock (cache.Claims, the same scheme as the shards of 
 which the kernel lets go of however its holder ends. sweep.json and the folds are made once,
 under SWEEP/create.lock; timing.json and the report are written under it too. `--part I/N`
 (or a SLURM array's task id) gives a process the I-th of N contiguous runs of the tasks
-(`part_of`); without it, a process takes every task no live process holds. The folder's layout and record types belong to
-results.py (SweepFolder, CellResult, SweepTiming), which report.py reads through.
+(`part_of`); without it, a process takes every task no live process holds. A process claims
+the tasks of a layer when that layer's turn comes, so that two processes started together
+read different layers rather than the same one twice.
+
+The folder's layout and record types belong to results.py (SweepFolder, CellResult,
+SweepTiming), which report.py reads through.
 """
 from __future__ import annotations
 
