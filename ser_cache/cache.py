@@ -292,11 +292,9 @@ def _still_linked(path: Path, fd: int) -> bool:
 
 
 @contextmanager
-def folder_lock(root: Path):
-    """Hold the creation lock of a cache folder (waiting for another creator to finish)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / CREATE_LOCK
+def held_lock(path: Path):
+    """Hold the exclusive lock on `path` for the block, waiting for its holder to let go (for
+    short steps that several jobs may run at once: creating a folder, appending to a file)."""
     fd = lock_file(path, wait=True)
     try:
         yield
@@ -304,49 +302,65 @@ def folder_lock(root: Path):
         unlock_file(path, fd)
 
 
-class ShardClaims:
-    """This process's claims on the shards of one folder: a shard is written only by its holder.
+@contextmanager
+def folder_lock(root: Path):
+    """Hold the creation lock of a cache folder (waiting for another creator to finish)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with held_lock(root / CREATE_LOCK):
+        yield
 
-    Claims are taken by the main thread and let go by the writer thread, hence the mutex.
+
+class Claims:
+    """This process's claims on units of work (shards of a cache, tasks of a sweep), each an
+    exclusive flock on its own lock file (`lock_path(key)`): a unit is worked on only by the
+    process holding its claim, and a killed holder's claims go with it.
+
+    Claims may be taken by one thread and let go by another, hence the mutex.
     """
 
-    def __init__(self, shard_dir: Path):
-        self.shard_dir = Path(shard_dir)
-        self._held: dict[int, int] = {}  # shard -> descriptor of its locked lock file
+    def __init__(self, lock_path):
+        self.lock_path = lock_path  # key -> Path of its lock file (its folder must exist)
+        self._held: dict = {}  # key -> descriptor of its locked lock file
         self._mutex = threading.Lock()
 
-    def lock_path(self, k: int) -> Path:
-        return self.shard_dir / f"{shard_name(k)}.lock"
-
-    def take(self, k: int) -> bool:
-        """Claim shard k without waiting; False when another live process holds it."""
+    def take(self, key) -> bool:
+        """Claim `key` without waiting; False when another live process holds it."""
         with self._mutex:
-            assert k not in self._held, f"{shard_name(k)} claimed twice by one process"
-        fd = lock_file(self.lock_path(k), wait=False)
+            assert key not in self._held, f"{key} claimed twice by one process"
+        fd = lock_file(self.lock_path(key), wait=False)
         if fd is None:
             return False
         with self._mutex:
-            self._held[k] = fd
+            self._held[key] = fd
         return True
 
-    def release(self, k: int) -> None:
+    def release(self, key) -> None:
         with self._mutex:
-            fd = self._held.pop(k, None)
+            fd = self._held.pop(key, None)
         if fd is not None:
-            unlock_file(self.lock_path(k), fd)
+            unlock_file(self.lock_path(key), fd)
 
     def release_all(self) -> None:
         with self._mutex:
             held = list(self._held)
-        for k in held:
-            self.release(k)
+        for key in held:
+            self.release(key)
 
-    def held_elsewhere(self, k: int) -> bool:
-        """True when another live process holds the claim on shard k."""
+    def held_elsewhere(self, key) -> bool:
+        """True when another live process holds the claim on `key`."""
         with self._mutex:
-            if k in self._held:
+            if key in self._held:
                 return False
-        return lock_held(self.lock_path(k))
+        return lock_held(self.lock_path(key))
+
+
+class ShardClaims(Claims):
+    """Claims on the shards of one cache folder: shard k is written only by its holder."""
+
+    def __init__(self, shard_dir: Path):
+        self.shard_dir = Path(shard_dir)
+        super().__init__(lambda k: self.shard_dir / f"{shard_name(k)}.lock")
 
 
 def remove_temporaries(shard_dir: Path, k: int) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+from contextlib import nullcontext
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import click
 
 from .audio import LONG_AUDIO_POLICIES
-from .cache import COMPUTE_DTYPES, DTYPES, open_cache, shard_name
+from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, ShardClaims, open_cache, shard_name
 from .corpora import CORPORA, prepare, single_speaker_warnings
 from .device import pick_device
 from .encoder import MODES
@@ -86,7 +87,7 @@ def main():
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", help="Storage precision of the states.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="float32", help="Encoder arithmetic; bfloat16 is faster on CPUs with AMX/AVX512-BF16 and on GPUs, and changes the states slightly.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, help="Utterances per encoder forward.")
-@click.option("--shard", "shard_spec", default="0/1", help="I/N: extract only the I-th of N disjoint parts (I from 0), e.g. $SLURM_ARRAY_TASK_ID/N.")
+@click.option("--shard", "shard_spec", default=None, help="I/N: extract only the I-th of N disjoint parts (I from 0). Default: in a SLURM array task, the task's part (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT), else everything.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only N utterances (a fixed pseudo-random subset, for quick trials).")
 @click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own.")
 @click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the CSV (path,label,speaker[,group]); default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv.")
@@ -131,6 +132,9 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
     summary = run_extract(records, out, corpus, enc, opts, device=dev)
     click.echo(summary_text(summary))
+    if summary.shards_this_job == 0:  # more parts than shards: this job had nothing to do
+        click.echo(f"part {shard[0]}/{shard[1]} holds none of the {summary.shards_planned} planned shards: for "
+                   "N parts, pick a --shard-mb that plans at least N shards")
     cache = open_cache(out)
     # Other jobs may share this folder: the state is read now, claims included, and the exit
     # status is 0 only if this job's own part is complete or in the hands of a live job.
@@ -155,7 +159,12 @@ def inspect(cache_dir, as_json):
     click.echo(f"  corpus {info['corpus']}, model {info['model']} (sha256 {info['model_sha256'][:12]}), width {info['dim']}")
     click.echo(f"  mode {info['mode']}, dtype {info['dtype']}, layers {info['layers']}")
     click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} frames, {info['bytes'] / 2**20:.1f} MiB")
-    click.echo(f"  shards {info['shards']} of {info['shards_planned']}" + (f", missing {info['missing_shards'][:10]}" if info['missing_shards'] else ""))
+    # A partial cache may be filling now (an array job): say how many missing shards are claimed.
+    claims = ShardClaims(Path(cache_dir) / SHARD_DIR)
+    writing = sum(claims.held_elsewhere(k) for k in info["missing_shards"])
+    click.echo(f"  shards {info['shards']} of {info['shards_planned']}"
+               + (f", missing {info['missing_shards'][:10]}" if info["missing_shards"] else "")
+               + (f" ({writing} being written by running jobs)" if writing else ""))
     click.echo(f"  skipped {len(info['skipped'])}")
     for s in info["skipped"]:
         click.echo(f"    {s['id']}: {s['reason']}  [{s['path']}]")
@@ -303,16 +312,18 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
 @click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
+@click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble, protocol,
-              n_folds, fold_file, jobs, task, targets, loss, device, test_cache, label_map):
+              n_folds, fold_file, jobs, task, targets, loss, device, test_cache, label_map, part_spec):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
     chosen on the validation speakers only. A multi-layer cell (--layers all,2+3+4) sits in the
     same table, and its learned layer weights go to layer_weights.png. Writes results.csv,
     summary.md and plots into --out. Re-running the same command resumes an interrupted sweep.
+    Several processes (SLURM array tasks, --part I/N) may share one --out: each fold is run once.
     """
-    from .report import write_report
+    from .slurm import resolve_part
     from .sweep import SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
 
     for c in caches:
@@ -327,21 +338,31 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
                                                                task=task, targets=targets, loss=loss),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file, test_cache=test_cache, label_map=label_map)
-    outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
-    paths = write_report([out], out)
-    t = outcome.timing
+    part = resolve_part(part_spec, "--part")
+    outcome = run_sweep(spec, out, jobs=jobs, device=device, part=part)
+    t, state = outcome.timing, outcome.state
     if outcome.tasks_done_before == outcome.tasks_total:
         click.echo(f"all {outcome.tasks_total} folds were already done; report rebuilt")
     else:
         click.echo(f"{outcome.tasks_run} folds run, {outcome.tasks_done_before} done before, of {outcome.tasks_total} "
-                   f"({t.jobs} job(s) x {t.threads_per_job} thread(s) on {t.device})")
+                   f"({t.jobs} job(s) x {t.threads_per_job} thread(s) on {t.device})"
+                   + (f", part {part[0]}/{part[1]}" if part[1] > 1 else ""))
         click.echo(f"wall {t.wall_seconds:.0f} s: reading layers {t.read_seconds:.1f} s, training "
                    f"{t.train_seconds:.0f} s, evaluation {t.eval_seconds:.1f} s (training and evaluation summed over jobs)")
-    _echo_report(paths)
+    if outcome.report:
+        _echo_report(outcome.report)
+    for task, why in outcome.failures:
+        click.echo(f"FAILED {task}: {why}", err=True)
+    # Other processes may share this folder: the state is read after this process's last
+    # task, claims included; the exit status is 0 only if this process's part is done or in
+    # the hands of a live process, and nothing failed.
+    line = f"sweep {out}: {state.text()}"
     if outcome.failures:
-        for task, why in outcome.failures:
-            click.echo(f"FAILED {task}: {why}", err=True)
-        raise click.ClickException(f"{len(outcome.failures)} folds failed (listed above); re-run the same command to retry them")
+        raise click.ClickException(f"{line}; {len(outcome.failures)} folds failed (listed above): re-run the same "
+                                   "command to retry them")
+    if not state.own_part_done:
+        raise click.ClickException(line)
+    click.echo(line)
 
 
 @main.command("report")
@@ -353,14 +374,19 @@ def report_cmd(sweeps, out):
     With several sweeps (e.g. tiny.en vs base, or padded vs trim vs short), puts them side by
     side: one panel per sweep and cache.
     """
-    from .report import write_report
+    from .report import load_sweep, progress_text, write_report
+    from .results import SweepFolder
 
     if out is None:
         if len(sweeps) > 1:
             raise click.BadParameter("several sweeps need --out, the folder for the joint table and plots", param_hint="--out")
         out = sweeps[0]
-    paths = write_report(list(sweeps), out)
+    # A sweep may still be running: its processes write the report under the folder's lock.
+    with SweepFolder(out).lock() if out.resolve() in [s.resolve() for s in sweeps] else nullcontext():
+        paths = write_report(list(sweeps), out)
     _echo_report(paths)
+    for s in sweeps:
+        click.echo(progress_text(load_sweep(s)))
 
 
 @main.command("compare")
@@ -385,6 +411,58 @@ def compare_cmd(results, metric, as_json):
 def _echo_report(paths: dict) -> None:
     plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights", "ccc") if k in paths)
     click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
+
+
+# --- on a cluster ---------------------------------------------------------------------------
+
+
+@main.command("slurm", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--tasks", type=click.IntRange(1), required=True, help="Array tasks N (--array 0-(N-1)); task I does part I/N. extract splits by shards: pass it a --shard-mb that plans at least N.")
+@click.option("--partition", default=None, help="sbatch --partition (default: the cluster's).")
+@click.option("--time", "time_limit", default=None, help="sbatch --time per task, e.g. 2:00:00 (a task cut short resumes when re-submitted).")
+@click.option("--cpus-per-task", type=click.IntRange(1), default=None, help="sbatch --cpus-per-task.")
+@click.option("--mem", default=None, help="sbatch --mem per task, e.g. 16G.")
+@click.option("--sbatch", "extra", multiple=True, help="Any other sbatch option for every job, e.g. --sbatch=--gres=gpu:1 --sbatch=--account=X (repeat).")
+@click.option("--after", "after", default=None, help="A job id: start the array only once that job has ended well (e.g. the sweep after its cache's extract array).")
+@click.option("--job-name", default=None, help="Default: ser-cache-COMMAND-<name of --out>.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("slurm"), help="Folder for the scripts and the jobs' output.")
+@click.option("--dry-run", is_flag=True, help="Print the scripts; submit nothing.")
+@click.argument("command", type=click.Choice(["extract", "sweep"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def slurm_cmd(tasks, partition, time_limit, cpus_per_task, mem, extra, after, job_name, log_dir, dry_run, command, args):
+    """Run `ser-cache COMMAND ARGS` as a SLURM array job of --tasks tasks.
+
+    E.g. `ser-cache slurm --tasks 8 --time 4:00:00 extract DATA --corpus ravdess --model base
+    --out cache/x`. Each task does its part into the one --out folder (extract: shards, sweep:
+    folds); a sweep also gets a job that writes the report once every task has ended well
+    (--dependency=afterok). The options go to sbatch; COMMAND's own options follow it. The
+    scripts are written to --log-dir and submitted with sbatch (--dry-run: only printed).
+    """
+    from .slurm import PART_OPTION, JobOptions, plan_submission, submit
+
+    args = list(args)
+    part_option = PART_OPTION[command]
+    if any(a == part_option or a.startswith(part_option + "=") for a in args):
+        raise click.BadParameter(f"the array splits the work: drop {part_option} (task I of --tasks N does part I/N)",
+                                 param_hint="ARGS")
+    # Check the command line now, not in N jobs after they have waited in the queue.
+    ctx = main.commands[command].make_context(command, list(args))
+    out = ctx.params["out"]
+    opts = JobOptions(tasks=tasks, job_name=job_name or f"ser-cache-{command}-{out.resolve().name}",
+                      log_dir=log_dir.resolve(), partition=partition, time=time_limit, cpus_per_task=cpus_per_task,
+                      mem=mem, extra=tuple(extra))
+    sub = plan_submission(command, args, out, opts, Path.cwd(), after)
+    if dry_run:
+        click.echo(f"# {sub.array_path}\n{sub.array}")
+        if sub.report:
+            click.echo(f"# {sub.report_path} (sbatch --dependency=afterok:<array job id>)\n{sub.report}")
+        return
+    submit(sub)
+    click.echo(f"submitted array job {sub.array_id} ({tasks} tasks): {sub.array_path}")
+    if sub.report_id:
+        click.echo(f"submitted report job {sub.report_id} after it: {sub.report_path}")
+    progress = f"ser-cache report {out}" if command == "sweep" else f"ser-cache inspect {out}"
+    click.echo(f"output in {opts.log_dir}; follow with `squeue -j {sub.array_id}`, progress with `{progress}`")
 
 
 # --- corpora: download and check -----------------------------------------------------------

@@ -147,6 +147,44 @@ def load_sweep(path: Path) -> Sweep:
     return Sweep(folder, config, records, folder.timing())
 
 
+def progress(sweep: Sweep) -> dict:
+    """How far a sweep is, for one still running (SLURM array tasks, several processes):
+    {"cells": (complete, planned), "folds": (done, planned), "running": folds whose claim a
+    live process holds now}. A cell is one (cache, layer, head, seed), complete when every fold
+    is done; a cache and seed whose folds are not saved yet count as 0 of unknown: planned None."""
+    from .cache import lock_held
+
+    config, done = sweep.config, Counter((r.cache, as_selection(r.layer), r.head, r.seed) for r in sweep.records)
+    cells = folds = 0
+    complete = 0
+    for cache, layers in config["layers"].items():
+        for seed in config["seeds"]:
+            n_folds = sweep.folder.fold_meta(cache, seed).get("n_folds")
+            if n_folds is None:
+                return {"cells": (0, None), "folds": (len(sweep.records), None), "running": 0}
+            for layer in layers:
+                for head in config["heads"]:
+                    cells += 1
+                    folds += n_folds
+                    complete += done[cache, as_selection(layer), head, seed] == n_folds
+    running = sum(lock_held(p) for p in (sweep.folder.root / SweepFolder.CELLS).glob("*/*/*.lock"))
+    return {"cells": (complete, cells), "folds": (len(sweep.records), folds), "running": running}
+
+
+def finished(p: dict) -> bool:
+    return p["cells"][1] is not None and p["cells"][0] == p["cells"][1] and p["folds"][0] == p["folds"][1]
+
+
+def progress_text(sweep: Sweep) -> str:
+    """'sweep NAME: 3 of 8 cells complete (20 of 48 folds, 2 running now)', or '... complete'."""
+    p = progress(sweep)
+    (c, n_cells), (f, n_folds) = p["cells"], p["folds"]
+    if finished(p):
+        return f"sweep {sweep.name}: complete ({n_cells} cells, {n_folds} folds)"
+    running = f", {p['running']} claimed by running jobs" if p["running"] else ""
+    return f"sweep {sweep.name}: {c} of {n_cells or '?'} cells complete ({f} of {n_folds or '?'} folds{running})"
+
+
 def panels_of(sweeps: list[Sweep]) -> list[Panel]:
     """One panel per cache of each sweep, in order; titles name the sweep when several."""
     panels = []
@@ -279,6 +317,9 @@ def summary_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
              "choice once.", "",
              "★ best mean test UA in the panel (descriptive: the test folds pick it). "
              "† best mean validation UA (the cell an honest selection would pick).", ""]
+    unfinished = [progress_text(s) for s in sweeps if not finished(progress(s))]
+    if unfinished:  # a sweep still running or interrupted: the table holds its finished folds only
+        lines += ["**Partial:** " + "; ".join(unfinished) + ". The table pools the folds done so far.", ""]
     for p in panels:
         lines += _panel_markdown(p)
     lines += _timing_markdown(sweeps)

@@ -347,7 +347,7 @@ class RunFolder:
 class SweepFolder:
     """The files of one `ser-cache sweep` (see the module docstring)."""
 
-    CONFIG, TIMING, CELLS, FOLDS, LOCK = "sweep.json", "timing.json", "cells", "folds", ".lock"
+    CONFIG, TIMING, CELLS, FOLDS = "sweep.json", "timing.json", "cells", "folds"
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -399,30 +399,27 @@ class SweepFolder:
     def append_timing(self, run: SweepTiming) -> None:
         write_json_atomic(self.root / self.TIMING, {"runs": [t.to_dict() for t in self.timing()] + [run.to_dict()]})
 
-    def exclusive(self) -> "_Exclusive":
-        """Context: an advisory lock that keeps a second sweep out of this folder."""
-        return _Exclusive(self)
+    def lock(self):
+        """Context: hold SWEEP/create.lock for a short step that several sweep processes on this
+        folder may reach at once (creating sweep.json and the folds, appending to timing.json,
+        writing the report). Tasks themselves are claimed one by one (`claim_path`)."""
+        from .cache import folder_lock  # one locking scheme for caches and sweeps (cache.py)
 
+        return folder_lock(self.root)
 
-class _Exclusive:
-    """Holds SWEEP/.lock; on entry removes temporaries left by a killed run (safe: nobody else
-    is writing)."""
+    def claim_path(self, cache: str, layer, head: str, seed: int, fold: int) -> Path:
+        """The lock file whose flock is the claim on one task (cache.Claims)."""
+        return self.cell_path(cache, layer, head, seed, fold).with_suffix(".lock")
 
-    def __init__(self, folder: SweepFolder):
-        self.folder, self.path = folder, folder.root / SweepFolder.LOCK
+    def remove_cell_temporaries(self, cache: str, layer, head: str, seed: int, fold: int) -> None:
+        """Delete what killed writers of one task's result left. Only the holder of the task's
+        claim may call this: no live process is then writing that result."""
+        path = self.cell_path(cache, layer, head, seed, fold)
+        for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
-    def __enter__(self):
-        import fcntl
-
-        self.f = open(self.path, "w")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.close()
-            raise SweepError(f"another sweep is writing into {self.folder.root}: wait for it to end, or use "
-                             "another --out folder") from None
-        remove_temporaries(self.folder.root)
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
+    def remove_shared_temporaries(self) -> None:
+        """Delete temporaries of the files written under `lock()` (sweep.json, timing.json,
+        folds). Call only while holding `lock()`: nobody else writes those files then."""
+        for tmp in [*self.root.glob("*.json.*.tmp"), *(self.root / self.FOLDS).glob("*.tmp")]:
+            tmp.unlink(missing_ok=True)

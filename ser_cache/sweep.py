@@ -36,8 +36,21 @@ With jobs == 1 everything runs in this process (the default on a GPU).
 Crash safety and resume. A worker writes each finished task as one JSON file (temporary
 name, fsync, rename), so a file exists only when its task is complete. A re-run with the same
 settings skips those tasks; a re-run with other settings is refused, naming what differs
-(SWEEP/sweep.json holds the settings). The folder's layout and record types belong to
-results.py (SweepFolder, CellResult, SweepTiming), which report.py reads through.
+(SWEEP/sweep.json holds the settings).
+
+Several processes, one sweep. Any number of `sweep` processes may work on one --out at once
+(SLURM array tasks, a job submitted twice, a resume while the first run still goes): each
+task runs only in the process holding its claim, an exclusive flock on
+cells/.../HEAD-seedS-foldF.lock (cache.Claims, the same scheme as the shards of a cache),
+which the kernel lets go of however its holder ends. sweep.json and the folds are made once,
+under SWEEP/create.lock; timing.json and the report are written under it too. `--part I/N`
+(or a SLURM array's task id) gives a process the I-th of N contiguous runs of the tasks
+(`part_of`); without it, a process takes every task no live process holds. A process claims
+the tasks of a layer when that layer's turn comes, so that two processes started together
+read different layers rather than the same one twice.
+
+The folder's layout and record types belong to results.py (SweepFolder, CellResult,
+SweepTiming), which report.py reads through.
 """
 from __future__ import annotations
 
@@ -63,7 +76,7 @@ import numpy as np
 import torch
 
 from .batches import predict_proba
-from .cache import Cache, open_cache
+from .cache import CREATE_LOCK, Cache, Claims, open_cache
 from .crosscorpus import check_sweep_target, map_classes, map_labels, target_metrics
 from .device import pick_device
 from .errors import OptionError
@@ -321,7 +334,8 @@ def config_differences(stored: dict, asked: dict, prefix: str = "") -> list[str]
 
 
 def claim_folder(out: Path, plan: SweepPlan) -> SweepFolder:
-    """Create SWEEP with the plan's config, or check that it holds the same config."""
+    """Create SWEEP with the plan's config, or check that it holds the same config. Call
+    under `SweepFolder(out).lock()`: several processes may start on one folder at once."""
     folder = SweepFolder(out)
     if folder.is_sweep():
         stored = folder.read_config()
@@ -333,7 +347,7 @@ def claim_folder(out: Path, plan: SweepPlan) -> SweepFolder:
                 f"{out} holds a sweep with other settings:\n  " + "\n  ".join(diff)
                 + "\nRepeat the original options to resume it, or choose another --out folder")
         return folder
-    if folder.root.exists() and any(folder.root.iterdir()):
+    if folder.root.exists() and any(p.name != CREATE_LOCK for p in folder.root.iterdir()):  # our lock aside
         raise SweepError(f"{out} exists and is not a sweep folder (no {SweepFolder.CONFIG}): choose "
                          "another --out folder")
     folder.write_config(plan.config, {key: str(c.root.resolve()) for key, c in plan.caches.items()})
@@ -530,7 +544,8 @@ def _attach(ref: LayerRef) -> tuple[shared_memory.SharedMemory, LayerData]:
 
 @dataclass
 class SweepOutcome:
-    """What one `run_sweep` call did. timing: this run's entry of timing.json."""
+    """What one `run_sweep` call did. timing: this run's entry of timing.json; state: the
+    sweep as this process left it (other processes may go on)."""
 
     out: Path
     tasks_total: int
@@ -538,6 +553,78 @@ class SweepOutcome:
     tasks_run: int
     failures: list[tuple[Task, str]]
     timing: SweepTiming
+    state: "SweepState" = None
+    report: dict | None = None  # the report's files (report.write_report), when written
+
+
+@dataclass
+class SweepState:
+    """Every task of a sweep at one moment: done (result saved), running (another live process
+    holds its claim) or missing; `missing_mine` are the missing tasks of this process's part."""
+
+    total: int
+    done: int
+    running: int
+    missing_mine: int
+    missing_others: int
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.total
+
+    @property
+    def own_part_done(self) -> bool:
+        """This part needs nothing more from this process: done, or in a live process's hands."""
+        return self.missing_mine == 0
+
+    def text(self) -> str:
+        if self.complete:
+            return f"complete ({self.total} folds)"
+        words = [f"{self.done} of {self.total} folds done"]
+        if self.running:
+            words.append(f"{self.running} claimed by other running jobs")
+        if self.missing_mine:
+            words.append(f"{self.missing_mine} missing (re-run to finish)")
+        if self.missing_others:
+            words.append(f"{self.missing_others} left for other --part parts (run those jobs, or this "
+                         "command without --part, to finish)")
+        return "; ".join(words)
+
+
+def part_of(tasks: list[Task], part: tuple[int, int]) -> list[Task]:
+    """Part I of N: the I-th of N contiguous, nearly equal runs of the plan's tasks (which come
+    layer by layer). Contiguous rather than every N-th task, so a part reads only the one or
+    two layers its run covers, not every layer: reading a layer is the costly step on a large
+    corpus. The plan's order is fixed by the sweep's settings, so every job computes the same
+    parts, disjoint and together complete."""
+    i, n = part
+    return tasks[i * len(tasks) // n:(i + 1) * len(tasks) // n]
+
+
+def task_claims(folder: SweepFolder) -> Claims:
+    """Claims on tasks (cache.Claims): a task runs only in the process holding its claim."""
+    def lock_path(task: Task) -> Path:
+        path = folder.claim_path(task.cache, task.layer, task.head, task.seed, task.fold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    return Claims(lock_path)
+
+
+def sweep_state(out: Path, tasks: list[Task], mine: list[Task], claims: Claims) -> SweepState:
+    """Where every task stands now, claims of other live processes included."""
+    own = set(mine)
+    done = running = missing_mine = 0
+    for t in tasks:
+        if t.path(out).exists():
+            done += 1
+        elif claims.held_elsewhere(t):
+            running += 1
+        elif t.path(out).exists():  # finished while we looked
+            done += 1
+        elif t in own:
+            missing_mine += 1
+    return SweepState(len(tasks), done, running, missing_mine, len(tasks) - done - running - missing_mine)
 
 
 def available_cores() -> int:
@@ -552,8 +639,14 @@ def default_jobs(device: str = "auto") -> int:
 
 
 def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str = "auto",
-              progress: bool = True, write_report: bool = True) -> SweepOutcome:
-    """Run every task of `spec` not yet saved in `out`, then write the report there.
+              progress: bool = True, write_report: bool = True, part: tuple[int, int] = (0, 1)) -> SweepOutcome:
+    """Run every task of `spec` (of `part` I/N only, see `part_of`) not yet saved in `out`,
+    then write the report there.
+
+    Any number of processes may run this on one `out` at once: the folder and folds are made
+    once under its lock, and each task runs only in the process that claims it (a flock that a
+    killed process lets go of). Tasks another live process holds are left to it; those whose
+    holder dies meanwhile are taken in a further pass.
 
     Raises SweepError (bad request, or a folder holding another sweep), CacheError, FoldsError.
     A task whose training diverges (NonFiniteLossError) is logged, listed in the outcome and
@@ -562,84 +655,117 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
     out = Path(out)
     spec = replace(spec, train=replace(spec.train, device=device))
     plan = plan_sweep(spec)
-    folder = claim_folder(out, plan)
-    with folder.exclusive():
+    with SweepFolder(out).lock():
+        folder = claim_folder(out, plan)
+        folder.remove_shared_temporaries()
         folds = {(key, seed): sweep_folds(folder, key, cache, seed, spec)
                  for key, cache in plan.caches.items() for seed in spec.seeds}
-        tasks = plan.tasks({k: f.n_folds for k, f in folds.items()})
-        todo = [t for t in tasks if not t.path(out).exists()]
-        jobs = jobs or default_jobs(device)
-        threads = max(1, available_cores() // jobs)
-        by_layer: dict[tuple[str, int], list[Task]] = {}
-        for t in todo:
-            by_layer.setdefault((t.cache, t.layer), []).append(t)
-        info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode}
-                for key, c in plan.caches.items()}
+    tasks = plan.tasks({k: f.n_folds for k, f in folds.items()})
+    mine = part_of(tasks, part)
+    todo = [t for t in mine if not t.path(out).exists()]
+    jobs = jobs or default_jobs(device)
+    threads = max(1, available_cores() // jobs)
+    info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode}
+            for key, c in plan.caches.items()}
+    claims = task_claims(folder)
 
-        def job_for(task: Task) -> TaskJob:
-            return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
-                           plan.spec.train, info[task.cache], out)
+    def job_for(task: Task) -> TaskJob:
+        return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
+                       plan.spec.train, info[task.cache], out)
 
-        def read(key: str, layer: int) -> tuple[LayerData, LayerData | None]:
-            """The layer of cache `key` and, cross-corpus, of the test cache: classes mapped."""
-            t0 = time.perf_counter()
-            data = map_classes(plan.caches[key].read_layer(layer), spec.label_map, key)[0]
-            target = (map_classes(plan.target.read_layer(layer), spec.label_map, str(spec.test_cache))[0]
-                      if plan.target is not None else None)
-            timing.read_seconds += time.perf_counter() - t0
-            timing.layers_read += 1
-            return data, target
+    def read(key: str, layer: int) -> tuple[LayerData, LayerData | None]:
+        """The layer of cache `key` and, cross-corpus, of the test cache: classes mapped."""
+        t0 = time.perf_counter()
+        data = map_classes(plan.caches[key].read_layer(layer), spec.label_map, key)[0]
+        target = (map_classes(plan.target.read_layer(layer), spec.label_map, str(spec.test_cache))[0]
+                  if plan.target is not None else None)
+        timing.read_seconds += time.perf_counter() - t0
+        timing.layers_read += 1
+        return data, target
 
-        timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
-                             threads_per_job=threads, device=str(pick_device(device)),
-                             tasks_total=len(tasks), tasks_done_before=len(tasks) - len(todo))
-        records, failures = [], []
-        log.info("sweep %s: %d tasks, %d already done; %d job(s) x %d thread(s)",
-                 out, len(tasks), len(tasks) - len(todo), jobs, threads)
-        from tqdm import tqdm
+    timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
+                         threads_per_job=threads, device=str(pick_device(device)),
+                         tasks_total=len(tasks), tasks_done_before=sum(t.path(out).exists() for t in tasks))
+    records, failures = [], []
+    log.info("sweep %s: %d tasks, %d already done, part %d/%d; %d job(s) x %d thread(s)",
+             out, len(tasks), timing.tasks_done_before, *part, jobs, threads)
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="fold", desc="sweep",
-                   disable=not progress, dynamic_ncols=True)
-        t_wall = time.perf_counter()
-        try:
-            run = _run_inline if jobs == 1 else _run_pool
-            run(by_layer, read, job_for, jobs, threads, bar, records, failures)
-        finally:
-            bar.close()
-            timing.train_seconds = float(sum(r.train_seconds for r in records))
-            timing.eval_seconds = float(sum(r.eval_seconds for r in records))
-            timing.wall_seconds = time.perf_counter() - t_wall
-            timing.tasks_run, timing.tasks_failed = len(records), len(failures)
-            if todo:  # a re-run of a finished sweep did nothing worth a line
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="fold", desc="sweep",
+               disable=not progress, dynamic_ncols=True)
+    t_wall = time.perf_counter()
+    try:
+        run = _run_inline if jobs == 1 else _run_pool
+        while todo:
+            held: list[Task] = []
+            run(claimed_layers(folder, claims, todo, held, bar), read, job_for, jobs, threads, bar, records,
+                failures, claims)
+            # A task left to a process that has died since (its claim went with it): ours now.
+            todo = [t for t in held if not t.path(out).exists() and not claims.held_elsewhere(t)]
+    finally:
+        claims.release_all()
+        bar.close()
+        timing.train_seconds = float(sum(r.train_seconds for r in records))
+        timing.eval_seconds = float(sum(r.eval_seconds for r in records))
+        timing.wall_seconds = time.perf_counter() - t_wall
+        timing.tasks_run, timing.tasks_failed = len(records), len(failures)
+        if records or failures:  # a process that ran nothing (all done, or all held) adds no line
+            with folder.lock():
                 folder.append_timing(timing)
     for task, why in failures:
         log.warning("failed, will be retried by a re-run: %s: %s", task, why)
-    if write_report:
+    state, report = sweep_state(out, tasks, mine, claims), None
+    if write_report and state.done:  # a partial table too: it shows the sweep's progress
         from .report import write_report as _write_report
 
-        _write_report([out], out)
-    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing)
+        with folder.lock():
+            report = _write_report([out], out)
+    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing, state, report)
 
 
-def _run_inline(by_layer, read, job_for, jobs, threads, bar, records, failures) -> None:
+def claimed_layers(folder: SweepFolder, claims: Claims, todo: list[Task], held: list[Task], bar):
+    """Yield ((cache key, layer), tasks) for each layer of `todo` in turn, with the tasks of it
+    that this process could claim when the layer's turn came (layers with none are passed over
+    unread). Tasks another live process holds go to `held`; those finished meanwhile count as
+    done. The caller releases each claim once its task is saved or has failed."""
+    by_layer: dict[tuple[str, Selection], list[Task]] = {}
+    for t in todo:
+        by_layer.setdefault((t.cache, t.layer), []).append(t)
+    for key_layer, group in by_layer.items():
+        mine = []
+        for t in group:
+            if not claims.take(t):
+                held.append(t)
+            elif t.path(folder.root).exists():  # another process finished it since we listed it
+                claims.release(t)
+                bar.update(1)
+            else:
+                folder.remove_cell_temporaries(t.cache, t.layer, t.head, t.seed, t.fold)
+                mine.append(t)
+        if mine:
+            yield key_layer, mine
+
+
+def _run_inline(layers, read, job_for, jobs, threads, bar, records, failures, claims) -> None:
     """jobs == 1: every task in this process, one layer at a time."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for (key, layer), group in by_layer.items():
+        for (key, layer), group in layers:
             loaded = LoadedLayer(*read(key, layer))
             for task in group:
                 bar.set_postfix_str(f"{key} layer {label(layer)} {task.head}")
-                _collect(lambda: loaded.run(job_for(task)), task, records, failures)
+                _collect(lambda: loaded.run(job_for(task)), task, records, failures, claims)
                 bar.update(1)
             del loaded
     finally:
         torch.set_num_threads(before)
 
 
-def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) -> None:
+def _run_pool(layers, read, job_for, jobs, threads, bar, records, failures, claims) -> None:
     """jobs > 1: worker processes; each layer read once into shared memory, the next layer
-    read while the workers train on the current one."""
+    read while the workers train on the current one. This process holds the tasks' claims
+    (the workers die with it, see _die_with)."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's thread pools
     pool = cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
                                   initargs=(threads, os.getpid()))
@@ -648,12 +774,12 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
     def finish(shared, futures):
         try:
             for f in cf.as_completed(futures):
-                _collect(f.result, futures[f], records, failures)
+                _collect(f.result, futures[f], records, failures, claims)
         finally:
             shared.close()
 
     try:
-        for (key, layer), group in by_layer.items():
+        for (key, layer), group in layers:
             while len(inflight) >= LAYERS_IN_FLIGHT:
                 finish(*inflight.popleft())
             data, target = read(key, layer)
@@ -683,9 +809,12 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
         pool.shutdown(wait=True)
 
 
-def _collect(result, task: Task, records: list, failures: list) -> None:
-    """Call result(); a diverged training is a task failure, anything else stops the sweep."""
+def _collect(result, task: Task, records: list, failures: list, claims: Claims) -> None:
+    """Call result(); a diverged training is a task failure, anything else stops the sweep.
+    The task's claim is let go either way once its result is saved or it has failed."""
     try:
         records.append(result())
     except NonFiniteLossError as e:
         failures.append((task, str(e)))
+    finally:
+        claims.release(task)
