@@ -3,7 +3,7 @@
     LayerData + utterance indices --make_batches--> [(x (B, T, dim), mask (B, T), y (B,))]
     any layer + utterance indices --batch_source--> HeldBatches, or for a layer streamed from
                                                     the shards streaming.BlockBatches
-    a head + batches --predict--> (n, n_classes) probabilities
+    a head + batches --predict--> (n, n_classes) probabilities, or (n, n_targets) values
 
 Utterances are grouped by length so that batches carry little padding (`batch_order`); a
 head's fixed input transform can be applied once when the batches are built (`transform`);
@@ -136,19 +136,22 @@ def drop_spans(x: torch.Tensor, mask: torch.Tensor, fraction: float, span: int =
 
 @torch.no_grad()
 def predict(model: Head, batches, dropout: bool = False, step=None) -> np.ndarray:
-    """(n, n_classes) float64 class probabilities, rows in batch order. step(x, mask): the
-    logits of a batch (default: the model's forward; a fitter passes its training step for
-    batches that hold model.inputs(x) already). dropout=True is the flawed reference
-    behaviour (model left in training mode)."""
+    """(n, n_classes) float64 class probabilities, or a regression head's (n, n_targets)
+    target values, rows in batch order. step(x, mask): the forward output of a batch (default:
+    the model's forward; a fitter passes its training step for batches that hold
+    model.inputs(x) already). dropout=True is the flawed reference behaviour (model left in
+    training mode)."""
     model.train(dropout)
     step = step or model
-    probs = [step(x.float(), mask).softmax(dim=-1).cpu() for x, mask, _ in batches]
-    return torch.cat(probs).numpy().astype(np.float64)
+    rows = [step(x.float(), mask) for x, mask, _ in batches]
+    rows = [r if model.regression else r.softmax(dim=-1) for r in rows]
+    return torch.cat([r.cpu() for r in rows]).numpy().astype(np.float64)
 
 
 def predict_proba(model: nn.Module, data, index, device: torch.device,
                   dropout: bool = False) -> np.ndarray:
-    """(len(index), n_classes) class probabilities of the utterances `index`, in that order."""
+    """(len(index), n_classes) class probabilities (a regression head's target values) of
+    the utterances `index`, in that order."""
     index = np.asarray(index)
     batches = batch_source(data, None, index, EVAL_BATCH_SIZE, device)
     return in_order(predict(model, batches, dropout), batches.order, index)

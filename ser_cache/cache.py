@@ -51,7 +51,7 @@ from .errors import UserError
 from .features import LayerData
 from .files import process_tag, write_json_atomic
 from .layers import Selection, selection, states_of
-from .records import Utterance, load_records
+from .records import Utterance, load_records, target_names
 
 CACHE_FORMAT = 1
 SETTINGS_FILE = "cache.json"
@@ -88,10 +88,12 @@ class CacheSettings:
     sample_rate: int = 16000
     format: int = CACHE_FORMAT
 
-    def differences(self, other: "CacheSettings") -> list[str]:
-        """Human-readable list of the settings in which `other` differs from self."""
+    def differences(self, other: "CacheSettings", keys=None, sides=("cache has", "asked for")) -> list[str]:
+        """Human-readable list of the settings in which `other` differs from self (only `keys`
+        when given), each side named by `sides`."""
         mine, theirs = asdict(self), asdict(other)
-        return [f"{k}: cache has {mine[k]!r}, asked for {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        return [f"{k}: {sides[0]} {mine[k]!r}, {sides[1]} {theirs[k]!r}"
+                for k in (keys or mine) if mine[k] != theirs[k]]
 
 
 def layer_name(state: int) -> str:
@@ -290,11 +292,9 @@ def _still_linked(path: Path, fd: int) -> bool:
 
 
 @contextmanager
-def folder_lock(root: Path):
-    """Hold the creation lock of a cache folder (waiting for another creator to finish)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / CREATE_LOCK
+def held_lock(path: Path):
+    """Hold the exclusive lock on `path` for the block, waiting for its holder to let go (for
+    short steps that several jobs may run at once: creating a folder, appending to a file)."""
     fd = lock_file(path, wait=True)
     try:
         yield
@@ -302,49 +302,65 @@ def folder_lock(root: Path):
         unlock_file(path, fd)
 
 
-class ShardClaims:
-    """This process's claims on the shards of one folder: a shard is written only by its holder.
+@contextmanager
+def folder_lock(root: Path):
+    """Hold the creation lock of a cache folder (waiting for another creator to finish)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with held_lock(root / CREATE_LOCK):
+        yield
 
-    Claims are taken by the main thread and let go by the writer thread, hence the mutex.
+
+class Claims:
+    """This process's claims on units of work (shards of a cache, tasks of a sweep), each an
+    exclusive flock on its own lock file (`lock_path(key)`): a unit is worked on only by the
+    process holding its claim, and a killed holder's claims go with it.
+
+    Claims may be taken by one thread and let go by another, hence the mutex.
     """
 
-    def __init__(self, shard_dir: Path):
-        self.shard_dir = Path(shard_dir)
-        self._held: dict[int, int] = {}  # shard -> descriptor of its locked lock file
+    def __init__(self, lock_path):
+        self.lock_path = lock_path  # key -> Path of its lock file (its folder must exist)
+        self._held: dict = {}  # key -> descriptor of its locked lock file
         self._mutex = threading.Lock()
 
-    def lock_path(self, k: int) -> Path:
-        return self.shard_dir / f"{shard_name(k)}.lock"
-
-    def take(self, k: int) -> bool:
-        """Claim shard k without waiting; False when another live process holds it."""
+    def take(self, key) -> bool:
+        """Claim `key` without waiting; False when another live process holds it."""
         with self._mutex:
-            assert k not in self._held, f"{shard_name(k)} claimed twice by one process"
-        fd = lock_file(self.lock_path(k), wait=False)
+            assert key not in self._held, f"{key} claimed twice by one process"
+        fd = lock_file(self.lock_path(key), wait=False)
         if fd is None:
             return False
         with self._mutex:
-            self._held[k] = fd
+            self._held[key] = fd
         return True
 
-    def release(self, k: int) -> None:
+    def release(self, key) -> None:
         with self._mutex:
-            fd = self._held.pop(k, None)
+            fd = self._held.pop(key, None)
         if fd is not None:
-            unlock_file(self.lock_path(k), fd)
+            unlock_file(self.lock_path(key), fd)
 
     def release_all(self) -> None:
         with self._mutex:
             held = list(self._held)
-        for k in held:
-            self.release(k)
+        for key in held:
+            self.release(key)
 
-    def held_elsewhere(self, k: int) -> bool:
-        """True when another live process holds the claim on shard k."""
+    def held_elsewhere(self, key) -> bool:
+        """True when another live process holds the claim on `key`."""
         with self._mutex:
-            if k in self._held:
+            if key in self._held:
                 return False
-        return lock_held(self.lock_path(k))
+        return lock_held(self.lock_path(key))
+
+
+class ShardClaims(Claims):
+    """Claims on the shards of one cache folder: shard k is written only by its holder."""
+
+    def __init__(self, shard_dir: Path):
+        self.shard_dir = Path(shard_dir)
+        super().__init__(lambda k: self.shard_dir / f"{shard_name(k)}.lock")
 
 
 def remove_temporaries(shard_dir: Path, k: int) -> None:
@@ -518,9 +534,11 @@ class Cache:
         offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
         frames = np.empty((int(offsets[-1]), len(states) * self.dim), dtype=dtype or self.settings.dtype)
         self.read_slices(self.complete_shards(), states, frames)
+        names, values = self.targets_of(meta["ids"])
         return LayerData(
             frames=frames, offsets=offsets, ids=meta["ids"], labels=meta["labels"],
             speakers=meta["speakers"], groups=meta["groups"], layer=selection(states),
+            target_names=names, target_values=values,
         )
 
     def require(self, states: list[int]) -> None:
@@ -548,6 +566,19 @@ class Cache:
                         frames[where] = ds[()]
                 row += n
         assert row == len(frames), f"read {row} frames of shards {shards}, expected {len(frames)}"
+
+    def targets_of(self, ids: np.ndarray) -> tuple[tuple[str, ...], np.ndarray | None]:
+        """(target names, (len(ids), n_targets) float64 values, NaN where a record lacks one)
+        of the utterances `ids`, from the records the cache was planned from; ((), None) when
+        no record carries targets."""
+        records = self.records()
+        names = tuple(target_names(records))
+        if not names:
+            return (), None
+        by_id = {r.id: dict(r.targets) for r in records}
+        values = np.array([[by_id.get(i, {}).get(t, np.nan) for t in names] for i in ids.tolist()],
+                          dtype=np.float64).reshape(len(ids), len(names))
+        return names, values
 
     def skipped(self, shards: list[int] | None = None) -> list[dict]:
         """Every planned utterance that could not be used: [{id, path, reason}].

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+from contextlib import nullcontext
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import click
 
 from .audio import LONG_AUDIO_POLICIES
-from .cache import COMPUTE_DTYPES, DTYPES, open_cache, shard_name
+from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, ShardClaims, open_cache, shard_name
 from .corpora import CORPORA, prepare, single_speaker_warnings
 from .device import pick_device
 from .encoder import MODES
@@ -86,7 +87,7 @@ def main():
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", help="Storage precision of the states.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="float32", help="Encoder arithmetic; bfloat16 is faster on CPUs with AMX/AVX512-BF16 and on GPUs, and changes the states slightly.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, help="Utterances per encoder forward.")
-@click.option("--shard", "shard_spec", default="0/1", help="I/N: extract only the I-th of N disjoint parts (I from 0), e.g. $SLURM_ARRAY_TASK_ID/N.")
+@click.option("--shard", "shard_spec", default=None, help="I/N: extract only the I-th of N disjoint parts (I from 0). Default: in a SLURM array task, the task's part (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT), else everything.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only N utterances (a fixed pseudo-random subset, for quick trials).")
 @click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own.")
 @click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the CSV (path,label,speaker[,group]); default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv.")
@@ -131,6 +132,9 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
     summary = run_extract(records, out, corpus, enc, opts, device=dev)
     click.echo(summary_text(summary))
+    if summary.shards_this_job == 0:  # more parts than shards: this job had nothing to do
+        click.echo(f"part {shard[0]}/{shard[1]} holds none of the {summary.shards_planned} planned shards: for "
+                   "N parts, pick a --shard-mb that plans at least N shards")
     cache = open_cache(out)
     # Other jobs may share this folder: the state is read now, claims included, and the exit
     # status is 0 only if this job's own part is complete or in the hands of a live job.
@@ -155,7 +159,12 @@ def inspect(cache_dir, as_json):
     click.echo(f"  corpus {info['corpus']}, model {info['model']} (sha256 {info['model_sha256'][:12]}), width {info['dim']}")
     click.echo(f"  mode {info['mode']}, dtype {info['dtype']}, layers {info['layers']}")
     click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} frames, {info['bytes'] / 2**20:.1f} MiB")
-    click.echo(f"  shards {info['shards']} of {info['shards_planned']}" + (f", missing {info['missing_shards'][:10]}" if info['missing_shards'] else ""))
+    # A partial cache may be filling now (an array job): say how many missing shards are claimed.
+    claims = ShardClaims(Path(cache_dir) / SHARD_DIR)
+    writing = sum(claims.held_elsewhere(k) for k in info["missing_shards"])
+    click.echo(f"  shards {info['shards']} of {info['shards_planned']}"
+               + (f", missing {info['missing_shards'][:10]}" if info["missing_shards"] else "")
+               + (f" ({writing} being written by running jobs)" if writing else ""))
     click.echo(f"  skipped {len(info['skipped'])}")
     for s in info["skipped"]:
         click.echo(f"    {s['id']}: {s['reason']}  [{s['path']}]")
@@ -191,6 +200,7 @@ from .folds import PROTOCOLS as _FOLD_PROTOCOLS  # noqa: E402
 from .heads import HEADS as _HEADS  # noqa: E402
 
 _TRAIN = _training.TrainConfig()  # the defaults shown in --help
+from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 
 
 @main.command("train")
@@ -215,26 +225,39 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off).")
 @click.option("--refit", is_flag=True, help="After the epoch (or C) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean, and every member is saved and exported.")
+@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the head learns: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
+@click.option("--targets", default=None, help="Regression: the numeric targets to learn, comma-separated (e.g. arousal,valence); default with --task regression: every target the cache's records carry.")
+@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets). The epoch (or C) is always chosen on validation mean CCC.")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--memory-budget", default=None, help="Memory the layer may take, e.g. 2G or 500M (powers of 1024); a layer that does not fit is streamed from the cache's shards, a few at a time, in a batch order drawn per block of shards. Default: half of the memory available.")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
+@click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's head once on all of this cache (another corpus, same checkpoint, mode and layers); its metrics are printed beside the in-corpus ones and saved in cross_corpus.json.")
+@click.option("--label-map", default=None, help="Rename the classes of both caches with a named label map (e.g. ravdess-emodb6) before training; utterances of classes it does not list are dropped and counted.")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
-              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, compat_select_on_test,
-              compat_eval_dropout, device, memory_budget, overwrite):
+              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, task, targets, loss,
+              compat_select_on_test, compat_eval_dropout, device, memory_budget, overwrite, test_cache, label_map):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
     speakers, then the test speakers are evaluated once. Prints a table per fold with the
     mean and std of UA, WA and F1, and writes everything into --out. On several layers, the
     pooling heads mix the states with learned softmax weights (printed per fold) and the
-    linear head reads the statistics of every state.
+    linear head reads the statistics of every state. With --task regression (or --targets),
+    the head learns continuous targets, the epoch is chosen on validation mean CCC, and the
+    table gives CCC, Pearson r and MAE per target.
+
+    Cross-corpus: --test-cache B scores each fold's head once on all of B (nothing is chosen
+    on B) and prints B's metrics beside the in-corpus ones; --label-map brings both caches to
+    the classes they share.
     """
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    task, targets = _task_options(task, targets)
     config = _training.TrainConfig.from_dict(dict(
+        task=task, targets=targets, loss=loss,
         epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
@@ -246,9 +269,22 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     budget = None if memory_budget is None else parse_size(memory_budget)
     result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
                                         n_folds=n_folds, fold_file=fold_file, overwrite=overwrite,
-                                        memory_budget=budget)
+                                        test_cache=test_cache, label_map=label_map, memory_budget=budget)
     click.echo(result.table())
+    if result.cross_corpus is not None:
+        click.echo(result.cross_corpus.table())
     click.echo(f"run saved in {out}")
+
+
+def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]]:
+    """(task, target names) from --task and --targets: targets imply regression."""
+    names = [t.strip() for t in (targets or "").split(",") if t.strip()]
+    if targets is not None and not names:
+        raise click.BadParameter("give target names, e.g. --targets arousal,valence", param_hint="--targets")
+    if names and task == "classification":
+        raise click.BadParameter("targets are learned by regression: use --task regression, or drop --targets",
+                                 param_hint="--targets")
+    return ("regression" if names else task or "classification"), names
 
 
 # --- layer-wise comparisons ----------------------------------------------------------------
@@ -275,17 +311,24 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
 @click.option("--memory-budget", default=None, help="Memory the layers and batches of all workers may take, e.g. 8G or 500M; a layer that does not fit is streamed from the cache's shards by each worker with an equal share (batch order drawn per block of shards). Default: half of the memory available.")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
+@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the heads learn: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
+@click.option("--targets", default=None, help="Regression: the numeric targets, comma-separated (e.g. arousal,valence); every setting is chosen on validation mean CCC and the report draws one CCC curve per target. Default with --task regression: every target of the first cache.")
+@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
+@click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
+@click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble, protocol,
-              n_folds, fold_file, jobs, device, memory_budget):
+              n_folds, fold_file, jobs, task, targets, loss, device, test_cache, label_map, part_spec, memory_budget):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
     chosen on the validation speakers only. A multi-layer cell (--layers all,2+3+4) sits in the
     same table, and its learned layer weights go to layer_weights.png. Writes results.csv,
     summary.md and plots into --out. Re-running the same command resumes an interrupted sweep.
+    Several processes (SLURM array tasks, --part I/N) may share one --out: each fold is run once.
     """
-    from .report import write_report
+    from .slurm import resolve_part
     from .sweep import SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
 
     for c in caches:
@@ -293,29 +336,41 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
             hint = (" (a grid key? give each one its own --grid, or quote them together)"
                     if "=" in c.name else "")
             raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
+    task, targets = _task_options(task, targets)
     spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
                      grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
-                                                               time_mask=time_mask, refit=refit, ensemble=ensemble),
+                                                               time_mask=time_mask, refit=refit, ensemble=ensemble,
+                                                               task=task, targets=targets, loss=loss),
                      protocol=protocol,
-                     n_folds=n_folds, fold_file=fold_file)
+                     n_folds=n_folds, fold_file=fold_file, test_cache=test_cache, label_map=label_map)
+    part = resolve_part(part_spec, "--part")
     from .streaming import parse_size
 
     budget = None if memory_budget is None else parse_size(memory_budget)
-    outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False, memory_budget=budget)
-    paths = write_report([out], out)
-    t = outcome.timing
+    outcome = run_sweep(spec, out, jobs=jobs, device=device, part=part, memory_budget=budget)
+    t, state = outcome.timing, outcome.state
     if outcome.tasks_done_before == outcome.tasks_total:
         click.echo(f"all {outcome.tasks_total} folds were already done; report rebuilt")
     else:
         click.echo(f"{outcome.tasks_run} folds run, {outcome.tasks_done_before} done before, of {outcome.tasks_total} "
-                   f"({t.jobs} job(s) x {t.threads_per_job} thread(s) on {t.device})")
+                   f"({t.jobs} job(s) x {t.threads_per_job} thread(s) on {t.device})"
+                   + (f", part {part[0]}/{part[1]}" if part[1] > 1 else ""))
         click.echo(f"wall {t.wall_seconds:.0f} s: reading layers {t.read_seconds:.1f} s, training "
                    f"{t.train_seconds:.0f} s, evaluation {t.eval_seconds:.1f} s (training and evaluation summed over jobs)")
-    _echo_report(paths)
+    if outcome.report:
+        _echo_report(outcome.report)
+    for task, why in outcome.failures:
+        click.echo(f"FAILED {task}: {why}", err=True)
+    # Other processes may share this folder: the state is read after this process's last
+    # task, claims included; the exit status is 0 only if this process's part is done or in
+    # the hands of a live process, and nothing failed.
+    line = f"sweep {out}: {state.text()}"
     if outcome.failures:
-        for task, why in outcome.failures:
-            click.echo(f"FAILED {task}: {why}", err=True)
-        raise click.ClickException(f"{len(outcome.failures)} folds failed (listed above); re-run the same command to retry them")
+        raise click.ClickException(f"{line}; {len(outcome.failures)} folds failed (listed above): re-run the same "
+                                   "command to retry them")
+    if not state.own_part_done:
+        raise click.ClickException(line)
+    click.echo(line)
 
 
 @main.command("report")
@@ -327,19 +382,24 @@ def report_cmd(sweeps, out):
     With several sweeps (e.g. tiny.en vs base, or padded vs trim vs short), puts them side by
     side: one panel per sweep and cache.
     """
-    from .report import write_report
+    from .report import load_sweep, progress_text, write_report
+    from .results import SweepFolder
 
     if out is None:
         if len(sweeps) > 1:
             raise click.BadParameter("several sweeps need --out, the folder for the joint table and plots", param_hint="--out")
         out = sweeps[0]
-    paths = write_report(list(sweeps), out)
+    # A sweep may still be running: its processes write the report under the folder's lock.
+    with SweepFolder(out).lock() if out.resolve() in [s.resolve() for s in sweeps] else nullcontext():
+        paths = write_report(list(sweeps), out)
     _echo_report(paths)
+    for s in sweeps:
+        click.echo(progress_text(load_sweep(s)))
 
 
 @main.command("compare")
 @click.argument("results", nargs=-1, required=True)
-@click.option("--metric", type=click.Choice(["ua", "wa", "macro_f1"]), default="ua", help="The fold metric to pair.")
+@click.option("--metric", default="ua", help="The fold metric to pair: ua, wa, macro_f1; for regression results ccc (mean over targets) or ccc_TARGET (e.g. ccc_valence).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of text.")
 def compare_cmd(results, metric, as_json):
     """Paired differences of RESULTS[1:] against RESULTS[0] over the same folds.
@@ -357,8 +417,60 @@ def compare_cmd(results, metric, as_json):
 
 
 def _echo_report(paths: dict) -> None:
-    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights") if k in paths)
+    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights", "ccc") if k in paths)
     click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
+
+
+# --- on a cluster ---------------------------------------------------------------------------
+
+
+@main.command("slurm", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--tasks", type=click.IntRange(1), required=True, help="Array tasks N (--array 0-(N-1)); task I does part I/N. extract splits by shards: pass it a --shard-mb that plans at least N.")
+@click.option("--partition", default=None, help="sbatch --partition (default: the cluster's).")
+@click.option("--time", "time_limit", default=None, help="sbatch --time per task, e.g. 2:00:00 (a task cut short resumes when re-submitted).")
+@click.option("--cpus-per-task", type=click.IntRange(1), default=None, help="sbatch --cpus-per-task.")
+@click.option("--mem", default=None, help="sbatch --mem per task, e.g. 16G.")
+@click.option("--sbatch", "extra", multiple=True, help="Any other sbatch option for every job, e.g. --sbatch=--gres=gpu:1 --sbatch=--account=X (repeat).")
+@click.option("--after", "after", default=None, help="A job id: start the array only once that job has ended well (e.g. the sweep after its cache's extract array).")
+@click.option("--job-name", default=None, help="Default: ser-cache-COMMAND-<name of --out>.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("slurm"), help="Folder for the scripts and the jobs' output.")
+@click.option("--dry-run", is_flag=True, help="Print the scripts; submit nothing.")
+@click.argument("command", type=click.Choice(["extract", "sweep"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def slurm_cmd(tasks, partition, time_limit, cpus_per_task, mem, extra, after, job_name, log_dir, dry_run, command, args):
+    """Run `ser-cache COMMAND ARGS` as a SLURM array job of --tasks tasks.
+
+    E.g. `ser-cache slurm --tasks 8 --time 4:00:00 extract DATA --corpus ravdess --model base
+    --out cache/x`. Each task does its part into the one --out folder (extract: shards, sweep:
+    folds); a sweep also gets a job that writes the report once every task has ended well
+    (--dependency=afterok). The options go to sbatch; COMMAND's own options follow it. The
+    scripts are written to --log-dir and submitted with sbatch (--dry-run: only printed).
+    """
+    from .slurm import PART_OPTION, JobOptions, plan_submission, submit
+
+    args = list(args)
+    part_option = PART_OPTION[command]
+    if any(a == part_option or a.startswith(part_option + "=") for a in args):
+        raise click.BadParameter(f"the array splits the work: drop {part_option} (task I of --tasks N does part I/N)",
+                                 param_hint="ARGS")
+    # Check the command line now, not in N jobs after they have waited in the queue.
+    ctx = main.commands[command].make_context(command, list(args))
+    out = ctx.params["out"]
+    opts = JobOptions(tasks=tasks, job_name=job_name or f"ser-cache-{command}-{out.resolve().name}",
+                      log_dir=log_dir.resolve(), partition=partition, time=time_limit, cpus_per_task=cpus_per_task,
+                      mem=mem, extra=tuple(extra))
+    sub = plan_submission(command, args, out, opts, Path.cwd(), after)
+    if dry_run:
+        click.echo(f"# {sub.array_path}\n{sub.array}")
+        if sub.report:
+            click.echo(f"# {sub.report_path} (sbatch --dependency=afterok:<array job id>)\n{sub.report}")
+        return
+    submit(sub)
+    click.echo(f"submitted array job {sub.array_id} ({tasks} tasks): {sub.array_path}")
+    if sub.report_id:
+        click.echo(f"submitted report job {sub.report_id} after it: {sub.report_path}")
+    progress = f"ser-cache report {out}" if command == "sweep" else f"ser-cache inspect {out}"
+    click.echo(f"output in {opts.log_dir}; follow with `squeue -j {sub.array_id}`, progress with `{progress}`")
 
 
 # --- corpora: download and check -----------------------------------------------------------
@@ -427,7 +539,8 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     what = f"ensemble of {saved['members']} {saved['head']} heads" if "members" in saved else f"{saved['head']} head"
     click.echo(f"{what} on layer {label(saved['layer'])}, trained on {p['trained_on']}"
                + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
-    click.echo(f"labels: {', '.join(saved['labels'])}")
+    kind = "targets" if saved["task"] == "regression" else "labels"
+    click.echo(f"{kind}: {', '.join(saved['labels'])}")
     click.echo(f"needs Whisper {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
     click.echo(f"wrote {out}; use it with: ser-cache predict {out} AUDIO...")
 
@@ -442,7 +555,8 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
 def predict(model_file, audio, whisper_model, as_json, allow_other_model, device):
     """Predict the emotion of each AUDIO file with a head written by `ser-cache export`.
 
-    Prints the predicted emotion and every class probability. Files over 30 s are cut into
+    Prints the predicted emotion and every class probability (a regression head: the value of
+    each target, e.g. arousal and valence, on the scale it was trained on). Files over 30 s are cut into
     30 s windows, each shown with its own probabilities; the file's are their mean weighted
     by window duration. The Whisper encoder runs only up to the head's (highest) layer. Files that
     cannot be read are reported and the others still processed (the exit status is then 1).
@@ -460,7 +574,9 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
         click.echo(f"warning: the head was trained on Whisper {ex.whisper['name']} (sha256 "
                    f"{ex.whisper['sha256'][:12]}...), not this checkpoint (--allow-other-model)", err=True)
     results = [predictor.predict_file(path) for path in audio]
-    click.echo(to_json(results, predictor.labels) if as_json else format_table(results, predictor.labels))
+    regression = ex.regression
+    click.echo(to_json(results, predictor.labels, regression) if as_json
+               else format_table(results, predictor.labels, regression))
     failed = [r for r in results if r.error]
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(results)} files could not be used: "

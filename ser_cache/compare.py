@@ -16,6 +16,10 @@ the p-value is the share of the 2^n sign patterns whose mean difference is at le
 from zero as the observed one). With 6 folds the smallest possible two-sided p is 2/64 = 0.031:
 few folds can only show large, consistent effects.
 
+Regression results (`--task regression`) are paired by CCC: `--metric ccc` (the mean over
+targets) or `ccc_<target>` (`ccc_valence`); their differences are printed as CCC, not in
+points of a percentage.
+
 Two results are paired only when they were tested on the same folds: the same utterances in
 each fold's training, validation and test parts (a digest of the sorted ids), and the same
 seed per pair; anything else is refused, naming what differs. Several seeds pair seed by seed.
@@ -35,6 +39,7 @@ from .layers import as_selection, label, parse_selection, sort_key, states_of
 from .results import ResultsError, RunFolder, SweepFolder
 
 METRICS = ("ua", "wa", "macro_f1")
+REGRESSION_METRIC = "ccc"  # a regression result's mean CCC over targets; ccc_<target> per target
 EXACT_FOLDS = 16  # up to 2^16 sign patterns are enumerated; beyond, a seeded Monte Carlo of 2^16
 
 
@@ -83,7 +88,7 @@ def _from_run(name: str, folder: RunFolder) -> Scored:
         record = folder.read_fold(k)
         if record is None:
             continue
-        scores[seed, k] = {m: float(record.metrics[m]) for m in METRICS}
+        scores[seed, k] = fold_scores(record.metrics)
         splits[seed, k] = split_digest(folds, k)
     if not scores:
         raise CompareError(f"{name} has no finished fold yet: finish the run first (re-run its command)")
@@ -112,9 +117,21 @@ def _from_sweep(name: str, folder: SweepFolder, layer_text: str, head: str, cach
     for c in mine:
         if c.seed not in folds_by_seed:
             folds_by_seed[c.seed] = Folds.load(folder.folds_path(cache, c.seed))
-        scores[c.seed, c.fold] = {m: float(getattr(c, m)) for m in METRICS}
+        scores[c.seed, c.fold] = (fold_scores({"ccc": c.ccc, "targets": c.targets}) if c.task == "regression"
+                                  else {m: float(getattr(c, m)) for m in METRICS})
         splits[c.seed, c.fold] = split_digest(folds_by_seed[c.seed], c.fold)
     return Scored(name, scores, splits)
+
+
+def fold_scores(metrics: dict) -> dict:
+    """The pairable scores of one fold's metrics: UA, WA, macro-F1 of classes, or of a
+    regression (tasks.Regression.fold_metrics) the mean CCC and ccc_<target> per target; an
+    undefined CCC (None, NaN) is left out."""
+    if REGRESSION_METRIC not in metrics:
+        return {m: float(metrics[m]) for m in METRICS}
+    out = {REGRESSION_METRIC: float(metrics[REGRESSION_METRIC])}
+    out.update({f"ccc_{t}": float(m["ccc"]) for t, m in metrics["targets"].items() if m["ccc"] is not None})
+    return {k: v for k, v in out.items() if not np.isnan(v)}
 
 
 def sign_flip_p(diffs: np.ndarray, seed: int = 0) -> float:
@@ -145,6 +162,11 @@ def paired(base: Scored, other: Scored, metric: str = "ua") -> dict:
         raise CompareError(f"{base.name} and {other.name} were not tested on the same folds (seed {seed}, "
                            f"fold {fold} holds other utterances): pair results built from the same cache "
                            "with the same protocol, fold count and seed")
+    for result in (base, other):
+        have = sorted(set.intersection(*(set(result.scores[key]) for key in common)))
+        if metric not in have:
+            raise CompareError(f"{result.name} has no {metric!r} on every fold; it has {', '.join(have)}: "
+                               "pass --metric with one of those (ccc, ccc_<target> for regression results)")
     a = np.array([base.scores[key][metric] for key in common])
     b = np.array([other.scores[key][metric] for key in common])
     d = b - a
@@ -164,18 +186,23 @@ def compare(specs: list[str], metric: str = "ua") -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """The comparisons as text, in percentage points."""
+    """The comparisons as text, in percentage points (CCC as it is)."""
     if not rows:
         return ""
     metric = rows[0]["metric"]
-    lines = [(f"baseline: {rows[0]['base']}  ({metric} in %, paired differences in points, "
-              "other - baseline, over the same folds)"),
+    ccc = metric.startswith(REGRESSION_METRIC)
+    scale, digits = (1, 3) if ccc else (100, 1)
+    unit = "as CCC" if ccc else "in %, paired differences in points"
+    lines = [f"baseline: {rows[0]['base']}  ({metric} {unit}, other - baseline, over the same folds)",
              (f"{'result':<40} {'n':>3} {'baseline':>8} {'result':>7} {'diff':>14} {'range':>15} "
               f"{'better':>6} {'p':>6}")]
     for r in rows:
-        lines.append(f"{r['other'][-40:]:<40} {r['n']:>3} {100 * r['base_mean']:8.1f} {100 * r['other_mean']:7.1f} "
-                     f"{100 * r['diff_mean']:+7.1f} ± {100 * r['diff_std']:4.1f} "
-                     f"{100 * r['diff_min']:+6.1f}..{100 * r['diff_max']:+5.1f} "
+        def v(key, width, sign=""):
+            return f"{scale * r[key]:{sign}{width}.{digits}f}"
+
+        lines.append(f"{r['other'][-40:]:<40} {r['n']:>3} {v('base_mean', 8)} {v('other_mean', 7)} "
+                     f"{v('diff_mean', 7, '+')} ± {v('diff_std', 4)} "
+                     f"{v('diff_min', 6, '+')}..{v('diff_max', 5, '+')} "
                      f"{r['better']:>3}/{r['n']:<2} {r['p']:6.3f}")
         if r["unpaired"]:
             lines.append(f"{'':<40} (not in both, left out: (seed, fold) {r['unpaired']})")

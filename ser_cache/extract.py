@@ -40,6 +40,7 @@ from .errors import OptionError
 from .files import write_json_atomic
 from .layers import parse_states
 from .records import Utterance, records_hash, save_records
+from .slurm import resolve_part
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer, bounded writer memory
 PREFETCH = 16  # utterances decoded ahead of the encoder
@@ -85,15 +86,9 @@ def parse_layers(spec: str, n_states: int) -> list[int]:
     return parse_states(spec, n_states)
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 0 <= I < N. For a SLURM array: --shard $SLURM_ARRAY_TASK_ID/N."""
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise OptionError(f"--shard {spec!r}: write I/N, for example 0/4 for the first of 4 jobs") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise OptionError(f"--shard {spec!r}: need 0 <= I < N (I counts from 0)")
-    return i, n
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N; None: the SLURM array task's part, else the whole."""
+    return resolve_part(spec, "--shard")
 
 
 def bytes_per_second(mode: str, dim: int, n_layers: int, dtype: str) -> float:

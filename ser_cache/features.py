@@ -32,6 +32,10 @@ class LayerData:
     ids, labels, speakers, groups: (n,) str arrays, in cache order.
     layer: the state index (0 = input embedding, last = after ln_post), or a tuple of the
       states stacked in each row (layers.Selection).
+    target_names: the numeric targets the utterances carry (records.target_names), sorted;
+      empty when none.
+    target_values: (n, len(target_names)) float64, NaN where an utterance lacks a value;
+      None when there are no targets.
     """
 
     frames: np.ndarray
@@ -41,6 +45,8 @@ class LayerData:
     speakers: np.ndarray
     groups: np.ndarray
     layer: int | tuple[int, ...]
+    target_names: tuple[str, ...] = ()
+    target_values: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.ids)
@@ -53,6 +59,9 @@ class LayerData:
         )
         for name in ("labels", "speakers", "groups"):
             assert len(getattr(self, name)) == n, f"{name} has {len(getattr(self, name))} rows, ids {n}"
+        if self.target_names:
+            assert self.target_values is not None and self.target_values.shape == (n, len(self.target_names)), (
+                f"target_values {getattr(self.target_values, 'shape', None)} for {n} utterances, {self.target_names}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -148,6 +157,8 @@ class LayerData:
             speakers=self.speakers[index],
             groups=self.groups[index],
             layer=self.layer,
+            target_names=self.target_names,
+            target_values=None if self.target_values is None else self.target_values[index],
         )
 
 

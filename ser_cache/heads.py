@@ -1,4 +1,5 @@
-"""Heads: frame states (B, T, L * d) of L >= 1 layers and mask (B, T) -> logits (B, n_classes).
+"""Heads: frame states (B, T, L * d) of L >= 1 layers and mask (B, T) -> logits (B, n_classes),
+or, for continuous targets, values (B, n_targets).
 
 Every head is a torch module with the same interface (`Head`), so training, sweeps, export and
 prediction treat them alike and never ask which head they hold:
@@ -9,9 +10,15 @@ prediction treat them alike and never ask which head they hold:
     selects                           what fitting chooses on validation speakers: "epoch" or "C"
     prepare(data, index, config)      fix input statistics from the training utterances
     forward(x, mask)                  logits; padding never changes them
-                                      = logits(inputs(x), mask), where `inputs` is the fixed
-                                      part (no parameters) that a fitter may apply once per
-                                      fold instead of at every step
+                                      = outputs(logits(inputs(x), mask)), where `inputs` is the
+                                      fixed part (no parameters) that a fitter may apply once
+                                      per fold instead of at every step, and `outputs` the
+                                      fixed map back to the targets' scale (identity for classes)
+
+Continuous targets (tasks.Regression): a head built with regression=True has one linear output
+per target (`n_classes` is then the number of targets), learns standardised values, and holds
+the training split's target mean and std as buffers (`standardize_outputs`), so that its
+forward gives values on the targets' own scale: exported heads predict real values.
 
 How a head is fitted (a gradient loop with the epoch chosen on validation, or a scikit-learn
 fit with C chosen on validation) is training.py's business, chosen by `selects`.
@@ -84,6 +91,7 @@ class Head(nn.Module):
     implement `options`, `prepare` and `forward`."""
 
     selects: str = "epoch"  # the choice fitting makes on validation speakers: "epoch" or "C"
+    regression: bool = False  # outputs are target values (with output_mean, output_scale buffers)
 
     @classmethod
     def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
@@ -91,7 +99,29 @@ class Head(nn.Module):
         n_states states of width dim: what save_head records and what rebuilds the head."""
         if n_states != 1:
             raise OptionError(f"the {cls.__name__} head reads one state per frame: train it on one layer")
-        return {"dim": dim, "n_classes": n_classes}
+        return {"dim": dim, "n_classes": n_classes, **task_option(config)}
+
+    def output_scaling(self, n_outputs: int, regression: bool) -> None:
+        """With regression, the buffers that map standardised outputs to the targets' scale
+        (identity until `standardize_outputs`); float64, the linear probe's precision. A
+        classification head has none, so its state dict is what it always was."""
+        self.regression = regression
+        if regression:
+            self.register_buffer("output_mean", torch.zeros(n_outputs, dtype=torch.float64))
+            self.register_buffer("output_scale", torch.ones(n_outputs, dtype=torch.float64))
+
+    def standardize_outputs(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Fix the targets' training mean and std, (n_targets,) each (a constant target keeps scale 1)."""
+        std = np.where(np.asarray(std) > 0, std, 1.0)
+        self.output_mean.copy_(torch.as_tensor(mean, dtype=torch.float64))
+        self.output_scale.copy_(torch.as_tensor(std, dtype=torch.float64))
+
+    def outputs(self, raw: torch.Tensor) -> torch.Tensor:
+        """The trained part's outputs (B, n_outputs) on the targets' scale (regression), as
+        they are otherwise (logits), in raw's dtype."""
+        if not self.regression:
+            return raw
+        return (raw * self.output_scale + self.output_mean).to(raw.dtype)
 
     def layer_weights(self) -> list[float] | None:
         """The learned weight of each state, in order (sum 1), or None for a head that does
@@ -103,8 +133,9 @@ class Head(nn.Module):
         before fitting (input statistics). Default: nothing."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, n_states * dim) float, mask: (B, T) bool True on real frames -> logits (B, n_classes)."""
-        return self.logits(self.inputs(x), mask)
+        """x: (B, T, n_states * dim) float, mask: (B, T) bool True on real frames -> logits
+        (B, n_classes), or target values (B, n_targets) for a regression head."""
+        return self.outputs(self.logits(self.inputs(x), mask))
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The fixed transform of the frames (B, T, width) that the trained part sees; it has no
@@ -143,9 +174,11 @@ class StateMix(nn.Module):
 class PoolingHead(Head):
     """Shared front and back; subclasses define `pool`, which returns (B, pooled_dim)."""
 
-    def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int, n_states: int = 1):
+    def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int, n_states: int = 1,
+                 regression: bool = False):
         super().__init__()
         self.pooled_dim = pooled_dim
+        self.output_scaling(n_classes, regression)
         # Per-dimension standardisation of the input frames, fixed before training from the
         # training speakers' frames (identity until `standardize_inputs` is called). It is a
         # reparametrisation of the front Linear, so the heads stay the paper's function class;
@@ -166,7 +199,7 @@ class PoolingHead(Head):
     def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
         # n_states only when several, so that single-layer options (and files) stay as they were
         several = {"n_states": n_states} if n_states > 1 else {}
-        return {"dim": dim, "n_classes": n_classes, "d_model": config.d_model, **several}
+        return {"dim": dim, "n_classes": n_classes, "d_model": config.d_model, **several, **task_option(config)}
 
     def layer_weights(self) -> list[float] | None:
         return None if self.mix is None else self.mix.weights().tolist()
@@ -207,8 +240,9 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class MeanPoolHead(PoolingHead):
     """Baseline: the time average of the front's frames."""
 
-    def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_states: int = 1):
-        super().__init__(dim, n_classes, d_model, pooled_dim=d_model, n_states=n_states)
+    def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_states: int = 1,
+                 regression: bool = False):
+        super().__init__(dim, n_classes, d_model, pooled_dim=d_model, n_states=n_states, regression=regression)
 
     def pool(self, h, mask):
         return masked_mean(h, mask)
@@ -224,8 +258,9 @@ class AttentivePoolHead(PoolingHead):
 
     def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_heads: int = N_HEADS,
                  head_dim: int = HEAD_DIM, dropout: float = DROPOUT, scale: bool = True,
-                 pool_input: int | None = None, n_states: int = 1):
-        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim, n_states=n_states)
+                 pool_input: int | None = None, n_states: int = 1, regression: bool = False):
+        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim, n_states=n_states,
+                         regression=regression)
         self.n_heads, self.head_dim, self.scale = n_heads, head_dim, scale
         width = pool_input or d_model  # of the frames pooled: the front's, or a subclass's (CTAHead)
         self.w_a = nn.Linear(width, n_heads * head_dim)
@@ -257,8 +292,10 @@ class QKVPoolHead(PoolingHead):
     """
 
     def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_heads: int = N_HEADS,
-                 head_dim: int = HEAD_DIM, dropout: float = DROPOUT, n_states: int = 1):
-        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim, n_states=n_states)
+                 head_dim: int = HEAD_DIM, dropout: float = DROPOUT, n_states: int = 1,
+                 regression: bool = False):
+        super().__init__(dim, n_classes, d_model, pooled_dim=n_heads * head_dim, n_states=n_states,
+                         regression=regression)
         self.n_heads, self.head_dim = n_heads, head_dim
         self.w_q = nn.Linear(d_model, n_heads * head_dim)
         self.w_k = nn.Linear(d_model, n_heads * head_dim)
@@ -345,9 +382,9 @@ class CTAHead(AttentivePoolHead):
     def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_heads: int = N_HEADS,
                  head_dim: int = HEAD_DIM, dropout: float = DROPOUT, scale: bool = True,
                  rnn_hidden: int = RNN_HIDDEN, reduction: int = GATE_REDUCTION,
-                 temporal_hidden: int = TEMPORAL_HIDDEN, n_states: int = 1):
+                 temporal_hidden: int = TEMPORAL_HIDDEN, n_states: int = 1, regression: bool = False):
         super().__init__(dim, n_classes, d_model, n_heads, head_dim, dropout, scale, pool_input=2 * rnn_hidden,
-                         n_states=n_states)
+                         n_states=n_states, regression=regression)
         self.channel_gate = ChannelGate(n_states * dim, reduction)  # over every state's channels
         self.temporal_gate = nn.Sequential(nn.Linear(d_model, temporal_hidden), nn.Tanh(),
                                            nn.Linear(temporal_hidden, 1), nn.Sigmoid())
@@ -385,7 +422,8 @@ class CTAHead(AttentivePoolHead):
 
 
 class LinearProbe(Head):
-    """Logistic regression on the standardised mean and std of the raw frames.
+    """Logistic regression on the standardised mean and std of the raw frames (regression=True:
+    ridge regression of the standardised targets on them, in the same buffers).
 
     Its `dim` is the width of a whole frame row: with several states it reads them all, so its
     features are the mean and std of every state, concatenated (2 * n_states * d values).
@@ -399,8 +437,9 @@ class LinearProbe(Head):
 
     selects = "C"
 
-    def __init__(self, dim: int, n_classes: int):
+    def __init__(self, dim: int, n_classes: int, regression: bool = False):
         super().__init__()
+        self.output_scaling(n_classes, regression)
         f64 = dict(dtype=torch.float64)  # float64 whatever the frames' dtype: sklearn's numbers
         self.register_buffer("feature_mean", torch.zeros(2 * dim, **f64))
         self.register_buffer("feature_scale", torch.ones(2 * dim, **f64))
@@ -409,7 +448,7 @@ class LinearProbe(Head):
 
     @classmethod
     def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
-        return {"dim": n_states * dim, "n_classes": n_classes}
+        return {"dim": n_states * dim, "n_classes": n_classes, **task_option(config)}
 
     def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         features = masked_statistics(z.double(), mask)
@@ -419,9 +458,13 @@ class LinearProbe(Head):
                     classes: np.ndarray) -> "LinearProbe":
         """Take a fitted StandardScaler's mean_ and scale_ ((2 dim,)) and LogisticRegression's
         coef_ ((k, 2 dim), k = 1 for two classes), intercept_ and classes_ (the class numbers
-        seen in training)."""
+        seen in training). A regression probe: Ridge's coef_ (n_targets, 2 dim) and intercept_,
+        with classes None."""
         coef, intercept = np.atleast_2d(coef), np.atleast_1d(intercept)
-        if len(classes) == 2 and len(coef) == 1:  # binary: p(class 1) = sigmoid(w.x + b)
+        if classes is None:
+            assert self.regression and coef.shape == tuple(self.weight.shape), f"coef {coef.shape} for {tuple(self.weight.shape)}"
+            classes = np.arange(len(coef))
+        elif len(classes) == 2 and len(coef) == 1:  # binary: p(class 1) = sigmoid(w.x + b)
             coef, intercept = np.stack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, intercept[0]])
         weight = np.zeros(tuple(self.weight.shape))
         bias = np.full(len(self.bias), -np.inf)
@@ -454,6 +497,7 @@ class Ensemble(Head):
     argmax picks the class of highest mean probability. These are not the mean of the members'
     logits: that would be a normalised geometric mean of their probabilities. A class that
     every member gives probability 0 (the linear probe's unseen classes) keeps logit -inf.
+    Regression members: the ensemble's output is the mean of their values (on the targets' scale).
     """
 
     def __init__(self, members: list[Head]):
@@ -461,14 +505,20 @@ class Ensemble(Head):
         assert len(members) >= 1 and len({type(m) for m in members}) == 1, "members: heads of one kind"
         self.members = nn.ModuleList(members)
         self.selects = members[0].selects
+        self.regression = members[0].regression  # then the mean of the members' values
 
     def layer_weights(self) -> list[float] | None:
         """The members' mean weight per state (None when they weigh no states)."""
         weights = [m.layer_weights() for m in self.members]
         return None if weights[0] is None else np.mean(weights, axis=0).tolist()
 
+    def outputs(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw  # each member has put its own outputs on the targets' scale
+
     def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # inputs() is the identity here: each member applies its own fixed transform.
+        if self.regression:
+            return torch.stack([m(z, mask) for m in self.members]).mean(dim=0)  # (B, n_targets)
         log_probs = torch.stack([m(z, mask).log_softmax(dim=-1) for m in self.members])  # (M, B, n_classes)
         return log_probs.logsumexp(dim=0) - math.log(len(self.members))
 
@@ -480,6 +530,12 @@ HEADS: dict[str, type[Head]] = {
     "qkv": QKVPoolHead,
     "cta": CTAHead,
 }
+
+
+def task_option(config) -> dict:
+    """{"regression": True} for a TrainConfig of task regression, else nothing (so that
+    classification heads' options, and files, stay as they were)."""
+    return {"regression": True} if config.task == "regression" else {}
 
 
 def head_class(name: str) -> type[Head]:

@@ -21,6 +21,10 @@ Two ways to export a run:
                             its estimate (kept in the provenance).
     fold K                  fold K's saved head as is (trained without fold K's test speakers).
 
+A regression run (`--task regression`) exports a head that predicts its targets' values on
+their own scale (the training mean and std are buffers of the head): "task" is "regression"
+and "labels" names the targets; `predict` prints the values instead of an emotion.
+
 A run of ensembles (`--ensemble N`) exports an ensemble (heads.Ensemble) as one file: fold
 K's saved members, or N members trained on all speakers, seeded member_seed(config.seed, m),
 all with the median (lower middle) of every member's choice in every fold (a member's index
@@ -58,6 +62,7 @@ from .files import save_torch_atomic
 from .heads import Head, head_class, load_head, n_members, one_head, rebuild_head
 from .layers import Selection, as_selection, is_multi, states_of
 from .results import ResultsError, RunFolder, RunMetrics
+from .tasks import make_task
 from .training import TrainConfig, as_made, fit_head, member_seed
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
@@ -140,7 +145,8 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
         "format": MULTI_LAYER_FORMAT if is_multi(run.layer) else EXPORT_FORMAT,
         "head": run.head,
         "kwargs": options,
-        "labels": run.labels,
+        "task": config.task,
+        "labels": run.labels,  # the classes, or a regression head's targets, in output order
         "layer": layers.to_json(run.layer),
         "mode": run.cache["mode"],
         "dtype": run.cache.get("dtype", "float16"),
@@ -187,15 +193,16 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
                                f"the median {key} chosen per fold")
         config, choice = dataclasses.replace(config, epochs=epochs), {"epoch": epochs - 1}
         rule = f"--epochs {epochs}: a full {epochs}-epoch schedule"
-    data, y = _training_data(run.cache, run.layer, run.labels, cache_path)
-    n_classes = len(run.labels)
+    data, task, y = _training_data(run.cache, run.layer, run.labels, cache_path, config,
+                                   run.cross_corpus.get("label_map"))
     dev = pick_device(device or config.device)
     seeds = [member_seed(config.seed, m) for m in range(config.ensemble)]
-    fits = [fit_head(run.head, data, y, np.arange(len(data)), None, config, n_classes, s, dev, fixed=choice)
+    fits = [fit_head(run.head, data, y, np.arange(len(data)), None, config, task, s, dev, fixed=choice)
             for s in seeds]
     model = one_head([f.model for f in fits])
+    classes, class_y = data.classes()
     detail = {"n_utterances": len(data), "selected_per_fold": selected, "choice": choice, "rule": rule,
-              "class_counts": dict(zip(run.labels, np.bincount(y, minlength=n_classes).tolist()))}
+              "class_counts": dict(zip(classes, np.bincount(class_y, minlength=len(classes)).tolist()))}
     if len(fits) > 1:
         detail.update(members=len(fits), member_seeds=seeds,
                       rule=rule + f"; over every member of every fold's ensemble of {len(fits)}")
@@ -204,9 +211,11 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
     return model.cpu().eval(), fits[0].options, detail
 
 
-def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path | None):
-    """The layer (or layers) the run was trained on, read from its cache, with labels as class
-    indices."""
+def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path | None, config: TrainConfig,
+                   label_map: str | None = None):
+    """(data, task, y): the layer (or layers) the run was trained on, read from its cache
+    (after the run's label map, crosscorpus.map_classes), with the run's task
+    (tasks.make_task) and its y: class indices, or target values."""
     from .cache import CacheError, open_cache
 
     path = Path(cache_path or cache_info.get("path", ""))
@@ -225,25 +234,35 @@ def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path 
         data = cache.read_layer(as_selection(layer))
     except CacheError as e:
         raise PredictError(str(e)) from None
-    found, y = data.classes()
-    if found != labels:
-        raise PredictError(f"the cache has labels {found}, the run {labels}: pass --cache with the run's cache")
-    return data, y
+    if label_map is not None:
+        from .crosscorpus import map_classes
+
+        data, _ = map_classes(data, label_map, str(path))
+    task, y = make_task(data, config)
+    if task.names != labels:
+        raise PredictError(f"the cache has {task.kind} outputs {task.names}, the run {labels}: pass --cache with "
+                           "the run's cache")
+    return data, task, y
+
+
+SUMMARY_KEYS = ("ua", "wa", "macro_f1", "weighted_f1", "ccc")  # ccc: a regression run's mean over targets
 
 
 def _run_metrics(metrics: RunMetrics | None) -> dict:
     if not metrics:
         return {}
     s = metrics.summary
-    return {k: {"mean": s[k]["mean"], "std": s[k]["std"]} for k in ("ua", "wa", "macro_f1", "weighted_f1") if k in s}
+    out = {k: {"mean": s[k]["mean"], "std": s[k]["std"]} for k in SUMMARY_KEYS if k in s}
+    for target, stats in s.get("targets", {}).items():  # regression: CCC, Pearson r, MAE per target
+        out[target] = {stat: {"mean": v["mean"], "std": v["std"]} for stat, v in stats.items()}
+    return out
 
 
 def _fold_metrics(metrics: RunMetrics | None, fold: int) -> dict:
     if not metrics:
         return {}
     s = metrics.summary
-    return {k: s[k]["folds"][fold] for k in ("ua", "wa", "macro_f1", "weighted_f1")
-            if k in s and fold < len(s[k]["folds"])}
+    return {k: s[k]["folds"][fold] for k in SUMMARY_KEYS if k in s and fold < len(s[k]["folds"])}
 
 
 def _plain(value):
@@ -260,7 +279,7 @@ class Exported:
 
     model: Head
     head: str
-    labels: list[str]
+    labels: list[str]  # the classes, or a regression head's targets
     layer: Selection  # a state, or a tuple of the states a multi-layer head mixes
     mode: str
     dtype: str
@@ -268,6 +287,11 @@ class Exported:
     whisper: dict  # {"name", "sha256", "dims"}
     provenance: dict
     kwargs: dict
+    task: str = "classification"  # or "regression": the head predicts target values
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
 
 
 def load_exported(path: Path) -> Exported:
@@ -291,7 +315,8 @@ def load_exported(path: Path) -> Exported:
                            "again with this version") from None
     model.eval()
     return Exported(model, saved["head"], list(saved["labels"]), as_selection(saved["layer"]), saved["mode"], saved["dtype"],
-                    saved["compute_dtype"], dict(saved["whisper"]), dict(saved["provenance"]), kwargs)
+                    saved["compute_dtype"], dict(saved["whisper"]), dict(saved["provenance"]), kwargs,
+                    saved.get("task", "classification"))  # files exported before tasks: classes
 
 
 # --- predicting ------------------------------------------------------------------------------
@@ -301,7 +326,7 @@ def load_exported(path: Path) -> Exported:
 class WindowPrediction:
     start: float  # seconds
     end: float
-    probs: np.ndarray  # (n_classes,)
+    probs: np.ndarray  # (n_classes,) probabilities, or (n_targets,) values of a regression head
 
 
 @dataclass
@@ -310,7 +335,7 @@ class FilePrediction:
 
     path: str
     windows: list[WindowPrediction] = field(default_factory=list)
-    probs: np.ndarray | None = None  # (n_classes,), duration-weighted mean of the windows'
+    probs: np.ndarray | None = None  # (n_classes,) or (n_targets,), duration-weighted mean of the windows'
     notes: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -348,7 +373,8 @@ class Predictor:
         return out
 
     def head_probs(self, states: list[np.ndarray]) -> np.ndarray:
-        """(n_windows, n_classes) class probabilities from per-window states [(frames, width)]."""
+        """(n_windows, n_classes) class probabilities (a regression head: (n_windows, n_targets)
+        values) from per-window states [(frames, width)]."""
         lengths = np.array([len(s) for s in states])
         blank = np.array([""] * len(states))
         data = LayerData(frames=np.concatenate(states), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
@@ -426,38 +452,51 @@ def _span(w: WindowPrediction) -> str:
     return f"{w.start:.1f}-{w.end:.1f} s"
 
 
-def format_table(results: list[FilePrediction], labels: list[str]) -> str:
+def format_table(results: list[FilePrediction], labels: list[str], regression: bool = False) -> str:
     """One row per file (and per window of a file over 30 s, then its overall row), with the
-    predicted emotion and every class probability; failed files say why."""
+    predicted emotion and every class probability (regression: every target's value); failed
+    files say why."""
+    def emotion(p):
+        return "" if regression else labels[int(p.argmax())]
+
     rows = []
     for r in results:
         if r.error:
             rows.append((r.path, "", "ERROR", None, r.error))
             continue
         if len(r.windows) > 1:
-            rows += [(r.path, _span(w), labels[int(w.probs.argmax())], w.probs, "") for w in r.windows]
+            rows += [(r.path, _span(w), emotion(w.probs), w.probs, "") for w in r.windows]
             span = f"all {r.windows[-1].end:.1f} s"
         else:
             span = _span(r.windows[0])
-        rows.append((r.path, span, labels[int(r.probs.argmax())], r.probs, "; ".join(r.notes)))
+        rows.append((r.path, span, emotion(r.probs), r.probs, "; ".join(r.notes)))
     wf = max([4] + [len(row[0]) for row in rows])
     ws = max([6] + [len(row[1]) for row in rows])
-    we = max([7] + [len(lab) for lab in labels])
+    we = 0 if regression else max([7] + [len(lab) for lab in labels])
     wp = [max(5, len(lab)) for lab in labels]
-    lines = [f"{'file':<{wf}}  {'window':<{ws}}  {'emotion':<{we}}  " + "  ".join(f"{lab:>{w}}" for lab, w in zip(labels, wp))]
-    for path, span, emotion, probs, note in rows:
+    gap = "" if regression else "  "
+    head = "" if regression else f"{'emotion':<{we}}"
+    lines = [f"{'file':<{wf}}  {'window':<{ws}}  {head}{gap}" + "  ".join(f"{lab:>{w}}" for lab, w in zip(labels, wp))]
+    for path, span, predicted, probs, note in rows:
         if probs is None:
             lines.append(f"{path:<{wf}}  {span:<{ws}}  ERROR: {note}")
             continue
-        line = f"{path:<{wf}}  {span:<{ws}}  {emotion:<{we}}  " + "  ".join(f"{p:>{w}.3f}" for p, w in zip(probs, wp))
+        line = (f"{path:<{wf}}  {span:<{ws}}  {predicted:<{we}}{gap}"
+                + "  ".join(f"{p:>{w}.3f}" for p, w in zip(probs, wp)))
         lines.append(line + (f"  ({note})" if note else ""))
     return "\n".join(lines)
 
 
-def to_json(results: list[FilePrediction], labels: list[str]) -> str:
-    """A JSON list, one object per file: prediction, probabilities, windows, notes or error."""
+def to_json(results: list[FilePrediction], labels: list[str], regression: bool = False) -> str:
+    """A JSON list, one object per file: prediction, probabilities, windows, notes or error;
+    a regression head's: "values" ({target: value}) in place of prediction and probabilities."""
     def probs(p):
         return {lab: round(float(v), 6) for lab, v in zip(labels, p)}
+
+    def outputs(p):
+        if regression:
+            return {"values": probs(p)}
+        return {"prediction": labels[int(p.argmax())], "probabilities": probs(p)}
 
     out = []
     for r in results:
@@ -466,10 +505,8 @@ def to_json(results: list[FilePrediction], labels: list[str]) -> str:
             continue
         out.append({
             "file": r.path,
-            "prediction": labels[int(r.probs.argmax())],
-            "probabilities": probs(r.probs),
-            "windows": [{"start": w.start, "end": round(w.end, 3), "prediction": labels[int(w.probs.argmax())],
-                         "probabilities": probs(w.probs)} for w in r.windows],
+            **outputs(r.probs),
+            "windows": [{"start": w.start, "end": round(w.end, 3), **outputs(w.probs)} for w in r.windows],
             "notes": r.notes,
         })
     return json.dumps(out, indent=1, ensure_ascii=False)

@@ -3,16 +3,31 @@
     SWEEP/cells/**/*.json  (one per finished fold of a cell)  --write_report-->
         results.csv         one row per cell and fold
         summary.md          UA mean ± std per layer and head, best cells marked, time spent
-        ua_by_layer.png     UA against layer, one line per head, a band for the std over folds;
+        ua_by_layer.png     UA against layer, one line per head, a band for the std over folds
+                            (cross-corpus: a dashed line per head for the test cache);
                             one panel per cache (per sweep and cache when sweeps are compared);
                             a multi-layer cell is a dotted level across the panel
         confusion_best.png  the best cell's confusion matrix per panel, normalised by row
         layer_weights.png   (sweeps with multi-layer cells) the learned softmax weight of each
                             state, mean ± std over folds and seeds, per multi-layer cell and head
 
+A cross-corpus sweep (`--test-cache`, crosscorpus.py) adds each cell's UA on the test corpus
+beside its in-corpus UA: a second table in summary.md, target_* columns in results.csv.
+
 Rows of the table are layers: single states first, then multi-layer cells labelled as they are
 typed (`2+3+4`), so a multi-layer head is read against every single state and the linear
 probe on the same states.
+
+A regression sweep (`--task regression`, CellResult.task) has no UA, confusion or chance
+line; instead
+
+        results.csv         CCC (mean over targets), validation CCC, and CCC, Pearson r, MAE per target
+        summary.md          a CCC table per target (layer x head), the best cells marked
+        ccc_by_layer.png    test CCC against layer, one curve per target (colour) and head (line
+                            style), a band for the std over folds: the arousal-vs-valence profile
+
+and the best cells are chosen by the mean CCC over targets (test ★, validation †). Regression
+and classification sweeps are not reported together.
 
 Two cells are marked in each panel. The best mean test UA (★) describes where emotion is
 most linearly/attentively readable; as a choice it would be optimistic, since the test folds
@@ -36,8 +51,12 @@ SUMMARY_FILE = "summary.md"
 LAYER_PLOT = "ua_by_layer.png"
 CONFUSION_PLOT = "confusion_best.png"
 WEIGHTS_PLOT = "layer_weights.png"
+CCC_PLOT = "ccc_by_layer.png"
+REGRESSION_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ccc", "val_ccc",
+                      "seconds", "epoch", "n_test", "layer_weights")
 RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ua", "wa",
                   "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test", "layer_weights")
+TARGET_COLUMNS = ("target_ua", "target_wa", "target_macro_f1", "n_target")  # cross-corpus sweeps only
 PANEL_COLUMNS = 3  # panels per row of a figure
 
 
@@ -54,10 +73,19 @@ class Sweep:
     def name(self) -> str:
         return self.folder.name
 
+    @property
+    def regression(self) -> bool:
+        return self.config["train"].get("task", "classification") == "regression"
+
 
 @dataclass
 class Cell:
-    """One (layer, head) of a panel, pooled over folds and seeds. Metrics in [0, 1]."""
+    """One (layer, head) of a panel, pooled over folds and seeds. Metrics in [0, 1].
+
+    In a regression sweep, ua and val_ua hold the headline score instead, the CCC averaged
+    over targets (test (mean, std), validation mean), so that the best cells are found alike;
+    wa, macro_f1 are NaN, and `targets` holds {target: {"ccc"|"pearson"|"mae": (mean, std)}}.
+    """
 
     layer: Selection  # a state, or a tuple of states (a multi-layer cell)
     head: str
@@ -70,6 +98,8 @@ class Cell:
     seconds: float
     confusion: np.ndarray  # (classes, classes) counts summed over folds and seeds
     layer_weights: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) per state, multi-layer cells
+    target_ua: tuple[float, float] | None = None  # cross-corpus: (mean, std) UA on the test cache
+    targets: dict | None = None  # regression only
 
 
 @dataclass
@@ -117,6 +147,44 @@ def load_sweep(path: Path) -> Sweep:
     return Sweep(folder, config, records, folder.timing())
 
 
+def progress(sweep: Sweep) -> dict:
+    """How far a sweep is, for one still running (SLURM array tasks, several processes):
+    {"cells": (complete, planned), "folds": (done, planned), "running": folds whose claim a
+    live process holds now}. A cell is one (cache, layer, head, seed), complete when every fold
+    is done; a cache and seed whose folds are not saved yet count as 0 of unknown: planned None."""
+    from .cache import lock_held
+
+    config, done = sweep.config, Counter((r.cache, as_selection(r.layer), r.head, r.seed) for r in sweep.records)
+    cells = folds = 0
+    complete = 0
+    for cache, layers in config["layers"].items():
+        for seed in config["seeds"]:
+            n_folds = sweep.folder.fold_meta(cache, seed).get("n_folds")
+            if n_folds is None:
+                return {"cells": (0, None), "folds": (len(sweep.records), None), "running": 0}
+            for layer in layers:
+                for head in config["heads"]:
+                    cells += 1
+                    folds += n_folds
+                    complete += done[cache, as_selection(layer), head, seed] == n_folds
+    running = sum(lock_held(p) for p in (sweep.folder.root / SweepFolder.CELLS).glob("*/*/*.lock"))
+    return {"cells": (complete, cells), "folds": (len(sweep.records), folds), "running": running}
+
+
+def finished(p: dict) -> bool:
+    return p["cells"][1] is not None and p["cells"][0] == p["cells"][1] and p["folds"][0] == p["folds"][1]
+
+
+def progress_text(sweep: Sweep) -> str:
+    """'sweep NAME: 3 of 8 cells complete (20 of 48 folds, 2 running now)', or '... complete'."""
+    p = progress(sweep)
+    (c, n_cells), (f, n_folds) = p["cells"], p["folds"]
+    if finished(p):
+        return f"sweep {sweep.name}: complete ({n_cells} cells, {n_folds} folds)"
+    running = f", {p['running']} claimed by running jobs" if p["running"] else ""
+    return f"sweep {sweep.name}: {c} of {n_cells or '?'} cells complete ({f} of {n_folds or '?'} folds{running})"
+
+
 def panels_of(sweeps: list[Sweep]) -> list[Panel]:
     """One panel per cache of each sweep, in order; titles name the sweep when several."""
     panels = []
@@ -144,12 +212,36 @@ def _cells(records: list[CellResult]) -> dict[tuple[Selection, str], Cell]:
             v = np.array([getattr(r, name) for r in rs], dtype=np.float64)
             return float(v.mean()), float(v.std())
         weights = [r.layer_weights for r in rs if r.layer_weights is not None]
-        cells[layer, head] = Cell(
-            layer, head, stat("ua"), stat("wa"), stat("macro_f1"), stat("val_ua")[0], len(rs),
-            Counter(r.setting for r in rs), float(sum(r.seconds for r in rs)),
-            np.sum([r.confusion for r in rs], axis=0),
-            (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None)
+        weights = (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None
+        common = dict(n=len(rs), settings=Counter(r.setting for r in rs), seconds=float(sum(r.seconds for r in rs)),
+                      layer_weights=weights)
+        if rs[0].task == "regression":
+            nan = (float("nan"), float("nan"))
+            cells[layer, head] = Cell(layer, head, stat("ccc"), nan, nan, stat("val_ccc")[0],
+                                      confusion=np.zeros((0, 0)), targets=_target_stats(rs), **common)
+        else:
+            cells[layer, head] = Cell(layer, head, stat("ua"), stat("wa"), stat("macro_f1"), stat("val_ua")[0],
+                                      confusion=np.sum([r.confusion for r in rs], axis=0),
+                                      target_ua=_target_ua(rs), **common)
     return cells
+
+
+def _target_ua(records: list[CellResult]) -> tuple[float, float] | None:
+    """(mean, std) UA on the test cache over the records, None when they have none."""
+    values = np.array([r.target["ua"] for r in records if r.target], dtype=np.float64)
+    return (float(values.mean()), float(values.std())) if len(values) else None
+
+
+def _target_stats(rs: list[CellResult]) -> dict:
+    """{target: {"ccc"|"pearson"|"mae": (mean, std)}} over the results `rs`, an undefined
+    value (None, e.g. r of constant predictions) left out as metrics.summarize_regression does."""
+    out = {}
+    for target in rs[0].labels:
+        out[target] = {}
+        for stat in ("ccc", "pearson", "mae"):
+            v = np.array([r.targets[target][stat] for r in rs if r.targets[target][stat] is not None], dtype=np.float64)
+            out[target][stat] = (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
+    return out
 
 
 def _fold_info(sweep: Sweep, cache: str, records: list[CellResult]) -> dict:
@@ -173,6 +265,11 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
                          "the sweep first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    kinds = {s.regression for s in loaded}
+    if kinds == {True}:
+        return write_regression_report(loaded, panels, out)
+    if len(kinds) > 1:
+        raise SweepError("regression and classification sweeps cannot share one table: report them separately")
     paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE,
              "layers": out / LAYER_PLOT, "confusion": out / CONFUSION_PLOT}
     write_results_csv(loaded, paths["results"])
@@ -188,15 +285,17 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
 def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
     """One row per cell and fold; a leading `sweep` column when several sweeps are joined."""
     several = len(sweeps) > 1
+    columns = RESULT_COLUMNS + (TARGET_COLUMNS if any(r.target for s in sweeps for r in s.records) else ())
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow((["sweep"] if several else []) + list(RESULT_COLUMNS))
+        w.writerow((["sweep"] if several else []) + list(columns))
         for sweep in sweeps:
             for r in sweep.records:
                 weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
                 row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
-                       "layer_weights": weights}
-                cells = [_csv_value(row[c]) for c in RESULT_COLUMNS]
+                       "layer_weights": weights, "n_target": r.target.get("n", ""),
+                       **{f"target_{k}": r.target.get(k, "") for k in ("ua", "wa", "macro_f1")}}
+                cells = [_csv_value(row[c]) for c in columns]
                 w.writerow(([sweep.name] if several else []) + cells)
 
 
@@ -218,6 +317,9 @@ def summary_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
              "choice once.", "",
              "★ best mean test UA in the panel (descriptive: the test folds pick it). "
              "† best mean validation UA (the cell an honest selection would pick).", ""]
+    unfinished = [progress_text(s) for s in sweeps if not finished(progress(s))]
+    if unfinished:  # a sweep still running or interrupted: the table holds its finished folds only
+        lines += ["**Partial:** " + "; ".join(unfinished) + ". The table pools the folds done so far.", ""]
     for p in panels:
         lines += _panel_markdown(p)
     lines += _timing_markdown(sweeps)
@@ -254,6 +356,7 @@ def _panel_markdown(p: Panel) -> list[str]:
               f"Best on validation †: layer {label(best_val.layer)}, {best_val.head}: validation UA "
               f"{100 * best_val.val_ua:.1f}, test UA {pct(best_val.ua)}.", ""]
     lines += _weights_markdown(p)
+    lines += _target_markdown(p)
     lines += ["<details><summary>All cells</summary>", "",
               "| layer | head | UA | WA | macro-F1 | val UA | folds x seeds | chosen on validation | seconds |",
               "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -268,6 +371,25 @@ def _panel_markdown(p: Panel) -> list[str]:
                          f"{100 * c.val_ua:.1f} | {c.n} | {chosen} | {c.seconds:.0f} |")
     lines += ["", "</details>", ""]
     return lines
+
+
+def _target_markdown(p: Panel) -> list[str]:
+    """Cross-corpus sweeps: in-corpus UA -> UA on the test cache, by layer and head."""
+    if not any(c.target_ua for c in p.cells.values()):
+        return []
+    cross = p.sweep.config.get("cross_corpus") or {}
+    test = cross.get("test_cache") or {}
+    first = next(r.target for r in p.sweep.records if r.cache == p.cache and r.target)
+    lines = [f"Cross-corpus: UA % in-corpus (test folds) → on all {first['n']} utterances of the test cache "
+             f"({test.get('corpus')}, records {str(test.get('records_hash'))[:12]})"
+             + (f", label map {cross['label_map']}" if cross.get("label_map") else "")
+             + "; each fold's chosen head tested once on it, mean ± std over folds:", "",
+             "| layer | " + " | ".join(p.heads) + " |", "|---:|" + "---:|" * len(p.heads)]
+    for layer in p.layers:
+        row = [f"{pct(c.ua)} → {pct(c.target_ua)}" if (c := p.cells.get((layer, head))) and c.target_ua else "–"
+               for head in p.heads]
+        lines.append(f"| {label(layer)} | " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _weights_markdown(p: Panel) -> list[str]:
@@ -294,7 +416,8 @@ def _training_line(config: dict, arithmetic: list[str]) -> str:
     line = (f"Training: {t['epochs']} epochs (the epoch kept chosen on validation), batch "
             f"{t['batch_size']}, lr {t['lr']:g}, heads {t['n_heads']} x {t['head_dim']}")
     if t.get("patience"):
-        line += f", stopped after {t['patience']} epochs without a better validation UA"
+        score = "CCC" if t.get("task") == "regression" else "UA"
+        line += f", stopped after {t['patience']} epochs without a better validation {score}"
     if t.get("time_mask"):
         line += f", time masking {t['time_mask']:g} of the training frames"
     if t.get("ensemble", 1) > 1:
@@ -364,6 +487,9 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
             std = 100 * np.array([c.ua[1] for c in cells])
             ax.plot(x, mean, marker="o", color=colors[head], label=head)
             ax.fill_between(x, mean - std, mean + std, color=colors[head], alpha=0.15, linewidth=0)
+            target = [(c.layer, 100 * c.target_ua[0]) for c in cells if c.target_ua]
+            if target:  # cross-corpus: the same heads on the test cache, dashed
+                ax.plot(*zip(*target), marker="x", linestyle="--", color=colors[head], label=f"{head}, test cache")
         styles = iter([":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2))] * 8)
         best = p.best
         for layer in [layer for layer in p.layers if is_multi(layer)]:  # no place on the axis: a level
@@ -436,6 +562,131 @@ def plot_layer_weights(panels: list[Panel], path: Path) -> None:
         if cells:
             ax.legend(fontsize=8, loc="best", title="cell, head (dotted: equal weights)", title_fontsize=8)
     fig.suptitle("Where emotion lives: learned layer weights of multi-layer heads", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- regression sweeps ------------------------------------------------------------------------
+
+
+def write_regression_report(sweeps: list[Sweep], panels: list[Panel], out: Path) -> dict[str, Path]:
+    """results.csv, summary.md, ccc_by_layer.png (and layer_weights.png) of regression sweeps."""
+    paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE, "ccc": out / CCC_PLOT}
+    write_regression_csv(sweeps, paths["results"])
+    paths["summary"].write_text(regression_markdown(sweeps, panels), encoding="utf-8")
+    plot_ccc(panels, paths["ccc"])
+    if any(c.layer_weights is not None for p in panels for c in p.cells.values()):
+        paths["weights"] = out / WEIGHTS_PLOT
+        plot_layer_weights(panels, paths["weights"])
+    return paths
+
+
+def write_regression_csv(sweeps: list[Sweep], path: Path) -> None:
+    """One row per cell and fold: mean CCC, validation CCC, then CCC, Pearson r and MAE per target."""
+    several = len(sweeps) > 1
+    targets = list(dict.fromkeys(t for s in sweeps for r in s.records for t in r.labels))
+    per_target = [f"{stat}_{t}" for t in targets for stat in ("ccc", "pearson", "mae")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow((["sweep"] if several else []) + list(REGRESSION_COLUMNS) + per_target)
+        for sweep in sweeps:
+            for r in sweep.records:
+                weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
+                row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
+                       "layer_weights": weights}
+                row.update({f"{stat}_{t}": v for t, m in r.targets.items() for stat, v in m.items()})
+                w.writerow(([sweep.name] if several else [])
+                           + [_csv_value(row.get(c, "")) for c in (*REGRESSION_COLUMNS, *per_target)])
+
+
+def _ccc(pair) -> str:
+    return "–" if np.isnan(pair[0]) else f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+
+def regression_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
+    """A CCC table per target and panel (layer x head), the best cells, all cells, time spent."""
+    names = ", ".join(s.name for s in sweeps)
+    lines = [f"# Layer-wise regression sweep: {names}", "",
+             "CCC = concordance correlation coefficient (1 = identical, 0 = no agreement), mean ± std over "
+             "every fold of every seed (population std); Pearson r and MAE (in the targets' units) beside it. "
+             "Epochs, the linear head's C and grid settings were chosen on the validation mean CCC over "
+             "targets; the test speakers scored the choice once.", "",
+             "★ best mean test CCC over targets in the panel (descriptive: the test folds pick it). "
+             "† best mean validation CCC (the cell an honest selection would pick).", ""]
+    for p in panels:
+        lines += _regression_panel(p)
+    lines += _timing_markdown(sweeps)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _regression_panel(p: Panel) -> list[str]:
+    f = p.folds
+    best, best_val = p.best, p.best_val
+    lines = [f"## {p.title}", "",
+             f"{f['n_utterances']} utterances, targets {', '.join(p.labels)}; {f['n_folds']} speaker-independent "
+             f"folds ({f['protocol']}) x seeds {f['seeds']}. {_training_line(p.sweep.config, _arithmetic(p))}", ""]
+    for target in p.labels:
+        lines += [f"CCC of {target} by layer (rows) and head (columns):", "",
+                  "| layer | " + " | ".join(p.heads) + " |", "|---:|" + "---:|" * len(p.heads)]
+        for layer in p.layers:
+            row = []
+            for head in p.heads:
+                c = p.cells.get((layer, head))
+                text = "–" if c is None else _ccc(c.targets[target]["ccc"])
+                row.append(text + (" ★" if c is best else "") + (" †" if c is best_val else ""))
+            lines.append(f"| {label(layer)} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += [f"Best cell ★: layer {label(best.layer)}, {best.head}: mean CCC {_ccc(best.ua)} ("
+              + ", ".join(f"{t} {_ccc(best.targets[t]['ccc'])}" for t in p.labels) + f"; {best.n} fold results).",
+              f"Best on validation †: layer {label(best_val.layer)}, {best_val.head}: validation CCC "
+              f"{best_val.val_ua:.3f}, test mean CCC {_ccc(best_val.ua)}.", ""]
+    lines += _weights_markdown(p)
+    lines += ["<details><summary>All cells</summary>", "",
+              "| layer | head | target | CCC | Pearson r | MAE | val CCC (mean) | folds x seeds | chosen on validation |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in p.ordered():
+        chosen = ", ".join(f"{s} ×{n}" if len(c.settings) > 1 else s
+                           for s, n in sorted(c.settings.items(), key=lambda kv: (-kv[1], kv[0])))
+        for t in p.labels:
+            m = c.targets[t]
+            lines.append(f"| {label(c.layer)} | {c.head} | {t} | {_ccc(m['ccc'])} | {_ccc(m['pearson'])} | "
+                         f"{_ccc(m['mae'])} | {c.val_ua:.3f} | {c.n} | {chosen} |")
+    return lines + ["", "</details>", ""]
+
+
+def plot_ccc(panels: list[Panel], path: Path) -> None:
+    """Test CCC against layer: one curve per target (colour) and head (line style and marker),
+    a ±std band over folds; one panel per cache. Multi-layer cells are dotted levels."""
+    plt, fig, axes = _grid(len(panels), 6.4, 4.6)
+    targets = list(dict.fromkeys(t for p in panels for t in p.labels))
+    colors = {t: plt.get_cmap("tab10")(i) for i, t in enumerate(targets)}
+    heads = list(dict.fromkeys(h for p in panels for h in p.heads))
+    styles = {h: s for h, s in zip(heads, ["-", "--", "-.", ":"] * 4)}
+    markers = {h: m for h, m in zip(heads, "osD^v<>ph*" * 2)}
+    for ax, p in zip(axes, panels):
+        single = [layer for layer in p.layers if not is_multi(layer)]
+        for head in p.heads:
+            cells = [p.cells[layer, head] for layer in single if (layer, head) in p.cells]
+            for t in p.labels if cells else ():
+                x = np.array([c.layer for c in cells])
+                mean = np.array([c.targets[t]["ccc"][0] for c in cells])
+                std = np.array([c.targets[t]["ccc"][1] for c in cells])
+                name = t if len(p.heads) == 1 else f"{t}, {head}"
+                ax.plot(x, mean, marker=markers[head], linestyle=styles[head], color=colors[t], label=name)
+                ax.fill_between(x, mean - std, mean + std, color=colors[t], alpha=0.12, linewidth=0)
+            for layer in [layer for layer in p.layers if is_multi(layer) and (layer, head) in p.cells]:
+                for t in p.labels:
+                    ax.axhline(p.cells[layer, head].targets[t]["ccc"][0], color=colors[t], linestyle=":",
+                               linewidth=1.2, label=f"{t}, {head} on {label(layer)}")
+        ax.axhline(0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(single)
+        ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
+        ax.set_ylabel("CCC (test, mean ± std over folds)")
+        ax.set_title(f"{p.title}, {p.sweep.config['train']['epochs']} epochs", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Where each dimension lives: CCC by Whisper encoder layer", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,6 +6,8 @@
                                  RUN/metrics.json     RunMetrics: mean and std over folds
                                  RUN/predictions.csv  one row per utterance
                                  RUN/folds.csv        the folds (folds.Folds.save)
+                                 RUN/cross_corpus.json       with --test-cache: metrics on the
+                                 RUN/predictions_target.csv  other corpus (crosscorpus.py)
     sweep.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
                                  SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellResult
                                  (layers_LL+MM+.../ for a multi-layer cell)
@@ -82,12 +84,22 @@ class Record:
         return asdict(self)
 
 
+def flat(prefix: str, d: dict) -> dict:
+    """Nested dicts as one dict with dotted keys: flat("a", {"b": {"c": 1}}) == {"a.b.c": 1}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(f"{prefix}.{k}", v) if isinstance(v, dict) and v else {f"{prefix}.{k}": v})
+    return out
+
+
 @dataclass
 class RunConfig(Record):
     """RUN/config.json: what a `ser-cache train` run trained, on which data, with which settings.
 
     train: TrainConfig.to_dict(); head_kwargs: the head's constructor options; cache: the cache's
-    fingerprint (cache.Cache.fingerprint); folds: protocol, n_folds, seed.
+    fingerprint (cache.Cache.fingerprint); folds: protocol, n_folds, seed. labels: the head's
+    outputs in order, the classes, or a regression run's targets (config["task"]); class_counts
+    counts the classes either way.
     """
 
     head: str
@@ -103,20 +115,29 @@ class RunConfig(Record):
     flawed_compat: bool
     cache: dict
     versions: dict = field(default_factory=dict)
+    # label map and test cache of a cross-corpus run (crosscorpus.CrossCorpus.config); {} otherwise
+    cross_corpus: dict = field(default_factory=dict)
 
     def same_work(self, other: "RunConfig") -> list[str]:
         """What differs between two configs in what decides the results (not device or versions)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        for where in (mine["cache"], theirs["cache"]):  # where files lie decides nothing
-            where.pop("path", None), where.pop("model_path", None)
+        for run in (mine, theirs):  # where files lie decides nothing
+            for where in (run["cache"], run["cross_corpus"].get("test_cache") or {}):
+                where.pop("path", None), where.pop("model_path", None)
         mine["config"].pop("device", None), theirs["config"].pop("device", None)
-        return [f"{k}: run has {json_safe(mine[k])!r}, asked for {json_safe(theirs[k])!r}"
-                for k in mine if k not in ("device", "versions") and json_safe(mine[k]) != json_safe(theirs[k])]
+        # cross_corpus is compared key by key: its test cache's fingerprint is long
+        mine.update(flat("cross_corpus", mine.pop("cross_corpus")))
+        theirs.update(flat("cross_corpus", theirs.pop("cross_corpus")))
+        return [f"{k}: run has {json_safe(mine.get(k))!r}, asked for {json_safe(theirs.get(k))!r}"
+                for k in {**mine, **theirs}
+                if k not in ("device", "versions") and json_safe(mine.get(k)) != json_safe(theirs.get(k))]
 
 
 @dataclass
 class FoldRecord(Record):
-    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids.
+    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids;
+    for a regression run the predicted target values (n_test, n_targets), with the true ones
+    in true_values (None for classes), and metrics tasks.Regression.fold_metrics.
 
     tested: "selected" (the head as chosen on validation; n_train utterances) or "refit"
     (retrained with that choice on training + validation, refit["n_train"] utterances; its
@@ -127,7 +148,7 @@ class FoldRecord(Record):
     """
 
     fold: int
-    selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua"
+    selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua" (regression: mean CCC "ccc")
     n_train: int
     n_val: int
     test_ids: list[str]
@@ -141,6 +162,7 @@ class FoldRecord(Record):
     tested: str = "selected"  # or "refit"
     refit: dict = field(default_factory=dict)  # n_train, val_ua, seconds (refit only)
     members: list = field(default_factory=list)  # ensembles only
+    true_values: list | None = None  # regression: (n_test, n_targets) true target values
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -152,7 +174,8 @@ class FoldRecord(Record):
 
 @dataclass
 class RunMetrics(Record):
-    """RUN/metrics.json: metrics.summarize over folds, plus each fold's choice and timing."""
+    """RUN/metrics.json: metrics.summarize over folds (regression: tasks.Regression.summarize,
+    mean CCC "ccc" and per-target "targets"), plus each fold's choice and timing."""
 
     head: str
     layer: int | list
@@ -164,7 +187,7 @@ class RunMetrics(Record):
 
     @classmethod
     def from_dict(cls, d: dict, source: Path | str = "?") -> "RunMetrics":
-        if not isinstance(d, dict) or not {"head", "layer", "fold_details", "ua"} <= set(d):
+        if not isinstance(d, dict) or not {"head", "layer", "fold_details"} <= set(d) or not {"ua", "ccc"} & set(d):
             raise ResultsError(f"{source} is not a metrics.json of this version of ser-cache: re-run the run")
         summary = {k: v for k, v in d.items() if k not in ("head", "layer", "fold_details")}
         return cls(d["head"], d["layer"], summary, d["fold_details"])
@@ -175,7 +198,10 @@ class CellResult(Record):
     """One fold of one sweep cell (cache, layer, head, seed), as saved by a sweep worker.
 
     Metrics are in [0, 1] (metrics.fold_metrics); grid lists every setting tried with its
-    validation UA; setting and values are the one chosen on validation.
+    validation UA; setting and values are the one chosen on validation. A regression cell
+    (task "regression"; labels name its targets) has no UA, WA, F1 or confusion (None, []):
+    its test scores are `ccc` (mean over targets) and `targets` ({target: {"ccc", "pearson",
+    "mae"}}), its validation score `val_ccc`, and its grid entries carry "val_ccc".
     """
 
     cache: str
@@ -212,6 +238,11 @@ class CellResult(Record):
     tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
     refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
     members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
+    target: dict = field(default_factory=dict)  # cross-corpus: fold_metrics and n on all of the test cache
+    task: str = "classification"  # or "regression" (cells saved before tasks: classification)
+    ccc: float | None = None  # regression: test CCC, mean over targets
+    val_ccc: float | None = None  # regression: validation CCC of the chosen setting, mean over targets
+    targets: dict = field(default_factory=dict)  # regression: {target: {"ccc", "pearson", "mae"}} on the test fold
 
 
 @dataclass
@@ -241,6 +272,7 @@ class RunFolder:
     """The files of one `ser-cache train` run (see the module docstring)."""
 
     CONFIG, METRICS, PREDICTIONS, FOLDS = "config.json", "metrics.json", "predictions.csv", "folds.csv"
+    CROSS_CORPUS, TARGET_PREDICTIONS = "cross_corpus.json", "predictions_target.csv"
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -283,6 +315,19 @@ class RunFolder:
         """The record after the head (saved first by the caller): a record means a whole fold."""
         write_json_atomic(self.record_path(record.fold), record.to_dict())
 
+    def write_value_predictions(self, ids: np.ndarray, classes: np.ndarray, targets: list[str], y: np.ndarray,
+                                records: list[FoldRecord]) -> None:
+        """A regression run's: one row per utterance, in cache order: id, fold, label (its
+        class), then true_<target> and pred_<target> for each target. y: (n, n_targets)."""
+        row_of = {u: i for i, u in enumerate(ids)}
+        rows = sorted((row_of[u], r.fold, np.asarray(p)) for r in records for u, p in zip(r.test_ids, r.probs))
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["id", "fold", "label"] + [f"{kind}_{t}" for t in targets for kind in ("true", "pred")])
+        for i, fold, p in rows:
+            w.writerow([ids[i], fold, classes[i]] + [f"{v:.6g}" for pair in zip(y[i], p) for v in pair])
+        write_text_atomic(self.root / self.PREDICTIONS, out.getvalue())
+
     def write_predictions(self, ids: np.ndarray, labels: list[str], y: np.ndarray,
                           records: list[FoldRecord]) -> None:
         """One row per utterance, in cache order: id, fold, label, prediction, prob_<class>..."""
@@ -302,7 +347,7 @@ class RunFolder:
 class SweepFolder:
     """The files of one `ser-cache sweep` (see the module docstring)."""
 
-    CONFIG, TIMING, CELLS, FOLDS, LOCK = "sweep.json", "timing.json", "cells", "folds", ".lock"
+    CONFIG, TIMING, CELLS, FOLDS = "sweep.json", "timing.json", "cells", "folds"
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -354,30 +399,27 @@ class SweepFolder:
     def append_timing(self, run: SweepTiming) -> None:
         write_json_atomic(self.root / self.TIMING, {"runs": [t.to_dict() for t in self.timing()] + [run.to_dict()]})
 
-    def exclusive(self) -> "_Exclusive":
-        """Context: an advisory lock that keeps a second sweep out of this folder."""
-        return _Exclusive(self)
+    def lock(self):
+        """Context: hold SWEEP/create.lock for a short step that several sweep processes on this
+        folder may reach at once (creating sweep.json and the folds, appending to timing.json,
+        writing the report). Tasks themselves are claimed one by one (`claim_path`)."""
+        from .cache import folder_lock  # one locking scheme for caches and sweeps (cache.py)
 
+        return folder_lock(self.root)
 
-class _Exclusive:
-    """Holds SWEEP/.lock; on entry removes temporaries left by a killed run (safe: nobody else
-    is writing)."""
+    def claim_path(self, cache: str, layer, head: str, seed: int, fold: int) -> Path:
+        """The lock file whose flock is the claim on one task (cache.Claims)."""
+        return self.cell_path(cache, layer, head, seed, fold).with_suffix(".lock")
 
-    def __init__(self, folder: SweepFolder):
-        self.folder, self.path = folder, folder.root / SweepFolder.LOCK
+    def remove_cell_temporaries(self, cache: str, layer, head: str, seed: int, fold: int) -> None:
+        """Delete what killed writers of one task's result left. Only the holder of the task's
+        claim may call this: no live process is then writing that result."""
+        path = self.cell_path(cache, layer, head, seed, fold)
+        for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
-    def __enter__(self):
-        import fcntl
-
-        self.f = open(self.path, "w")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.close()
-            raise SweepError(f"another sweep is writing into {self.folder.root}: wait for it to end, or use "
-                             "another --out folder") from None
-        remove_temporaries(self.folder.root)
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
+    def remove_shared_temporaries(self) -> None:
+        """Delete temporaries of the files written under `lock()` (sweep.json, timing.json,
+        folds). Call only while holding `lock()`: nobody else writes those files then."""
+        for tmp in [*self.root.glob("*.json.*.tmp"), *(self.root / self.FOLDS).glob("*.tmp")]:
+            tmp.unlink(missing_ok=True)

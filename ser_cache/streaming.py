@@ -163,6 +163,8 @@ class StreamedLayer:
                  blocks: list[Block], read: Callable[[Block], np.ndarray], batch_size: int, reserve_batch: int):
         self.ids, self.labels = meta["ids"], meta["labels"]
         self.speakers, self.groups = meta["speakers"], meta["groups"]
+        # a regression's numeric targets (LayerData's), small: held in memory
+        self.target_names, self.target_values = meta.get("target_names", ()), meta.get("target_values")
         self.offsets, self.layer, self.dim, self.dtype = offsets, layer, dim, np.dtype(dtype)
         self.blocks, self._read = blocks, read
         self.batch_size, self.reserve_batch = batch_size, reserve_batch
@@ -195,7 +197,8 @@ class StreamedLayer:
         self.peak_bytes = max(self.peak_bytes, frames.nbytes)
         u = slice(block.u0, block.u1)
         return LayerData(frames, self.offsets[block.u0 : block.u1 + 1] - self.offsets[block.u0], self.ids[u],
-                         self.labels[u], self.speakers[u], self.groups[u], self.layer)
+                         self.labels[u], self.speakers[u], self.groups[u], self.layer, self.target_names,
+                         None if self.target_values is None else self.target_values[u])
 
     def _in_block(self, index, block: Block) -> np.ndarray:
         """The utterances of `index` stored in `block`, in the order of `index`."""
@@ -334,6 +337,7 @@ def open_streamed(cache, layer: Selection, budget: int, batch_size: int) -> Stre
     cache.require(states)
     cache.check()
     meta = cache.read_meta()
+    meta["target_names"], meta["target_values"] = cache.targets_of(meta["ids"])
     offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
     dtype, width = np.dtype(cache.settings.dtype), len(states) * cache.dim
     reserve = batch_bytes(batch_size, int(meta["n_frames"].max(initial=0)), width, dtype.itemsize)
@@ -361,6 +365,7 @@ def from_memory(data: LayerData, shard_of: np.ndarray, budget: int, batch_size: 
     nothing but the order."""
     reserve = batch_bytes(batch_size, int(data.n_frames.max(initial=0)), data.width, data.frames.itemsize)
     blocks = plan_blocks(shard_of, data.offsets, data.width, data.frames.itemsize, budget, reserve)
-    meta = {"ids": data.ids, "labels": data.labels, "speakers": data.speakers, "groups": data.groups}
+    meta = {"ids": data.ids, "labels": data.labels, "speakers": data.speakers, "groups": data.groups,
+            "target_names": data.target_names, "target_values": data.target_values}
     return StreamedLayer(meta, data.offsets, data.layer, data.dim, data.frames.dtype, blocks,
                          lambda block: data.frames[block.f0 : block.f1], batch_size, reserve)

@@ -10,6 +10,10 @@ which the cell records, so single-layer and multi-layer cells share one table. A
 the same folds: they are built once per cache and seed from the cache's utterance metadata
 and saved in SWEEP/folds/, so the cells of a table differ only in layer and head.
 
+Continuous targets (`--task regression --targets arousal,valence`, tasks.py): every choice
+below is made on the validation mean CCC over targets instead of UA, and each task records
+CCC, Pearson r and MAE per target (report.py draws one curve per target against the layer).
+
 Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains every grid
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
@@ -34,8 +38,21 @@ shards itself, with budget / jobs (StreamedRef).
 Crash safety and resume. A worker writes each finished task as one JSON file (temporary
 name, fsync, rename), so a file exists only when its task is complete. A re-run with the same
 settings skips those tasks; a re-run with other settings is refused, naming what differs
-(SWEEP/sweep.json holds the settings). The folder's layout and record types belong to
-results.py (SweepFolder, CellResult, SweepTiming), which report.py reads through.
+(SWEEP/sweep.json holds the settings).
+
+Several processes, one sweep. Any number of `sweep` processes may work on one --out at once
+(SLURM array tasks, a job submitted twice, a resume while the first run still goes): each
+task runs only in the process holding its claim, an exclusive flock on
+cells/.../HEAD-seedS-foldF.lock (cache.Claims, the same scheme as the shards of a cache),
+which the kernel lets go of however its holder ends. sweep.json and the folds are made once,
+under SWEEP/create.lock; timing.json and the report are written under it too. `--part I/N`
+(or a SLURM array's task id) gives a process the I-th of N contiguous runs of the tasks
+(`part_of`); without it, a process takes every task no live process holds. A process claims
+the tasks of a layer when that layer's turn comes, so that two processes started together
+read different layers rather than the same one twice.
+
+The folder's layout and record types belong to results.py (SweepFolder, CellResult,
+SweepTiming), which report.py reads through.
 """
 from __future__ import annotations
 
@@ -61,16 +78,18 @@ import numpy as np
 import torch
 
 from .batches import predict_proba
-from .cache import Cache, open_cache
+from .cache import CREATE_LOCK, Cache, Claims, open_cache
+from .crosscorpus import check_sweep_target, map_classes, map_labels, target_metrics
 from .device import pick_device
 from .errors import OptionError
 from .features import LayerData
 from .folds import Folds, make_folds
 from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
-from .metrics import fold_metrics
+from .records import target_names
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
 from .streaming import StreamedLayer, open_layer, open_streamed
+from .tasks import Regression, make_task
 from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, refit_selected,
                        settings_read)
 
@@ -198,6 +217,8 @@ class SweepSpec:
     protocol: str | None = None
     n_folds: int | None = None
     fold_file: Path | None = None
+    test_cache: Path | None = None  # cross-corpus: every cell's fold heads also tested on all of it
+    label_map: str | None = None  # corpora.LABEL_MAPS name applied to every cache's classes (crosscorpus.py)
 
 
 @dataclass
@@ -210,6 +231,7 @@ class SweepPlan:
     layers: dict[str, list[Selection]]
     settings: dict[str, list[dict]]
     config: dict
+    target: Cache | None = None  # spec.test_cache, checked against every cache
 
     def tasks(self, n_folds: dict[tuple[str, int], int]) -> list[Task]:
         """Every task, layer by layer (n_folds: (cache key, seed) -> number of folds)."""
@@ -246,6 +268,13 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         if missing:
             raise SweepError(f"layers {missing} are not in the cache {path}; it holds {cache.layers}")
         caches[key], layers[key] = cache, wanted
+    target = check_sweep_target(caches, {key: sorted({s for cell in cells for s in states_of(cell)})
+                                         for key, cells in layers.items()}, spec.test_cache, spec.label_map)
+    if spec.train.task == "regression":
+        if target is not None:
+            raise SweepError("--test-cache scores class labels on another corpus: sweep a regression task "
+                             "without it, or cross-corpus with --task classification")
+        spec = replace(spec, train=replace(spec.train, targets=sweep_targets(spec, caches)))
     settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
     train = {k: v for k, v in spec.train.to_dict().items() if k not in FREE_TRAIN_KEYS}
     if spec.train.flawed:
@@ -262,7 +291,26 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         "folds": {"protocol": spec.protocol, "n_folds": spec.n_folds,
                   "fold_file_sha256": _sha256(spec.fold_file) if spec.fold_file else None},
     }
-    return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)))
+    if spec.test_cache is not None or spec.label_map is not None:  # absent otherwise: older sweeps resume
+        config["cross_corpus"] = {"label_map": spec.label_map,
+                                  "test_cache": _cache_identity(target) if target else None}
+    return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)), target)
+
+
+def sweep_targets(spec: SweepSpec, caches: dict[str, Cache]) -> tuple[str, ...]:
+    """The targets a regression sweep learns: spec.train.targets, or every target of the first
+    cache; every cache must carry them all (refused otherwise, naming the cache)."""
+    targets = tuple(spec.train.targets)
+    for cache in caches.values():
+        names = target_names(cache.records())
+        if not names:
+            raise SweepError(f"the cache {cache.root} carries no numeric targets: extract a corpus with targets "
+                             "(a csv with numeric columns, iemocap, msp-podcast) or sweep without --task regression")
+        targets = targets or tuple(names)
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise SweepError(f"target {unknown[0]!r} not found in the cache {cache.root}; its targets = {names}")
+    return targets
 
 
 def _cache_identity(cache: Cache) -> dict:
@@ -289,7 +337,8 @@ def config_differences(stored: dict, asked: dict, prefix: str = "") -> list[str]
 
 
 def claim_folder(out: Path, plan: SweepPlan) -> SweepFolder:
-    """Create SWEEP with the plan's config, or check that it holds the same config."""
+    """Create SWEEP with the plan's config, or check that it holds the same config. Call
+    under `SweepFolder(out).lock()`: several processes may start on one folder at once."""
     folder = SweepFolder(out)
     if folder.is_sweep():
         stored = folder.read_config()
@@ -301,7 +350,7 @@ def claim_folder(out: Path, plan: SweepPlan) -> SweepFolder:
                 f"{out} holds a sweep with other settings:\n  " + "\n  ".join(diff)
                 + "\nRepeat the original options to resume it, or choose another --out folder")
         return folder
-    if folder.root.exists() and any(folder.root.iterdir()):
+    if folder.root.exists() and any(p.name != CREATE_LOCK for p in folder.root.iterdir()):  # our lock aside
         raise SweepError(f"{out} exists and is not a sweep folder (no {SweepFolder.CONFIG}): choose "
                          "another --out folder")
     folder.write_config(plan.config, {key: str(c.root.resolve()) for key, c in plan.caches.items()})
@@ -313,6 +362,9 @@ def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: Sw
     cache's utterance metadata (no layer read) and saved, so every cell uses the same ones."""
     path = folder.folds_path(key, seed)
     meta = cache.read_meta()
+    # A label map's dropped classes have no place in the folds (the layers read lack them too).
+    keep, labels, _ = map_labels(meta["labels"], spec.label_map, str(cache.root))
+    meta = {**{k: v[keep] for k, v in meta.items()}, "labels": labels}
     if path.exists() and path.with_suffix(".json").exists():
         return Folds.load(path).aligned_to(meta["ids"])
     folds = make_folds(meta["ids"], meta["labels"], meta["speakers"], meta["groups"],
@@ -338,13 +390,14 @@ class TaskJob:
     out: Path
 
 
-def run_task(data: LayerData, job: TaskJob) -> CellResult:
-    """Grid-search one fold on its validation speakers, test the chosen setting once, and
-    return the task's result (not yet saved)."""
+def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> CellResult:
+    """Grid-search one fold on its validation speakers, test the chosen setting once (and on
+    every utterance of `target`, another corpus's same layer, if given), and return the task's
+    result (not yet saved)."""
     t_start = time.perf_counter()
     task = job.task
-    labels, y = data.classes()
-    n_classes = len(labels)
+    learn, y = make_task(data, job.train)  # classes, or the targets of a regression sweep
+    score = learn.score_name  # "ua", or "ccc" (mean over targets): what settings are compared by
     device = pick_device(job.train.device)
     train, val, test = job.folds.aligned_to(data.ids).split(task.fold)
 
@@ -353,31 +406,36 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
     for values in job.settings:
         config = replace(job.train, seed=task.seed, **values)
         # No test set here: the choice is made on validation only.
-        fit = fit_selected(task.head, data, y, train, val, config, n_classes, seed, device)
+        fit = fit_selected(task.head, data, y, train, val, config, learn, seed, device)
         train_seconds += fit.seconds
-        trials.append({"setting": setting_label(values), "values": values, "val_ua": fit.selected["ua"],
+        trials.append({"setting": setting_label(values), "values": values, f"val_{score}": fit.selected[score],
                        "selected": fit.selected})
-        if best is None or fit.selected["ua"] > best.selected["ua"]:  # ties keep the earlier setting
+        if best is None or fit.selected[score] > best.selected[score]:  # ties keep the earlier setting
             best, best_values, best_config = fit, values, config
     if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
-        best = refit_selected(best, task.head, data, y, train, val, best_config, n_classes, seed, device)
+        best = refit_selected(best, task.head, data, y, train, val, best_config, learn, seed, device)
         train_seconds += best.refit["seconds"]
 
     t0 = time.perf_counter()
     probs = predict_proba(best.model, data, test, device)
+    metrics = learn.fold_metrics(y[test], probs)
+    if isinstance(learn, Regression):  # no classes: CCC per target, the mean CCC, no UA or confusion
+        metrics = {"ua": None, "wa": None, "macro_f1": None, "weighted_f1": None, "per_class_recall": [],
+                   "confusion": [], "task": learn.kind, "ccc": metrics["ccc"], "targets": metrics["targets"],
+                   "val_ccc": best.selected["ccc"]}
+    target_result = target_metrics(best.model, target, learn.names, device) if target is not None else {}
     eval_seconds = time.perf_counter() - t0
-    metrics = fold_metrics(y[test], probs.argmax(axis=1), n_classes)
-    choice = {k: v for k, v in best.selected.items() if k not in ("ua", "epoch")}  # e.g. the linear probe's C
+    choice = {k: v for k, v in best.selected.items() if k not in (score, "epoch")}  # e.g. the linear probe's C
     chosen = " ".join(filter(None, [setting_label(best_values), setting_label(choice)]))
     return CellResult(
         cache=task.cache, **job.cache_info, layer=to_json(task.layer), head=task.head, seed=task.seed,
         fold=task.fold, setting=chosen or "default", values=best_values, selected=best.selected,
-        val_ua=best.selected["ua"], grid=trials, labels=labels, **metrics,
+        val_ua=best.selected.get("ua"), grid=trials, labels=learn.names, **metrics,
         n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
         history=best.history, layer_weights=best.model.layer_weights(), tested=best.tested, refit=best.refit,
-        members=best.members)
+        members=best.members, target=target_result)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------
@@ -396,20 +454,28 @@ class LayerRef:
     speakers: np.ndarray
     groups: np.ndarray
     layer: Selection
+    target: "LayerRef | None" = None  # the test cache's same layer (cross-corpus sweeps)
+    target_names: tuple = ()
+    target_values: np.ndarray | None = None
 
 
 class SharedLayer:
     """Copies a layer's frames into shared memory once; `close()` frees it."""
 
-    def __init__(self, data: LayerData):
+    def __init__(self, data: LayerData, target: LayerData | None = None):
         self.shm = shared_memory.SharedMemory(create=True, size=max(1, data.frames.nbytes))
         np.ndarray(data.frames.shape, data.frames.dtype, buffer=self.shm.buf)[...] = data.frames
+        self.target = SharedLayer(target) if target is not None else None
         self.ref = LayerRef(self.shm.name, data.frames.shape, str(data.frames.dtype), data.offsets,
-                            data.ids, data.labels, data.speakers, data.groups, data.layer)
+                            data.ids, data.labels, data.speakers, data.groups, data.layer,
+                            target=self.target.ref if self.target else None,
+                            target_names=data.target_names, target_values=data.target_values)
 
     def close(self) -> None:
         self.shm.close()
         self.shm.unlink()
+        if self.target is not None:
+            self.target.close()
 
 
 @dataclass
@@ -440,12 +506,12 @@ class StreamedShare:
 class LoadedLayer:
     """One layer in memory, in this process."""
 
-    def __init__(self, data: LayerData):
-        self.data = data
+    def __init__(self, data: LayerData, target: LayerData | None = None):
+        self.data, self.target = data, target
 
     def run(self, job: TaskJob) -> CellResult:
         """Run one task on this layer, save its result, return it."""
-        result = run_task(self.data, job)
+        result = run_task(self.data, job, self.target)
         SweepFolder(job.out).save_cell(result)
         return result
 
@@ -481,21 +547,29 @@ def _worker_run(ref: LayerRef | StreamedRef, job: TaskJob) -> dict:
     if _WORKER.get("name") != ref.name:
         _WORKER.pop("layer", None)
         if "shm" in _WORKER:
-            try:
-                _WORKER.pop("shm").close()
-            except BufferError:  # a view still alive somewhere: the mapping goes at exit
-                pass
+            for shm in _WORKER.pop("shm"):
+                try:
+                    shm.close()
+                except BufferError:  # a view still alive somewhere: the mapping goes at exit
+                    pass
         if isinstance(ref, StreamedRef):
             data = open_streamed(open_cache(ref.root), ref.layer, ref.budget, ref.batch_size)
             _WORKER.update(name=ref.name, layer=LoadedLayer(data))
             return _WORKER["layer"].run(job)
         # Spawned workers share the parent's resource tracker, so attaching here registers the
         # same name again (a set) and the parent's unlink() unregisters it for both.
-        shm = shared_memory.SharedMemory(name=ref.name)
-        frames = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
-        data = LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer)
-        _WORKER.update(name=ref.name, shm=shm, layer=LoadedLayer(data))
+        attached = [_attach(r) for r in (ref, ref.target) if r is not None]
+        data, target = (attached[0][1], attached[1][1] if len(attached) > 1 else None)
+        _WORKER.update(name=ref.name, shm=[shm for shm, _ in attached], layer=LoadedLayer(data, target))
     return _WORKER["layer"].run(job)
+
+
+def _attach(ref: LayerRef) -> tuple[shared_memory.SharedMemory, LayerData]:
+    """The shared memory of `ref` and a LayerData over it (no copy)."""
+    shm = shared_memory.SharedMemory(name=ref.name)
+    frames = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
+    return shm, LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer,
+                          ref.target_names, ref.target_values)
 
 
 # --- running a sweep --------------------------------------------------------------------------
@@ -503,7 +577,8 @@ def _worker_run(ref: LayerRef | StreamedRef, job: TaskJob) -> dict:
 
 @dataclass
 class SweepOutcome:
-    """What one `run_sweep` call did. timing: this run's entry of timing.json."""
+    """What one `run_sweep` call did. timing: this run's entry of timing.json; state: the
+    sweep as this process left it (other processes may go on)."""
 
     out: Path
     tasks_total: int
@@ -511,6 +586,78 @@ class SweepOutcome:
     tasks_run: int
     failures: list[tuple[Task, str]]
     timing: SweepTiming
+    state: "SweepState" = None
+    report: dict | None = None  # the report's files (report.write_report), when written
+
+
+@dataclass
+class SweepState:
+    """Every task of a sweep at one moment: done (result saved), running (another live process
+    holds its claim) or missing; `missing_mine` are the missing tasks of this process's part."""
+
+    total: int
+    done: int
+    running: int
+    missing_mine: int
+    missing_others: int
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.total
+
+    @property
+    def own_part_done(self) -> bool:
+        """This part needs nothing more from this process: done, or in a live process's hands."""
+        return self.missing_mine == 0
+
+    def text(self) -> str:
+        if self.complete:
+            return f"complete ({self.total} folds)"
+        words = [f"{self.done} of {self.total} folds done"]
+        if self.running:
+            words.append(f"{self.running} claimed by other running jobs")
+        if self.missing_mine:
+            words.append(f"{self.missing_mine} missing (re-run to finish)")
+        if self.missing_others:
+            words.append(f"{self.missing_others} left for other --part parts (run those jobs, or this "
+                         "command without --part, to finish)")
+        return "; ".join(words)
+
+
+def part_of(tasks: list[Task], part: tuple[int, int]) -> list[Task]:
+    """Part I of N: the I-th of N contiguous, nearly equal runs of the plan's tasks (which come
+    layer by layer). Contiguous rather than every N-th task, so a part reads only the one or
+    two layers its run covers, not every layer: reading a layer is the costly step on a large
+    corpus. The plan's order is fixed by the sweep's settings, so every job computes the same
+    parts, disjoint and together complete."""
+    i, n = part
+    return tasks[i * len(tasks) // n:(i + 1) * len(tasks) // n]
+
+
+def task_claims(folder: SweepFolder) -> Claims:
+    """Claims on tasks (cache.Claims): a task runs only in the process holding its claim."""
+    def lock_path(task: Task) -> Path:
+        path = folder.claim_path(task.cache, task.layer, task.head, task.seed, task.fold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    return Claims(lock_path)
+
+
+def sweep_state(out: Path, tasks: list[Task], mine: list[Task], claims: Claims) -> SweepState:
+    """Where every task stands now, claims of other live processes included."""
+    own = set(mine)
+    done = running = missing_mine = 0
+    for t in tasks:
+        if t.path(out).exists():
+            done += 1
+        elif claims.held_elsewhere(t):
+            running += 1
+        elif t.path(out).exists():  # finished while we looked
+            done += 1
+        elif t in own:
+            missing_mine += 1
+    return SweepState(len(tasks), done, running, missing_mine, len(tasks) - done - running - missing_mine)
 
 
 def available_cores() -> int:
@@ -525,8 +672,15 @@ def default_jobs(device: str = "auto") -> int:
 
 
 def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str = "auto",
-              progress: bool = True, write_report: bool = True, memory_budget: int | None = None) -> SweepOutcome:
-    """Run every task of `spec` not yet saved in `out`, then write the report there.
+              progress: bool = True, write_report: bool = True, part: tuple[int, int] = (0, 1),
+              memory_budget: int | None = None) -> SweepOutcome:
+    """Run every task of `spec` (of `part` I/N only, see `part_of`) not yet saved in `out`,
+    then write the report there.
+
+    Any number of processes may run this on one `out` at once: the folder and folds are made
+    once under its lock, and each task runs only in the process that claims it (a flock that a
+    killed process lets go of). Tasks another live process holds are left to it; those whose
+    holder dies meanwhile are taken in a further pass.
 
     memory_budget: bytes for the layers and batches of all workers (default:
     streaming.default_budget()); a layer that does not fit is streamed from the shards, each
@@ -539,84 +693,125 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
     out = Path(out)
     spec = replace(spec, train=replace(spec.train, device=device))
     plan = plan_sweep(spec)
-    folder = claim_folder(out, plan)
-    with folder.exclusive():
+    with SweepFolder(out).lock():
+        folder = claim_folder(out, plan)
+        folder.remove_shared_temporaries()
         folds = {(key, seed): sweep_folds(folder, key, cache, seed, spec)
                  for key, cache in plan.caches.items() for seed in spec.seeds}
-        tasks = plan.tasks({k: f.n_folds for k, f in folds.items()})
-        todo = [t for t in tasks if not t.path(out).exists()]
-        jobs = jobs or default_jobs(device)
-        threads = max(1, available_cores() // jobs)
-        by_layer: dict[tuple[str, int], list[Task]] = {}
-        for t in todo:
-            by_layer.setdefault((t.cache, t.layer), []).append(t)
-        info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode}
-                for key, c in plan.caches.items()}
+    tasks = plan.tasks({k: f.n_folds for k, f in folds.items()})
+    mine = part_of(tasks, part)
+    todo = [t for t in mine if not t.path(out).exists()]
+    jobs = jobs or default_jobs(device)
+    threads = max(1, available_cores() // jobs)
+    info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode}
+            for key, c in plan.caches.items()}
+    claims = task_claims(folder)
 
-        def job_for(task: Task) -> TaskJob:
-            return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
-                           spec.train, info[task.cache], out)
+    def job_for(task: Task) -> TaskJob:
+        return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
+                       plan.spec.train, info[task.cache], out)
 
-        batch_size = max([spec.train.batch_size] + [v.get("batch_size", 0) for vs in plan.settings.values() for v in vs])
+    batch_size = max([spec.train.batch_size] + [v.get("batch_size", 0) for vs in plan.settings.values() for v in vs])
 
-        def read(key: str, layer: int) -> LayerData | StreamedLayer:
-            t0 = time.perf_counter()
-            data = open_layer(plan.caches[key], layer, memory_budget, batch_size, workers=jobs,
-                              held=1 if jobs == 1 else LAYERS_IN_FLIGHT)
-            timing.read_seconds += time.perf_counter() - t0
-            timing.layers_read += 1
-            return data
+    def read(key: str, layer: int) -> tuple[LayerData | StreamedLayer, LayerData | None]:
+        """The layer of cache `key` and, cross-corpus, of the test cache: classes mapped. A
+        layer over the memory budget is streamed (streaming.open_layer), cross-corpus and
+        label maps aside, which read it whole."""
+        t0 = time.perf_counter()
+        if plan.target is None and spec.label_map is None:
+            data, target = open_layer(plan.caches[key], layer, memory_budget, batch_size, workers=jobs,
+                                      held=1 if jobs == 1 else LAYERS_IN_FLIGHT), None
+        else:
+            data = map_classes(plan.caches[key].read_layer(layer), spec.label_map, key)[0]
+            target = (map_classes(plan.target.read_layer(layer), spec.label_map, str(spec.test_cache))[0]
+                      if plan.target is not None else None)
+        timing.read_seconds += time.perf_counter() - t0
+        timing.layers_read += 1
+        return data, target
 
-        timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
-                             threads_per_job=threads, device=str(pick_device(device)),
-                             tasks_total=len(tasks), tasks_done_before=len(tasks) - len(todo))
-        records, failures = [], []
-        log.info("sweep %s: %d tasks, %d already done; %d job(s) x %d thread(s)",
-                 out, len(tasks), len(tasks) - len(todo), jobs, threads)
-        from tqdm import tqdm
+    timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
+                         threads_per_job=threads, device=str(pick_device(device)),
+                         tasks_total=len(tasks), tasks_done_before=sum(t.path(out).exists() for t in tasks))
+    records, failures = [], []
+    log.info("sweep %s: %d tasks, %d already done, part %d/%d; %d job(s) x %d thread(s)",
+             out, len(tasks), timing.tasks_done_before, *part, jobs, threads)
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="fold", desc="sweep",
-                   disable=not progress, dynamic_ncols=True)
-        t_wall = time.perf_counter()
-        try:
-            run = _run_inline if jobs == 1 else _run_pool
-            run(by_layer, read, job_for, jobs, threads, bar, records, failures)
-        finally:
-            bar.close()
-            timing.train_seconds = float(sum(r.train_seconds for r in records))
-            timing.eval_seconds = float(sum(r.eval_seconds for r in records))
-            timing.wall_seconds = time.perf_counter() - t_wall
-            timing.tasks_run, timing.tasks_failed = len(records), len(failures)
-            if todo:  # a re-run of a finished sweep did nothing worth a line
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="fold", desc="sweep",
+               disable=not progress, dynamic_ncols=True)
+    t_wall = time.perf_counter()
+    try:
+        run = _run_inline if jobs == 1 else _run_pool
+        while todo:
+            held: list[Task] = []
+            run(claimed_layers(folder, claims, todo, held, bar), read, job_for, jobs, threads, bar, records,
+                failures, claims)
+            # A task left to a process that has died since (its claim went with it): ours now.
+            todo = [t for t in held if not t.path(out).exists() and not claims.held_elsewhere(t)]
+    finally:
+        claims.release_all()
+        bar.close()
+        timing.train_seconds = float(sum(r.train_seconds for r in records))
+        timing.eval_seconds = float(sum(r.eval_seconds for r in records))
+        timing.wall_seconds = time.perf_counter() - t_wall
+        timing.tasks_run, timing.tasks_failed = len(records), len(failures)
+        if records or failures:  # a process that ran nothing (all done, or all held) adds no line
+            with folder.lock():
                 folder.append_timing(timing)
     for task, why in failures:
         log.warning("failed, will be retried by a re-run: %s: %s", task, why)
-    if write_report:
+    state, report = sweep_state(out, tasks, mine, claims), None
+    if write_report and state.done:  # a partial table too: it shows the sweep's progress
         from .report import write_report as _write_report
 
-        _write_report([out], out)
-    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing)
+        with folder.lock():
+            report = _write_report([out], out)
+    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing, state, report)
 
 
-def _run_inline(by_layer, read, job_for, jobs, threads, bar, records, failures) -> None:
+def claimed_layers(folder: SweepFolder, claims: Claims, todo: list[Task], held: list[Task], bar):
+    """Yield ((cache key, layer), tasks) for each layer of `todo` in turn, with the tasks of it
+    that this process could claim when the layer's turn came (layers with none are passed over
+    unread). Tasks another live process holds go to `held`; those finished meanwhile count as
+    done. The caller releases each claim once its task is saved or has failed."""
+    by_layer: dict[tuple[str, Selection], list[Task]] = {}
+    for t in todo:
+        by_layer.setdefault((t.cache, t.layer), []).append(t)
+    for key_layer, group in by_layer.items():
+        mine = []
+        for t in group:
+            if not claims.take(t):
+                held.append(t)
+            elif t.path(folder.root).exists():  # another process finished it since we listed it
+                claims.release(t)
+                bar.update(1)
+            else:
+                folder.remove_cell_temporaries(t.cache, t.layer, t.head, t.seed, t.fold)
+                mine.append(t)
+        if mine:
+            yield key_layer, mine
+
+
+def _run_inline(layers, read, job_for, jobs, threads, bar, records, failures, claims) -> None:
     """jobs == 1: every task in this process, one layer at a time."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for (key, layer), group in by_layer.items():
-            loaded = LoadedLayer(read(key, layer))
+        for (key, layer), group in layers:
+            loaded = LoadedLayer(*read(key, layer))
             for task in group:
                 bar.set_postfix_str(f"{key} layer {label(layer)} {task.head}")
-                _collect(lambda: loaded.run(job_for(task)), task, records, failures)
+                _collect(lambda: loaded.run(job_for(task)), task, records, failures, claims)
                 bar.update(1)
             del loaded
     finally:
         torch.set_num_threads(before)
 
 
-def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) -> None:
+def _run_pool(layers, read, job_for, jobs, threads, bar, records, failures, claims) -> None:
     """jobs > 1: worker processes; each layer read once into shared memory, the next layer
-    read while the workers train on the current one."""
+    read while the workers train on the current one. This process holds the tasks' claims
+    (the workers die with it, see _die_with)."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's thread pools
     pool = cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
                                   initargs=(threads, os.getpid()))
@@ -625,17 +820,17 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
     def finish(shared, futures):
         try:
             for f in cf.as_completed(futures):
-                _collect(f.result, futures[f], records, failures)
+                _collect(f.result, futures[f], records, failures, claims)
         finally:
             shared.close()
 
     try:
-        for (key, layer), group in by_layer.items():
+        for (key, layer), group in layers:
             while len(inflight) >= LAYERS_IN_FLIGHT:
                 finish(*inflight.popleft())
-            data = read(key, layer)
-            shared = SharedLayer(data) if isinstance(data, LayerData) else StreamedShare(data)
-            del data
+            data, target = read(key, layer)
+            shared = SharedLayer(data, target) if isinstance(data, LayerData) else StreamedShare(data)
+            del data, target
             futures = {}
             try:
                 for task in group:
@@ -660,9 +855,12 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
         pool.shutdown(wait=True)
 
 
-def _collect(result, task: Task, records: list, failures: list) -> None:
-    """Call result(); a diverged training is a task failure, anything else stops the sweep."""
+def _collect(result, task: Task, records: list, failures: list, claims: Claims) -> None:
+    """Call result(); a diverged training is a task failure, anything else stops the sweep.
+    The task's claim is let go either way once its result is saved or it has failed."""
     try:
         records.append(result())
     except NonFiniteLossError as e:
         failures.append((task, str(e)))
+    finally:
+        claims.release(task)

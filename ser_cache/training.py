@@ -9,6 +9,11 @@ loop, used for folds, sweeps and exports), the linear probe by scikit-learn with
 validation (`fit_logistic`). With a `fixed` choice instead of validation utterances (an export
 on all speakers), the choice is applied as given.
 
+What is learned is the run's task (tasks.py, config.task): class labels, scored by UA, or
+continuous targets (`task="regression"`, `targets`), scored by the mean CCC over targets. The
+loop asks the task for its loss, its validation score and its metrics, so every head, fitter,
+ensemble and refit below works for both; "UA" below reads "mean CCC" for a regression.
+
 For every fold, run_folds trains on the training speakers, picks the epoch (or C) with the best
 UA on the validation speakers (carved from the training speakers, see folds.py), then evaluates
 the test speakers once with that state and dropout off. One seed fixes everything: the folds'
@@ -66,7 +71,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -86,8 +91,12 @@ from .features import LayerData
 from .folds import Folds, make_folds
 from .heads import Head, head_class, load_head, one_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
-from .metrics import fold_metrics, summarize
+from .metrics import fold_metrics
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
+from .tasks import LOSSES, TASKS, Classification, Regression, Task, as_task, make_task
+
+if TYPE_CHECKING:
+    from .crosscorpus import CrossCorpus, CrossResult
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +140,9 @@ class TrainConfig:
     refit: bool = False  # retrain on training + validation speakers with the choice made on validation, then test
     ensemble: int = 1  # heads per fold, seeds member_seed(fold seed, m), probabilities averaged (heads.Ensemble)
     time_mask: float = 0.0  # training only: fraction of each utterance's frames dropped, in spans (drop_spans)
+    task: str = "classification"  # or "regression": learn `targets` (tasks.py)
+    targets: tuple = ()  # regression: target names; empty: every target the cache holds
+    loss: str = "ccc"  # regression: "ccc" (1 - CCC, mean over targets) or "mse"; classes: cross-entropy
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
 
@@ -148,6 +160,12 @@ class TrainConfig:
             (self.patience >= 0, "patience must be >= 0 (0: train every epoch)"),
             (self.ensemble >= 1, "ensemble must be >= 1 (1: one head per fold)"),
             (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {COMPUTE_DTYPES}"),
+            (self.task in TASKS, f"task must be one of {TASKS}"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES} (regression; classification uses cross-entropy)"),
+            (self.task == "regression" or not self.targets,
+             "targets are learned by regression: add --task regression, or drop --targets"),
+            (self.task == "classification" or not self.class_weights,
+             "class weights weigh classes, and a regression has none: drop class_weights"),
             (not (self.refit and self.compat_select_on_test),
              "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
              "speakers: drop one of the two"),
@@ -156,6 +174,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self.linear_c = tuple(float(c) for c in self.linear_c)
+        self.targets = tuple(str(t) for t in self.targets)
 
     @classmethod
     def from_dict(cls, overrides: dict) -> "TrainConfig":
@@ -178,7 +197,8 @@ class TrainConfig:
 
 # Settings added after runs and sweeps were first saved, with the value that reproduces them: a
 # stored config that lacks one was made with this value, whatever today's default is.
-EARLIER_VALUES = {"patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0}
+EARLIER_VALUES = {"patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0,
+                  "task": "classification", "targets": [], "loss": "ccc"}
 
 
 def as_made(stored: dict) -> dict:
@@ -278,21 +298,15 @@ def ua_of(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
     return fold_metrics(y_true, probs.argmax(axis=1), n_classes)["ua"]
 
 
-def class_weights(y_train: np.ndarray, n_classes: int) -> torch.Tensor:
-    """(n_classes,) float32 n / (n_classes * count); 0 for a class absent from training."""
-    counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
-    w = np.divide(len(y_train), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
 # --- fitting one head ------------------------------------------------------------------------
 
 
 @dataclass
 class Fit:
-    """A fitted head. selected: the choice ({"epoch": e} or {"C": c}) with "ua", its
-    validation UA (None when the choice was fixed); history: one entry per epoch or C tried
-    (fewer epochs than configured when patience stopped the run)."""
+    """A fitted head. selected: the choice ({"epoch": e} or {"C": c}) with its validation
+    score under the task's score_name ("ua", or "ccc": the mean CCC over targets; None when
+    the choice was fixed); history: one entry per epoch or C tried (fewer epochs than
+    configured when patience stopped the run)."""
 
     model: Head
     options: dict  # the head's constructor arguments
@@ -300,21 +314,22 @@ class Fit:
     history: list
     seconds: float
     compute_dtype: str = "float32"  # the arithmetic of the training steps
-    select_probs: np.ndarray | None = None  # (len(select), n_classes) of the choice, in select's order
+    select_probs: np.ndarray | None = None  # (len(select), n_outputs) predictions of the choice, in select's order
 
 
 def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
-                  config: TrainConfig, n_classes: int, seed: int, device: torch.device,
+                  config: TrainConfig, task: Task, seed: int, device: torch.device,
                   fixed: dict | None = None) -> Fit:
     """The training loop: AdamW over config.epochs epochs of the schedule, keeping the state
-    of the epoch with the best UA on `select`; with fixed={"epoch": e} (and select None),
+    of the epoch with the best validation score on `select` (the task's: UA, or mean CCC),
+    and the task's loss (tasks.py); with fixed={"epoch": e} (and select None),
     train epochs 0..e of the same schedule and keep the last. Raises NonFiniteLossError if
     the loss stops being finite. config.patience > 0 stops once that many epochs in a row
-    brought no better validation UA (the schedule stays config.epochs long).
+    brought no better validation score (the schedule stays config.epochs long).
     config.compute_dtype: the training steps' arithmetic (bfloat16 under autocast, float32
     master weights and loss; "auto" measures which is faster here, `faster_dtype`)."""
     t0 = time.perf_counter()
-    options = options_for(cls, config, data.dim, n_classes, data.n_states)
+    options = options_for(cls, config, data.dim, task.n_outputs, data.n_states)
     last = config.epochs - 1 if fixed is None else int(fixed["epoch"])
     assert 0 <= last < config.epochs, f"epoch {last} of a {config.epochs}-epoch schedule"
     dtype = resolve_compute_dtype(config.compute_dtype, device)
@@ -323,20 +338,21 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         rng = np.random.default_rng(seed)
         model = cls(**options)
         model.prepare(data, train, config)
+        task.prepare(model, y, train)
         model = model.to(device)
         # The fixed input transform (standardisation) is applied to the batches as they are
         # built, not at every step (it holds no parameters): the same numbers, fewer passes.
         # The batch order is the first draw from rng, as in earlier versions (initialisation
         # draws from torch's RNG), so that a seed keeps giving the same heads. A streamed
         # layer draws its order within blocks of shards (streaming.py).
-        train_batches = batch_source(data, y, train, config.batch_size, device, rng, transform=model.inputs)
+        train_batches = batch_source(data, task.fit_y(y, model), train, config.batch_size, device, rng,
+                                     transform=model.inputs)
         if fixed is None:
-            select_batches = batch_source(data, y, select, EVAL_BATCH_SIZE, device, transform=model.inputs)
+            select_batches = batch_source(data, None, select, EVAL_BATCH_SIZE, device, transform=model.inputs)
             select_order = select_batches.order
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                       fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
-        weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        loss_fn = task.loss(config, y[train], device)
 
         augment = functools.partial(drop_spans, fraction=config.time_mask) if config.time_mask else None
 
@@ -344,7 +360,11 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return model.logits(z, mask).float()
 
-        best_ua, best_epoch, best_state, best_probs, history = None, last, None, None, []
+        def evaluate(z, mask):  # predictions on the targets' scale (regression; logits stay logits)
+            return model.outputs(step(z, mask))
+
+        best_score, best_epoch, best_state, best_probs, history = None, last, None, None, []
+        score_key = f"select_{task.score_name}"
         for epoch in range(last + 1):
             lr = get_lr(epoch, config)
             train_loss = train_epoch(step, model, optimizer, loss_fn, train_batches, rng, lr, augment)
@@ -354,19 +374,20 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
                     f"{lr:g} at this epoch, --lr {config.lr:g}) or check the cache for NaN/inf frames")
             entry = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
             if fixed is None:
-                probs = predict(model, select_batches, config.compat_eval_dropout, step)
-                entry["select_ua"] = ua = ua_of(y[select_order], probs, n_classes)
-                if best_ua is None or ua > best_ua:  # ties keep the earlier epoch
-                    best_ua, best_epoch, best_probs = ua, epoch, probs
+                probs = predict(model, select_batches, config.compat_eval_dropout, evaluate)
+                entry[score_key] = score = task.score(y[select_order], probs)
+                if best_score is None or score > best_score:  # ties keep the earlier epoch
+                    best_score, best_epoch, best_probs = score, epoch, probs
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             history.append(entry)
-            log.debug("epoch %d lr %.2e loss %.4f %s", epoch, lr, train_loss, entry.get("select_ua", ""))
+            log.debug("epoch %d lr %.2e loss %.4f %s", epoch, lr, train_loss, entry.get(score_key, ""))
             if fixed is None and config.patience and epoch - best_epoch >= config.patience:
-                log.debug("no better validation UA for %d epochs: stopped after epoch %d", config.patience, epoch)
+                log.debug("no better validation score for %d epochs: stopped after epoch %d", config.patience, epoch)
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
-    return Fit(model.eval(), options, {"epoch": best_epoch, "ua": best_ua}, history, time.perf_counter() - t0,
+    return Fit(model.eval(), options, {"epoch": best_epoch, task.score_name: best_score}, history,
+               time.perf_counter() - t0,
                str(dtype).removeprefix("torch."),
                None if best_probs is None else in_order(best_probs, select_order, select))
 
@@ -398,36 +419,49 @@ def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.ran
 
 
 def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
-                 config: TrainConfig, n_classes: int, seed: int, device: torch.device,
+                 config: TrainConfig, task: Task, seed: int, device: torch.device,
                  fixed: dict | None = None) -> Fit:
     """Logistic regression on the standardised frame statistics (LayerData.statistics) for
-    each C of config.linear_c, keeping the best UA on `select`; with fixed={"C": c}, that C.
-    The result is the head `cls` (heads.LinearProbe) holding the fitted numbers."""
-    from sklearn.linear_model import LogisticRegression
+    each C of config.linear_c, keeping the best validation score on `select`; with
+    fixed={"C": c}, that C. The result is the head `cls` (heads.LinearProbe) holding the
+    fitted numbers. Regression: ridge regression of the targets, standardised with the
+    training split's mean and std as every head's (tasks.py), with alpha = 1 / (2 C), the
+    penalty-to-loss ratio of LogisticRegression's C (which minimises C * loss + |w|^2 / 2),
+    so that the same grid means the same: larger C, weaker penalty; chosen on mean CCC."""
+    from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
     features = data.statistics
-    best_ua, best_c, best, best_probs, history = None, None, None, None, []
+    options = options_for(cls, config, data.dim, task.n_outputs, data.n_states)
+    model = cls(**options)
+    task.prepare(model, y, train)
+    y_fit = task.fit_y(y, model)
+    best_score, best_c, best, best_probs, history = None, None, None, None, []
     for c in config.linear_c if fixed is None else (float(fixed["C"]),):
-        pipeline = make_pipeline(StandardScaler(), LogisticRegression(
-            C=c, max_iter=config.linear_max_iter, random_state=seed,
-            class_weight="balanced" if config.class_weights else None)).fit(features[train], y[train])
-        ua = probs = None
+        if isinstance(task, Regression):
+            fitter = Ridge(alpha=1 / (2 * c))
+        else:
+            fitter = LogisticRegression(C=c, max_iter=config.linear_max_iter, random_state=seed,
+                                        class_weight="balanced" if config.class_weights else None)
+        pipeline = make_pipeline(StandardScaler(), fitter).fit(features[train], y_fit[train])
+        score = probs = None
         if fixed is None:
-            probs = np.zeros((len(select), n_classes))
-            probs[:, pipeline.classes_] = pipeline.predict_proba(features[select])
-            ua = ua_of(y[select], probs, n_classes)
-            history.append({"C": c, "select_ua": ua})
-        if best is None or ua > best_ua:  # ties keep the smaller C, the first of the grid
-            best_ua, best_c, best, best_probs = ua, c, pipeline, probs
-    options = options_for(cls, config, data.dim, n_classes, data.n_states)
-    scaler, logreg = best[0], best[-1]
-    model = cls(**options).from_fitted(scaler.mean_, scaler.scale_, logreg.coef_, logreg.intercept_,
-                                       logreg.classes_)
-    return Fit(model.to(device).eval(), options, {"C": best_c, "ua": best_ua}, history, time.perf_counter() - t0,
-               select_probs=best_probs)
+            if isinstance(task, Regression):  # back on the targets' scale
+                probs = model.outputs(torch.from_numpy(pipeline.predict(features[select]).reshape(len(select), -1)
+                                                       .astype(np.float64))).numpy()
+            else:
+                probs = np.zeros((len(select), task.n_outputs))
+                probs[:, pipeline.classes_] = pipeline.predict_proba(features[select])
+            score = task.score(y[select], probs)
+            history.append({"C": c, f"select_{task.score_name}": score})
+        if best is None or score > best_score:  # ties keep the smaller C, the first of the grid
+            best_score, best_c, best, best_probs = score, c, pipeline, probs
+    scaler, fitted = best[0], best[-1]
+    model.from_fitted(scaler.mean_, scaler.scale_, fitted.coef_, fitted.intercept_, getattr(fitted, "classes_", None))
+    return Fit(model.to(device).eval(), options, {"C": best_c, task.score_name: best_score}, history,
+               time.perf_counter() - t0, select_probs=best_probs)
 
 
 @dataclass(frozen=True)
@@ -441,7 +475,7 @@ class Fitter:
 
 FITTERS = {
     "epoch": Fitter(fit_by_epochs, ("epochs", "patience", "batch_size", "lr", "weight_decay", "warmup_fraction",
-                                    "class_weights", "standardize", "compute_dtype", "time_mask")),
+                                    "class_weights", "standardize", "compute_dtype", "time_mask", "loss")),
     "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
 }
 
@@ -451,21 +485,23 @@ def fitter_of(name: str) -> Fitter:
 
 
 def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
-             n_classes: int, seed: int, device: torch.device, fixed: dict | None = None) -> Fit:
+             task: Task | int, seed: int, device: torch.device, fixed: dict | None = None) -> Fit:
     """Fit head `name` on the utterances `train`, choosing on `select` (validation), or with
-    the choice `fixed` (then select is None). y: (n,) class numbers of all of `data`."""
+    the choice `fixed` (then select is None). y: of all of `data`, (n,) class numbers, or
+    (n, n_targets) target values; task: its tasks.Classification or Regression (an int n: n
+    classes)."""
     assert (select is None) == (fixed is not None), "give validation utterances or a fixed choice"
     return fitter_of(name).fit(head_class(name), data, y, np.asarray(train), select, config,
-                               n_classes, seed, device, fixed)
+                               as_task(task), seed, device, fixed)
 
 
 @dataclass
 class Chosen:
     """What fitting on one split hands to its single test: the head (a heads.Ensemble for
-    config.ensemble > 1), the choice made on validation with its validation UA (`selected`),
-    each ensemble member's own (`members`: seed, choice, ua, history; empty for one head),
-    and, after `refit_selected`, how the head was retrained (`refit`: n_train, val_ua,
-    seconds; empty when not refit)."""
+    config.ensemble > 1), the choice made on validation with its validation score
+    (`selected`: UA "ua", or mean CCC "ccc"), each ensemble member's own (`members`: seed,
+    choice, score, history; empty for one head), and, after `refit_selected`, how the head
+    was retrained (`refit`: n_train, val_ua or val_ccc, seconds; empty when not refit)."""
 
     model: Head
     selected: dict
@@ -482,16 +518,18 @@ class Chosen:
 
 
 def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
-                 n_classes: int, seed: int, device: torch.device) -> Chosen:
+                 task: Task | int, seed: int, device: torch.device) -> Chosen:
     """Head `name` fitted on `train` with its epoch (or C) chosen on `select`.
 
     config.ensemble = N > 1: N members seeded member_seed(seed, m), each choosing its own
-    epoch (or C) on `select`, as one heads.Ensemble. Its selected["ua"] is the validation UA
-    of the members' mean probabilities (what a sweep compares settings by) and selected[key]
-    the median (lower middle) of their choices, for tables; each member's is in `members`.
-    (The linear probe's fit does not depend on the seed: its members are alike.)
+    epoch (or C) on `select`, as one heads.Ensemble. Its selected["ua"] (or "ccc") is the
+    validation score of the members' mean probabilities (or values), what a sweep compares
+    settings by, and selected[key] the median (lower middle) of their choices, for tables;
+    each member's is in `members`. (The linear probe's fit does not depend on the seed: its
+    members are alike.)
     """
-    fits = [fit_head(name, data, y, train, select, config, n_classes, member_seed(seed, m), device)
+    task = as_task(task)
+    fits = [fit_head(name, data, y, train, select, config, task, member_seed(seed, m), device)
             for m in range(config.ensemble)]
     seconds = sum(f.seconds for f in fits)
     if len(fits) == 1:
@@ -499,25 +537,27 @@ def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, confi
         return Chosen(fit.model, fit.selected, fit.history, seconds, fit.compute_dtype)
     key = head_class(name).selects
     members = [{"seed": member_seed(seed, m), **f.selected, "history": f.history} for m, f in enumerate(fits)]
-    ua = ua_of(y[select], np.mean([f.select_probs for f in fits], axis=0), n_classes)
-    selected = {key: statistics.median_low(f.selected[key] for f in fits), "ua": ua}
+    score = task.score(y[select], np.mean([f.select_probs for f in fits], axis=0))
+    selected = {key: statistics.median_low(f.selected[key] for f in fits), task.score_name: score}
     return Chosen(one_head([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
 
 
 def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
-                   config: TrainConfig, n_classes: int, seed: int, device: torch.device) -> Chosen:
+                   config: TrainConfig, task: Task | int, seed: int, device: torch.device) -> Chosen:
     """`chosen` retrained from scratch on train + select with the choice made on select and
-    the same seed (an ensemble: every member with its own choice and seed). Its UA on
-    `select` is recorded as refit["val_ua"]: those utterances were trained on, so it measures
-    fit, not generalisation (selected["ua"] stays the honest one)."""
+    the same seed (an ensemble: every member with its own choice and seed). Its score on
+    `select` is recorded as refit["val_ua"] (or "val_ccc"): those utterances were trained on,
+    so it measures fit, not generalisation (selected["ua"] stays the honest one)."""
+    task = as_task(task)
     key = head_class(name).selects
     both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
     choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
-    fits = [fit_head(name, data, y, both, None, config, n_classes, member_seed(seed, m), device, fixed={key: c})
+    fits = [fit_head(name, data, y, both, None, config, task, member_seed(seed, m), device, fixed={key: c})
             for m, c in enumerate(choices)]
     model = one_head([f.model for f in fits])
     seconds = sum(f.seconds for f in fits)
-    refit = {"n_train": len(both), "val_ua": ua_of(y[select], predict_proba(model, data, select, device), n_classes),
+    refit = {"n_train": len(both),
+             f"val_{task.score_name}": task.score(y[select], predict_proba(model, data, select, device)),
              "seconds": seconds}
     return dataclasses.replace(chosen, model=model, seconds=chosen.seconds + seconds, refit=refit)
 
@@ -535,8 +575,9 @@ def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int =
 
 @dataclass
 class RunResult:
-    """A head trained on every fold of one layer (or several, a tuple). metrics: the
-    `summarize` dict; models: the fold heads (eval mode), in fold order."""
+    """A head trained on every fold of one layer (or several, a tuple). metrics: the task's
+    summary (tasks.py: metrics.summarize, or mean CCC and per-target scores); labels: the
+    outputs' names (classes, or targets); models: the fold heads (eval mode), in fold order."""
 
     head: str
     layer: Selection
@@ -545,9 +586,49 @@ class RunResult:
     folds: list[FoldRecord]
     metrics: dict
     models: list[Head] = field(default_factory=list)
+    cross_corpus: "CrossResult | None" = None  # with a test cache: the heads' metrics on it
 
     def table(self) -> str:
-        """Per-fold and mean ± std table (percent), for printing."""
+        """Per-fold and mean ± std table (percent; CCC, r and MAE as numbers), for printing."""
+        sel = head_class(self.head).selects
+        lines = self.regression_rows() if self.config.task == "regression" else self.classification_rows()
+        lines += self.weights_table()
+        if self.config.ensemble > 1:
+            averaged = "values" if self.config.task == "regression" else "probabilities"
+            lines.append(f"  ensembles of {self.config.ensemble} heads per fold (seeds derived from the fold's), "
+                         f"{averaged} averaged; {sel}: the median of the members' choices on validation")
+        if self.config.refit:
+            lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
+                         "validation (refit)")
+        if self.config.flawed:
+            lines.append("  FLAWED compatibility switches on (select_on_test={}, eval_dropout={}): "
+                         "not an honest estimate".format(self.config.compat_select_on_test,
+                                                         self.config.compat_eval_dropout))
+        return "\n".join(lines)
+
+    def regression_rows(self) -> list[str]:
+        """Per fold: CCC of each target; then per target CCC, Pearson r, MAE, mean ± std over folds."""
+        sel = head_class(self.head).selects
+        width = max([8] + [len(t) for t in self.labels])
+        lines = [f"{'fold':>6} {'n_test':>6} {sel:>6} " + " ".join(f"{'CCC ' + t:>{width + 4}}" for t in self.labels)
+                 + f" {'train s':>8} {'eval s':>7}"]
+        for f in self.folds:
+            ccc = [f.metrics["targets"][t]["ccc"] for t in self.labels]
+            lines.append(f"{f.fold:>6} {len(f.test_ids):>6} {f.selected[sel]:>6g} "
+                         + " ".join(f"{c:>{width + 4}.3f}" for c in ccc)
+                         + f" {f.train_seconds:8.1f} {f.eval_seconds:7.2f}")
+        lines.append("  mean ± std over folds:")
+
+        def cell(m):
+            return "n/a" if m["mean"] is None else f"{m['mean']:.3f} ± {m['std']:.3f}"
+
+        for t in self.labels:
+            m = self.metrics["targets"][t]
+            lines.append(f"  {t:<{width}}  CCC {cell(m['ccc'])}, Pearson r {cell(m['pearson'])}, MAE {cell(m['mae'])}")
+        lines.append(f"  {'mean CCC':<{width}}  {cell(self.metrics['ccc'])} (over targets, then folds)")
+        return lines
+
+    def classification_rows(self) -> list[str]:
         sel = head_class(self.head).selects
         lines = [f"{'fold':>6} {'n_test':>6} {sel:>6} {'UA':>6} {'WA':>6} {'mF1':>6} {'wF1':>6} "
                  f"{'train s':>8} {'eval s':>7}"]
@@ -560,18 +641,7 @@ class RunResult:
         lines.append("  mean ± std: " + ", ".join(
             f"{name} {100 * s[key]['mean']:.2f} ± {100 * s[key]['std']:.2f}"
             for name, key in (("UA", "ua"), ("WA", "wa"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1"))))
-        lines += self.weights_table()
-        if self.config.ensemble > 1:
-            lines.append(f"  ensembles of {self.config.ensemble} heads per fold (seeds derived from the fold's), "
-                         f"probabilities averaged; {sel}: the median of the members' choices on validation")
-        if self.config.refit:
-            lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
-                         "validation (refit)")
-        if self.config.flawed:
-            lines.append("  FLAWED compatibility switches on (select_on_test={}, eval_dropout={}): "
-                         "not an honest estimate".format(self.config.compat_select_on_test,
-                                                         self.config.compat_eval_dropout))
-        return "\n".join(lines)
+        return lines
 
     def weights_table(self) -> list[str]:
         """The learned softmax weight of each state per fold, and their mean ± std (a
@@ -599,24 +669,26 @@ def fold_split(folds: Folds, k: int, config: TrainConfig) -> tuple[np.ndarray, n
 
 
 def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, config: TrainConfig,
-               n_classes: int, device: torch.device) -> tuple[FoldRecord, Head]:
+               task: Task | int, device: torch.device) -> tuple[FoldRecord, Head]:
     """Fit `head` on fold k's training speakers, choose on its validation speakers (then, with
     config.refit, retrain on both with that choice), test once."""
+    task = as_task(task)
     train, select, test = fold_split(folds, k, config)
     seed = fold_seed(config.seed, k)
     try:
-        chosen = fit_selected(head, data, y, train, select, config, n_classes, seed, device)
+        chosen = fit_selected(head, data, y, train, select, config, task, seed, device)
         if config.refit:
-            chosen = refit_selected(chosen, head, data, y, train, select, config, n_classes, seed, device)
+            chosen = refit_selected(chosen, head, data, y, train, select, config, task, seed, device)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"fold {k}, {e}") from None
     t0 = time.perf_counter()
     with fork_rng(device):  # seeded: even the FLAWED dropout at evaluation is reproducible
         torch.manual_seed(seed)
         probs = predict_proba(chosen.model, data, test, device, config.compat_eval_dropout)
+    regression = isinstance(task, Regression)
     record = FoldRecord(fold=k, selected=chosen.selected, n_train=len(train), n_val=len(select),
-                        test_ids=data.ids[test].tolist(), probs=probs,
-                        metrics=fold_metrics(y[test], probs.argmax(axis=1), n_classes),
+                        test_ids=data.ids[test].tolist(), probs=probs, metrics=task.fold_metrics(y[test], probs),
+                        true_values=y[test].tolist() if regression else None,
                         train_seconds=chosen.seconds, eval_seconds=time.perf_counter() - t0,
                         history=chosen.history, compute_dtype=chosen.compute_dtype, tested=chosen.tested,
                         refit=chosen.refit, members=chosen.members, layer_weights=chosen.model.layer_weights())
@@ -625,14 +697,18 @@ def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, 
 
 def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | None = None,
               out_dir: Path | None = None, cache: dict | None = None,
-              overwrite: bool = False) -> RunResult:
+              overwrite: bool = False, cross_corpus: "CrossCorpus | None" = None) -> RunResult:
     """Train and test `head` on every fold of `folds` over the utterances of `data`.
 
+    config.task "regression": the head learns config.targets of `data` (all of them when
+    empty; the resolved list is what config.json records), tasks.make_task.
     cache: a JSON-able fingerprint of where `data` came from, stored in config.json.
     out_dir: when given, the run folder to write (results.RunFolder), fold by fold. A folder
     holding a finished run is refused unless overwrite; one holding an unfinished run of the
     same settings is resumed from its finished folds; one of other settings is refused
     (naming what differs) unless overwrite.
+    cross_corpus: a test cache (and label map) the fold heads are also scored on, after
+    the folds (crosscorpus.py); `data` already holds the mapped classes.
     """
     config = config or TrainConfig()
     cls = head_class(head)
@@ -640,21 +716,26 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     if (data.n_frames < 1).any():
         raise ConfigError(f"{(data.n_frames < 1).sum()} utterances have no frames, e.g. "
                           f"{data.ids[data.n_frames < 1][:3]}: rebuild the cache or drop them")
-    labels, y = data.classes()
-    n_classes = len(labels)
+    task, y = make_task(data, config)
+    if isinstance(task, Regression):
+        config = dataclasses.replace(config, targets=tuple(task.targets))  # recorded as resolved
+    classes, class_y = data.classes()
+    labels, n_outputs = task.names, task.n_outputs
     device = pick_device(config.device)
     run = RunConfig(
         head=head, layer=to_json(data.layer), labels=labels, dim=int(data.dim),
-        class_counts=dict(zip(labels, np.bincount(y, minlength=n_classes).tolist())),
+        class_counts=dict(zip(classes, np.bincount(class_y, minlength=len(classes)).tolist())),
         n_utterances=len(data), device=str(device), config=config.to_dict(),
-        head_kwargs=options_for(cls, config, data.dim, n_classes, data.n_states),
+        head_kwargs=options_for(cls, config, data.dim, n_outputs, data.n_states),
         folds={"protocol": folds.protocol, "n_folds": folds.n_folds, "seed": folds.seed,
                "sha256": folds_digest(folds)},
         flawed_compat=config.flawed, cache=cache or {},
-        versions={"torch": torch.__version__, "numpy": np.__version__})
+        versions={"torch": torch.__version__, "numpy": np.__version__},
+        cross_corpus=cross_corpus.config if cross_corpus else {})
     folder = open_run_folder(out_dir, run, folds, overwrite) if out_dir is not None else None
-    log.info("%s head on layer %s: %d utterances, %d classes, %d folds (%s), device %s",
-             head, label(data.layer), len(data), n_classes, folds.n_folds, folds.protocol, device)
+    log.info("%s head on layer %s: %d utterances, %s, %d folds (%s), device %s",
+             head, label(data.layer), len(data), f"{n_outputs} classes" if isinstance(task, Classification)
+             else f"targets {', '.join(labels)}", folds.n_folds, folds.protocol, device)
 
     records, models = [], []
     for k in range(folds.n_folds):
@@ -663,23 +744,28 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
             log.info("fold %d: finished in an earlier run, kept", k)
             model = load_head(folder.head_path(k))[0]
         else:
-            record, model = train_fold(data, y, folds, k, head, config, n_classes, device)
+            record, model = train_fold(data, y, folds, k, head, config, task, device)
             if folder:
                 save_head(folder.head_path(k), model, head, run.head_kwargs, labels, data.layer,
                           fold=k, selected=record.selected)
                 folder.write_fold(record)
         records.append(record)
         models.append(model)
-        log.info("fold %d: UA %.4f WA %.4f (selected %s) train %.1fs eval %.2fs", k, record.metrics["ua"],
-                 record.metrics["wa"], record.selected, record.train_seconds, record.eval_seconds)
+        log.info("fold %d: %s %.4f (selected %s) train %.1fs eval %.2fs", k, task.score_name.upper(),
+                 record.metrics[task.score_name], record.selected, record.train_seconds, record.eval_seconds)
         if record.layer_weights is not None:
             log.info("fold %d: layer weights %s", k, ", ".join(
                 f"{s}: {w:.3f}" for s, w in zip(data.layers, record.layer_weights)))
 
-    result = RunResult(head, data.layer, labels, config, records,
-                       summarize([r.metrics for r in records], labels), models)
+    result = RunResult(head, data.layer, labels, config, records, task.summarize([r.metrics for r in records]), models)
     if folder:
-        folder.write_predictions(data.ids, labels, y, records)
+        if isinstance(task, Regression):
+            folder.write_value_predictions(data.ids, data.labels, labels, y, records)
+        else:
+            folder.write_predictions(data.ids, labels, y, records)
+    if cross_corpus is not None:  # before metrics.json: a run killed in between is unfinished
+        result.cross_corpus = cross_corpus.evaluate(labels, models, result.metrics, device, folder)
+    if folder:
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
                     "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
                     "eval_seconds": r.eval_seconds, "history": r.history, "tested": r.tested,
@@ -712,7 +798,8 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
                               + "\n  ".join(differences)
                               + "\nRepeat its options to resume it, choose another output folder, or allow overwriting")
     elif overwrite and folder.root.is_dir():
-        for old in [*folder.root.glob("fold_*.*"), folder.root / RunFolder.METRICS, folder.root / RunFolder.PREDICTIONS]:
+        for old in [*folder.root.glob("fold_*.*"), *(folder.root / name for name in (
+                RunFolder.METRICS, RunFolder.PREDICTIONS, RunFolder.CROSS_CORPUS, RunFolder.TARGET_PREDICTIONS))]:
             old.unlink(missing_ok=True)
     folder.root.mkdir(parents=True, exist_ok=True)
     remove_temporaries(folder.root)
@@ -724,9 +811,13 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
 def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_dir: Path | None,
                      config: TrainConfig | None = None, protocol: str | None = None,
                      n_folds: int | None = None, fold_file: Path | None = None,
-                     overwrite: bool = False, memory_budget: int | None = None) -> RunResult:
+                     overwrite: bool = False, test_cache: Path | None = None,
+                     label_map: str | None = None, memory_budget: int | None = None) -> RunResult:
     """Open a cache, read one layer (or several: a tuple, or a --layer spec such as '2-5',
     layers.py), build its folds (seeded by config.seed) and run them.
+
+    test_cache: another corpus's cache on which every fold head is also scored; label_map:
+    a corpora.LABEL_MAPS name applied to the classes of both caches (crosscorpus.py).
 
     protocol None: "file" with a fold file, "loso" when the corpus has groups, else "kfold"
     with n_folds (default per corpus, folds.DEFAULT_N_FOLDS). memory_budget: bytes the layer
@@ -745,9 +836,20 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     if missing:
         what = f"layer {missing[0]} is" if len(missing) == 1 else f"layers {missing} are"
         raise ConfigError(f"{what} not in the cache {cache_path}; cached layers = {cache.layers}")
-    data = open_layer(cache, layer, memory_budget, config.batch_size)
+    if test_cache is not None and config.task == "regression":
+        raise ConfigError("--test-cache scores class labels on another corpus: train a regression task without "
+                          "it, or cross-corpus with --task classification")
+    cross = None
+    if test_cache is not None or label_map is not None:
+        from .crosscorpus import open_cross_corpus
+
+        cross = open_cross_corpus(cache, layer, test_cache, label_map)  # checked before A's layer is read
+        data = cross.map_source(cache.read_layer(layer), str(cache_path))  # in memory: not streamed
+    else:
+        data = open_layer(cache, layer, memory_budget, config.batch_size)
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
                        n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed)
     # A streamed layer's batch order follows its blocks: part of what decides the results.
     where = cache.fingerprint if isinstance(data, LayerData) else {**cache.fingerprint, **data.describe()}
-    return run_folds(data, folds, head, config, out_dir, cache=where, overwrite=overwrite)
+    return run_folds(data, folds, head, config, out_dir, cache=where, overwrite=overwrite,
+                     cross_corpus=cross)

@@ -387,11 +387,22 @@ def test_a_sweep_from_before_a_setting_existed_resumes_only_as_it_was_made(cache
     old = tmp_path / "old"
     shutil.copytree(full[0], old)
     stored = json.loads((old / SweepFolder.CONFIG).read_text())
-    for key in ("patience", "compute_dtype", "refit", "ensemble", "time_mask"):
+    for key in ("patience", "compute_dtype", "refit", "ensemble", "time_mask", "task", "targets", "loss"):
         stored["config"]["train"].pop(key)
     (old / SweepFolder.CONFIG).write_text(json.dumps(stored))
+    for cell in tasks_on_disk(old):  # cells written before tasks: classification
+        record = json.loads(cell.read_text())
+        for key in ("task", "ccc", "val_ccc", "targets"):
+            record.pop(key)
+        cell.write_text(json.dumps(record))
     spec = spec_for(caches["trim"], seeds=[0, 1])  # today's default patience
     with pytest.raises(SweepError, match=r"train\.patience: sweep has 0, asked for 10"):
         run_sweep(spec, old, jobs=1, progress=False)
     again = run_sweep(replace(spec, train=replace(TRAIN, patience=0)), old, jobs=1, progress=False)
     assert again.tasks_run == 0 and again.tasks_done_before == again.tasks_total
+    assert all(r.task == "classification" for r in load_sweep(old).records)  # cells from before tasks
+
+    def table(path):
+        return (path / SUMMARY_FILE).read_text().split("UA % by layer")[1].split("## Time")[0]
+
+    assert table(old) == table(full[0])  # the same cells, reported as classification

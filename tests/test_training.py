@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from ser_cache.batches import make_batches, predict_proba
+from ser_cache.tasks import Classification
 from ser_cache.features import LayerData
 from ser_cache.folds import Folds, kfold_folds
 from ser_cache.heads import load_head
@@ -547,11 +548,9 @@ def test_an_unfinished_run_with_other_settings_is_refused_not_mixed(data, tmp_pa
 
 
 def test_patience_stops_a_run_whose_validation_ua_is_flat(data, monkeypatch):
-    import ser_cache.training as T
-
     folds, y = folds_of(data), data.classes()[1]
     train, val, _ = folds.split(0)
-    monkeypatch.setattr(T, "ua_of", lambda *a: 0.5)  # validation never improves on epoch 0
+    monkeypatch.setattr(Classification, "score", lambda *a: 0.5)  # validation never improves on epoch 0
     fit = fit_head("mean", data, y, train, val, TrainConfig(**{**SMALL, "epochs": 10}, patience=3), 3, 0,
                    torch.device("cpu"))
     assert [h["epoch"] for h in fit.history] == [0, 1, 2, 3] and fit.selected["epoch"] == 0
