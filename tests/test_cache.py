@@ -160,11 +160,12 @@ def test_a_file_system_without_locks_is_named_with_the_fix(tmp_path, monkeypatch
 
 
 def synthetic_cache(root, n_utts=48, per_shard=16, dim=64, states=(0, 1, 2), frames=(300, 600), seed=0,
-                    n_speakers=4):
+                    n_speakers=4, targets=False):
     """A cache of random states written through the cache's own writer (write_shard), larger
     than the tiny Whisper's so that memory is dominated by the frames, in well under a second.
     Utterance i: speaker i % n_speakers, label a or b; with 4 speakers, label i % 2 (each
-    speaker one label), else every speaker has both (so that any speaker split trains)."""
+    speaker one label), else every speaker has both (so that any speaker split trains).
+    targets: every record also carries a random numeric target, "arousal"."""
     from dataclasses import asdict
 
     from ser_cache import cache as C
@@ -173,7 +174,8 @@ def synthetic_cache(root, n_utts=48, per_shard=16, dim=64, states=(0, 1, 2), fra
     rng = np.random.default_rng(seed)
     label = (lambda i: i % 2) if n_speakers == 4 else (lambda i: i // n_speakers % 2)
     records = [Utterance(id=f"u{i:05d}", path=f"/nowhere/u{i:05d}.wav", label=("a", "b")[label(i)],
-                         speaker=f"s{i % n_speakers}", duration=1.0) for i in range(n_utts)]
+                         speaker=f"s{i % n_speakers}", duration=1.0,
+                         targets={"arousal": float(rng.uniform(1, 5))} if targets else ()) for i in range(n_utts)]
     plan = [[r.id for r in records[k : k + per_shard]] for k in range(0, n_utts, per_shard)]
     settings = C.CacheSettings(corpus="csv", model="synthetic", model_sha256="0" * 64,
                                dims={"n_audio_state": dim, "n_audio_layer": max(states)}, mode="trim",

@@ -43,9 +43,9 @@ def test_bad_sizes_are_refused_with_the_format(text):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """A cache of 12 shards of 16 utterances, 6 speakers with both labels, two states."""
+    """A cache of 12 shards of 16 utterances, 6 speakers with both labels and a target, two states."""
     return synthetic_cache(tmp_path_factory.mktemp("stream") / "c", n_utts=192, per_shard=16, dim=16,
-                           states=(0, 1), frames=(10, 40), n_speakers=6)
+                           states=(0, 1), frames=(10, 40), n_speakers=6, targets=True)
 
 
 def budget_for(cache, shards_per_block: int, layer=1) -> int:
@@ -99,8 +99,9 @@ def test_streamed_statistics_equal_the_in_memory_ones(small):
     np.testing.assert_array_equal(data.statistics, whole.statistics)
 
 
-@pytest.mark.parametrize("head", ["mean", "linear"])
-def test_streamed_training_equals_in_memory_training_in_the_same_order(small, head):
+@pytest.mark.parametrize("head, task", [("mean", "classification"), ("linear", "classification"),
+                                        ("mean", "regression")])
+def test_streamed_training_equals_in_memory_training_in_the_same_order(small, head, task):
     budget = budget_for(small, 5)  # blocks of 5, 5 and 2 shards: uneven on purpose
     streamed = open_streamed(small, 1, budget, 16)
     assert len(streamed.blocks) == 3
@@ -108,7 +109,7 @@ def test_streamed_training_equals_in_memory_training_in_the_same_order(small, he
     in_memory = from_memory(whole, small.read_meta()["shard"], budget, 16)
     folds = make_folds(whole.ids, whole.labels, whole.speakers, whole.groups, protocol="kfold", n_folds=2,
                        corpus="csv", seed=0)
-    config = TrainConfig(**{**SMALL, "epochs": 2}, time_mask=0.2)  # time masking: torch's RNG is drawn too
+    config = TrainConfig(**{**SMALL, "epochs": 2}, time_mask=0.2, task=task)  # time masking: torch's RNG too
     a, b = run_folds(streamed, folds, head, config), run_folds(in_memory, folds, head, config)
     for fa, fb in zip(a.folds, b.folds):
         np.testing.assert_array_equal(fa.probs, fb.probs)
