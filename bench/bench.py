@@ -14,6 +14,8 @@ same run, never an absolute time:
                            a share of the measured matmul rate          target >= 0.5
                            the full 30-epoch layer sweep                 target <= 20 min
                            that sweep if every cell re-ran Whisper / the sweep   target >= 20
+  7. stacked ensembles     an ensemble of 3 and 6 qkv and attentive members, s per epoch stacked
+                           (stacking.py) and one after another, 1 thread, min of repeats
 
     python bench/bench.py [--full] [--data DIR] [--weights-dir DIR] [--out bench/results]
 
@@ -285,6 +287,43 @@ def bench_training(cache_path: Path, state: int, encode_s_per_utt: float, epochs
             "cache_saves_ratio": (sweep_s + cells * whisper_per_cell) / sweep_s}
 
 
+def bench_stacking(cache_path: Path, state: int, epochs: int = 2, sizes=(3, 6), heads=("qkv", "attentive"),
+                   repeats: int = 3) -> dict:
+    """7. An ensemble's members trained as one stacked model (stacking.py) against one after
+    another (training.fit_members), on one fold's training split, 1 torch thread, no early
+    stopping: seconds per epoch as the fold's time / epochs (the setup, M padded batch sets,
+    is in both), the minimum over `repeats` alternating runs (the machine is shared)."""
+    from ser_cache.folds import make_folds
+    from ser_cache.training import TrainConfig, fit_members, fold_seed
+
+    cache = open_cache(cache_path)
+    data = cache.read_layer(state)
+    folds = make_folds(data.ids, data.labels, data.speakers, data.groups, corpus=cache.corpus, seed=0)
+    labels, y = data.classes()
+    train, val, _ = folds.split(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = {}
+    try:
+        for head in heads:
+            for n in sizes:
+                best = {}
+                for _ in range(repeats):
+                    for mode in ("off", "on"):
+                        config = TrainConfig(epochs=epochs, patience=0, seed=0, device="cpu", compute_dtype="float32",
+                                             ensemble=n, stack_members=mode)
+                        t, _ = timed(fit_members, head, data, y, train, val, config, len(labels), fold_seed(0, 0),
+                                     torch.device("cpu"))
+                        best[mode] = min(best.get(mode, float("inf")), t / epochs)
+                rows[f"{head} x{n}"] = {"sequential_s_per_epoch": best["off"], "stacked_s_per_epoch": best["on"],
+                                        "stacked_over_sequential": best["on"] / best["off"]}
+                print(f"   {head} x{n}: {rows[f'{head} x{n}']}", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return {"cache": str(cache_path), "state": state, "train_utterances": len(train), "epochs": epochs,
+            "repeats": repeats, "ensembles": rows}
+
+
 # --- driver -------------------------------------------------------------------------------
 
 
@@ -339,6 +378,8 @@ def main(argv=None) -> int:
         enc_s = next(r for r in results["modes"] if r["model"] == "base")["modes"]["short"]["s_per_utt"]
         print("6. training ...", flush=True)
         results["training"] = bench_training(cache, 4, enc_s, epochs=30 if args.full else 5)
+        print("7. stacked ensembles ...", flush=True)
+        results["stacking"] = bench_stacking(cache, 3)
         if bf16_ok:
             results["bf16_accuracy"] = bench_bf16_accuracy(encs["base"], records, tmp, cache)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -404,6 +445,12 @@ def table(r: dict) -> str:
     rows.append((f"full layer sweep, {t['sweep_cells']} cells x 6 folds, {t['sweep_epochs']} epochs, {t['jobs']} workers (estimated from the above)",
                  f"{t['sweep_s'] / 60:.0f} min", "<= 20 min", _ok(t["sweep_s"] <= 20 * 60)))
     rows.append(("same sweep re-running Whisper per cell", f"{t['sweep_if_whisper_rerun_s'] / 60:.0f} min ({t['cache_saves_ratio']:.1f}x)", ">= 20x", _ok(t["cache_saves_ratio"] >= 20)))
+    if "stacking" in r:
+        st = r["stacking"]
+        for name, e in st["ensembles"].items():
+            rows.append((f"ensemble {name}, state {st['state']}, 1 thread: s/epoch stacked vs one after another",
+                         f"{e['stacked_s_per_epoch']:.2f} vs {e['sequential_s_per_epoch']:.2f} "
+                         f"({e['stacked_over_sequential']:.2f}x the time)", "", ""))
     width = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, width)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")

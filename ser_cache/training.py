@@ -91,6 +91,7 @@ from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_tempor
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+STACK_MODES = ("auto", "on", "off")  # stack_members (stacking.py)
 
 
 class ConfigError(OptionError):
@@ -129,6 +130,7 @@ class TrainConfig:
     compute_dtype: str = "auto"  # training arithmetic: float32, bfloat16, or auto (the faster, measured)
     refit: bool = False  # retrain on training + validation speakers with the choice made on validation, then test
     ensemble: int = 1  # heads per fold, seeds member_seed(fold seed, m), probabilities averaged (heads.Ensemble)
+    stack_members: str = "auto"  # train an ensemble's members as one stacked model (stacking.py); auto: on CUDA
     time_mask: float = 0.0  # training only: fraction of each utterance's frames dropped, in spans (drop_spans)
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
@@ -147,6 +149,7 @@ class TrainConfig:
             (self.patience >= 0, "patience must be >= 0 (0: train every epoch)"),
             (self.ensemble >= 1, "ensemble must be >= 1 (1: one head per fold)"),
             (self.compute_dtype in COMPUTE_DTYPES, f"compute_dtype must be one of {COMPUTE_DTYPES}"),
+            (self.stack_members in STACK_MODES, f"stack_members must be one of {STACK_MODES}"),
             (not (self.refit and self.compat_select_on_test),
              "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
              "speakers: drop one of the two"),
@@ -177,7 +180,10 @@ class TrainConfig:
 
 # Settings added after runs and sweeps were first saved, with the value that reproduces them: a
 # stored config that lacks one was made with this value, whatever today's default is.
-EARLIER_VALUES = {"patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0}
+# (stack_members "auto": stacking was added with auto on CUDA only, where runs were never
+# bit-reproducible; on a CPU, auto trains members one after another, as before.)
+EARLIER_VALUES = {"patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0,
+                  "stack_members": "auto"}
 
 
 def as_made(stored: dict) -> dict:
@@ -441,7 +447,8 @@ class Fitter:
 
 FITTERS = {
     "epoch": Fitter(fit_by_epochs, ("epochs", "patience", "batch_size", "lr", "weight_decay", "warmup_fraction",
-                                    "class_weights", "standardize", "compute_dtype", "time_mask")),
+                                    "class_weights", "standardize", "compute_dtype", "time_mask",
+                                    "stack_members")),
     "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
 }
 
@@ -491,8 +498,7 @@ def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, confi
     the median (lower middle) of their choices, for tables; each member's is in `members`.
     (The linear probe's fit does not depend on the seed: its members are alike.)
     """
-    fits = [fit_head(name, data, y, train, select, config, n_classes, member_seed(seed, m), device)
-            for m in range(config.ensemble)]
+    fits = fit_members(name, data, y, train, select, config, n_classes, seed, device)
     seconds = sum(f.seconds for f in fits)
     if len(fits) == 1:
         fit = fits[0]
@@ -504,6 +510,24 @@ def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, confi
     return Chosen(one_head([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
 
 
+def fit_members(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
+                n_classes: int, seed: int, device: torch.device, fixed: list[dict] | None = None) -> list[Fit]:
+    """The fits of config.ensemble members seeded member_seed(seed, m) (or of one per choice
+    in `fixed`, then select is None): one after another, or as one stacked model when
+    stacking.stacks says so (the same heads, see stacking.py)."""
+    from .stacking import fit_stacked, stacks
+
+    fixed = fixed or [None] * config.ensemble
+    seeds = [member_seed(seed, m) for m in range(len(fixed))]
+    if len(seeds) > 1 and stacks(head_class(name), config, device):
+        weight = class_weights(y[train], n_classes).to(device) if config.class_weights else None
+        return fit_stacked(head_class(name), data, y, np.asarray(train), select, config, n_classes, seeds, device,
+                           None if select is not None else fixed, loss=nn.CrossEntropyLoss(weight=weight),
+                           score=lambda truth, probs: ua_of(truth, probs, n_classes))
+    return [fit_head(name, data, y, train, select, config, n_classes, s, device, fixed=f)
+            for s, f in zip(seeds, fixed)]
+
+
 def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
                    config: TrainConfig, n_classes: int, seed: int, device: torch.device) -> Chosen:
     """`chosen` retrained from scratch on train + select with the choice made on select and
@@ -513,8 +537,7 @@ def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, tr
     key = head_class(name).selects
     both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
     choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
-    fits = [fit_head(name, data, y, both, None, config, n_classes, member_seed(seed, m), device, fixed={key: c})
-            for m, c in enumerate(choices)]
+    fits = fit_members(name, data, y, both, None, config, n_classes, seed, device, [{key: c} for c in choices])
     model = one_head([f.model for f in fits])
     seconds = sum(f.seconds for f in fits)
     refit = {"n_train": len(both), "val_ua": ua_of(y[select], predict_proba(model, data, select, device), n_classes),
