@@ -215,13 +215,14 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off).")
 @click.option("--refit", is_flag=True, help="After the epoch (or C) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean, and every member is saved and exported.")
+@click.option("--stack-members", type=click.Choice(_training.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
-              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, compat_select_on_test,
-              compat_eval_dropout, device, overwrite):
+              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, stack_members,
+              compat_select_on_test, compat_eval_dropout, device, overwrite):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
@@ -237,7 +238,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
         epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
-        refit=refit, ensemble=ensemble,
+        refit=refit, ensemble=ensemble, stack_members=stack_members,
         device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
     result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
@@ -265,13 +266,14 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames in 200 ms spans; search it on validation with --grid time_mask=0,0.1,0.2.")
 @click.option("--refit", is_flag=True, help="Retrain each fold's chosen setting on training + validation speakers with the epoch (or C) it chose, then test that head.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold and setting, each with its own seed and epoch chosen on validation, probabilities averaged; settings are compared by the ensemble's validation UA.")
+@click.option("--stack-members", type=click.Choice(_training.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
 @click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble, protocol,
-              n_folds, fold_file, jobs, device):
+def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble,
+              stack_members, protocol, n_folds, fold_file, jobs, device):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -289,7 +291,8 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
             raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
     spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
                      grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
-                                                               time_mask=time_mask, refit=refit, ensemble=ensemble),
+                                                               time_mask=time_mask, refit=refit, ensemble=ensemble,
+                                                               stack_members=stack_members),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file)
     outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)

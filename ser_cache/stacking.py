@@ -197,6 +197,8 @@ def fit_stacked(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarr
                       None if probs is None else (score(y[select_order], probs[:, i]), probs[:, i]))
             rows = [i for i, m in enumerate(live) if not m.done]
             if len(rows) < len(live):
+                log.debug("epoch %d: members %s done", epoch,
+                          [members.index(m) for i, m in enumerate(live) if i not in rows])
                 live = [live[i] for i in rows]
                 if not live:
                     break

@@ -1,6 +1,7 @@
 """Ensemble members trained as one stacked model (stacking.py): each member is the head it
 would be alone, padding changes nothing, and runs stay reproducible and resumable."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from ser_cache.heads import HEADS, QKVPoolHead
 from ser_cache.stacking import Stack, fit_stacked, pad_stack, stacks
 from ser_cache.training import TrainConfig, fit_head, fit_members, member_seed, run_folds
 
-from test_training import SMALL, folds_of, layer_data
+from test_training import SMALL, folds_of, layer_data, tiny_cache  # noqa: F401 (a fixture)
 
 CPU = torch.device("cpu")
 # Batches of 7 leave a short last batch (padded rows); lengths 5-15 frames (padded frames).
@@ -179,3 +180,36 @@ def test_the_loss_and_score_are_the_callers(data):
     fits = fit_stacked(HEADS["mean"], data, y, train, val, config, 3, [1, 2], CPU,
                        loss=nn.CrossEntropyLoss(label_smoothing=0.5), score=score)
     assert calls == [len(val)] * 6 and [f.selected["epoch"] for f in fits] == [0, 0]
+
+
+def test_a_run_folder_from_before_stacking_resumes(data, tmp_path):
+    """A stored config without stack_members was made with today's default ("auto": on a
+    CPU, members one after another), so it resumes with the default."""
+    folds, out = folds_of(data), tmp_path / "run"
+    config = TrainConfig(**SMALL, ensemble=2)
+    whole = run_folds(data, folds, "mean", config, out)
+    stored = json.loads((out / "config.json").read_text())
+    del stored["config"]["stack_members"]
+    (out / "config.json").write_text(json.dumps(stored))
+    for name in ("metrics.json", "fold_2.pt", "fold_2.json"):
+        (out / name).unlink()
+    assert run_folds(data, folds, "mean", config, out).metrics == whole.metrics
+
+
+def test_cli_stacks_an_ensemble_reproducibly(tiny_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from ser_cache.cli import main
+
+    def train(out, *extra):
+        r = CliRunner().invoke(main, ["train", str(tiny_cache), "--layer", "1", "--head", "qkv", "--out", str(out),
+                                      "--folds", "2", "--epochs", "2", "--device", "cpu", "--ensemble", "3",
+                                      "--stack-members", "on", *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads((out / "metrics.json").read_text())
+
+    a, b = train(tmp_path / "a"), train(tmp_path / "b")
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["stack_members"] == "on"
+    assert a["ua"] == b["ua"] and (tmp_path / "a" / "predictions.csv").read_text() == (
+        tmp_path / "b" / "predictions.csv").read_text()
+    assert [len(f["members"]) for f in a["fold_details"]] == [3, 3]
