@@ -30,7 +30,7 @@ builds them for its task.
 When. `stacks` decides: heads whose class sets `stackable` (the pooling heads; not the LSTM
 head `cta`, nor the linear probe, fitted by scikit-learn), and by config.stack_members: "on",
 "off", or "auto": on CUDA only. On the 2-core development CPU, one torch thread, RAVDESS base
-state 3, one fold's training split, stacking 3 or 6 qkv or attentive members took 0.99-1.18x
+state 3, one fold's training split, stacking 3 or 6 qkv or attentive members took 1.00-1.17x
 the time per epoch of training them one after another (README, "Training time, measured"): a
 CPU core is already kept busy by one member's products (B x T rows of 512), and under vmap a
 Linear becomes a bmm plus a separate bias add and a LayerNorm three passes instead of one.
