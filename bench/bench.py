@@ -406,7 +406,7 @@ def main(argv=None) -> int:
         print("6. training ...", flush=True)
         results["training"] = bench_training(cache, 4, enc_s, epochs=30 if args.full else 5)
         print("7. stacked ensembles ...", flush=True)
-        results["stacking"] = bench_stacking(cache, 3)
+        results["stacking"] = bench_stacking(cache, 3, steps=None if args.full else 16)
         if bf16_ok:
             results["bf16_accuracy"] = bench_bf16_accuracy(encs["base"], records, tmp, cache)
     args.out.mkdir(parents=True, exist_ok=True)

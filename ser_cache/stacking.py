@@ -52,10 +52,24 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .batches import EVAL_BATCH_SIZE, batch_order, drop_spans, in_order, make_batches, predict
+from .batches import (
+    EVAL_BATCH_SIZE,
+    batch_order,
+    drop_spans,
+    in_order,
+    make_batches,
+    predict,
+)
 from .features import LayerData
 from .heads import Head, options_for
-from .training import Fit, NonFiniteLossError, TrainConfig, fork_rng, get_lr, resolve_compute_dtype
+from .training import (
+    Fit,
+    NonFiniteLossError,
+    TrainConfig,
+    fork_rng,
+    get_lr,
+    resolve_compute_dtype,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,10 @@ from ser_cache.heads import HEADS, QKVPoolHead
 from ser_cache.stacking import Stack, fit_stacked, pad_stack, stacks
 from ser_cache.training import TrainConfig, fit_head, fit_members, member_seed, run_folds
 
-from test_training import SMALL, folds_of, layer_data, tiny_cache  # noqa: F401 (a fixture)
+import test_training
+from test_training import SMALL, folds_of, layer_data
 
+tiny_cache = test_training.tiny_cache  # a fixture: a tiny extracted cache
 CPU = torch.device("cpu")
 # Batches of 7 leave a short last batch (padded rows); lengths 5-15 frames (padded frames).
 EXACT = dict(SMALL, dropout=0.0, batch_size=7, ensemble=3, stack_members="on")
