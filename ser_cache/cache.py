@@ -88,10 +88,12 @@ class CacheSettings:
     sample_rate: int = 16000
     format: int = CACHE_FORMAT
 
-    def differences(self, other: "CacheSettings") -> list[str]:
-        """Human-readable list of the settings in which `other` differs from self."""
+    def differences(self, other: "CacheSettings", keys=None, sides=("cache has", "asked for")) -> list[str]:
+        """Human-readable list of the settings in which `other` differs from self (only `keys`
+        when given), each side named by `sides`."""
         mine, theirs = asdict(self), asdict(other)
-        return [f"{k}: cache has {mine[k]!r}, asked for {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        return [f"{k}: {sides[0]} {mine[k]!r}, {sides[1]} {theirs[k]!r}"
+                for k in (keys or mine) if mine[k] != theirs[k]]
 
 
 def layer_name(state: int) -> str:

@@ -220,9 +220,11 @@ _TRAIN = _training.TrainConfig()  # the defaults shown in --help
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
+@click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's head once on all of this cache (another corpus, same checkpoint, mode and layers); its metrics are printed beside the in-corpus ones and saved in cross_corpus.json.")
+@click.option("--label-map", default=None, help="Rename the classes of both caches with a named label map (e.g. ravdess-emodb6) before training; utterances of classes it does not list are dropped and counted.")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
               lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, stack_members,
-              compat_select_on_test, compat_eval_dropout, device, overwrite):
+              compat_select_on_test, compat_eval_dropout, device, overwrite, test_cache, label_map):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
@@ -230,6 +232,10 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     mean and std of UA, WA and F1, and writes everything into --out. On several layers, the
     pooling heads mix the states with learned softmax weights (printed per fold) and the
     linear head reads the statistics of every state.
+
+    Cross-corpus: --test-cache B scores each fold's head once on all of B (nothing is chosen
+    on B) and prints B's metrics beside the in-corpus ones; --label-map brings both caches to
+    the classes they share.
     """
     import logging
 
@@ -242,8 +248,11 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
         device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
     result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
-                                        n_folds=n_folds, fold_file=fold_file, overwrite=overwrite)
+                                        n_folds=n_folds, fold_file=fold_file, overwrite=overwrite,
+                                        test_cache=test_cache, label_map=label_map)
     click.echo(result.table())
+    if result.cross_corpus is not None:
+        click.echo(result.cross_corpus.table())
     click.echo(f"run saved in {out}")
 
 
@@ -272,8 +281,10 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
+@click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble,
-              stack_members, protocol, n_folds, fold_file, jobs, device):
+              stack_members, protocol, n_folds, fold_file, jobs, device, test_cache, label_map):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -294,7 +305,7 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
                                                                time_mask=time_mask, refit=refit, ensemble=ensemble,
                                                                stack_members=stack_members),
                      protocol=protocol,
-                     n_folds=n_folds, fold_file=fold_file)
+                     n_folds=n_folds, fold_file=fold_file, test_cache=test_cache, label_map=label_map)
     outcome = run_sweep(spec, out, jobs=jobs, device=device, write_report=False)
     paths = write_report([out], out)
     t = outcome.timing

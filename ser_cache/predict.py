@@ -187,7 +187,7 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
                                f"the median {key} chosen per fold")
         config, choice = dataclasses.replace(config, epochs=epochs), {"epoch": epochs - 1}
         rule = f"--epochs {epochs}: a full {epochs}-epoch schedule"
-    data, y = _training_data(run.cache, run.layer, run.labels, cache_path)
+    data, y = _training_data(run.cache, run.layer, run.labels, cache_path, run.cross_corpus.get("label_map"))
     n_classes = len(run.labels)
     dev = pick_device(device or config.device)
     seeds = [member_seed(config.seed, m) for m in range(config.ensemble)]
@@ -204,9 +204,10 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
     return model.cpu().eval(), fits[0].options, detail
 
 
-def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path | None):
+def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path | None,
+                   label_map: str | None = None):
     """The layer (or layers) the run was trained on, read from its cache, with labels as class
-    indices."""
+    indices (after the run's label map, crosscorpus.map_classes)."""
     from .cache import CacheError, open_cache
 
     path = Path(cache_path or cache_info.get("path", ""))
@@ -225,6 +226,10 @@ def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path 
         data = cache.read_layer(as_selection(layer))
     except CacheError as e:
         raise PredictError(str(e)) from None
+    if label_map is not None:
+        from .crosscorpus import map_classes
+
+        data, _ = map_classes(data, label_map, str(path))
     found, y = data.classes()
     if found != labels:
         raise PredictError(f"the cache has labels {found}, the run {labels}: pass --cache with the run's cache")

@@ -3,12 +3,16 @@
     SWEEP/cells/**/*.json  (one per finished fold of a cell)  --write_report-->
         results.csv         one row per cell and fold
         summary.md          UA mean ± std per layer and head, best cells marked, time spent
-        ua_by_layer.png     UA against layer, one line per head, a band for the std over folds;
+        ua_by_layer.png     UA against layer, one line per head, a band for the std over folds
+                            (cross-corpus: a dashed line per head for the test cache);
                             one panel per cache (per sweep and cache when sweeps are compared);
                             a multi-layer cell is a dotted level across the panel
         confusion_best.png  the best cell's confusion matrix per panel, normalised by row
         layer_weights.png   (sweeps with multi-layer cells) the learned softmax weight of each
                             state, mean ± std over folds and seeds, per multi-layer cell and head
+
+A cross-corpus sweep (`--test-cache`, crosscorpus.py) adds each cell's UA on the test corpus
+beside its in-corpus UA: a second table in summary.md, target_* columns in results.csv.
 
 Rows of the table are layers: single states first, then multi-layer cells labelled as they are
 typed (`2+3+4`), so a multi-layer head is read against every single state and the linear
@@ -38,6 +42,7 @@ CONFUSION_PLOT = "confusion_best.png"
 WEIGHTS_PLOT = "layer_weights.png"
 RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ua", "wa",
                   "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test", "layer_weights")
+TARGET_COLUMNS = ("target_ua", "target_wa", "target_macro_f1", "n_target")  # cross-corpus sweeps only
 PANEL_COLUMNS = 3  # panels per row of a figure
 
 
@@ -70,6 +75,7 @@ class Cell:
     seconds: float
     confusion: np.ndarray  # (classes, classes) counts summed over folds and seeds
     layer_weights: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) per state, multi-layer cells
+    target_ua: tuple[float, float] | None = None  # cross-corpus: (mean, std) UA on the test cache
 
 
 @dataclass
@@ -148,8 +154,15 @@ def _cells(records: list[CellResult]) -> dict[tuple[Selection, str], Cell]:
             layer, head, stat("ua"), stat("wa"), stat("macro_f1"), stat("val_ua")[0], len(rs),
             Counter(r.setting for r in rs), float(sum(r.seconds for r in rs)),
             np.sum([r.confusion for r in rs], axis=0),
-            (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None)
+            (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None,
+            _target_ua(rs))
     return cells
+
+
+def _target_ua(records: list[CellResult]) -> tuple[float, float] | None:
+    """(mean, std) UA on the test cache over the records, None when they have none."""
+    values = np.array([r.target["ua"] for r in records if r.target], dtype=np.float64)
+    return (float(values.mean()), float(values.std())) if len(values) else None
 
 
 def _fold_info(sweep: Sweep, cache: str, records: list[CellResult]) -> dict:
@@ -188,15 +201,17 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
 def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
     """One row per cell and fold; a leading `sweep` column when several sweeps are joined."""
     several = len(sweeps) > 1
+    columns = RESULT_COLUMNS + (TARGET_COLUMNS if any(r.target for s in sweeps for r in s.records) else ())
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow((["sweep"] if several else []) + list(RESULT_COLUMNS))
+        w.writerow((["sweep"] if several else []) + list(columns))
         for sweep in sweeps:
             for r in sweep.records:
                 weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
                 row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
-                       "layer_weights": weights}
-                cells = [_csv_value(row[c]) for c in RESULT_COLUMNS]
+                       "layer_weights": weights, "n_target": r.target.get("n", ""),
+                       **{f"target_{k}": r.target.get(k, "") for k in ("ua", "wa", "macro_f1")}}
+                cells = [_csv_value(row[c]) for c in columns]
                 w.writerow(([sweep.name] if several else []) + cells)
 
 
@@ -254,6 +269,7 @@ def _panel_markdown(p: Panel) -> list[str]:
               f"Best on validation †: layer {label(best_val.layer)}, {best_val.head}: validation UA "
               f"{100 * best_val.val_ua:.1f}, test UA {pct(best_val.ua)}.", ""]
     lines += _weights_markdown(p)
+    lines += _target_markdown(p)
     lines += ["<details><summary>All cells</summary>", "",
               "| layer | head | UA | WA | macro-F1 | val UA | folds x seeds | chosen on validation | seconds |",
               "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -268,6 +284,25 @@ def _panel_markdown(p: Panel) -> list[str]:
                          f"{100 * c.val_ua:.1f} | {c.n} | {chosen} | {c.seconds:.0f} |")
     lines += ["", "</details>", ""]
     return lines
+
+
+def _target_markdown(p: Panel) -> list[str]:
+    """Cross-corpus sweeps: in-corpus UA -> UA on the test cache, by layer and head."""
+    if not any(c.target_ua for c in p.cells.values()):
+        return []
+    cross = p.sweep.config.get("cross_corpus") or {}
+    test = cross.get("test_cache") or {}
+    first = next(r.target for r in p.sweep.records if r.cache == p.cache and r.target)
+    lines = [f"Cross-corpus: UA % in-corpus (test folds) → on all {first['n']} utterances of the test cache "
+             f"({test.get('corpus')}, records {str(test.get('records_hash'))[:12]})"
+             + (f", label map {cross['label_map']}" if cross.get("label_map") else "")
+             + "; each fold's chosen head tested once on it, mean ± std over folds:", "",
+             "| layer | " + " | ".join(p.heads) + " |", "|---:|" + "---:|" * len(p.heads)]
+    for layer in p.layers:
+        row = [f"{pct(c.ua)} → {pct(c.target_ua)}" if (c := p.cells.get((layer, head))) and c.target_ua else "–"
+               for head in p.heads]
+        lines.append(f"| {label(layer)} | " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _weights_markdown(p: Panel) -> list[str]:
@@ -364,6 +399,9 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
             std = 100 * np.array([c.ua[1] for c in cells])
             ax.plot(x, mean, marker="o", color=colors[head], label=head)
             ax.fill_between(x, mean - std, mean + std, color=colors[head], alpha=0.15, linewidth=0)
+            target = [(c.layer, 100 * c.target_ua[0]) for c in cells if c.target_ua]
+            if target:  # cross-corpus: the same heads on the test cache, dashed
+                ax.plot(*zip(*target), marker="x", linestyle="--", color=colors[head], label=f"{head}, test cache")
         styles = iter([":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2))] * 8)
         best = p.best
         for layer in [layer for layer in p.layers if is_multi(layer)]:  # no place on the axis: a level

@@ -6,6 +6,8 @@
                                  RUN/metrics.json     RunMetrics: mean and std over folds
                                  RUN/predictions.csv  one row per utterance
                                  RUN/folds.csv        the folds (folds.Folds.save)
+                                 RUN/cross_corpus.json       with --test-cache: metrics on the
+                                 RUN/predictions_target.csv  other corpus (crosscorpus.py)
     sweep.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
                                  SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellResult
                                  (layers_LL+MM+.../ for a multi-layer cell)
@@ -82,6 +84,14 @@ class Record:
         return asdict(self)
 
 
+def flat(prefix: str, d: dict) -> dict:
+    """Nested dicts as one dict with dotted keys: flat("a", {"b": {"c": 1}}) == {"a.b.c": 1}."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(f"{prefix}.{k}", v) if isinstance(v, dict) and v else {f"{prefix}.{k}": v})
+    return out
+
+
 @dataclass
 class RunConfig(Record):
     """RUN/config.json: what a `ser-cache train` run trained, on which data, with which settings.
@@ -103,15 +113,22 @@ class RunConfig(Record):
     flawed_compat: bool
     cache: dict
     versions: dict = field(default_factory=dict)
+    # label map and test cache of a cross-corpus run (crosscorpus.CrossCorpus.config); {} otherwise
+    cross_corpus: dict = field(default_factory=dict)
 
     def same_work(self, other: "RunConfig") -> list[str]:
         """What differs between two configs in what decides the results (not device or versions)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        for where in (mine["cache"], theirs["cache"]):  # where files lie decides nothing
-            where.pop("path", None), where.pop("model_path", None)
+        for run in (mine, theirs):  # where files lie decides nothing
+            for where in (run["cache"], run["cross_corpus"].get("test_cache") or {}):
+                where.pop("path", None), where.pop("model_path", None)
         mine["config"].pop("device", None), theirs["config"].pop("device", None)
-        return [f"{k}: run has {json_safe(mine[k])!r}, asked for {json_safe(theirs[k])!r}"
-                for k in mine if k not in ("device", "versions") and json_safe(mine[k]) != json_safe(theirs[k])]
+        # cross_corpus is compared key by key: its test cache's fingerprint is long
+        mine.update(flat("cross_corpus", mine.pop("cross_corpus")))
+        theirs.update(flat("cross_corpus", theirs.pop("cross_corpus")))
+        return [f"{k}: run has {json_safe(mine.get(k))!r}, asked for {json_safe(theirs.get(k))!r}"
+                for k in {**mine, **theirs}
+                if k not in ("device", "versions") and json_safe(mine.get(k)) != json_safe(theirs.get(k))]
 
 
 @dataclass
@@ -212,6 +229,7 @@ class CellResult(Record):
     tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
     refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
     members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
+    target: dict = field(default_factory=dict)  # cross-corpus: fold_metrics and n on all of the test cache
 
 
 @dataclass
@@ -241,6 +259,7 @@ class RunFolder:
     """The files of one `ser-cache train` run (see the module docstring)."""
 
     CONFIG, METRICS, PREDICTIONS, FOLDS = "config.json", "metrics.json", "predictions.csv", "folds.csv"
+    CROSS_CORPUS, TARGET_PREDICTIONS = "cross_corpus.json", "predictions_target.csv"
 
     def __init__(self, root: Path):
         self.root = Path(root)

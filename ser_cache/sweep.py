@@ -60,6 +60,7 @@ import torch
 
 from .batches import predict_proba
 from .cache import Cache, open_cache
+from .crosscorpus import check_sweep_target, map_classes, map_labels, target_metrics
 from .device import pick_device
 from .errors import OptionError
 from .features import LayerData
@@ -195,6 +196,8 @@ class SweepSpec:
     protocol: str | None = None
     n_folds: int | None = None
     fold_file: Path | None = None
+    test_cache: Path | None = None  # cross-corpus: every cell's fold heads also tested on all of it
+    label_map: str | None = None  # corpora.LABEL_MAPS name applied to every cache's classes (crosscorpus.py)
 
 
 @dataclass
@@ -207,6 +210,7 @@ class SweepPlan:
     layers: dict[str, list[Selection]]
     settings: dict[str, list[dict]]
     config: dict
+    target: Cache | None = None  # spec.test_cache, checked against every cache
 
     def tasks(self, n_folds: dict[tuple[str, int], int]) -> list[Task]:
         """Every task, layer by layer (n_folds: (cache key, seed) -> number of folds)."""
@@ -243,6 +247,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         if missing:
             raise SweepError(f"layers {missing} are not in the cache {path}; it holds {cache.layers}")
         caches[key], layers[key] = cache, wanted
+    target = check_sweep_target(caches, {key: sorted({s for cell in cells for s in states_of(cell)})
+                                         for key, cells in layers.items()}, spec.test_cache, spec.label_map)
     settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
     train = {k: v for k, v in spec.train.to_dict().items() if k not in FREE_TRAIN_KEYS}
     if spec.train.flawed:
@@ -259,7 +265,10 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         "folds": {"protocol": spec.protocol, "n_folds": spec.n_folds,
                   "fold_file_sha256": _sha256(spec.fold_file) if spec.fold_file else None},
     }
-    return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)))
+    if spec.test_cache is not None or spec.label_map is not None:  # absent otherwise: older sweeps resume
+        config["cross_corpus"] = {"label_map": spec.label_map,
+                                  "test_cache": _cache_identity(target) if target else None}
+    return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)), target)
 
 
 def _cache_identity(cache: Cache) -> dict:
@@ -310,6 +319,9 @@ def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: Sw
     cache's utterance metadata (no layer read) and saved, so every cell uses the same ones."""
     path = folder.folds_path(key, seed)
     meta = cache.read_meta()
+    # A label map's dropped classes have no place in the folds (the layers read lack them too).
+    keep, labels, _ = map_labels(meta["labels"], spec.label_map, str(cache.root))
+    meta = {**{k: v[keep] for k, v in meta.items()}, "labels": labels}
     if path.exists() and path.with_suffix(".json").exists():
         return Folds.load(path).aligned_to(meta["ids"])
     folds = make_folds(meta["ids"], meta["labels"], meta["speakers"], meta["groups"],
@@ -335,9 +347,10 @@ class TaskJob:
     out: Path
 
 
-def run_task(data: LayerData, job: TaskJob) -> CellResult:
-    """Grid-search one fold on its validation speakers, test the chosen setting once, and
-    return the task's result (not yet saved)."""
+def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> CellResult:
+    """Grid-search one fold on its validation speakers, test the chosen setting once (and on
+    every utterance of `target`, another corpus's same layer, if given), and return the task's
+    result (not yet saved)."""
     t_start = time.perf_counter()
     task = job.task
     labels, y = data.classes()
@@ -362,8 +375,9 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
 
     t0 = time.perf_counter()
     probs = predict_proba(best.model, data, test, device)
-    eval_seconds = time.perf_counter() - t0
     metrics = fold_metrics(y[test], probs.argmax(axis=1), n_classes)
+    target_result = target_metrics(best.model, target, labels, device) if target is not None else {}
+    eval_seconds = time.perf_counter() - t0
     choice = {k: v for k, v in best.selected.items() if k not in ("ua", "epoch")}  # e.g. the linear probe's C
     chosen = " ".join(filter(None, [setting_label(best_values), setting_label(choice)]))
     return CellResult(
@@ -374,7 +388,7 @@ def run_task(data: LayerData, job: TaskJob) -> CellResult:
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
         history=best.history, layer_weights=best.model.layer_weights(), tested=best.tested, refit=best.refit,
-        members=best.members)
+        members=best.members, target=target_result)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------
@@ -393,31 +407,36 @@ class LayerRef:
     speakers: np.ndarray
     groups: np.ndarray
     layer: Selection
+    target: "LayerRef | None" = None  # the test cache's same layer (cross-corpus sweeps)
 
 
 class SharedLayer:
     """Copies a layer's frames into shared memory once; `close()` frees it."""
 
-    def __init__(self, data: LayerData):
+    def __init__(self, data: LayerData, target: LayerData | None = None):
         self.shm = shared_memory.SharedMemory(create=True, size=max(1, data.frames.nbytes))
         np.ndarray(data.frames.shape, data.frames.dtype, buffer=self.shm.buf)[...] = data.frames
+        self.target = SharedLayer(target) if target is not None else None
         self.ref = LayerRef(self.shm.name, data.frames.shape, str(data.frames.dtype), data.offsets,
-                            data.ids, data.labels, data.speakers, data.groups, data.layer)
+                            data.ids, data.labels, data.speakers, data.groups, data.layer,
+                            self.target.ref if self.target else None)
 
     def close(self) -> None:
         self.shm.close()
         self.shm.unlink()
+        if self.target is not None:
+            self.target.close()
 
 
 class LoadedLayer:
     """One layer in memory, in this process."""
 
-    def __init__(self, data: LayerData):
-        self.data = data
+    def __init__(self, data: LayerData, target: LayerData | None = None):
+        self.data, self.target = data, target
 
     def run(self, job: TaskJob) -> CellResult:
         """Run one task on this layer, save its result, return it."""
-        result = run_task(self.data, job)
+        result = run_task(self.data, job, self.target)
         SweepFolder(job.out).save_cell(result)
         return result
 
@@ -452,17 +471,24 @@ def _worker_run(ref: LayerRef, job: TaskJob) -> dict:
     if _WORKER.get("name") != ref.name:
         if "shm" in _WORKER:
             _WORKER.pop("layer")
-            try:
-                _WORKER.pop("shm").close()
-            except BufferError:  # a view still alive somewhere: the mapping goes at exit
-                pass
+            for shm in _WORKER.pop("shm"):
+                try:
+                    shm.close()
+                except BufferError:  # a view still alive somewhere: the mapping goes at exit
+                    pass
         # Spawned workers share the parent's resource tracker, so attaching here registers the
         # same name again (a set) and the parent's unlink() unregisters it for both.
-        shm = shared_memory.SharedMemory(name=ref.name)
-        frames = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
-        data = LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer)
-        _WORKER.update(name=ref.name, shm=shm, layer=LoadedLayer(data))
+        attached = [_attach(r) for r in (ref, ref.target) if r is not None]
+        data, target = (attached[0][1], attached[1][1] if len(attached) > 1 else None)
+        _WORKER.update(name=ref.name, shm=[shm for shm, _ in attached], layer=LoadedLayer(data, target))
     return _WORKER["layer"].run(job)
+
+
+def _attach(ref: LayerRef) -> tuple[shared_memory.SharedMemory, LayerData]:
+    """The shared memory of `ref` and a LayerData over it (no copy)."""
+    shm = shared_memory.SharedMemory(name=ref.name)
+    frames = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
+    return shm, LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer)
 
 
 # --- running a sweep --------------------------------------------------------------------------
@@ -520,12 +546,15 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
             return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
                            spec.train, info[task.cache], out)
 
-        def read(key: str, layer: int) -> LayerData:
+        def read(key: str, layer: int) -> tuple[LayerData, LayerData | None]:
+            """The layer of cache `key` and, cross-corpus, of the test cache: classes mapped."""
             t0 = time.perf_counter()
-            data = plan.caches[key].read_layer(layer)
+            data = map_classes(plan.caches[key].read_layer(layer), spec.label_map, key)[0]
+            target = (map_classes(plan.target.read_layer(layer), spec.label_map, str(spec.test_cache))[0]
+                      if plan.target is not None else None)
             timing.read_seconds += time.perf_counter() - t0
             timing.layers_read += 1
-            return data
+            return data, target
 
         timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
                              threads_per_job=threads, device=str(pick_device(device)),
@@ -564,7 +593,7 @@ def _run_inline(by_layer, read, job_for, jobs, threads, bar, records, failures) 
     torch.set_num_threads(threads)
     try:
         for (key, layer), group in by_layer.items():
-            loaded = LoadedLayer(read(key, layer))
+            loaded = LoadedLayer(*read(key, layer))
             for task in group:
                 bar.set_postfix_str(f"{key} layer {label(layer)} {task.head}")
                 _collect(lambda: loaded.run(job_for(task)), task, records, failures)
@@ -593,9 +622,9 @@ def _run_pool(by_layer, read, job_for, jobs, threads, bar, records, failures) ->
         for (key, layer), group in by_layer.items():
             while len(inflight) >= LAYERS_IN_FLIGHT:
                 finish(*inflight.popleft())
-            data = read(key, layer)
-            shared = SharedLayer(data)
-            del data
+            data, target = read(key, layer)
+            shared = SharedLayer(data, target)
+            del data, target
             futures = {}
             try:
                 for task in group:

@@ -64,7 +64,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -87,6 +87,9 @@ from .heads import Head, head_class, load_head, one_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
 from .metrics import fold_metrics, summarize
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
+
+if TYPE_CHECKING:
+    from .crosscorpus import CrossCorpus, CrossResult
 
 log = logging.getLogger(__name__)
 
@@ -568,6 +571,7 @@ class RunResult:
     folds: list[FoldRecord]
     metrics: dict
     models: list[Head] = field(default_factory=list)
+    cross_corpus: "CrossResult | None" = None  # with a test cache: the heads' metrics on it
 
     def table(self) -> str:
         """Per-fold and mean ± std table (percent), for printing."""
@@ -648,7 +652,7 @@ def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, 
 
 def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | None = None,
               out_dir: Path | None = None, cache: dict | None = None,
-              overwrite: bool = False) -> RunResult:
+              overwrite: bool = False, cross_corpus: "CrossCorpus | None" = None) -> RunResult:
     """Train and test `head` on every fold of `folds` over the utterances of `data`.
 
     cache: a JSON-able fingerprint of where `data` came from, stored in config.json.
@@ -656,6 +660,8 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     holding a finished run is refused unless overwrite; one holding an unfinished run of the
     same settings is resumed from its finished folds; one of other settings is refused
     (naming what differs) unless overwrite.
+    cross_corpus: a test cache (and label map) the fold heads are also scored on, after
+    the folds (crosscorpus.py); `data` already holds the mapped classes.
     """
     config = config or TrainConfig()
     cls = head_class(head)
@@ -674,7 +680,8 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         folds={"protocol": folds.protocol, "n_folds": folds.n_folds, "seed": folds.seed,
                "sha256": folds_digest(folds)},
         flawed_compat=config.flawed, cache=cache or {},
-        versions={"torch": torch.__version__, "numpy": np.__version__})
+        versions={"torch": torch.__version__, "numpy": np.__version__},
+        cross_corpus=cross_corpus.config if cross_corpus else {})
     folder = open_run_folder(out_dir, run, folds, overwrite) if out_dir is not None else None
     log.info("%s head on layer %s: %d utterances, %d classes, %d folds (%s), device %s",
              head, label(data.layer), len(data), n_classes, folds.n_folds, folds.protocol, device)
@@ -703,6 +710,9 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
                        summarize([r.metrics for r in records], labels), models)
     if folder:
         folder.write_predictions(data.ids, labels, y, records)
+    if cross_corpus is not None:  # before metrics.json: a run killed in between is unfinished
+        result.cross_corpus = cross_corpus.evaluate(labels, models, result.metrics, device, folder)
+    if folder:
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
                     "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
                     "eval_seconds": r.eval_seconds, "history": r.history, "tested": r.tested,
@@ -735,7 +745,8 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
                               + "\n  ".join(differences)
                               + "\nRepeat its options to resume it, choose another output folder, or allow overwriting")
     elif overwrite and folder.root.is_dir():
-        for old in [*folder.root.glob("fold_*.*"), folder.root / RunFolder.METRICS, folder.root / RunFolder.PREDICTIONS]:
+        for old in [*folder.root.glob("fold_*.*"), *(folder.root / name for name in (
+                RunFolder.METRICS, RunFolder.PREDICTIONS, RunFolder.CROSS_CORPUS, RunFolder.TARGET_PREDICTIONS))]:
             old.unlink(missing_ok=True)
     folder.root.mkdir(parents=True, exist_ok=True)
     remove_temporaries(folder.root)
@@ -747,9 +758,13 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
 def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_dir: Path | None,
                      config: TrainConfig | None = None, protocol: str | None = None,
                      n_folds: int | None = None, fold_file: Path | None = None,
-                     overwrite: bool = False) -> RunResult:
+                     overwrite: bool = False, test_cache: Path | None = None,
+                     label_map: str | None = None) -> RunResult:
     """Open a cache, read one layer (or several: a tuple, or a --layer spec such as '2-5',
     layers.py), build its folds (seeded by config.seed) and run them.
+
+    test_cache: another corpus's cache on which every fold head is also scored; label_map:
+    a corpora.LABEL_MAPS name applied to the classes of both caches (crosscorpus.py).
 
     protocol None: "file" with a fold file, "loso" when the corpus has groups, else "kfold"
     with n_folds (default per corpus, folds.DEFAULT_N_FOLDS).
@@ -765,7 +780,15 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     if missing:
         what = f"layer {missing[0]} is" if len(missing) == 1 else f"layers {missing} are"
         raise ConfigError(f"{what} not in the cache {cache_path}; cached layers = {cache.layers}")
+    cross = None
+    if test_cache is not None or label_map is not None:
+        from .crosscorpus import open_cross_corpus
+
+        cross = open_cross_corpus(cache, layer, test_cache, label_map)  # checked before A's layer is read
     data = cache.read_layer(layer)
+    if cross is not None:
+        data = cross.map_source(data, str(cache_path))
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
                        n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed)
-    return run_folds(data, folds, head, config, out_dir, cache=cache.fingerprint, overwrite=overwrite)
+    return run_folds(data, folds, head, config, out_dir, cache=cache.fingerprint, overwrite=overwrite,
+                     cross_corpus=cross)
