@@ -89,6 +89,10 @@ class LogitsOf(nn.Module):
         super().__init__()
         self.head = head
 
+    @property
+    def regression(self) -> bool:  # what batches.predict asks of what it runs
+        return self.head.regression
+
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head.logits(z, mask)
 
