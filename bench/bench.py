@@ -14,11 +14,14 @@ same run, never an absolute time:
                            a share of the measured matmul rate          target >= 0.5
                            the full 30-epoch layer sweep                 target <= 20 min
                            that sweep if every cell re-ran Whisper / the sweep   target >= 20
-  7. streaming             streamed / in-memory training time per epoch, a layer
+  7. stacked ensembles     3 and 6 qkv and attentive members, s per training epoch stacked
+                           (stacking.py) and one after another, 1 thread, min of repeats
+  8. streaming             streamed / in-memory training time per epoch, a layer
                            4x its memory budget (synthetic cache)        target <= 2
 
     python bench/bench.py [--full] [--data DIR] [--weights-dir DIR] [--out bench/results]
-    python bench/bench.py --only streaming     (section 7 alone: no Whisper, no corpus)
+    python bench/bench.py --stacking-only --cache CACHE     (7 alone, 16 steps per run: minutes)
+    python bench/bench.py --only streaming     (8 alone: no Whisper, no corpus)
 
 Results go to bench/results/<date>-<machine>.json, and a Markdown table is printed.
 """
@@ -289,7 +292,7 @@ def bench_training(cache_path: Path, state: int, encode_s_per_utt: float, epochs
 
 
 def bench_streaming(tmp: Path, epochs: int = 3, layer_mb: float = 240.0, budget_fraction: float = 0.25) -> dict:
-    """7. A layer streamed from its shards in a budget of a quarter of its size, against the same
+    """8. A layer streamed from its shards in a budget of a quarter of its size, against the same
     layer in memory: seconds per epoch of the mean head on one split, one torch thread (as a
     sweep worker). Both times include what a fold does besides its epochs (input statistics,
     batches built once in memory, blocks read every epoch when streamed), not the one read of
@@ -326,6 +329,65 @@ def bench_streaming(tmp: Path, epochs: int = 3, layer_mb: float = 240.0, budget_
             "ratio": seconds["streamed"] / seconds["in_memory"]}
 
 
+def bench_stacking(cache_path: Path, state: int, sizes=(3, 6), heads=("qkv", "attentive"), repeats: int = 3,
+                   steps: int | None = None) -> dict:
+    """7. An ensemble's members trained as one stacked model (stacking.train_epoch) against
+    one after another (training.train_epoch per member), on one fold's training split, 1 torch
+    thread: seconds per training epoch (validation and the once-per-fold setup left out, the
+    same in both), the minimum over `repeats` alternating runs (the machine is shared). With
+    `steps`, each run trains on the first `steps` batches of every member and the time is
+    scaled to a whole epoch (a quicker, noisier estimate)."""
+    import torch.nn as nn
+
+    from ser_cache.batches import HeldBatches
+    from ser_cache.folds import make_folds
+    from ser_cache.heads import head_class, options_for
+    from ser_cache.stacking import Member, Stack
+    from ser_cache.stacking import train_epoch as stacked_epoch
+    from ser_cache.training import TrainConfig, fold_seed, member_seed, train_epoch
+
+    cache = open_cache(cache_path)
+    data = cache.read_layer(state)
+    folds = make_folds(data.ids, data.labels, data.speakers, data.groups, corpus=cache.corpus, seed=0)
+    labels, y = data.classes()
+    train, _, _ = folds.split(0)
+    cpu, loss = torch.device("cpu"), nn.CrossEntropyLoss()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = {}
+    try:
+        for head in heads:
+            cls = head_class(head)
+            for n in sizes:
+                config = TrainConfig(seed=0, device="cpu", compute_dtype="float32", ensemble=n)
+                options = options_for(cls, config, data.dim, len(labels))
+                members = [Member(cls, options, data, y, train, config, member_seed(fold_seed(0, 0), m), 0, cpu)
+                           for m in range(n)]
+                n_batches = len(members[0].batches)
+                for m in members:
+                    m.batches = m.batches[:steps]
+                scale = n_batches / len(members[0].batches)
+                best = {"sequential": float("inf"), "stacked": float("inf")}
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for m in members:
+                        optimizer = torch.optim.AdamW(m.model.parameters(), lr=config.lr, fused=True)
+                        train_epoch(m.model.logits, m.model, optimizer, loss, HeldBatches(m.batches, None), m.rng,
+                                    config.lr)
+                    best["sequential"] = min(best["sequential"], (time.perf_counter() - t0) * scale)
+                    stack = Stack([m.model for m in members], config, cpu, torch.float32)
+                    t0 = time.perf_counter()
+                    stacked_epoch(stack, members, loss, config.lr, 0.0)
+                    best["stacked"] = min(best["stacked"], (time.perf_counter() - t0) * scale)
+                rows[f"{head} x{n}"] = {"sequential_s_per_epoch": best["sequential"], "stacked_s_per_epoch": best["stacked"],
+                                        "stacked_over_sequential": best["stacked"] / best["sequential"]}
+                print(f"   {head} x{n}: {rows[f'{head} x{n}']}", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return {"cache": str(cache_path), "state": state, "train_utterances": len(train), "steps": steps,
+            "repeats": repeats, "ensembles": rows}
+
+
 # --- driver -------------------------------------------------------------------------------
 
 
@@ -337,11 +399,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="an existing full RAVDESS base cache for 5 and 6 (else one is built, short mode)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--utterances", type=int, default=None, help="override the number of utterances of 1 (smoke runs)")
-    ap.add_argument("--only", choices=["streaming"], default=None, help="run only this section (no Whisper, no corpus)")
+    ap.add_argument("--stacking-only", action="store_true", help="only 7, on --cache, 16 training steps per run")
+    ap.add_argument("--only", choices=["streaming"], default=None, help="run only this section (8; no Whisper, no corpus)")
     args = ap.parse_args(argv)
+    if args.stacking_only:
+        if args.cache is None:
+            ap.error("--stacking-only needs --cache (a RAVDESS base cache holding state 3)")
+        print(json.dumps(bench_stacking(args.cache, 3, steps=16), indent=1))
+        return 0
     if args.only == "streaming":
         with tempfile.TemporaryDirectory(prefix="ser-cache-bench-") as tmpdir:
-            print("7. streaming ...", flush=True)
+            print("8. streaming ...", flush=True)
             r = bench_streaming(Path(tmpdir))
         print(json.dumps(r, indent=1))
         for row in streaming_rows(r):
@@ -389,9 +457,11 @@ def main(argv=None) -> int:
         enc_s = next(r for r in results["modes"] if r["model"] == "base")["modes"]["short"]["s_per_utt"]
         print("6. training ...", flush=True)
         results["training"] = bench_training(cache, 4, enc_s, epochs=30 if args.full else 5)
+        print("7. stacked ensembles ...", flush=True)
+        results["stacking"] = bench_stacking(cache, 3, steps=None if args.full else 16)
         if bf16_ok:
             results["bf16_accuracy"] = bench_bf16_accuracy(encs["base"], records, tmp, cache)
-        print("7. streaming ...", flush=True)
+        print("8. streaming ...", flush=True)
         results["streaming"] = bench_streaming(tmp)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{results['date']}-{results['machine']}.json"
@@ -456,6 +526,12 @@ def table(r: dict) -> str:
     rows.append((f"full layer sweep, {t['sweep_cells']} cells x 6 folds, {t['sweep_epochs']} epochs, {t['jobs']} workers (estimated from the above)",
                  f"{t['sweep_s'] / 60:.0f} min", "<= 20 min", _ok(t["sweep_s"] <= 20 * 60)))
     rows.append(("same sweep re-running Whisper per cell", f"{t['sweep_if_whisper_rerun_s'] / 60:.0f} min ({t['cache_saves_ratio']:.1f}x)", ">= 20x", _ok(t["cache_saves_ratio"] >= 20)))
+    if "stacking" in r:
+        st = r["stacking"]
+        for name, e in st["ensembles"].items():
+            rows.append((f"ensemble {name}, state {st['state']}, 1 thread: s/epoch stacked vs one after another",
+                         f"{e['stacked_s_per_epoch']:.2f} vs {e['sequential_s_per_epoch']:.2f} "
+                         f"({e['stacked_over_sequential']:.2f}x the time)", "", ""))
     if "streaming" in r:
         rows += streaming_rows(r["streaming"])
     width = [max(len(str(row[i])) for row in rows) for i in range(4)]
@@ -466,7 +542,7 @@ def table(r: dict) -> str:
 
 
 def streaming_rows(st: dict) -> list[tuple]:
-    """7. The streaming row of the table."""
+    """8. The streaming row of the table."""
     return [(f"streamed / in-memory training per epoch ({st['layer_bytes'] / 2**20:.0f} MiB layer, budget "
              f"{st['budget_bytes'] / 2**20:.0f} MiB, {st['blocks']} blocks of {st['shards']} shards)",
              f"{st['streamed_s_per_epoch']:.2f} / {st['in_memory_s_per_epoch']:.2f} s = {st['ratio']:.2f}x",

@@ -25,7 +25,8 @@ FLOAT32_BATCH_BYTES = 3 * 2**30  # batches up to this size are held in float32 (
 
 
 def make_batches(data: LayerData, y: np.ndarray | None, index: np.ndarray, batch_size: int,
-                 device: torch.device, rng: np.random.Generator | None = None, transform=None):
+                 device: torch.device, rng: np.random.Generator | None = None, transform=None,
+                 ordered: bool = False):
     """Padded batches of the utterances `index`, built once.
 
     Returns (batches, order): batches is a list of (x (B, T, width) float32, or the cache's
@@ -33,10 +34,10 @@ def make_batches(data: LayerData, y: np.ndarray | None, index: np.ndarray, batch
     `device`; order (len(index),) gives the utterance of each row, batch after batch. Without
     rng, utterances are sorted by length (evaluation); with rng, they are shuffled, then
     sorted by length within buckets of BUCKET_BATCHES batches, so that batches mix utterances
-    but carry little padding (batch_order).
+    but carry little padding (batch_order); ordered: `index` is that order already.
     transform: applied to each x once here (a head's `inputs`).
     """
-    order = batch_order(data, index, batch_size, rng)
+    order = np.asarray(index) if ordered else batch_order(data, index, batch_size, rng)
     starts = range(0, len(order), batch_size)
     padded_frames = sum(len(order[i : i + batch_size]) * int(data.n_frames[order[i : i + batch_size]].max()) for i in starts)
     # Converting float16 frames to float32 once per fold, not at every step, halves the time

@@ -92,6 +92,9 @@ class Head(nn.Module):
 
     selects: str = "epoch"  # the choice fitting makes on validation speakers: "epoch" or "C"
     regression: bool = False  # outputs are target values (with output_mean, output_scale buffers)
+    # Whether `logits` runs under torch.func.vmap with stacked parameters, so that an
+    # ensemble's members can train as one model (stacking.py).
+    stackable: bool = False
 
     @classmethod
     def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
@@ -173,6 +176,8 @@ class StateMix(nn.Module):
 
 class PoolingHead(Head):
     """Shared front and back; subclasses define `pool`, which returns (B, pooled_dim)."""
+
+    stackable = True
 
     def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int, n_states: int = 1,
                  regression: bool = False):
@@ -378,6 +383,8 @@ class CTAHead(AttentivePoolHead):
     frame, and the LSTM's outputs on padding are zeroed before the (masked) pooling. Every row
     needs >= 1 real frame, and its real frames first (a prefix mask).
     """
+
+    stackable = False  # its LSTMs do not run under vmap: an ensemble trains one member after another
 
     def __init__(self, dim: int, n_classes: int, d_model: int = D_MODEL, n_heads: int = N_HEADS,
                  head_dim: int = HEAD_DIM, dropout: float = DROPOUT, scale: bool = True,

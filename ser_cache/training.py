@@ -101,6 +101,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+STACK_MODES = ("auto", "on", "off")  # stack_members (stacking.py)
 
 
 class ConfigError(OptionError):
@@ -139,6 +140,7 @@ class TrainConfig:
     compute_dtype: str = "auto"  # training arithmetic: float32, bfloat16, or auto (the faster, measured)
     refit: bool = False  # retrain on training + validation speakers with the choice made on validation, then test
     ensemble: int = 1  # heads per fold, seeds member_seed(fold seed, m), probabilities averaged (heads.Ensemble)
+    stack_members: str = "auto"  # train an ensemble's members as one stacked model (stacking.py); auto: on CUDA
     time_mask: float = 0.0  # training only: fraction of each utterance's frames dropped, in spans (drop_spans)
     task: str = "classification"  # or "regression": learn `targets` (tasks.py)
     targets: tuple = ()  # regression: target names; empty: every target the cache holds
@@ -166,6 +168,7 @@ class TrainConfig:
              "targets are learned by regression: add --task regression, or drop --targets"),
             (self.task == "classification" or not self.class_weights,
              "class weights weigh classes, and a regression has none: drop class_weights"),
+            (self.stack_members in STACK_MODES, f"stack_members must be one of {STACK_MODES}"),
             (not (self.refit and self.compat_select_on_test),
              "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
              "speakers: drop one of the two"),
@@ -197,8 +200,10 @@ class TrainConfig:
 
 # Settings added after runs and sweeps were first saved, with the value that reproduces them: a
 # stored config that lacks one was made with this value, whatever today's default is.
+# (stack_members "auto": stacking was added with auto on CUDA only, where runs were never
+# bit-reproducible; on a CPU, auto trains members one after another, as before.)
 EARLIER_VALUES = {"patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0,
-                  "task": "classification", "targets": [], "loss": "ccc"}
+                  "task": "classification", "targets": [], "loss": "ccc", "stack_members": "auto"}
 
 
 def as_made(stored: dict) -> dict:
@@ -475,7 +480,8 @@ class Fitter:
 
 FITTERS = {
     "epoch": Fitter(fit_by_epochs, ("epochs", "patience", "batch_size", "lr", "weight_decay", "warmup_fraction",
-                                    "class_weights", "standardize", "compute_dtype", "time_mask", "loss")),
+                                    "class_weights", "standardize", "compute_dtype", "time_mask", "loss",
+                                    "stack_members")),
     "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
 }
 
@@ -529,8 +535,7 @@ def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, confi
     members are alike.)
     """
     task = as_task(task)
-    fits = [fit_head(name, data, y, train, select, config, task, member_seed(seed, m), device)
-            for m in range(config.ensemble)]
+    fits = fit_members(name, data, y, train, select, config, task, seed, device)
     seconds = sum(f.seconds for f in fits)
     if len(fits) == 1:
         fit = fits[0]
@@ -540,6 +545,26 @@ def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, confi
     score = task.score(y[select], np.mean([f.select_probs for f in fits], axis=0))
     selected = {key: statistics.median_low(f.selected[key] for f in fits), task.score_name: score}
     return Chosen(one_head([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
+
+
+def fit_members(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
+                task: Task, seed: int, device: torch.device, fixed: list[dict] | None = None) -> list[Fit]:
+    """The fits of config.ensemble members seeded member_seed(seed, m) (or of one per choice
+    in `fixed`, then select is None): one after another, or as one stacked model when
+    stacking.stacks says so (the same heads, see stacking.py; classification only for now:
+    a regression ensemble trains its members one after another)."""
+    from .stacking import fit_stacked, stacks
+
+    fixed = fixed or [None] * config.ensemble
+    seeds = [member_seed(seed, m) for m in range(len(fixed))]
+    # Stacked members hold their batches in memory (make_batches): not for a streamed layer.
+    if (len(seeds) > 1 and isinstance(task, Classification) and isinstance(data, LayerData)
+            and stacks(head_class(name), config, device)):
+        return fit_stacked(head_class(name), data, y, np.asarray(train), select, config, task.n_outputs, seeds,
+                           device, None if select is not None else fixed,
+                           loss=task.loss(config, y[np.asarray(train)], device), score=task.score)
+    return [fit_head(name, data, y, train, select, config, task, s, device, fixed=f)
+            for s, f in zip(seeds, fixed)]
 
 
 def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
@@ -552,8 +577,7 @@ def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, tr
     key = head_class(name).selects
     both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
     choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
-    fits = [fit_head(name, data, y, both, None, config, task, member_seed(seed, m), device, fixed={key: c})
-            for m, c in enumerate(choices)]
+    fits = fit_members(name, data, y, both, None, config, task, seed, device, [{key: c} for c in choices])
     model = one_head([f.model for f in fits])
     seconds = sum(f.seconds for f in fits)
     refit = {"n_train": len(both),

@@ -114,10 +114,10 @@ def test_two_sweeps_started_together_run_each_task_once_and_equal_one_sweep(cach
     out, real, ran, lock = tmp_path / "two", S.run_task, [], threading.Lock()
     start = threading.Barrier(2)
 
-    def recording(data, job):
+    def recording(data, job, target=None):
         with lock:
             ran.append(job.task)
-        return real(data, job)
+        return real(data, job, target)
 
     monkeypatch.setattr(S, "run_task", recording)
     outcomes, errors = [], []
@@ -187,12 +187,12 @@ def test_a_claim_let_go_by_a_killed_process_mid_sweep_is_taken_in_a_further_pass
     other = hold_claim(SweepFolder(out).claim_path(first.cache, first.layer, first.head, first.seed, first.fold))
     real, ran = S.run_task, []
 
-    def kill_other_then_run(data, job):
+    def kill_other_then_run(data, job, target=None):
         if other.poll() is None:  # the holder dies while this process works on other tasks
             other.kill()
             other.wait()
         ran.append(job.task)
-        return real(data, job)
+        return real(data, job, target)
 
     monkeypatch.setattr(S, "run_task", kill_other_then_run)
     try:
