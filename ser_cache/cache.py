@@ -51,7 +51,7 @@ from .errors import UserError
 from .features import LayerData
 from .files import process_tag, write_json_atomic
 from .layers import Selection, selection, states_of
-from .records import Utterance, load_records, target_names
+from .records import Utterance, class_counts, load_records, target_names
 
 CACHE_FORMAT = 1
 SETTINGS_FILE = "cache.json"
@@ -626,6 +626,8 @@ class Cache:
             "notes": self.notes(),
             "complete": len(done) == len(self.plan),
             "records_hash": s.records_hash,
+            "class_counts": class_counts(self.records()),
+            "targets": target_names(self.records()),
             "provenance": self.provenance,
         }
 

@@ -159,6 +159,8 @@ def inspect(cache_dir, as_json):
     click.echo(f"  corpus {info['corpus']}, model {info['model']} (sha256 {info['model_sha256'][:12]}), width {info['dim']}")
     click.echo(f"  mode {info['mode']}, dtype {info['dtype']}, layers {info['layers']}")
     click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} frames, {info['bytes'] / 2**20:.1f} MiB")
+    click.echo("  classes " + ", ".join(f"{c} {n}" for c, n in info["class_counts"].items())
+               + (f"; targets {', '.join(info['targets'])} (train --targets)" if info["targets"] else ""))
     # A partial cache may be filling now (an array job): say how many missing shards are claimed.
     claims = ShardClaims(Path(cache_dir) / SHARD_DIR)
     writing = sum(claims.held_elsewhere(k) for k in info["missing_shards"])
@@ -224,6 +226,7 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--standardize/--no-standardize", default=_TRAIN.standardize, help="Standardise input frames with the training speakers' per-dimension mean and std (same heads, better conditioned; --no-standardize trains on raw states as the reference code does).")
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off).")
 @click.option("--refit", is_flag=True, help="After the epoch (or C) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested.")
+@click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean, and every member is saved and exported.")
 @click.option("--task", type=click.Choice(_TASKS), default=None, help="What the head learns: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
 @click.option("--targets", default=None, help="Regression: the numeric targets to learn, comma-separated (e.g. arousal,valence); default with --task regression: every target the cache's records carry.")
@@ -237,8 +240,8 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's head once on all of this cache (another corpus, same checkpoint, mode and layers); its metrics are printed beside the in-corpus ones and saved in cross_corpus.json.")
 @click.option("--label-map", default=None, help="Rename the classes of both caches with a named label map (e.g. ravdess-emodb6) before training; utterances of classes it does not list are dropped and counted.")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
-              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, ensemble, task, targets, loss,
-              stack_members,
+              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, linear_c, ensemble, task,
+              targets, loss, stack_members,
               compat_select_on_test, compat_eval_dropout, device, memory_budget, overwrite, test_cache, label_map):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
@@ -263,7 +266,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
         epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
-        refit=refit, ensemble=ensemble, stack_members=stack_members,
+        refit=refit, ensemble=ensemble, stack_members=stack_members, linear_c=_c_grid(linear_c),
         device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
     from .streaming import parse_size
@@ -276,6 +279,18 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     if result.cross_corpus is not None:
         click.echo(result.cross_corpus.table())
     click.echo(f"run saved in {out}")
+
+
+def _c_grid(text: str) -> tuple[float, ...]:
+    """--linear-c '0.001,0.01,0.1' -> (0.001, 0.01, 0.1); positive numbers only."""
+    try:
+        grid = tuple(float(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        grid = ()
+    if not grid or min(grid) <= 0:
+        raise click.BadParameter(f"{text!r}: give positive numbers separated by commas, e.g. 0.001,0.01,0.1,1",
+                                 param_hint="--linear-c")
+    return grid
 
 
 def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]]:
@@ -307,6 +322,7 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--compute-dtype", "compute_dtype", type=click.Choice(_training.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16, float32, or auto (the faster, measured at start-up).")
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames in 200 ms spans; search it on validation with --grid time_mask=0,0.1,0.2.")
 @click.option("--refit", is_flag=True, help="Retrain each fold's chosen setting on training + validation speakers with the epoch (or C) it chose, then test that head.")
+@click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold and setting, each with its own seed and epoch chosen on validation, probabilities averaged; settings are compared by the ensemble's validation UA.")
 @click.option("--stack-members", type=click.Choice(_training.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
 @click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
@@ -321,7 +337,7 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
 @click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
 @click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
-def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, ensemble,
+def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, linear_c, ensemble,
               stack_members, protocol, n_folds, fold_file, jobs, task, targets, loss, device, test_cache, label_map,
               part_spec, memory_budget):
     """Compare heads on every layer of one or more caches, over the same folds.
@@ -345,7 +361,7 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
                      grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
                                                                time_mask=time_mask, refit=refit, ensemble=ensemble,
                                                                task=task, targets=targets, loss=loss,
-                                                               stack_members=stack_members),
+                                                               stack_members=stack_members, linear_c=_c_grid(linear_c)),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file, test_cache=test_cache, label_map=label_map)
     part = resolve_part(part_spec, "--part")

@@ -40,3 +40,28 @@ def test_ctrl_c_says_what_was_kept(tmp_path, monkeypatch):
 def test_a_bad_device_is_named(tmp_path):
     result = CliRunner().invoke(main, ["predict", __file__, __file__, "--device", "tpu"])
     assert result.exit_code == 1 and "--device 'tpu': use auto, cpu, cuda, cuda:N or mps" in result.output
+
+
+def test_the_linear_c_grid_reaches_the_config_and_a_bad_one_is_named(tmp_path, monkeypatch):
+    seen = {}
+
+    def record(cache, layer, head, out, config, **kwargs):
+        seen["grid"] = config.linear_c
+        raise T.ConfigError("stop here")
+
+    monkeypatch.setattr(T, "train_from_cache", record)
+    args = ["train", str(tmp_path), "--layer", "1", "--head", "linear", "--out", str(tmp_path / "run")]
+    CliRunner().invoke(main, [*args, "--linear-c", "0.001,0.01"])
+    assert seen["grid"] == (0.001, 0.01)
+    for bad in ("0,1", "a,b", ""):
+        result = CliRunner().invoke(main, [*args, "--linear-c", bad])
+        assert result.exit_code == 2 and "positive numbers separated by commas" in result.output, result.output
+
+
+def test_inspect_names_the_classes_and_targets(tmp_path):
+    from test_cache import synthetic_cache
+
+    cache = synthetic_cache(tmp_path / "c", targets=True)
+    result = CliRunner().invoke(main, ["inspect", str(cache.root)])
+    assert result.exit_code == 0, result.output
+    assert "classes a 24, b 24; targets arousal (train --targets)" in result.output
