@@ -191,10 +191,12 @@ class Folds:
 
 def make_folds(ids, labels, speakers, groups=None, *, protocol: str | None = None,
                n_folds: int | None = None, corpus: str = "", fold_file: Path | None = None,
-               seed: int = 0) -> Folds:
+               seed: int = 0, left_out=()) -> Folds:
     """Folds by protocol name. protocol None: "file" if a fold file is given, "split" if every
     group is a split name (train, development, test...), "loso" if the utterances have
-    groups, else "kfold" with n_folds (default from DEFAULT_N_FOLDS[corpus])."""
+    groups, else "kfold" with n_folds (default from DEFAULT_N_FOLDS[corpus]). left_out: ids
+    of the cache that are not in `ids` (a label map dropped them), which a fold file may
+    still list."""
     groups = np.full(len(ids), "") if groups is None else np.asarray(groups).astype(str)
     if protocol is None:
         protocol = ("file" if fold_file else "split" if all(map(split_role, set(groups)))
@@ -217,7 +219,7 @@ def make_folds(ids, labels, speakers, groups=None, *, protocol: str | None = Non
         return kfold_folds(ids, labels, speakers, n_folds or default_n_folds(corpus), seed=seed)
     if fold_file is None:
         raise FoldsError("protocol 'file' needs a fold file (CSV with columns id,fold)")
-    return file_folds(ids, labels, speakers, fold_file, seed=seed)
+    return file_folds(ids, labels, speakers, fold_file, seed=seed, left_out=left_out)
 
 
 def loso_folds(ids, labels, speakers, groups, seed: int = 0) -> Folds:
@@ -315,8 +317,10 @@ def kfold_folds(ids, labels, speakers, n_folds: int, seed: int = 0) -> Folds:
     return _with_validation(ids, labels, speakers, test_fold, "kfold", seed)
 
 
-def file_folds(ids, labels, speakers, path: Path, seed: int = 0) -> Folds:
-    """Folds read from the user's CSV with columns id,fold (0-based, every id exactly once)."""
+def file_folds(ids, labels, speakers, path: Path, seed: int = 0, left_out=()) -> Folds:
+    """Folds read from the user's CSV with columns id,fold (0-based, every id exactly once).
+    Rows of `left_out` ids (utterances of the cache a label map dropped) are passed over, so
+    one fold file serves the cache with and without the map."""
     ids, labels, speakers, _ = _arrays(ids, labels, speakers)
     path = Path(path)
     if not path.is_file():
@@ -340,7 +344,7 @@ def file_folds(ids, labels, speakers, path: Path, seed: int = 0) -> Folds:
     if missing:
         raise FoldsError(f"{path}: {len(missing)} utterances of the cache have no fold, e.g. "
                          f"{missing[:3]}: list every id")
-    unknown = sorted(set(given) - set(ids))
+    unknown = sorted(set(given) - set(ids) - set(left_out))
     if unknown:
         raise FoldsError(f"{path}: {len(unknown)} ids are not in the cache, e.g. {unknown[:3]}")
     test_fold = np.array([given[u] for u in ids], dtype=np.int64)

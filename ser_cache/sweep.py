@@ -364,12 +364,13 @@ def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: Sw
     meta = cache.read_meta()
     # A label map's dropped classes have no place in the folds (the layers read lack them too).
     keep, labels, _ = map_labels(meta["labels"], spec.label_map, str(cache.root))
+    left_out = meta["ids"][~keep]  # a fold file may list them
     meta = {**{k: v[keep] for k, v in meta.items()}, "labels": labels}
     if path.exists() and path.with_suffix(".json").exists():
         return Folds.load(path).aligned_to(meta["ids"])
     folds = make_folds(meta["ids"], meta["labels"], meta["speakers"], meta["groups"],
                        protocol=spec.protocol, n_folds=spec.n_folds, corpus=cache.corpus,
-                       fold_file=spec.fold_file, seed=seed)
+                       fold_file=spec.fold_file, seed=seed, left_out=left_out)
     path.parent.mkdir(parents=True, exist_ok=True)
     folds.save(path)
     return folds

@@ -871,8 +871,11 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
         data = cross.map_source(cache.read_layer(layer), str(cache_path))  # in memory: not streamed
     else:
         data = open_layer(cache, layer, memory_budget, config.batch_size)
+    # A fold file may list the utterances a label map dropped: they are passed over.
+    left_out = np.setdiff1d(cache.read_meta()["ids"], data.ids) if cross is not None else ()
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
-                       n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed)
+                       n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed,
+                       left_out=left_out)
     # A streamed layer's batch order follows its blocks: part of what decides the results.
     where = cache.fingerprint if isinstance(data, LayerData) else {**cache.fingerprint, **data.describe()}
     return run_folds(data, folds, head, config, out_dir, cache=where, overwrite=overwrite,

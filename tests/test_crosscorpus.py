@@ -267,3 +267,28 @@ def test_a_sweep_with_a_label_map_alone_makes_its_folds_on_the_kept_classes(cach
     assert sum(c.n_test for c in cells) == 12  # 16 utterances, 4 calm dropped
     assert SweepFolder(tmp_path / "sweep").read_config()["cross_corpus"] == {"label_map": "ravdess-emodb6",
                                                                           "test_cache": None}
+
+
+def test_one_fold_file_serves_a_cache_with_and_without_a_label_map(caches, tmp_path):
+    """The fold file lists every utterance of the cache; those the map drops are passed over."""
+    import csv
+
+    from ser_cache.cache import open_cache
+    from ser_cache.folds import make_folds
+    from ser_cache.results import SweepFolder
+    from ser_cache.sweep import SweepSpec, run_sweep
+
+    meta = open_cache(caches["a"]).read_meta()
+    folds = make_folds(meta["ids"], meta["labels"], meta["speakers"], n_folds=2, seed=0)
+    path = tmp_path / "folds.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("id", "fold"), *zip(folds.ids, folds.test_fold.tolist())])
+    assert "calm" in set(meta["labels"].tolist())  # the file lists utterances the map drops
+    mapped = train_from_cache(caches["a"], 1, "linear", None, TrainConfig(**SMALL), fold_file=path,
+                              label_map="ravdess-emodb6")
+    assert sum(len(r.test_ids) for r in mapped.folds) == 12
+    assert all(str(u) in set(folds.ids.tolist()) for r in mapped.folds for u in r.test_ids)
+    spec = SweepSpec(caches=[caches["a"]], layers="1", heads=["linear"], train=TrainConfig(**SMALL),
+                     fold_file=path, label_map="ravdess-emodb6")
+    run_sweep(spec, tmp_path / "sweep", jobs=1, progress=False, write_report=False)
+    assert sum(c.n_test for c in SweepFolder(tmp_path / "sweep").cells()) == 12
