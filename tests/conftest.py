@@ -20,6 +20,16 @@ TINY_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, 
                  n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (tiny heads only wait at barriers on a second one),
+    the caller's count restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_checkpoint(path: Path, dims: dict = TINY_DIMS, seed: int = 0) -> Path:
     """Write an openai-whisper checkpoint of random weights (same format as the released ones)."""
     from whisper.model import ModelDimensions, Whisper

@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import make_checkpoint, write_corpus
 
@@ -22,12 +21,8 @@ A_CLASSES = ("angry", "happy", "sad", "calm")  # calm: not in ravdess-emodb6
 B_CLASSES = ("angry", "happy", "sad", "bored")  # bored: not in ravdess-emodb6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny heads train fastest, and reproducibly, on one torch thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

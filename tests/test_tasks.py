@@ -25,12 +25,8 @@ SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_
 REGRESS = dict(task="regression", targets=("arousal", "valence"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny heads train fastest, and reproducibly, on one torch thread (conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def numpy_ccc(x: np.ndarray, y: np.ndarray) -> float:
