@@ -115,9 +115,12 @@ def test_two_sweeps_started_together_run_each_task_once_and_equal_one_sweep(cach
     start = threading.Barrier(2)
 
     def recording(data, job, target=None):
+        # One task trains at a time: the two sweeps are threads of one process here, and
+        # torch's random generator is the process's (sweeps on a cluster are processes of
+        # their own); what races is what this test is about, the claims, taken before this.
         with lock:
             ran.append(job.task)
-        return real(data, job, target)
+            return real(data, job, target)
 
     monkeypatch.setattr(S, "run_task", recording)
     outcomes, errors = [], []
