@@ -127,64 +127,157 @@ def plan_shards(records: list[Utterance], bytes_per_second: float, shard_bytes: 
 
 
 # --- writing a shard ------------------------------------------------------------------------
+#
+# A shard is laid out before its states exist: once its utterances are read, their frame counts
+# (and what was skipped, and the notes) are known, so the HDF5 file is made with every dataset
+# in place and each layer's contiguous data region allocated (HDF5 "early allocation"). Each
+# utterance's rows then have a fixed byte offset in the file (H5Dget_offset), where its states
+# are written with os.pwrite as it leaves the encoder, in whatever order it is encoded. When a
+# shard's last utterance is encoded, only a little data, the fsync and the checksum are left:
+# the shard is not written whole after its encoding, with nothing to overlap that write with,
+# and the writer holds one batch of states, not a whole shard.
+
+SYNC_BYTES = 16 * 2**20  # flushed to disk every 16 MiB written, so the final fsync waits for little
 
 
 @dataclass
-class ShardContent:
-    """What one shard holds, in plan order. states[i] maps state index -> (n_frames_i, dim)."""
+class ShardLayout:
+    """What one shard holds besides its states, known once its utterances are read.
+
+    records are the kept utterances in plan order; n_frames[i] is the number of rows record i
+    stores per layer; skipped lists the planned utterances that could not be used.
+    """
 
     records: list[Utterance] = field(default_factory=list)
-    states: list[dict[int, np.ndarray]] = field(default_factory=list)
+    n_frames: list[int] = field(default_factory=list)
     speech_frames: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, path, reason)
     notes: list[tuple[str, str]] = field(default_factory=list)  # (id, text)
 
+    def offsets(self) -> np.ndarray:
+        """(n + 1,) int64: the first row of each record, and the total."""
+        return np.concatenate([[0], np.cumsum(self.n_frames, dtype=np.int64)]).astype(np.int64)
 
-def write_shard(folder: Path, k: int, content: ShardContent, layers: list[int], dim: int, dtype: str) -> dict:
-    """Write shard k crash-safely (temporary file, fsync, sidecar, rename). Returns the sidecar.
 
-    The caller holds the claim on shard k (`ShardClaims.take`). Raises OSError on write
-    failure, after removing the temporary file.
+class ShardFile:
+    """Shard k being written: laid out when made, its states put in any order, then finished.
+
+    Crash safety as for every file of the cache: the shard is written under a temporary name,
+    flushed, described by its sidecar, and only then renamed into place (`finish`). The caller
+    holds the claim on shard k (`ShardClaims.take`). Any OSError (a full disk) propagates after
+    the temporary file is removed.
     """
-    folder = Path(folder)
-    final, sidecar = folder / f"{shard_name(k)}.h5", folder / f"{shard_name(k)}.json"
-    tmp = folder / f"{shard_name(k)}.h5.{process_tag()}.tmp"
-    n_frames = np.array([len(s[layers[0]]) if s else 0 for s in content.states], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(n_frames, dtype=np.int64)]).astype(np.int64)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["shard"] = k
-            f.attrs["format"] = CACHE_FORMAT
-            for name, values in zip(META_FIELDS, _columns(content.records)):
-                f.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
-            f.create_dataset("n_frames", data=n_frames)
-            f.create_dataset("speech_frames", data=np.array(content.speech_frames, dtype=np.int32))
-            f.create_dataset("offsets", data=offsets)
-            for s in layers:
-                ds = f.create_dataset(layer_name(s), shape=(int(offsets[-1]), dim), dtype=dtype)
-                for i, states in enumerate(content.states):
-                    if n_frames[i]:
-                        ds[offsets[i] : offsets[i + 1]] = states[s]
-            for name, column in zip(("skipped_ids", "skipped_paths", "skipped_reasons"), _transpose(content.skipped, 3)):
-                f.create_dataset(name, data=np.array(column, dtype=object), dtype=STR)
-            for name, column in zip(("note_ids", "note_texts"), _transpose(content.notes, 2)):
-                f.create_dataset(name, data=np.array(column, dtype=object), dtype=STR)
-        _fsync(tmp)
-        info = {
-            "shard": k,
-            "sha256": file_sha256(tmp),
-            "bytes": tmp.stat().st_size,
-            "utterances": len(content.records),
-            "skipped": len(content.skipped),
-            "frames": int(offsets[-1]),
-        }
-        write_json_atomic(sidecar, info)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-        return info
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def __init__(self, folder: Path, k: int, layout: ShardLayout, layers: list[int], dim: int, dtype: str):
+        self.folder, self.k, self.layout = Path(folder), k, layout
+        self.tmp = self.folder / f"{shard_name(k)}.h5.{process_tag()}.tmp"
+        self.dtype = np.dtype(dtype).newbyteorder("<")  # HDF5 stores these little-endian
+        self.dim = dim
+        self.offsets = layout.offsets()
+        self.row = {r.id: i for i, r in enumerate(layout.records)}
+        self.unwritten = set(self.row)
+        self.unsynced = 0
+        self.fd: int | None = None
+        try:
+            self.data_at = _create_layout(self.tmp, k, layout, self.offsets, layers, dim, self.dtype)
+            self.fd = os.open(self.tmp, os.O_WRONLY)
+        except BaseException:
+            self.discard()
+            raise
+
+    def put(self, rid: str, states: dict[int, np.ndarray]) -> None:
+        """Write utterance `rid`'s states: {state: (n_frames, dim)} for every layer of the shard."""
+        i = self.row[rid]
+        rows = int(self.offsets[i + 1] - self.offsets[i])
+        try:
+            for s, at in self.data_at.items():
+                a = np.ascontiguousarray(states[s], dtype=self.dtype)
+                assert a.shape == (rows, self.dim), f"{rid} state {s}: {a.shape}, laid out as {(rows, self.dim)}"
+                _write_at(self.fd, memoryview(a).cast("B"), at + int(self.offsets[i]) * self.dim * self.dtype.itemsize)
+                self.unsynced += a.nbytes
+            self.unwritten.discard(rid)
+            if self.unsynced >= SYNC_BYTES:
+                os.fdatasync(self.fd)
+                self.unsynced = 0
+        except BaseException:
+            self.discard()
+            raise
+
+    def finish(self) -> dict:
+        """Flush, checksum, write the sidecar and rename the shard into place. Returns the sidecar."""
+        final, sidecar = self.folder / f"{shard_name(self.k)}.h5", self.folder / f"{shard_name(self.k)}.json"
+        try:
+            assert not self.unwritten, f"{shard_name(self.k)}: no states written for {sorted(self.unwritten)[:5]}"
+            os.close(self.fd)
+            self.fd = None
+            _fsync(self.tmp)
+            info = {
+                "shard": self.k,
+                "sha256": file_sha256(self.tmp),
+                "bytes": self.tmp.stat().st_size,
+                "utterances": len(self.layout.records),
+                "skipped": len(self.layout.skipped),
+                "frames": int(self.offsets[-1]),
+            }
+            write_json_atomic(sidecar, info)
+            os.replace(self.tmp, final)
+            _fsync_dir(self.folder)
+            return info
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Give up on this shard: its temporary file is removed."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _create_layout(path: Path, k: int, layout: ShardLayout, offsets: np.ndarray, layers: list[int], dim: int,
+                   dtype: np.dtype) -> dict[int, int]:
+    """Make the HDF5 file of a shard with everything but its states; returns {state: byte offset
+    of its layer's data in the file}. States of a layer with no rows need no offset."""
+    total = int(offsets[-1])
+    with h5py.File(path, "w") as f:
+        f.attrs["shard"] = k
+        f.attrs["format"] = CACHE_FORMAT
+        for name, values in zip(META_FIELDS, _columns(layout.records)):
+            f.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
+        f.create_dataset("n_frames", data=np.array(layout.n_frames, dtype=np.int32))
+        f.create_dataset("speech_frames", data=np.array(layout.speech_frames, dtype=np.int32))
+        f.create_dataset("offsets", data=offsets)
+        data_at = {}
+        for s in layers:
+            # Contiguous, allocated now, never filled: every byte of it is written by put().
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            ds = f.create_dataset(layer_name(s), shape=(total, dim), dtype=dtype, dcpl=dcpl, fill_time="never")
+            if total:
+                data_at[s] = ds.id.get_offset()
+        for name, column in zip(("skipped_ids", "skipped_paths", "skipped_reasons"), _transpose(layout.skipped, 3)):
+            f.create_dataset(name, data=np.array(column, dtype=object), dtype=STR)
+        for name, column in zip(("note_ids", "note_texts"), _transpose(layout.notes, 2)):
+            f.create_dataset(name, data=np.array(column, dtype=object), dtype=STR)
+    return data_at
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """All of `data` at byte `offset` of the file (pwrite may write less than asked)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def write_shard(folder: Path, k: int, layout: ShardLayout, states: list[dict[int, np.ndarray]], layers: list[int],
+                dim: int, dtype: str) -> dict:
+    """Write a shard whose states are all at hand (tests, synthetic caches): states[i] maps
+    state -> (layout.n_frames[i], dim) for layout.records[i]. Returns the sidecar."""
+    shard = ShardFile(folder, k, layout, layers, dim, dtype)
+    for r, s in zip(layout.records, states, strict=True):
+        shard.put(r.id, s)
+    return shard.finish()
 
 
 def _columns(records: list[Utterance]):

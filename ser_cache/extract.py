@@ -2,9 +2,11 @@
 
 Three things happen at once so the encoder never waits:
 
-    loader threads   read, resample and turn audio into log-mel, a few utterances ahead
+    loader threads   read, resample and turn audio into log-mel, a shard at a time, ahead
     main thread      batches log-mels through the encoder, keeps the asked-for states
-    writer thread    writes each finished shard to disk (temporary file, fsync, rename)
+    writer thread    lays each shard out once its utterances are read, writes each utterance's
+                     states into place as they leave the encoder, and finishes the shard
+                     (fsync, checksum, rename) after its last one (cache.ShardFile)
 
 A file that cannot be used is skipped with its reason (recorded in its shard), never dropped
 silently. Re-running the same command resumes: shards already complete are not redone.
@@ -42,8 +44,10 @@ from .layers import parse_states
 from .records import Utterance, records_hash, save_records
 from .slurm import resolve_part
 
-DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer, bounded writer memory
-PREFETCH = 16  # utterances decoded ahead of the encoder
+DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer
+PREFETCH = 16  # the next shard is read once fewer utterances than this are left to encode
+WRITER_QUEUE = 2 * PREFETCH  # utterances' states (and shard starts and ends) waiting for the writer
+ENDED_AHEAD = 2  # shards encoded whole that may wait for the writer
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -202,17 +206,6 @@ def load_for_encoder(record: Utterance, n_mels: int, mode: str, long_audio: str)
     )
 
 
-def prefetch(pool: ThreadPoolExecutor, fn, items, ahead: int):
-    """Like pool.map(fn, items) in order, but with at most `ahead` items in flight."""
-    pending = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, int]], mode: str, layers: list[int],
                  dtype: str, device, compute_dtype: str = "float32") -> list[dict[int, np.ndarray]]:
     """Encode windows [(utt, window, mel, frames)] -> per window {state: (kept_frames, dim)}.
@@ -231,75 +224,156 @@ def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, i
             states = encode(enc.encoder, x.to(device), frames.to(device), layers)
         else:
             states = encode(enc.encoder, torch.stack(mels).to(device), None, layers)
-    out = []
-    for i, f in enumerate(frames.tolist()):
-        keep = N_WINDOW_FRAMES if mode == "padded" else f
-        win = {}
-        for s in layers:
-            # One cast, in torch, straight to the storage dtype (float32 -> numpy -> float16
-            # was a second pass over every state on the encoder's thread).
-            a = states[s][i, :keep].to(TORCH_DTYPES[dtype]).cpu().numpy()
-            if not np.isfinite(a).all():
+    keep = [N_WINDOW_FRAMES if mode == "padded" else f for f in frames.tolist()]
+    stored_dtype = TORCH_DTYPES[dtype]
+    limit = torch.finfo(stored_dtype).max
+    out: list[dict[int, np.ndarray]] = [{} for _ in keep]
+    for s in layers:
+        for i, n in enumerate(keep):
+            low, high = torch.aminmax(states[s][i, :n])
+            if not (-limit <= low and high <= limit):  # NaN fails both
                 raise OptionError(f"state {s} overflows {dtype}: pass --dtype float32")
-            win[s] = a
-        out.append(win)
+        # One cast per state for the whole batch, in torch, straight to the storage dtype: per
+        # utterance casts and numpy's float16 checks cost 5x more on the encoder's thread.
+        stored = states[s].to(stored_dtype).cpu().numpy()
+        for i, n in enumerate(keep):
+            out[i][s] = stored[i, :n]
     return out
 
 
 class ShardWriter:
-    """Writes shards on a background thread, one at a time; re-raises its errors on the caller.
+    """Writes shards on a background thread while the encoder runs; re-raises its errors on
+    the caller.
 
-    Each shard handed to it is claimed by this process; the claim is let go once the shard is
-    written, has failed, or is dropped after an earlier failure.
+    begin(k, ...) hands it a claimed shard's plan and the futures of its utterances' reading;
+    put(k, id, states) writes one utterance's states, into place once the shard is laid out
+    (when all its utterances are read); end(k) finishes the shard. The claim on each shard
+    handed to it is let go once the shard is written, has failed, or is given up (after an
+    earlier failure, or when the writer closes before the shard's end).
     """
 
-    def __init__(self, folder: Path, layers: list[int], dim: int, dtype: str, claims: C.ShardClaims):
+    def __init__(self, folder: Path, layers: list[int], dim: int, dtype: str, mode: str, claims: C.ShardClaims):
         self.args = (folder, layers, dim, dtype)
+        self.mode = mode
         self.claims = claims
-        self.jobs: queue.Queue = queue.Queue(maxsize=1)  # at most one shard waits: bounded memory
+        # Bounded, so the encoder waits for a slow disk rather than memory filling up. States
+        # wait here until their shard is laid out, i.e. until all its utterances are read,
+        # which the loaders do well ahead of the encoder.
+        self.jobs: queue.Queue = queue.Queue(maxsize=WRITER_QUEUE)
+        # Waited on instead of Thread.join: a join interrupted by Ctrl-C can leave the thread
+        # marked as stopped while it still runs (CPython 3.11), and the shard it writes is lost.
+        self.finished = threading.Event()
+        # At most ENDED_AHEAD shards encoded whole and not yet written: on Ctrl-C the writer
+        # finishes those (no encoded work is lost) and no more, and a job holds few claims on
+        # shards that it has encoded but not written.
+        self.ended = threading.Semaphore(ENDED_AHEAD)
+        self.reading: dict[int, tuple[list[Utterance], dict]] = {}  # begun, not yet laid out
+        self.open: dict[int, C.ShardFile] = {}
         self.error: BaseException | None = None
         self.written: list[int] = []
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
     def _run(self):
-        while (job := self.jobs.get()) is not None:
-            k, content = job
-            try:
-                if self.error is None:
-                    self._write(k, content)
-            finally:
-                self.claims.release(k)
-
-    def _write(self, k: int, content: C.ShardContent):
-        folder, layers, dim, dtype = self.args
         try:
-            C.write_shard(folder, k, content, layers, dim, dtype)
-            self.written.append(k)
-        except OSError as e:  # disk full, I/O error, permissions: say what to do
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            self.error = C.CacheError(
-                f"cannot write {C.shard_name(k)} in {folder}: {e.strerror or e}. That shard was not kept "
-                "and every shard written before it is complete: "
-                + ("free some space" if full else "fix what the error names")
-                + " and re-run the same command to resume"
-            )
-            self.error.__cause__ = e
-        except BaseException as e:  # handed to the main thread
-            self.error = e
+            while (job := self.jobs.get()) is not None:
+                kind, k, *args = job
+                try:
+                    if self.error is None:
+                        self._do(kind, k, args)
+                    else:  # after a failure, nothing more is written
+                        self._give_up(k)
+                except OSError as e:  # disk full, I/O error, permissions: say what to do
+                    self._failed(k, self._write_error(k, e))
+                except BaseException as e:  # handed to the main thread
+                    self._failed(k, e)
+                finally:
+                    if kind == "end":
+                        self.ended.release()
+            for k in list(self.reading) + list(self.open):  # shards whose end never came: interrupted
+                self._give_up(k)
+        finally:
+            self.finished.set()
 
-    def submit(self, k: int, content: C.ShardContent):
+    def _do(self, kind: str, k: int, args: list):
+        if kind == "begin":
+            self.reading[k] = tuple(args)
+        elif kind == "put":
+            self._shard(k).put(*args)
+        else:
+            self._shard(k).finish()
+            del self.open[k]
+            self.written.append(k)
+            self.claims.release(k)
+
+    def _shard(self, k: int) -> C.ShardFile:
+        if k not in self.open:
+            planned, reading = self.reading.pop(k)
+            folder, layers, dim, dtype = self.args
+            layout = shard_layout(planned, {i: f.result() for i, f in reading.items()}, self.mode)
+            self.open[k] = C.ShardFile(folder, k, layout, layers, dim, dtype)
+        return self.open[k]
+
+    def _failed(self, k: int, error: BaseException):
+        self.error = error
+        self._give_up(k)
+
+    def _give_up(self, k: int):
+        """Drop shard k (its temporary file, if any) and let go of its claim, once."""
+        if k in self.reading or k in self.open:
+            self.reading.pop(k, None)
+            if k in self.open:
+                self.open.pop(k).discard()
+            self.claims.release(k)
+
+    def _write_error(self, k: int, e: OSError) -> C.CacheError:
+        folder = self.args[0]
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        error = C.CacheError(
+            f"cannot write {C.shard_name(k)} in {folder}: {e.strerror or e}. That shard was not kept "
+            "and every shard written before it is complete: "
+            + ("free some space" if full else "fix what the error names")
+            + " and re-run the same command to resume"
+        )
+        error.__cause__ = e
+        return error
+
+    def begin(self, k: int, planned: list[Utterance], reading: dict):
+        """Shard k (claimed by this process) will come: its plan, and {id: future of Loaded}."""
+        self._send(("begin", k, planned, reading))
+
+    def put(self, k: int, rid: str, states: dict[int, np.ndarray]):
+        self._send(("put", k, rid, states))
+
+    def end(self, k: int):
+        while not self.ended.acquire(timeout=0.1):
+            self.raise_error()
+        self._send(("end", k))
+
+    def _send(self, job):
         self.raise_error()
-        self.jobs.put((k, content))
+        while not self.finished.is_set():
+            try:
+                self.jobs.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                self.raise_error()
+        raise RuntimeError("the shard writer stopped")  # only after close(), a bug
 
     def raise_error(self):
         if self.error is not None:
             raise self.error
 
     def close(self):
-        """Wait for the queued shards to be written (also on Ctrl-C: no half-written shard)."""
-        self.jobs.put(None)
-        self.thread.join()
+        """Wait for the shards already ended to be written (also on Ctrl-C: no half-written
+        shard); a shard whose end never came is given up."""
+        while not self.finished.is_set():
+            try:
+                self.jobs.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self.finished.wait()
         self.raise_error()
 
 
@@ -403,12 +477,13 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
     n_mels = enc.dims["n_mels"]
     bar = tqdm(total=sum(map(len, shard_utts.values())), unit="utt", disable=not opts.progress,
                desc=f"extract {opts.mode}", dynamic_ncols=True)
+    writer = ShardWriter(cache.shard_dir, layers, enc.dim, opts.dtype, opts.mode, claims)
 
-    def claimed_utterances():
+    def claimed_shards(pool):
         # Claimed when their turn comes, not all at the start: jobs started together then
-        # spread over the plan, each taking the next free shard. The prefetch pulls this up to
-        # PREFETCH utterances ahead of the encoder, so a job holds about one shard beyond the
-        # one it encodes, or up to PREFETCH claims when shards hold one utterance each.
+        # spread over the plan, each taking the next free shard. read_ahead claims the next
+        # shard, and starts reading all of it, once fewer than PREFETCH utterances of the
+        # current one are left to encode: the writer can lay a shard out as soon as it is read.
         for k in todo:
             outcome = claim_shard(cache, claims, k)
             if outcome != "mine":
@@ -416,17 +491,18 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
                 bar.total -= len(shard_utts[k])
                 continue
             # Within a shard, encode in order of length so batches of the short mode carry little padding.
-            yield from ((k, r) for r in sorted(shard_utts[k], key=lambda r: (r.duration, r.id)))
+            order = sorted(shard_utts[k], key=lambda r: (r.duration, r.id))
+            reading = {r.id: pool.submit(load_for_encoder, r, n_mels, opts.mode, opts.long_audio) for r in order}
+            writer.begin(k, shard_utts[k], reading)
+            yield k, [reading[r.id] for r in order]
 
-    writer = ShardWriter(cache.shard_dir, layers, enc.dim, opts.dtype, claims)
     try:
         with ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="audio") as pool:
-            loaded_iter = prefetch(pool, lambda kr: (kr[0], load_for_encoder(kr[1], n_mels, opts.mode, opts.long_audio)),
-                                   claimed_utterances(), PREFETCH)
-            _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer, summary, bar, start)
+            _run_shards(read_ahead(claimed_shards(pool), PREFETCH), shard_utts, enc, opts, layers, device, writer,
+                        summary, bar, start)
         writer.close()
     except BaseException:
-        # Ctrl-C or an error: let the writer finish the shards already handed to it (they are
+        # Ctrl-C or an error: let the writer finish the shards already ended (they are
         # complete), then stop. Its own error, if any, matters less than the one being raised.
         bar.close()
         try:
@@ -436,6 +512,20 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
         raise
     bar.close()
     return writer.written, held, finished
+
+
+def read_ahead(shards, ahead: int):
+    """(k, Loaded) in encoding order, from (k, [future of Loaded, ...]) per claimed shard; the
+    next shard is pulled once fewer than `ahead` utterances are left."""
+    pending = deque()
+    for k, futures in shards:
+        pending.extend((k, f) for f in futures)
+        while len(pending) >= ahead:
+            k0, f = pending.popleft()
+            yield k0, f.result()
+    while pending:
+        k0, f = pending.popleft()
+        yield k0, f.result()
 
 
 def refuse_recorded_skips(cache: C.Cache, shards: list[int]) -> None:
@@ -450,10 +540,11 @@ def refuse_recorded_skips(cache: C.Cache, shards: list[int]) -> None:
         )
 
 
-def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer, summary, bar, start):
-    """Main loop: gather loaded utterances into batches, encode, assemble and submit shards."""
-    results: dict[int, dict[str, tuple[Loaded, list]]] = {k: {} for k in todo}
-    remaining = {k: len(shard_utts[k]) for k in todo}
+def _run_shards(loaded_iter, shard_utts, enc, opts, layers, device, writer, summary, bar, start):
+    """Main loop: gather read utterances into batches, encode, hand each utterance's states to
+    the writer, and end each shard after its last utterance."""
+    remaining = {k: len(utts) for k, utts in shard_utts.items()}  # utterances not yet encoded
+    windows: dict[str, list] = {}  # per-window states of the utterances being encoded
     batch: list[tuple[int, int, torch.Tensor, int]] = []
     owners: list[tuple[int, Loaded]] = []
 
@@ -462,13 +553,17 @@ def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer
             return
         outs = encode_batch(enc, batch, opts.mode, layers, opts.dtype, device, opts.compute_dtype)
         for (k, loaded), (_, w, _, _), states in zip(owners, batch, outs):
-            results[k][loaded.record.id][1][w] = states
-            if all(s is not None for s in results[k][loaded.record.id][1]):
+            parts = windows[loaded.record.id]
+            parts[w] = states
+            if all(p is not None for p in parts):
+                del windows[loaded.record.id]
+                writer.put(k, loaded.record.id, join_windows(parts))
                 finish(k, loaded)
         batch.clear()
         owners.clear()
 
     def finish(k, loaded):
+        loaded.mels = []  # encoded: the writer keeps the Loaded for the layout, not its log-mels
         remaining[k] -= 1
         summary.utterances += 0 if loaded.error else 1
         summary.audio_seconds += loaded.samples / SAMPLE_RATE
@@ -476,7 +571,7 @@ def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(audio_s_per_s=f"{summary.audio_seconds / elapsed:.1f}", skipped=len(summary.skipped), refresh=False)
         if remaining[k] == 0:
-            writer.submit(k, assemble(shard_utts[k], results.pop(k), opts.mode))
+            writer.end(k)
 
     for k, loaded in loaded_iter:
         if batch and batch[-1][0] != k:
@@ -484,13 +579,13 @@ def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer
             # so a shard re-done after a crash or by --repair must see the same batches.
             flush()
         rid = loaded.record.id
-        results[k][rid] = (loaded, [None] * len(loaded.mels))
         if loaded.error:
             summary.skipped.append({"id": rid, "path": loaded.record.path, "reason": loaded.error})
             if opts.strict:
                 raise AudioError(f"{loaded.record.path}: {loaded.error} (--strict stops at the first bad file)")
             finish(k, loaded)
             continue
+        windows[rid] = [None] * len(loaded.mels)
         summary.notes.extend({"id": rid, "note": n} for n in loaded.notes)
         for w, (mel, f) in enumerate(zip(loaded.mels, loaded.frames)):
             batch.append((k, w, mel, f))
@@ -500,20 +595,24 @@ def _run_shards(loaded_iter, shard_utts, todo, enc, opts, layers, device, writer
     flush()
 
 
-def assemble(planned: list[Utterance], results: dict[str, tuple[Loaded, list]], mode: str) -> C.ShardContent:
-    """A shard's content in plan order; windows of one utterance joined along time."""
-    content = C.ShardContent()
+def join_windows(parts: list[dict[int, np.ndarray]]) -> dict[int, np.ndarray]:
+    """One utterance's states from those of its windows, joined along time."""
+    return {s: np.concatenate([p[s] for p in parts]) if len(parts) > 1 else parts[0][s] for s in parts[0]}
+
+
+def shard_layout(planned: list[Utterance], loaded: dict[str, Loaded], mode: str) -> C.ShardLayout:
+    """A shard's layout in plan order, from its utterances as read (before they are encoded)."""
+    layout = C.ShardLayout()
     for r in planned:
-        loaded, windows = results[r.id]
-        if loaded.error:
-            content.skipped.append((r.id, r.path, loaded.error))
+        one = loaded[r.id]
+        if one.error:
+            layout.skipped.append((r.id, r.path, one.error))
             continue
-        states = {s: np.concatenate([w[s] for w in windows]) if len(windows) > 1 else windows[0][s] for s in windows[0]}
-        content.records.append(r)
-        content.states.append(states)
-        content.speech_frames.append(sum(loaded.frames))
-        content.notes.extend((r.id, n) for n in loaded.notes)
-    return content
+        layout.records.append(r)
+        layout.n_frames.append(sum(N_WINDOW_FRAMES if mode == "padded" else f for f in one.frames))
+        layout.speech_frames.append(sum(one.frames))
+        layout.notes.extend((r.id, n) for n in one.notes)
+    return layout
 
 
 def summary_text(summary: ExtractSummary) -> str:

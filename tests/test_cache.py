@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ser_cache.cache import CacheError, ShardClaims, folder_lock, open_cache, shard_name
+from ser_cache.cache import SHARD_DIR, CacheError, ShardClaims, folder_lock, open_cache, shard_name
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract, parse_layers, parse_shard
@@ -189,9 +189,9 @@ def synthetic_cache(root, n_utts=48, per_shard=16, dim=64, states=(0, 1, 2), fra
         wanted = set(ids)
         shard = [r for r in records if r.id in wanted]
         lengths = rng.integers(*frames, size=len(shard))
-        content = C.ShardContent(records=shard, speech_frames=lengths.tolist(), states=[
-            {s: rng.standard_normal((n, dim)).astype(np.float16) for s in states} for n in lengths])
-        C.write_shard(root / C.SHARD_DIR, k, content, list(states), dim, "float16")
+        layout = C.ShardLayout(records=shard, n_frames=lengths.tolist(), speech_frames=lengths.tolist())
+        C.write_shard(root / C.SHARD_DIR, k, layout, [{s: rng.standard_normal((n, dim)).astype(np.float16) for s in states}
+                                                      for n in lengths], list(states), dim, "float16")
     return open_cache(root)
 
 
@@ -226,3 +226,91 @@ def test_reading_several_layers_peaks_near_their_stored_size(tmp_path):
         tracemalloc.stop()
     assert data.frames.nbytes == stored
     assert stored <= peak <= 1.5 * stored, (peak, stored)  # the frames are seen, and little else
+
+
+# --- writing a shard in place, as the encoder goes ------------------------------------------------
+
+
+def test_states_put_in_any_order_land_in_their_records_places(tmp_path):
+    """The encoder hands states over by length, not plan order: each utterance's rows land at
+    its own offsets, the metadata is the layout's, and the sidecar's checksum is the file's."""
+    import h5py
+
+    from ser_cache import cache as C
+    from ser_cache.records import Utterance
+
+    rng = np.random.default_rng(0)
+    records = [Utterance(id=f"u{i}", path=f"/x/u{i}.wav", label="a", speaker="s", duration=1.0) for i in range(5)]
+    n_frames = [3, 7, 1, 5, 2]
+    states = [{s: rng.standard_normal((n, 4)).astype(np.float16) for s in (0, 2)} for n in n_frames]
+    layout = C.ShardLayout(records=records, n_frames=n_frames, speech_frames=[n - 1 for n in n_frames],
+                           skipped=[("bad", "/x/bad.wav", "empty file (0 bytes)")], notes=[("u1", "digital silence")])
+    shard = C.ShardFile(tmp_path, 3, layout, [0, 2], 4, "float16")
+    for i in (4, 1, 3, 0):
+        shard.put(records[i].id, states[i])
+    with pytest.raises(AssertionError, match="u2"):  # a record without states is never finished
+        shard.finish()
+    assert list(tmp_path.iterdir()) == []  # and leaves nothing behind
+
+    shard = C.ShardFile(tmp_path, 3, layout, [0, 2], 4, "float16")
+    for i in (4, 1, 3, 0, 2):
+        shard.put(records[i].id, states[i])
+    info = shard.finish()
+    path = tmp_path / "shard-00003.h5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00003.h5", "shard-00003.json"]
+    assert info["sha256"] == C.file_sha256(path) and info["frames"] == sum(n_frames)
+    with h5py.File(path) as f:
+        offsets = f["offsets"][()]
+        for i, one in enumerate(states):
+            for s in (0, 2):
+                np.testing.assert_array_equal(f[C.layer_name(s)][offsets[i] : offsets[i + 1]], one[s])
+        assert list(f["ids"].asstr()[()]) == [r.id for r in records]
+        assert list(f["speech_frames"][()]) == [n - 1 for n in n_frames]
+        assert list(f["skipped_ids"].asstr()[()]) == ["bad"] and list(f["note_texts"].asstr()[()]) == ["digital silence"]
+
+
+def test_cached_states_are_each_utterance_encoded_alone(records, enc, tmp_path):
+    """Through the whole pipeline (loaders, batches of several shards, the writer's raw writes),
+    every utterance's rows in the cache are its own states."""
+    from ser_cache.audio import load_utterance
+    from ser_cache.encoder import encode, log_mel
+
+    run(records, tmp_path / "c", enc, mode="trim", dtype="float32", batch_size=3)
+    cache = open_cache(tmp_path / "c")
+    assert len(cache.plan) > 2
+    by_id = {r.id: r for r in records}
+    for s in cache.layers:
+        layer = cache.read_layer(s)
+        for i, rid in enumerate(layer.ids):
+            audio = load_utterance(by_id[rid].path)[0][0]
+            alone = encode(enc.encoder, log_mel(audio, enc.dims["n_mels"], "trim")[None], None, [s])[s][0]
+            np.testing.assert_allclose(layer.utterance(i), alone[: layer.n_frames[i]].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_shard_is_laid_out_and_written_while_its_utterances_are_encoded(records, enc, tmp_path, monkeypatch):
+    """A shard's file exists before its last batch is encoded: the write overlaps the encoder
+    rather than following it (the extraction overhead of short clips, issue #14)."""
+    import time
+
+    from ser_cache import extract as X
+
+    out = tmp_path / "c"
+    real = X.encode_batch
+    batches_seen: dict[int, int] = {}
+    laid_out_in_time = []
+
+    def encode_batch(enc_, batch, *a, **kw):
+        k = batch[0][0]
+        batches_seen[k] = batches_seen.get(k, 0) + 1
+        if batches_seen[k] > 1:  # an earlier batch of this shard was handed to the writer
+            deadline = time.monotonic() + 5.0
+            while not list((out / SHARD_DIR).glob(f"{shard_name(k)}.h5.*.tmp")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            laid_out_in_time.append(bool(list((out / SHARD_DIR).glob(f"{shard_name(k)}.h5.*.tmp"))))
+        return real(enc_, batch, *a, **kw)
+
+    monkeypatch.setattr(X, "encode_batch", encode_batch)
+    X.extract(records, out, "csv", enc, ExtractOptions(progress=False, shard_bytes=10**6, batch_size=2))
+    assert max(batches_seen.values()) > 1 and laid_out_in_time and all(laid_out_in_time)
+    assert open_cache(out).complete
+

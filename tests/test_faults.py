@@ -568,19 +568,13 @@ def _enospc():
 def test_disk_full_is_a_clear_error_and_no_partial_shard_counts(kill_corpus, tiny_checkpoint, tmp_path, monkeypatch, where):
     corpus, reference, _ = kill_corpus
     out = tmp_path / "cache"
-    writing = {"k": None}
-    real_write_shard, real_fsync, real_dump, real_setitem = C.write_shard, C._fsync, json.dump, h5py.Dataset.__setitem__
-
-    def write_shard(folder, k, *a, **kw):
-        writing["k"] = k
-        return real_write_shard(folder, k, *a, **kw)
-
-    monkeypatch.setattr(C, "write_shard", write_shard)
-    if where == "dataset write":  # h5py reports a full disk as an OSError from the write
-        monkeypatch.setattr(h5py.Dataset, "__setitem__",
-                            lambda self, key, v: _enospc() if writing["k"] == FAIL_AT else real_setitem(self, key, v))
+    failing = shard_name(FAIL_AT)
+    real_write_at, real_fsync, real_dump = C._write_at, C._fsync, json.dump
+    if where == "dataset write":  # a full disk fails the write of states into the shard's file
+        monkeypatch.setattr(C, "_write_at", lambda fd, data, offset: _enospc()
+                            if failing in os.readlink(f"/proc/self/fd/{fd}") else real_write_at(fd, data, offset))
     elif where == "fsync":
-        monkeypatch.setattr(C, "_fsync", lambda path: _enospc() if writing["k"] == FAIL_AT else real_fsync(path))
+        monkeypatch.setattr(C, "_fsync", lambda path: _enospc() if failing in str(path) else real_fsync(path))
     else:  # the sidecar's temporary file is created, then the disk fills up
         monkeypatch.setattr(C.json, "dump", lambda obj, f, **kw: _enospc()
                             if isinstance(obj, dict) and obj.get("shard") == FAIL_AT else real_dump(obj, f, **kw))
