@@ -30,6 +30,17 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_job():
+    """Sweep workers of a test module see one core, so each runs one torch thread (tiny heads
+    run fastest that way: a second thread only waits at barriers)."""
+    from ser_cache import sweep
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "available_cores", lambda: 1)
+        yield
+
+
 def make_checkpoint(path: Path, dims: dict = TINY_DIMS, seed: int = 0) -> Path:
     """Write an openai-whisper checkpoint of random weights (same format as the released ones)."""
     from whisper.model import ModelDimensions, Whisper

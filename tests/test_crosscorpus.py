@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import make_checkpoint, write_corpus
+from test_training import layer_data
 
 from ser_cache.crosscorpus import CrossCorpus, CrossCorpusError, map_classes
 from ser_cache.encoder import load_encoder
@@ -41,22 +42,6 @@ def caches(tiny_checkpoint, tmp_path_factory):
         made[name] = root / name
         extract(records, made[name], "csv", encoder, ExtractOptions(**{"mode": "short", **options}, progress=False))
     return made
-
-
-def separable(n_speakers=6, per_speaker=12, n_classes=3, dim=8, seed=0, prefix="s") -> LayerData:
-    """Random frames shifted by 2 in the dimension of their class (every speaker speaks every
-    class): a task a head learns in a few epochs, the same for every seed."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(5, 15, size=n_speakers * per_speaker)
-    x = rng.normal(size=(lengths.sum(), dim)).astype(np.float32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    classes = np.arange(len(lengths)) % n_classes
-    for i, c in enumerate(classes):
-        x[offsets[i]: offsets[i + 1], c] += 2.0
-    n = len(lengths)
-    return LayerData(x, offsets, np.array([f"{prefix}u{i:03d}" for i in range(n)]),
-                     np.array([f"c{c}" for c in classes]), np.array([f"{prefix}{i // per_speaker}" for i in range(n)]),
-                     np.array([""] * n), layer=1)
 
 
 def relabelled(data: LayerData, table: dict) -> LayerData:
@@ -100,7 +85,7 @@ def test_other_classes_are_refused_naming_them_and_the_fix(caches):
 
 
 def test_a_label_map_renames_keeps_and_counts_what_it_drops():
-    data = relabelled(separable(n_classes=4), {"c0": "angry", "c1": "calm", "c2": "sad", "c3": "bored"})
+    data = relabelled(layer_data(n_classes=4), {"c0": "angry", "c1": "calm", "c2": "sad", "c3": "bored"})
     mapped, dropped = map_classes(data, "ravdess-emodb6", "here")
     assert dropped == {"bored": 18, "calm": 18} and len(mapped) == len(data) - 36
     assert sorted(set(mapped.labels)) == ["angry", "sad"]
@@ -157,8 +142,8 @@ def test_a_label_map_alone_trains_on_a_class_subset_of_one_cache(caches, tmp_pat
 
 @pytest.mark.parametrize("head", ["mean", "linear"])
 def test_heads_score_well_on_a_corpus_of_the_same_kind_and_badly_when_its_labels_are_permuted(head):
-    source = separable(seed=0)
-    target = separable(n_speakers=4, seed=1, prefix="t")
+    source = layer_data(seed=0)
+    target = layer_data(n_speakers=4, seed=1, prefix="t")
     same = cross_run(source, target, head).cross_corpus
     permuted = cross_run(source, relabelled(target, {"c0": "c1", "c1": "c2", "c2": "c0"}), head).cross_corpus
     assert same.in_corpus["ua"]["mean"] > 0.8 and same.target["ua"]["mean"] > 0.8
@@ -168,7 +153,7 @@ def test_heads_score_well_on_a_corpus_of_the_same_kind_and_badly_when_its_labels
 
 
 def test_a_resumed_cross_corpus_run_gives_identical_results_and_refuses_another_test_cache(tmp_path):
-    source, target = separable(seed=0), separable(n_speakers=4, seed=1, prefix="t")
+    source, target = layer_data(seed=0), layer_data(n_speakers=4, seed=1, prefix="t")
     out = tmp_path / "run"
     first = cross_run(source, target, out_dir=out)
     saved = {name: (out / name).read_bytes() for name in ("cross_corpus.json", "predictions_target.csv")}
@@ -179,7 +164,7 @@ def test_a_resumed_cross_corpus_run_gives_identical_results_and_refuses_another_
     assert {name: (out / name).read_bytes() for name in saved} == saved
     assert again.cross_corpus.target == first.cross_corpus.target
     (out / "metrics.json").unlink()
-    other = separable(n_speakers=4, seed=2, prefix="t")
+    other = layer_data(n_speakers=4, seed=2, prefix="t")
     cross = CrossCorpus(label_map=None, target=other, target_cache={"path": "synthetic", "records_hash": "y"})
     with pytest.raises(ConfigError, match=r"cross_corpus.test_cache.records_hash: run has 'x', asked for 'y'"):
         run_folds(source, kfold_folds(source.ids, source.labels, source.speakers, 3, seed=0), "mean",

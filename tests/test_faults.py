@@ -24,7 +24,6 @@ import signal
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import soundfile as sf

@@ -27,12 +27,7 @@ N_FOLDS = 3
 TRAIN = TrainConfig(epochs=2, n_heads=2, head_dim=2, linear_c=(1.0,), compute_dtype="float32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_job():
-    """Tiny heads run fastest on one torch thread (a second one only waits at barriers)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(S, "available_cores", lambda: 1)
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_job")  # conftest
 
 
 @pytest.fixture(scope="module")

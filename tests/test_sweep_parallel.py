@@ -38,11 +38,7 @@ SWEEP_ARGS = ("--layers", "1-2", "--heads", "linear,mean", "--epochs", "2", "--f
               "--jobs", "1", "--device", "cpu", "--compute-dtype", "float32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_job():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(S, "available_cores", lambda: 1)
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_per_job")  # conftest
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,10 @@ from ser_cache.training import (
 SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
 
 
-def layer_data(n_speakers=6, per_speaker=12, n_classes=3, dim=8, frames=(5, 15), seed=0) -> LayerData:
+def layer_data(n_speakers=6, per_speaker=12, n_classes=3, dim=8, frames=(5, 15), seed=0, prefix="") -> LayerData:
     """Random frames shifted by 2 in the dimension of their class: an easy task (linearly
-    separable from the time average), every speaker speaks every class."""
+    separable from the time average), every speaker speaks every class. `prefix` starts every
+    id and speaker name (a second corpus)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(*frames, size=n_speakers * per_speaker)
     x = rng.normal(size=(lengths.sum(), dim)).astype(np.float32)
@@ -40,8 +41,8 @@ def layer_data(n_speakers=6, per_speaker=12, n_classes=3, dim=8, frames=(5, 15),
     for i, c in enumerate(labels):
         x[offsets[i] : offsets[i + 1], c] += 2.0
     n = len(lengths)
-    return LayerData(x, offsets, np.array([f"u{i:03d}" for i in range(n)]), np.array([f"c{c}" for c in labels]),
-                     np.array([f"s{i // per_speaker}" for i in range(n)]), np.array([""] * n), layer=1)
+    return LayerData(x, offsets, np.array([f"{prefix}u{i:03d}" for i in range(n)]), np.array([f"c{c}" for c in labels]),
+                     np.array([f"{prefix}s{i // per_speaker}" for i in range(n)]), np.array([""] * n), layer=1)
 
 
 def needle_data(n_speakers, per_speaker, seed, n_classes=4, dim=16, n_evidence=3, frames=(60, 100),
