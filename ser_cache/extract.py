@@ -496,10 +496,14 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
             writer.begin(k, shard_utts[k], reading)
             yield k, [reading[r.id] for r in order]
 
+    pool = ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="audio")
     try:
-        with ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="audio") as pool:
+        try:
             _run_shards(read_ahead(claimed_shards(pool), PREFETCH), shard_utts, enc, opts, layers, device, writer,
                         summary, bar, start)
+        finally:
+            # On Ctrl-C or an error, up to two shards of reading are pending: dropped, not waited for.
+            pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     except BaseException:
         # Ctrl-C or an error: let the writer finish the shards already ended (they are
