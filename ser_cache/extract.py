@@ -307,11 +307,12 @@ class ShardWriter:
             self.claims.release(k)
 
     def _shard(self, k: int) -> C.ShardFile:
-        if k not in self.open:
-            planned, reading = self.reading.pop(k)
+        if k not in self.open:  # its first states: lay it out (k stays in self.reading until then)
+            planned, reading = self.reading[k]
             folder, layers, dim, dtype = self.args
             layout = shard_layout(planned, {i: f.result() for i, f in reading.items()}, self.mode)
             self.open[k] = C.ShardFile(folder, k, layout, layers, dim, dtype)
+            del self.reading[k]
         return self.open[k]
 
     def _failed(self, k: int, error: BaseException):
