@@ -353,13 +353,19 @@ class ShardWriter:
 
     def _send(self, job):
         self.raise_error()
+        if not self._queue(job):
+            raise RuntimeError("the shard writer stopped")  # only after close(), a bug
+
+    def _queue(self, job) -> bool:
+        """Queue `job`, waiting while the queue is full; False if the writer has stopped (its
+        thread then never takes another job, and a blocking put would wait forever)."""
         while not self.finished.is_set():
             try:
                 self.jobs.put(job, timeout=0.1)
-                return
+                return True
             except queue.Full:
-                self.raise_error()
-        raise RuntimeError("the shard writer stopped")  # only after close(), a bug
+                continue
+        return False
 
     def raise_error(self):
         if self.error is not None:
@@ -368,12 +374,7 @@ class ShardWriter:
     def close(self):
         """Wait for the shards already ended to be written (also on Ctrl-C: no half-written
         shard); a shard whose end never came is given up."""
-        while not self.finished.is_set():
-            try:
-                self.jobs.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                continue
+        self._queue(None)
         self.finished.wait()
         self.raise_error()
 

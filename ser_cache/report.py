@@ -276,10 +276,7 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
     paths["summary"].write_text(summary_markdown(loaded, panels), encoding="utf-8")
     plot_layers(panels, paths["layers"])
     plot_confusions(panels, paths["confusion"])
-    if any(c.layer_weights is not None for p in panels for c in p.cells.values()):
-        paths["weights"] = out / WEIGHTS_PLOT
-        plot_layer_weights(panels, paths["weights"])
-    return paths
+    return paths | weights_plot(panels, out)
 
 
 def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
@@ -576,10 +573,15 @@ def write_regression_report(sweeps: list[Sweep], panels: list[Panel], out: Path)
     write_regression_csv(sweeps, paths["results"])
     paths["summary"].write_text(regression_markdown(sweeps, panels), encoding="utf-8")
     plot_ccc(panels, paths["ccc"])
-    if any(c.layer_weights is not None for p in panels for c in p.cells.values()):
-        paths["weights"] = out / WEIGHTS_PLOT
-        plot_layer_weights(panels, paths["weights"])
-    return paths
+    return paths | weights_plot(panels, out)
+
+
+def weights_plot(panels: list[Panel], out: Path) -> dict[str, Path]:
+    """layer_weights.png when some cell learned a mix of states: {"weights": its path}, else {}."""
+    if not any(c.layer_weights is not None for p in panels for c in p.cells.values()):
+        return {}
+    plot_layer_weights(panels, out / WEIGHTS_PLOT)
+    return {"weights": out / WEIGHTS_PLOT}
 
 
 def write_regression_csv(sweeps: list[Sweep], path: Path) -> None:

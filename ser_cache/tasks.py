@@ -71,7 +71,7 @@ class Classification:
         return nn.CrossEntropyLoss(weight=weight)
 
     def score(self, y_true: np.ndarray, preds: np.ndarray) -> float:
-        return fold_metrics(y_true, preds.argmax(axis=1), self.n_outputs)["ua"]
+        return self.fold_metrics(y_true, preds)["ua"]
 
     def fold_metrics(self, y_true: np.ndarray, preds: np.ndarray) -> dict:
         return fold_metrics(y_true, preds.argmax(axis=1), self.n_outputs)
