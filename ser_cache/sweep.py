@@ -24,8 +24,8 @@ validation, and settings are compared by the validation UA of their mean probabi
 validation speakers with the epoch (or C) it chose (training.refit_selected); only that head
 is tested.
 Each task records the validation UA of every setting it tried and which one it chose. A grid
-key applies to the heads it changes (n_heads, head_dim: attentive and qkv; lr, epochs,
-time_mask: every torch head); other heads run once with the defaults. The linear head also picks its C on
+key applies to the heads it changes (n_heads: attentive, qkv and stats; head_dim: attentive
+and qkv; lr, epochs, time_mask: every torch head); other heads run once with the defaults. The linear head also picks its C on
 validation (training.py).
 
 Reading and running. A layer is read once (`Cache.read_layer`), put in shared memory, and

@@ -128,7 +128,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1  # of the epochs, linear warm-up before the cosine decay
     dropout: float = 0.3
     d_model: int = 256
-    n_heads: int = 12  # attentive and qkv
+    n_heads: int = 12  # attentive, qkv and stats
     head_dim: int = 4  # attentive (d_a) and qkv (d_k)
     attention_scale: bool = True  # attentive: divide scores by sqrt(head_dim)
     class_weights: bool = False  # inverse-frequency cross-entropy weights from the training split

@@ -20,7 +20,7 @@ def make_batch(B=4, T=9, seed=0):
 
 
 def test_registry_names():
-    assert sorted(HEADS) == ["attentive", "cta", "linear", "mean", "qkv"]
+    assert sorted(HEADS) == ["attentive", "cta", "linear", "mean", "qkv", "stats"]
     with pytest.raises(ValueError, match="available heads"):
         build_head("transformer", DIM, N_CLASSES)
 
@@ -41,6 +41,8 @@ def fresh(name):
             torch.randn(2 * DIM, generator=g).numpy(), 1 + torch.rand(2 * DIM, generator=g).numpy(),
             torch.randn(N_CLASSES, 2 * DIM, generator=g).numpy(), torch.randn(N_CLASSES, generator=g).numpy(),
             np.arange(N_CLASSES)).eval()
+    if name == "stats":  # no front, so no d_model
+        return build_head(name, DIM, N_CLASSES).eval()
     return build_head(name, DIM, N_CLASSES, d_model=32).eval()
 
 
@@ -237,6 +239,30 @@ def test_linear_probe_two_classes():
                                    atol=1e-10)
 
 
+def test_the_stats_head_without_attention_reads_the_linear_probes_features():
+    """With no attention heads, the stats head is a linear map of the probe's standardised
+    statistics: the probe's weights in its one layer give the probe's logits, whatever the
+    frames' own standardisation (standardised statistics of standardised frames are the
+    standardised statistics of the raw frames)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 12, size=20)
+    frames = (rng.normal(size=(lengths.sum(), DIM)) * rng.uniform(0.5, 3, DIM) + rng.normal(size=DIM) * 4)
+    data = LayerData(frames.astype(np.float32), np.concatenate([[0], np.cumsum(lengths)]), np.arange(20).astype(str),
+                     np.array(["a", "b"] * 10), np.repeat(["s0", "s1"], 10), np.full(20, ""), 3)
+    train = np.arange(14)
+    head = build_head("stats", DIM, N_CLASSES, n_heads=0).eval()
+    head.prepare(data, train, TrainConfig())
+    stats = data.statistics[train]
+    coef, intercept = rng.normal(size=(N_CLASSES, 2 * DIM)), rng.normal(size=N_CLASSES)
+    probe = build_head("linear", DIM, N_CLASSES).from_fitted(stats.mean(axis=0), stats.std(axis=0), coef, intercept,
+                                                             np.arange(N_CLASSES))
+    with torch.no_grad():
+        head.out.weight.copy_(torch.as_tensor(coef)), head.out.bias.copy_(torch.as_tensor(intercept))
+        x, mask = data.batch(np.arange(20))
+        torch.testing.assert_close(head(x, mask).double(),
+                                   probe(x, mask), rtol=1e-4, atol=1e-4)
+
+
 def test_input_standardisation_is_applied_and_saved():
     """standardize_inputs changes what the front sees and travels in the state dict."""
     torch.manual_seed(0)
@@ -328,3 +354,17 @@ def test_the_linear_probe_reads_every_state():
     assert probe.weight.shape == (N_CLASSES, 2 * 3 * DIM) and probe.weight.dtype == torch.float64
     x, mask = stacked_batch()
     assert probe(x, mask).dtype == torch.float64
+
+
+@pytest.mark.parametrize("junk", ["huge", "nan"])
+def test_the_stats_head_reads_every_state_side_by_side(junk):
+    """Several states: every value of every state has its own statistics, attention means and
+    weights (no mix, so no layer weights), and padding still changes nothing."""
+    options = HEADS["stats"].options(TrainConfig(n_heads=2), DIM, N_CLASSES, 3)
+    head = build_head("stats", **options).eval()
+    assert head.layer_weights() is None and head.out.in_features == (2 + 2) * 3 * DIM
+    x, mask = stacked_batch()
+    x2 = torch.cat([x, torch.full((4, 5, 3 * DIM), float("nan") if junk == "nan" else 1e6)], dim=1)
+    mask2 = torch.cat([mask, torch.zeros(4, 5, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x, mask), head(x2, mask2), rtol=1e-5, atol=1e-5)

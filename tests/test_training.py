@@ -392,11 +392,11 @@ def needle_uas():
     train, val, test = folds.split(0)
     cpu = torch.device("cpu")
     models = {head: fit_head(head, data, y, train, val, config, 4, fold_seed(0, 0), cpu).model
-              for head in ("mean", "attentive", "qkv")}
+              for head in ("mean", "attentive", "qkv", "stats")}
     return {head: ua_of(y[test], predict_proba(m, data, test, cpu), 4) for head, m in models.items()}
 
 
-@pytest.mark.parametrize("head", ["attentive", "qkv"])
+@pytest.mark.parametrize("head", ["attentive", "qkv", "stats"])
 def test_attention_finds_evidence_that_averaging_drowns(needle_uas, head):
     assert needle_uas[head] >= needle_uas["mean"] + 0.2, needle_uas
 
