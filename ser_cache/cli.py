@@ -220,7 +220,7 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--batch-size", type=click.IntRange(1), default=_TRAIN.batch_size, help="Training batch size.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_TRAIN.lr, help="Peak AdamW learning rate (warm-up, then cosine decay).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.dropout, help="Dropout of the attention projections (attentive, qkv).")
-@click.option("--heads", "n_heads", type=click.IntRange(1), default=_TRAIN.n_heads, help="Attention heads (attentive, qkv, stats).")
+@click.option("--heads", "n_heads", type=click.IntRange(0), default=_TRAIN.n_heads, help="Attention heads (attentive, qkv, cta, stats); 0, for stats only, leaves the probe's mean and std.")
 @click.option("--head-dim", type=click.IntRange(1), default=_TRAIN.head_dim, help="Size of each attention head: d_a (attentive) or d_k (qkv).")
 @click.option("--class-weights/--no-class-weights", default=_TRAIN.class_weights, help="Weight the cross-entropy by inverse class frequency of each fold's training split.")
 @click.option("--standardize/--no-standardize", default=_TRAIN.standardize, help="Standardise input frames with the training speakers' per-dimension mean and std (same heads, better conditioned; --no-standardize trains on raw states as the reference code does).")

@@ -287,7 +287,7 @@ class AttentivePoolHead(PoolingHead):
 
     @classmethod
     def options(cls, config, dim, n_classes, n_states=1):
-        return {**super().options(config, dim, n_classes, n_states), "n_heads": config.n_heads,
+        return {**super().options(config, dim, n_classes, n_states), "n_heads": attention_heads(cls, config),
                 "head_dim": config.head_dim, "dropout": config.dropout, "scale": config.attention_scale}
 
     def pool(self, h, mask):
@@ -321,7 +321,7 @@ class QKVPoolHead(PoolingHead):
 
     @classmethod
     def options(cls, config, dim, n_classes, n_states=1):
-        return {**super().options(config, dim, n_classes, n_states), "n_heads": config.n_heads,
+        return {**super().options(config, dim, n_classes, n_states), "n_heads": attention_heads(cls, config),
                 "head_dim": config.head_dim, "dropout": config.dropout}
 
     def pool(self, h, mask):
@@ -628,6 +628,17 @@ def head_class(name: str) -> type[Head]:
     if name not in HEADS:
         raise OptionError(f"head {name!r} not found; available heads = {sorted(HEADS)}")
     return HEADS[name]
+
+
+def attention_heads(cls: type[Head], config) -> int:
+    """config.n_heads for a head that pools by attention, which needs at least one; 0 (no
+    attention) is the stats head's alone, so a grid or setting that gives it to another is
+    refused here, when the head's options are first read (a sweep: at planning)."""
+    if config.n_heads < 1:
+        name = next((n for n, c in HEADS.items() if c is cls), cls.__name__)
+        raise OptionError(f"the {name} head pools with attention heads: give it --heads 1 or more "
+                          f"(grid key heads); heads=0 (no attention) is for --head stats only, swept on its own")
+    return config.n_heads
 
 
 def options_for(cls: type[Head], config, dim: int, n_classes: int, n_states: int = 1) -> dict:

@@ -173,12 +173,15 @@ def _parse_value(key: str, text: str, default):
 def head_settings(head: str, grid: dict[str, list], base: TrainConfig) -> list[dict]:
     """The grid points that matter for `head`, in grid order ([{}] when none does).
 
-    A key matters if it changes a setting the head's fitting reads or its constructor options
-    (training.settings_read)."""
+    A key matters if a value of it changes a setting the head's fitting reads or its
+    constructor options (training.settings_read), from another value or from the defaults: a
+    single value (heads=0) is then a fixed setting, never silently left at the default."""
+    def read(config: TrainConfig) -> str:
+        return json.dumps(settings_read(head, config), sort_keys=True)
+
     relevant = {}
     for key, values in grid.items():
-        variants = {json.dumps(settings_read(head, replace(base, **{key: v})), sort_keys=True) for v in values}
-        if len(variants) > 1:
+        if {read(replace(base, **{key: v})) for v in values} != {read(base)}:
             relevant[key] = values
     return [dict(zip(relevant, point)) for point in itertools.product(*relevant.values())]
 

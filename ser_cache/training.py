@@ -128,7 +128,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1  # of the epochs, linear warm-up before the cosine decay
     dropout: float = 0.3
     d_model: int = 256
-    n_heads: int = 12  # attentive, qkv and stats
+    n_heads: int = 12  # attentive, qkv, cta and stats (stats also takes 0)
     head_dim: int = 4  # attentive (d_a) and qkv (d_k)
     attention_scale: bool = True  # attentive: divide scores by sqrt(head_dim)
     class_weights: bool = False  # inverse-frequency cross-entropy weights from the training split
@@ -157,7 +157,9 @@ class TrainConfig:
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.time_mask < 1, "time_mask must be in [0, 1) (0: off)"),
-            (min(self.d_model, self.n_heads, self.head_dim) >= 1, "d_model, n_heads, head_dim must be >= 1"),
+            (min(self.d_model, self.head_dim) >= 1, "d_model and head_dim must be >= 1"),
+            # 0 is the stats head without attention; the pooling heads refuse it (heads.attention_heads).
+            (self.n_heads >= 0, "n_heads must be >= 0 (0: the stats head without attention)"),
             (len(self.linear_c) >= 1 and min(self.linear_c) > 0, "linear_c must be positive values"),
             (self.patience >= 0, "patience must be >= 0 (0: train every epoch)"),
             (self.ensemble >= 1, "ensemble must be >= 1 (1: one head per fold)"),

@@ -220,6 +220,17 @@ def test_grid_keys_apply_only_to_the_heads_they_change():
             parse_grid([bad])
 
 
+def test_a_grid_without_attention_heads_is_for_the_stats_head():
+    grid = parse_grid(["heads=0,4"])
+    assert head_settings("stats", grid, TrainConfig()) == [{"n_heads": 0}, {"n_heads": 4}]
+    assert head_settings("linear", grid, TrainConfig()) == [{}]
+    with pytest.raises(S.OptionError, match="heads=0 .* is for --head stats only"):
+        head_settings("qkv", grid, TrainConfig())
+    # One value is a fixed setting, not the default: it applies wherever it changes something.
+    assert head_settings("stats", parse_grid(["heads=0"]), TrainConfig()) == [{"n_heads": 0}]
+    assert head_settings("qkv", parse_grid(["heads=12"]), TrainConfig(n_heads=12)) == [{}]
+
+
 def test_worker_processes_share_one_read_of_each_layer(caches, full, tmp_path):
     out = tmp_path / "pool"
     shm_before = set(Path("/dev/shm").glob("psm_*"))
