@@ -34,6 +34,9 @@ def limit_records(records: list[Utterance], limit: int | None) -> list[Utterance
 
 
 USER_ERRORS = (UserError, OSError)
+# Extra passes an extract job makes over shards of its part that a job that died after its last
+# look left unwritten; more would mean jobs dying over and over, which a re-run is for.
+TAKEOVER_ROUNDS = 3
 # What a command keeps when Ctrl-C stops it (commands that resume when re-run).
 KEPT_ON_INTERRUPT = {"extract": "every shard written so far is complete",
                      "train": "every finished fold is saved", "sweep": "every finished fold is saved"}
@@ -139,6 +142,15 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     # Other jobs may share this folder: the state is read now, claims included, and the exit
     # status is 0 only if this job's own part is complete or in the hands of a live job.
     state, own_part_done = final_state(cache, shard)
+    for _ in range(TAKEOVER_ROUNDS):
+        if own_part_done:
+            break
+        # A job that held shards of this part died after this job's last look (its claims went
+        # with it), leaving them unwritten: take them over, as a pass does with those it sees.
+        click.echo(f"cache {out}: {state}: a job that held them has ended; taking them over")
+        click.echo(summary_text(run_extract(records, out, corpus, enc, opts, device=dev)))
+        cache = open_cache(out)
+        state, own_part_done = final_state(cache, shard)
     skipped = len(cache.skipped())  # this run's and earlier runs' (a resumed run shows only its own above)
     line = f"cache {out}: {state}; {skipped} skipped" + (f" (`ser-cache inspect {out}` lists them)" if skipped else "")
     if not own_part_done:

@@ -232,3 +232,39 @@ def test_a_claim_held_by_a_live_job_is_left_alone_and_reported(corpus, tiny_chec
     assert final_state(open_cache(out), (0, 2)) == (
         f"{n - 1} of {n} shards complete; 1 shard of other --shard parts missing "
         "(run those jobs, or this command without --shard, to finish)", True)
+
+
+def test_a_shard_whose_holder_dies_after_the_last_look_is_taken_over(corpus, tiny_checkpoint, tmp_path, monkeypatch):
+    """The window CI once hit: a job sees a shard of its part held by another job, ends its
+    passes, and that job dies before the final look; the shard is then missing and unheld.
+    The job takes it over instead of failing with "re-run to finish"."""
+    import ser_cache.extract as E
+
+    source, reference = corpus
+    n = len(reference["plan"])
+    out = tmp_path / "cache"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the arithmetic of the one-thread reference, so shards compare exactly
+    try:
+        assert cli(*extract_args(source, tiny_checkpoint, out, *RUN_ARGS)).exit_code == 0
+        open_cache(out).shard_path(2).unlink()
+        held = C.ShardClaims(out / C.SHARD_DIR)  # another live job is writing shard 2 ...
+        assert held.take(2)
+        looks = []
+
+        def holder_dies_first(cache, shard):  # ... and dies just before this job's final look
+            if not looks:
+                held.release(2)
+            looks.append(shard)
+            return final_state(cache, shard)
+
+        monkeypatch.setattr(E, "final_state", holder_dies_first)
+        result = cli(*extract_args(source, tiny_checkpoint, out, *RUN_ARGS))
+        assert result.exit_code == 0, result.output
+        assert "1 shard missing (re-run to finish): a job that held them has ended; taking them over" in result.output
+        assert "1 taken by other jobs meanwhile" in result.output and "1 written now" in result.output
+        assert len(looks) == 2 and last_line(result.output)["complete"]
+        assert_same_cache(out, reference)
+        assert_tidy(out, n)
+    finally:
+        torch.set_num_threads(threads)
