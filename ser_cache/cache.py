@@ -11,15 +11,27 @@ Layout of a cache folder:
 Inside a shard, utterances are stored back to back, one contiguous dataset per layer:
 
     ids, labels, speakers, groups   (n,) str
-    n_frames                        (n,) int32    frames stored per utterance
-    speech_frames                   (n,) int32    frames that cover the speech
+    n_frames                        (n,) int32    rows stored per utterance
+    speech_frames                   (n,) int32    encoder frames that cover the speech
+    encoder_frames                  (n,) int32    encoder frames the rows were made from
     offsets                         (n + 1,) int64
-    layer_07                        (total_frames, dim) float16 (or float32)
+    layer_07                        (total_rows, dim) float16 (or float32)
     skipped_ids/_paths/_reasons     (k,) str      planned utterances that could not be used
     note_ids/note_texts             (m,) str      kept utterances with something to know
 
 so one layer of the whole corpus is read with one large read per shard (`read_layer`), and
 several layers with one read per shard and layer into their columns of one array.
+
+What a row is (`store` and `frame_pool` of the settings):
+
+    frames, frame_pool 1   one row per 20 ms encoder frame (every cache made before pooling)
+    frames, frame_pool K   one row per K encoder frames, their mean (pooling.py): ceil(T / K)
+    stats                  one row per utterance: the mean and std of every value over its
+                           frames (pooled by frame_pool first), (n, 2 * dim) float32 per state;
+                           `dtype` is then the precision of the frames they were taken from
+
+Caches made before `encoder_frames` was stored are frames caches of frame_pool 1, whose
+encoder frames are their rows.
 
 Crash safety: a shard is written to a temporary name, flushed to disk, described by its JSON
 sidecar, then renamed; a shard without both files is not complete and is re-done by the next
@@ -48,10 +60,12 @@ import h5py
 import numpy as np
 
 from .errors import UserError
-from .features import LayerData
+from .features import LayerData, StatsLayer, utterance_statistics
 from .files import process_tag, write_json_atomic
 from .layers import Selection, selection, states_of
+from .pooling import pool_rows, pooled_lengths, read_factor, row_weights
 from .records import Utterance, class_counts, load_records, target_names
+from .storage import STORES  # what a row of a layer is (module docstring)
 
 CACHE_FORMAT = 1
 SETTINGS_FILE = "cache.json"
@@ -60,6 +74,8 @@ PLAN_FILE = "plan.json"
 SHARD_DIR = "shards"
 CREATE_LOCK = "create.lock"  # held while a process creates cache.json, records and plan
 DTYPES = ("float16", "float32")
+
+STATS_DTYPE = "float32"  # a statistics cache's values, whatever the frames' dtype
 COMPUTE_DTYPES = ("float32", "bfloat16")
 META_FIELDS = ("ids", "labels", "speakers", "groups")
 STR = h5py.string_dtype()
@@ -87,6 +103,17 @@ class CacheSettings:
     compute_dtype: str = "float32"  # precision of the encoder's arithmetic (bfloat16 changes states)
     sample_rate: int = 16000
     format: int = CACHE_FORMAT
+    frame_pool: int = 1  # encoder frames averaged into each stored frame (pooling.py)
+    store: str = "frames"  # "frames", or "stats": per utterance only the mean and std of every value
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype of the layer datasets: dtype for frames, float32 for statistics."""
+        return STATS_DTYPE if self.store == "stats" else self.dtype
+
+    def row_width(self, dim: int) -> int:
+        """Values per stored row of one state: dim for frames, 2 * dim (mean, std) for statistics."""
+        return 2 * dim if self.store == "stats" else dim
 
     def differences(self, other: "CacheSettings", keys=None, sides=("cache has", "asked for")) -> list[str]:
         """Human-readable list of the settings in which `other` differs from self (only `keys`
@@ -151,6 +178,7 @@ class ShardLayout:
     records: list[Utterance] = field(default_factory=list)
     n_frames: list[int] = field(default_factory=list)
     speech_frames: list[int] = field(default_factory=list)
+    encoder_frames: list[int] = field(default_factory=list)  # before pooling or statistics
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, path, reason)
     notes: list[tuple[str, str]] = field(default_factory=list)  # (id, text)
 
@@ -247,6 +275,7 @@ def _create_layout(path: Path, k: int, layout: ShardLayout, offsets: np.ndarray,
             f.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
         f.create_dataset("n_frames", data=np.array(layout.n_frames, dtype=np.int32))
         f.create_dataset("speech_frames", data=np.array(layout.speech_frames, dtype=np.int32))
+        f.create_dataset("encoder_frames", data=np.array(layout.encoder_frames or layout.n_frames, dtype=np.int32))
         f.create_dataset("offsets", data=offsets)
         data_at = {}
         for s in layers:
@@ -268,6 +297,21 @@ def _write_at(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
+
+
+def stored_rows(frames: np.ndarray, settings: CacheSettings) -> np.ndarray:
+    """What a cache of `settings` stores for one utterance's state: its encoder frames (T, dim),
+    already in the cache's dtype, pooled by frame_pool (ceil(T / K), dim), or for a statistics
+    cache their mean and std, (1, 2 * dim) float32 (module docstring)."""
+    rows, _ = pool_rows(frames, np.array([0, len(frames)]), settings.frame_pool)
+    if settings.store == "stats":
+        return utterance_statistics(rows).astype(STATS_DTYPE)[None, :]
+    return rows
+
+
+def stored_count(encoder_frames: int, settings: CacheSettings) -> int:
+    """Rows a cache of `settings` stores for an utterance of `encoder_frames` frames."""
+    return 1 if settings.store == "stats" else int(pooled_lengths(encoder_frames, settings.frame_pool))
 
 
 def write_shard(folder: Path, k: int, layout: ShardLayout, states: list[dict[int, np.ndarray]], layers: list[int],
@@ -598,41 +642,92 @@ class Cache:
             )
 
     def read_meta(self) -> dict[str, np.ndarray]:
-        """Per-utterance metadata of all complete shards: ids, labels, speakers, groups, n_frames,
-        speech_frames, and shard (the shard each utterance is stored in)."""
-        cols = {name: [] for name in (*META_FIELDS, "n_frames", "speech_frames")}
+        """Per-utterance metadata of all complete shards: ids, labels, speakers, groups, n_frames
+        (rows stored), speech_frames, encoder_frames, and shard (the shard each utterance is in)."""
+        cols = {name: [] for name in (*META_FIELDS, "n_frames", "speech_frames", "encoder_frames")}
         shard = []
         for k in self.complete_shards():
             with self.open_shard(k) as f:
                 for name in cols:
-                    ds = f[name]
+                    ds = f[name if name in f or name != "encoder_frames" else "n_frames"]  # older caches: rows
                     # asstr(): h5py hands strings back as UTF-8 bytes, which numpy decodes as ASCII
                     cols[name].append(ds.asstr()[()].astype(str) if h5py.check_string_dtype(ds.dtype) else ds[()])
                 shard.append(np.full(len(f["ids"]), k, dtype=np.int32))
         cols["shard"] = shard
         return {n: (np.concatenate(v) if v else np.array([], dtype=str if n in META_FIELDS else np.int32)) for n, v in cols.items()}
 
-    def read_layer(self, layer: Selection, dtype=None) -> LayerData:
+    @property
+    def row_width(self) -> int:
+        """Values per stored row of one state (dim, or 2 * dim for a statistics cache)."""
+        return self.settings.row_width(self.dim)
+
+    def read_layer(self, layer: Selection, dtype=None, frame_pool: int | None = None) -> LayerData | StatsLayer:
         """Load one state of every utterance, or several (a tuple, layers.py) stacked side by
         side in each row: one large read per shard and state, straight into one array.
 
         Each state is read into its own columns of the final array, never into a copy that is
         stacked afterwards, so peak memory is about the size of the states read (frames x
         states x dim x itemsize) plus metadata. dtype: the in-memory dtype (default: as stored).
+        frame_pool: encoder frames per row to read (pooling.py), a multiple of the cache's
+        (default: as stored), pooled one shard at a time. A statistics cache gives a StatsLayer.
         """
         states = states_of(layer)
         self.require(states)
         self.check()
         meta = self.read_meta()
-        offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
-        frames = np.empty((int(offsets[-1]), len(states) * self.dim), dtype=dtype or self.settings.dtype)
-        self.read_slices(self.complete_shards(), states, frames)
         names, values = self.targets_of(meta["ids"])
-        return LayerData(
-            frames=frames, offsets=offsets, ids=meta["ids"], labels=meta["labels"],
-            speakers=meta["speakers"], groups=meta["groups"], layer=selection(states),
-            target_names=names, target_values=values,
-        )
+        stored = self.settings.frame_pool
+        factor = read_factor(stored, frame_pool or stored, f"the cache {self.root}")
+        common = dict(ids=meta["ids"], labels=meta["labels"], speakers=meta["speakers"], groups=meta["groups"],
+                      layer=selection(states), target_names=names, target_values=values)
+        encoder = np.asarray(meta["encoder_frames"], dtype=np.int64)
+        if self.settings.store == "stats":
+            if factor != 1:  # the message and fix of a StatsLayer's own refusal
+                StatsLayer(np.zeros((len(encoder), 2 * len(states) * self.dim)), frame_pool=stored,
+                           **common).pooled(frame_pool, f"the cache {self.root}")
+            return StatsLayer(self.read_statistics(states), frame_pool=stored, encoder_frames=encoder, **common)
+        rows = meta["n_frames"] if factor == 1 else pooled_lengths(meta["n_frames"], factor)
+        offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+        frames = np.empty((int(offsets[-1]), len(states) * self.dim), dtype=dtype or self.settings.dtype)
+        if factor == 1:
+            self.read_slices(self.complete_shards(), states, frames)
+        else:
+            self.read_pooled(meta, states, factor, frames)
+        pool = stored * factor
+        return LayerData(frames=frames, offsets=offsets, frame_pool=pool,
+                         encoder_frames=encoder if pool > 1 else None, **common)
+
+    def read_pooled(self, meta: dict, states: list[int], factor: int, out: np.ndarray) -> None:
+        """Fill `out` (rows: every utterance's stored rows pooled by `factor`, in cache order)
+        one shard at a time: its slices read, then pooled (weighted by the encoder frames each
+        stored row stands for), so only one shard's rows are held unpooled."""
+        row, shard_of = 0, meta["shard"]
+        for k in self.complete_shards():
+            mine = np.flatnonzero(shard_of == k)
+            local = np.concatenate([[0], np.cumsum(meta["n_frames"][mine], dtype=np.int64)]).astype(np.int64)
+            raw = np.empty((int(local[-1]), out.shape[1]), dtype=out.dtype)
+            self.read_slices([k], states, raw)
+            weights = None
+            if self.settings.frame_pool > 1:
+                weights = row_weights(meta["n_frames"][mine], meta["encoder_frames"][mine], self.settings.frame_pool)
+            pooled, _ = pool_rows(raw, local, factor, weights)
+            out[row : row + len(pooled)] = pooled
+            row += len(pooled)
+        assert row == len(out), f"pooled {row} rows, expected {len(out)}"
+
+    def read_statistics(self, states: list[int]) -> np.ndarray:
+        """(n, 2 * len(states) * dim) float64 of a statistics cache: the means of every state
+        side by side, then their stds (LayerData.statistics' layout), in cache order."""
+        dim = self.dim
+        stored = np.empty((sum(self.sidecar(k)["frames"] for k in self.complete_shards()), len(states) * 2 * dim),
+                          dtype=STATS_DTYPE)
+        self.read_slices(self.complete_shards(), states, stored)
+        out = np.empty(stored.shape, dtype=np.float64)
+        n = len(states) * dim
+        for j in range(len(states)):  # stored per state as [mean | std]; wanted: [all means | all stds]
+            out[:, j * dim : (j + 1) * dim] = stored[:, 2 * j * dim : (2 * j + 1) * dim]
+            out[:, n + j * dim : n + (j + 1) * dim] = stored[:, (2 * j + 1) * dim : (2 * j + 2) * dim]
+        return out
 
     def require(self, states: list[int]) -> None:
         """Raise CacheError naming the states not in this cache, if any."""
@@ -642,10 +737,11 @@ class Cache:
             raise CacheError(f"{what} not in this cache; it holds layers {self.layers}")
 
     def read_slices(self, shards: list[int], states: list[int], frames: np.ndarray) -> None:
-        """Fill `frames` (rows: the frames of `shards`, in order; columns: len(states) * dim)
-        with those shards' slices of `states`: one contiguous read per shard and state, each
-        straight into its rows and columns (`read_layer`, and streaming.py a few shards at a time)."""
-        dim, row = self.dim, 0
+        """Fill `frames` (rows: the stored rows of `shards`, in order; columns: len(states) *
+        row_width) with those shards' slices of `states`: one contiguous read per shard and
+        state, each straight into its rows and columns (`read_layer`, and streaming.py a few
+        shards at a time)."""
+        dim, row = self.row_width, 0
         for k in shards:
             with self.open_shard(k) as f:
                 n = f[layer_name(states[0])].shape[0]
@@ -658,7 +754,7 @@ class Cache:
                     else:  # converted one shard's state at a time
                         frames[where] = ds[()]
                 row += n
-        assert row == len(frames), f"read {row} frames of shards {shards}, expected {len(frames)}"
+        assert row == len(frames), f"read {row} rows of shards {shards}, expected {len(frames)}"
 
     def targets_of(self, ids: np.ndarray) -> tuple[tuple[str, ...], np.ndarray | None]:
         """(target names, (len(ids), n_targets) float64 values, NaN where a record lacks one)
@@ -706,6 +802,8 @@ class Cache:
             "dim": self.dim,
             "mode": s.mode,
             "dtype": s.dtype,
+            "store": s.store,
+            "frame_pool": s.frame_pool,
             "layers": self.layers,
             "long_audio": s.long_audio,
             "records": s.n_records,
@@ -752,7 +850,7 @@ class Cache:
                 if offsets[-1] != n_frames.sum() or np.any(np.diff(offsets) != n_frames):
                     return "offsets and frame counts disagree"
                 for s in self.layers:
-                    if f[layer_name(s)].shape != (offsets[-1], self.dim):
+                    if f[layer_name(s)].shape != (offsets[-1], self.row_width):
                         return f"{layer_name(s)} has shape {f[layer_name(s)].shape}"
         except (OSError, KeyError, ValueError) as e:
             return f"unreadable ({e})"

@@ -18,12 +18,13 @@ from pathlib import Path
 import click
 
 from .audio import LONG_AUDIO_POLICIES
-from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, ShardClaims, open_cache, shard_name
+from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, STORES, ShardClaims, open_cache, shard_name
 from .corpora import CORPORA, prepare, single_speaker_warnings
 from .device import pick_device
 from .encoder import MODES
 from .errors import UserError
 from .records import Utterance
+from .storage import describe_estimate
 
 
 def limit_records(records: list[Utterance], limit: int | None) -> list[Utterance]:
@@ -99,9 +100,12 @@ def main():
 @click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--workers", type=click.IntRange(1), default=2, help="Threads that read and prepare audio while the encoder runs.")
-@click.option("--shard-mb", type=click.FloatRange(0, 2**20, min_open=True), default=256.0, help="Advanced: target shard size in MiB. Smaller shards lose less work to a crash and make --repair cheaper, at the cost of more files; part of the cache settings, so a resume must pass the same value.")
+@click.option("--shard-mb", type=click.FloatRange(0, 2**20, min_open=True), default=256.0, help="Advanced: target shard size in MiB of a frames cache (pooled and statistics caches plan the same utterances per shard, in smaller files). Smaller shards lose less work to a crash and make --repair cheaper, at the cost of more files; part of the cache settings, so a resume must pass the same value.")
+@click.option("--frame-pool", type=click.IntRange(1), default=1, show_default=True, help="Store the mean of every K consecutive 20 ms frames (a last, partial group: the mean of what it holds): a cache K times smaller. Train may pool further by multiples of K.")
+@click.option("--store", type=click.Choice(STORES), default="frames", show_default=True, help="frames: every (pooled) frame; stats: per utterance and state only the mean and std of every value (float32), what the linear probe reads, about 1/50 of a frames cache.")
+@click.option("--dry-run", is_flag=True, help="Print how many bytes the cache will take, then stop before encoding.")
 def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, batch_size, shard_spec, limit, label_map, csv_path,
-            long_audio, strict, repair, device, workers, shard_mb):
+            long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, dry_run):
     """Encode a corpus with Whisper once and cache every kept encoder state.
 
     DATA_DIR is the corpus folder, or with --corpus csv also the CSV file itself (its audio
@@ -131,8 +135,13 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     enc = load_encoder(model, device=dev)
     opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
                           shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers,
-                          shard_bytes=int(shard_mb * 2**20))
+                          shard_bytes=int(shard_mb * 2**20), frame_pool=frame_pool, store=store)
     click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
+    estimate = describe_estimate(len(opts.layers), enc.dim, seconds=sum(r.duration for r in records),
+                                 utterances=len(records), store=store, frame_pool=frame_pool, dtype=dtype, mode=mode)
+    click.echo(f"cache size: {estimate}")
+    if dry_run:
+        return
     summary = run_extract(records, out, corpus, enc, opts, device=dev)
     click.echo(summary_text(summary))
     if summary.shards_this_job == 0:  # more parts than shards: this job had nothing to do
@@ -170,7 +179,11 @@ def inspect(cache_dir, as_json):
     click.echo(f"cache {info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE'})")
     click.echo(f"  corpus {info['corpus']}, model {info['model']} (sha256 {info['model_sha256'][:12]}), width {info['dim']}")
     click.echo(f"  mode {info['mode']}, dtype {info['dtype']}, layers {info['layers']}")
-    click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} frames, {info['bytes'] / 2**20:.1f} MiB")
+    rows = "frames" if info["frame_pool"] == 1 else f"frames pooled by {info['frame_pool']} ({20 * info['frame_pool']} ms)"
+    if info["store"] == "stats":
+        rows = "statistics (mean, std per utterance, float32) of " + rows
+    click.echo(f"  stores {rows}")
+    click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} rows, {info['bytes'] / 2**20:.1f} MiB")
     click.echo("  classes " + ", ".join(f"{c} {n}" for c, n in info["class_counts"].items())
                + (f"; targets {', '.join(info['targets'])} (train --targets)" if info["targets"] else ""))
     # A partial cache may be filling now (an array job): say how many missing shards are claimed.
@@ -186,6 +199,25 @@ def inspect(cache_dir, as_json):
         click.echo(f"  notes {len(info['notes'])}")
         for n in info["notes"][:20]:
             click.echo(f"    {n['id']}: {n['note']}")
+
+
+@main.command()
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The new cache's folder (created, or finished if an earlier derive into it stopped).")
+@click.option("--frame-pool", type=click.IntRange(1), default=None, help="Frames of the new cache: the mean of every K encoder frames, K a multiple of the source's. Default: the source's.")
+@click.option("--stats", is_flag=True, help="Keep only each utterance's mean and std of every value (float32), over its frames pooled by --frame-pool.")
+def derive(cache_dir, out, frame_pool, stats):
+    """Make a pooled or statistics cache from a frames cache, without the encoder.
+
+    The new cache keeps the source's records, skipped utterances and notes, and records the
+    source in its provenance. Re-running the same command finishes an interrupted derive.
+    """
+    from .derive import derive as run_derive
+
+    new, written = run_derive(cache_dir, out, frame_pool=frame_pool, stats=stats)
+    info, before = new.summary(), open_cache(cache_dir).summary()
+    click.echo(f"cache {out}: {written} shards written, {info['shards']} of {info['shards_planned']} complete; "
+               f"{info['bytes'] / 2**20:.1f} MiB, {before['bytes'] / max(info['bytes'], 1):.1f}x smaller than {cache_dir}")
 
 
 @main.command()
@@ -237,6 +269,7 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--class-weights/--no-class-weights", default=_TRAIN.class_weights, help="Weight the cross-entropy by inverse class frequency of each fold's training split.")
 @click.option("--standardize/--no-standardize", default=_TRAIN.standardize, help="Standardise input frames with the training speakers' per-dimension mean and std (same heads, better conditioned; --no-standardize trains on raw states as the reference code does).")
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off).")
+@click.option("--frame-pool", type=click.IntRange(1), default=None, help="Average every K consecutive 20 ms frames before the head reads them (K a multiple of the cache's own; a last, partial group is the mean of what it holds). Default: the frames as the cache stores them.")
 @click.option("--refit", is_flag=True, help="After the epoch (or C) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested.")
 @click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean, and every member is saved and exported.")
@@ -252,8 +285,8 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's head once on all of this cache (another corpus, same checkpoint, mode and layers); its metrics are printed beside the in-corpus ones and saved in cross_corpus.json.")
 @click.option("--label-map", default=None, help="Rename the classes of both caches with a named label map (e.g. ravdess-emodb6) before training; utterances of classes it does not list are dropped and counted.")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
-              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, refit, linear_c, ensemble, task,
-              targets, loss, stack_members,
+              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, frame_pool, refit, linear_c,
+              ensemble, task, targets, loss, stack_members,
               compat_select_on_test, compat_eval_dropout, device, memory_budget, overwrite, test_cache, label_map):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
@@ -278,7 +311,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
         epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
-        refit=refit, ensemble=ensemble, stack_members=stack_members, linear_c=_c_grid(linear_c),
+        frame_pool=frame_pool or 0, refit=refit, ensemble=ensemble, stack_members=stack_members, linear_c=_c_grid(linear_c),
         device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
     from .streaming import parse_size
@@ -333,6 +366,7 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
 @click.option("--compute-dtype", "compute_dtype", type=click.Choice(_training.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16, float32, or auto (the faster, measured at start-up).")
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames in 200 ms spans; search it on validation with --grid time_mask=0,0.1,0.2.")
+@click.option("--frame-pool", type=click.IntRange(1), default=None, help="Average every K consecutive 20 ms frames before the heads read them (K a multiple of the cache's own); choose it on validation instead with --grid frame_pool=1,2,4. Default: the frames as each cache stores them.")
 @click.option("--refit", is_flag=True, help="Retrain each fold's chosen setting on training + validation speakers with the epoch (or C) it chose, then test that head.")
 @click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold and setting, each with its own seed and epoch chosen on validation, probabilities averaged; settings are compared by the ensemble's validation UA.")
@@ -349,7 +383,8 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
 @click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
 @click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
-def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, refit, linear_c, ensemble,
+def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, frame_pool, refit,
+              linear_c, ensemble,
               stack_members, protocol, n_folds, fold_file, jobs, task, targets, loss, device, test_cache, label_map,
               part_spec, memory_budget):
     """Compare heads on every layer of one or more caches, over the same folds.
@@ -371,7 +406,8 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
     task, targets = _task_options(task, targets)
     spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
                      grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
-                                                               time_mask=time_mask, refit=refit, ensemble=ensemble,
+                                                               time_mask=time_mask, frame_pool=frame_pool or 0,
+                                                               refit=refit, ensemble=ensemble,
                                                                task=task, targets=targets, loss=loss,
                                                                stack_members=stack_members, linear_c=_c_grid(linear_c)),
                      protocol=protocol,

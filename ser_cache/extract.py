@@ -41,6 +41,7 @@ from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encode, log_mel, spe
 from .errors import OptionError
 from .files import write_json_atomic
 from .layers import parse_states
+from .pooling import check_frame_pool
 from .records import Utterance, records_hash, save_records
 from .slurm import resolve_part
 
@@ -67,6 +68,8 @@ class ExtractOptions:
     repair: bool = False
     workers: int = 2
     progress: bool = True
+    frame_pool: int = 1  # encoder frames averaged into each stored row (pooling.py)
+    store: str = "frames"  # or "stats": per utterance and state, the mean and std of every value
 
 
 @dataclass
@@ -122,6 +125,7 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
         corpus=corpus, model=enc.name, model_sha256=enc.sha256, dims=dict(enc.dims), mode=opts.mode,
         dtype=opts.dtype, layers=layers, long_audio=opts.long_audio, records_hash=records_hash(records),
         n_records=len(records), shard_bytes=opts.shard_bytes, compute_dtype=opts.compute_dtype,
+        frame_pool=opts.frame_pool, store=opts.store,
     )
     out = Path(out)
     if not (out / C.SETTINGS_FILE).exists():
@@ -252,9 +256,9 @@ class ShardWriter:
     earlier failure, or when the writer closes before the shard's end).
     """
 
-    def __init__(self, folder: Path, layers: list[int], dim: int, dtype: str, mode: str, claims: C.ShardClaims):
-        self.args = (folder, layers, dim, dtype)
-        self.mode = mode
+    def __init__(self, folder: Path, layers: list[int], dim: int, settings: C.CacheSettings, claims: C.ShardClaims):
+        self.args = (folder, layers, settings.row_width(dim), settings.stored_dtype)
+        self.settings = settings
         self.claims = claims
         # Bounded, so the encoder waits for a slow disk rather than memory filling up. States
         # wait here until their shard is laid out, i.e. until all its utterances are read,
@@ -299,7 +303,9 @@ class ShardWriter:
         if kind == "begin":
             self.reading[k] = tuple(args)
         elif kind == "put":
-            self._shard(k).put(*args)
+            rid, states = args
+            # Pooling and statistics here, on the writer's thread, not the encoder's.
+            self._shard(k).put(rid, {s: C.stored_rows(a, self.settings) for s, a in states.items()})
         else:
             self._shard(k).finish()
             del self.open[k]
@@ -310,7 +316,7 @@ class ShardWriter:
         if k not in self.open:  # its first states: lay it out (k stays in self.reading until then)
             planned, reading = self.reading[k]
             folder, layers, dim, dtype = self.args
-            layout = shard_layout(planned, {i: f.result() for i, f in reading.items()}, self.mode)
+            layout = shard_layout(planned, {i: f.result() for i, f in reading.items()}, self.settings)
             self.open[k] = C.ShardFile(folder, k, layout, layers, dim, dtype)
             del self.reading[k]
         return self.open[k]
@@ -390,6 +396,9 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
         raise OptionError(f"dtype {opts.dtype!r}: choose one of {C.DTYPES}")
     if opts.compute_dtype not in C.COMPUTE_DTYPES:
         raise OptionError(f"compute dtype {opts.compute_dtype!r}: choose one of {C.COMPUTE_DTYPES}")
+    if opts.store not in C.STORES:
+        raise OptionError(f"--store {opts.store!r}: choose one of {C.STORES}")
+    check_frame_pool(opts.frame_pool)
     start = time.perf_counter()
     cache = prepare_cache(out, records, corpus, enc, opts)
     summary = ExtractSummary(shards_planned=len(cache.plan))
@@ -479,7 +488,7 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
     n_mels = enc.dims["n_mels"]
     bar = tqdm(total=sum(map(len, shard_utts.values())), unit="utt", disable=not opts.progress,
                desc=f"extract {opts.mode}", dynamic_ncols=True)
-    writer = ShardWriter(cache.shard_dir, layers, enc.dim, opts.dtype, opts.mode, claims)
+    writer = ShardWriter(cache.shard_dir, layers, enc.dim, cache.settings, claims)
 
     def claimed_shards(pool):
         # Claimed when their turn comes, not all at the start: jobs started together then
@@ -606,8 +615,10 @@ def join_windows(parts: list[dict[int, np.ndarray]]) -> dict[int, np.ndarray]:
     return {s: np.concatenate([p[s] for p in parts]) if len(parts) > 1 else parts[0][s] for s in parts[0]}
 
 
-def shard_layout(planned: list[Utterance], loaded: dict[str, Loaded], mode: str) -> C.ShardLayout:
-    """A shard's layout in plan order, from its utterances as read (before they are encoded)."""
+def shard_layout(planned: list[Utterance], loaded: dict[str, Loaded], settings: C.CacheSettings) -> C.ShardLayout:
+    """A shard's layout in plan order, from its utterances as read (before they are encoded):
+    the encoder frames of each, and the rows the cache stores of them (C.stored_count)."""
+    mode = settings.mode
     layout = C.ShardLayout()
     for r in planned:
         one = loaded[r.id]
@@ -615,7 +626,9 @@ def shard_layout(planned: list[Utterance], loaded: dict[str, Loaded], mode: str)
             layout.skipped.append((r.id, r.path, one.error))
             continue
         layout.records.append(r)
-        layout.n_frames.append(sum(N_WINDOW_FRAMES if mode == "padded" else f for f in one.frames))
+        encoded = sum(N_WINDOW_FRAMES if mode == "padded" else f for f in one.frames)
+        layout.encoder_frames.append(encoded)
+        layout.n_frames.append(C.stored_count(encoded, settings))
         layout.speech_frames.append(sum(one.frames))
         layout.notes.extend((r.id, n) for n in one.notes)
     return layout

@@ -15,11 +15,14 @@ which is what the heads take.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import torch
+
+from .errors import OptionError
+from .pooling import pool_rows, read_factor, row_weights
 
 
 @dataclass
@@ -36,6 +39,9 @@ class LayerData:
       empty when none.
     target_values: (n, len(target_names)) float64, NaN where an utterance lacks a value;
       None when there are no targets.
+    frame_pool: encoder frames averaged into each row (pooling.py; 1: every 20 ms frame).
+    encoder_frames: (n,) int64 encoder frames each utterance's rows were made from; None when
+      frame_pool is 1 (then it is n_frames).
     """
 
     frames: np.ndarray
@@ -47,9 +53,12 @@ class LayerData:
     layer: int | tuple[int, ...]
     target_names: tuple[str, ...] = ()
     target_values: np.ndarray | None = None
+    frame_pool: int = 1
+    encoder_frames: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.ids)
+        assert self.frame_pool == 1 or self.encoder_frames is not None, "pooled rows need their encoder_frames"
         assert self.frames.ndim == 2 and self.frames.shape[1] % self.n_states == 0, (
             f"frames {self.frames.shape} cannot hold {self.n_states} states per row"
         )
@@ -90,6 +99,23 @@ class LayerData:
         """(n,) number of valid frames per utterance."""
         return np.diff(self.offsets)
 
+    @property
+    def encoder_counts(self) -> np.ndarray:
+        """(n,) encoder frames behind each utterance's rows."""
+        return self.n_frames if self.encoder_frames is None else np.asarray(self.encoder_frames)
+
+    def pooled(self, frame_pool: int, what: str = "this layer") -> "LayerData":
+        """This layer with each row the mean of `frame_pool` encoder frames (pooling.py): a
+        multiple of self.frame_pool (OptionError naming `what` and the fix otherwise); self
+        when equal. Rows already pooled are weighted by the encoder frames they stand for."""
+        factor = read_factor(self.frame_pool, frame_pool, what)
+        if factor == 1:
+            return self
+        weights = None if self.frame_pool == 1 else row_weights(self.n_frames, self.encoder_counts, self.frame_pool)
+        frames, offsets = pool_rows(self.frames, self.offsets, factor, weights)
+        return replace(self, frames=frames, offsets=offsets, frame_pool=int(frame_pool),
+                       encoder_frames=np.asarray(self.encoder_counts, dtype=np.int64))
+
     def classes(self) -> tuple[list[str], np.ndarray]:
         """(class names, sorted; (n,) int64 class number of each utterance): the one label
         encoding of stage 2."""
@@ -109,8 +135,7 @@ class LayerData:
         """Write `statistics` into out (len(self), 2 * width), row by row (streaming.py fills
         its rows block by block)."""
         for i in range(len(self)):
-            u = self.utterance(i).astype(np.float64)
-            out[i, : self.width], out[i, self.width :] = u.mean(axis=0), u.std(axis=0)
+            out[i] = utterance_statistics(self.utterance(i))
 
     def utterance(self, i: int) -> np.ndarray:
         """(n_frames[i], width) states of utterance i (a view, no copy)."""
@@ -159,7 +184,75 @@ class LayerData:
             layer=self.layer,
             target_names=self.target_names,
             target_values=None if self.target_values is None else self.target_values[index],
+            frame_pool=self.frame_pool,
+            encoder_frames=None if self.encoder_frames is None else np.asarray(self.encoder_frames)[index],
         )
+
+
+def utterance_statistics(frames: np.ndarray) -> np.ndarray:
+    """(2 W,) float64: the mean and (population) std over time of every value of one
+    utterance's frames (T, W), computed in float64 from the frames as stored: the linear probe's
+    features, and what a statistics cache stores (as float32)."""
+    u = frames.astype(np.float64)
+    return np.concatenate([u.mean(axis=0), u.std(axis=0)])
+
+
+@dataclass
+class StatsLayer:
+    """One state (or several) of every utterance of a statistics cache: no frames, only each
+    utterance's mean and std of every value, what the linear probe reads (LayerData.statistics).
+
+    statistics: (n, 2 * width) float64 (float32 values as the cache stores them): the means of
+      every value of the row (states side by side, as LayerData's), then their stds.
+    The rest as LayerData; frame_pool: the frames the statistics were taken over.
+    """
+
+    statistics: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    speakers: np.ndarray
+    groups: np.ndarray
+    layer: int | tuple[int, ...]
+    target_names: tuple[str, ...] = ()
+    target_values: np.ndarray | None = None
+    frame_pool: int = 1
+    encoder_frames: np.ndarray | None = None
+
+    def __post_init__(self):
+        n = len(self.ids)
+        assert self.statistics.shape[0] == n and self.statistics.shape[1] % (2 * self.n_states) == 0, (
+            f"statistics {self.statistics.shape} for {n} utterances of {self.n_states} states")
+
+    __len__ = LayerData.__len__
+    layers = LayerData.layers
+    n_states = LayerData.n_states
+    classes = LayerData.classes
+
+    @property
+    def width(self) -> int:
+        """Values per frame row of the frames the statistics summarise: n_states * dim."""
+        return self.statistics.shape[1] // 2
+
+    @property
+    def dim(self) -> int:
+        return self.width // self.n_states
+
+    def pooled(self, frame_pool: int, what: str = "this layer") -> "StatsLayer":
+        """Self when frame_pool is the one its statistics were taken at; statistics cannot be
+        pooled again: OptionError naming the fix."""
+        if frame_pool != self.frame_pool:
+            raise OptionError(
+                f"--frame-pool {frame_pool}: {what} holds statistics over frames pooled by {self.frame_pool}, "
+                f"not frames: train with --frame-pool {self.frame_pool}, or derive a statistics cache from a "
+                f"frames cache with `ser-cache derive FRAMES_CACHE --out NEW --stats --frame-pool {frame_pool}`")
+        return self
+
+    def subset(self, index) -> "StatsLayer":
+        index = np.asarray(index, dtype=np.int64)
+        return replace(self, statistics=self.statistics[index], ids=self.ids[index], labels=self.labels[index],
+                       speakers=self.speakers[index], groups=self.groups[index],
+                       target_values=None if self.target_values is None else self.target_values[index],
+                       encoder_frames=None if self.encoder_frames is None else np.asarray(self.encoder_frames)[index])
 
 
 class FrameSums:
