@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .features import LayerData
+from .features import LayerData, StatsLayer
 from .heads import Head
 
 MASK_SPAN = 10  # frames per time-masking span: 200 ms of 20 ms encoder frames, about a syllable
@@ -152,8 +152,15 @@ def predict(model: Head, batches, dropout: bool = False, step=None) -> np.ndarra
 def predict_proba(model: nn.Module, data, index, device: torch.device,
                   dropout: bool = False) -> np.ndarray:
     """(len(index), n_classes) class probabilities (a regression head's target values) of
-    the utterances `index`, in that order."""
+    the utterances `index`, in that order. A StatsLayer (no frames) is read by the head's
+    from_statistics (heads that read statistics only)."""
     index = np.asarray(index)
+    if isinstance(data, StatsLayer):
+        model.train(dropout)
+        with torch.no_grad():
+            out = model.from_statistics(torch.from_numpy(data.statistics[index]).to(device))
+        out = out if model.regression else out.softmax(dim=-1)
+        return out.cpu().numpy().astype(np.float64)
     batches = batch_source(data, None, index, EVAL_BATCH_SIZE, device)
     return in_order(predict(model, batches, dropout), batches.order, index)
 

@@ -97,6 +97,7 @@ class Head(nn.Module):
     implement `options`, `prepare` and `forward`."""
 
     selects: str = "epoch"  # the choice fitting makes on validation speakers: "epoch" or "C"
+    reads: str = "frames"  # or "statistics": a head that needs only features.utterance_statistics
     regression: bool = False  # outputs are target values (with output_mean, output_scale buffers)
     # Whether `logits` runs under torch.func.vmap with stacked parameters, so that an
     # ensemble's members can train as one model (stacking.py).
@@ -455,6 +456,7 @@ class LinearProbe(Head):
     """
 
     selects = "C"
+    reads = "statistics"
 
     def __init__(self, dim: int, n_classes: int, regression: bool = False):
         super().__init__()
@@ -470,8 +472,15 @@ class LinearProbe(Head):
         return {"dim": n_states * dim, "n_classes": n_classes, **task_option(config)}
 
     def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        features = masked_statistics(z.double(), mask)
+        return self.statistics_logits(masked_statistics(z.double(), mask))
+
+    def statistics_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_classes) of the raw statistics (B, 2 dim) float64 (features.StatsLayer)."""
         return ((features - self.feature_mean) / self.feature_scale) @ self.weight.T + self.bias
+
+    def from_statistics(self, features: torch.Tensor) -> torch.Tensor:
+        """forward() for an utterance's statistics (B, 2 dim) instead of its frames."""
+        return self.outputs(self.statistics_logits(features.double()))
 
     def from_fitted(self, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: np.ndarray,
                     classes: np.ndarray) -> "LinearProbe":
@@ -589,6 +598,7 @@ class Ensemble(Head):
         assert len(members) >= 1 and len({type(m) for m in members}) == 1, "members: heads of one kind"
         self.members = nn.ModuleList(members)
         self.selects = members[0].selects
+        self.reads = members[0].reads
         self.regression = members[0].regression  # then the mean of the members' values
 
     def layer_weights(self) -> list[float] | None:
@@ -601,9 +611,17 @@ class Ensemble(Head):
 
     def logits(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # inputs() is the identity here: each member applies its own fixed transform.
+        return self.combine([m(z, mask) for m in self.members])
+
+    def from_statistics(self, features: torch.Tensor) -> torch.Tensor:
+        """forward() on statistics, for members that read them (LinearProbe.from_statistics)."""
+        return self.combine([m.from_statistics(features) for m in self.members])
+
+    def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The members' outputs -> the ensemble's (the mean of their values, or of their probabilities)."""
         if self.regression:
-            return torch.stack([m(z, mask) for m in self.members]).mean(dim=0)  # (B, n_targets)
-        log_probs = torch.stack([m(z, mask).log_softmax(dim=-1) for m in self.members])  # (M, B, n_classes)
+            return torch.stack(outputs).mean(dim=0)  # (B, n_targets)
+        log_probs = torch.stack([o.log_softmax(dim=-1) for o in outputs])  # (M, B, n_classes)
         return log_probs.logsumexp(dim=0) - math.log(len(self.members))
 
 

@@ -243,6 +243,7 @@ class CellResult(Record):
     ccc: float | None = None  # regression: test CCC, mean over targets
     val_ccc: float | None = None  # regression: validation CCC of the chosen setting, mean over targets
     targets: dict = field(default_factory=dict)  # regression: {target: {"ccc", "pearson", "mae"}} on the test fold
+    frame_pool: int = 1  # encoder frames averaged into each frame the chosen setting read (cells before pooling: 1)
 
 
 @dataclass

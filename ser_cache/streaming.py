@@ -40,6 +40,7 @@ linear probe's features equal the in-memory path's bit for bit.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -52,7 +53,8 @@ import torch
 
 from .batches import batch_order
 from .errors import OptionError
-from .features import FrameSums, LayerData
+from .features import FrameSums, LayerData, StatsLayer
+from .pooling import read_factor
 from .layers import Selection, label, selection, states_of
 
 log = logging.getLogger(__name__)
@@ -170,6 +172,19 @@ class StreamedLayer:
         self.batch_size, self.reserve_batch = batch_size, reserve_batch
         self.peak_bytes = 0
         self._statistics = None
+        # Rows as stored (pooled by stored_pool), and as read: each window pooled to frame_pool.
+        self.stored_pool = self.frame_pool = int(meta.get("frame_pool", 1))
+        self.encoder_frames = meta.get("encoder_frames")
+
+    def pooled(self, frame_pool: int, what: str = "this layer") -> "StreamedLayer":
+        """This layer read with each frame the mean of `frame_pool` encoder frames (a multiple of
+        the stored rows'; each window pooled as it is read). A copy; self when unchanged."""
+        read_factor(self.stored_pool, frame_pool, what)
+        if frame_pool == self.frame_pool:
+            return self
+        other = copy.copy(self)
+        other.frame_pool, other._statistics = int(frame_pool), None
+        return other
 
     # the metadata side of LayerData
     def __len__(self) -> int:
@@ -196,9 +211,11 @@ class StreamedLayer:
         assert frames.shape == (block.f1 - block.f0, self.width), f"read {frames.shape} for {block}"
         self.peak_bytes = max(self.peak_bytes, frames.nbytes)
         u = slice(block.u0, block.u1)
-        return LayerData(frames, self.offsets[block.u0 : block.u1 + 1] - self.offsets[block.u0], self.ids[u],
-                         self.labels[u], self.speakers[u], self.groups[u], self.layer, self.target_names,
-                         None if self.target_values is None else self.target_values[u])
+        stored = LayerData(frames, self.offsets[block.u0 : block.u1 + 1] - self.offsets[block.u0], self.ids[u],
+                           self.labels[u], self.speakers[u], self.groups[u], self.layer, self.target_names,
+                           None if self.target_values is None else self.target_values[u], self.stored_pool,
+                           None if self.stored_pool == 1 else np.asarray(self.encoder_frames)[u])
+        return stored.pooled(self.frame_pool)
 
     def _in_block(self, index, block: Block) -> np.ndarray:
         """The utterances of `index` stored in `block`, in the order of `index`."""
@@ -308,22 +325,28 @@ def _return_freed_memory() -> None:
 
 
 def open_layer(cache, layer: Selection, budget: int | None, batch_size: int, workers: int = 1,
-               held: int = 1) -> LayerData | StreamedLayer:
+               held: int = 1, frame_pool: int | None = None) -> LayerData | StreamedLayer | StatsLayer:
     """Layer `layer` of `cache`: read whole (Cache.read_layer) when `held` copies of it plus
     `workers` folds' padded batches fit `budget` bytes (default: default_budget()), else a
     StreamedLayer with `budget / workers` for each worker (a sweep's pool). batch_size: the
-    largest training batch planned for (evaluation batches are planned for too)."""
+    largest training batch planned for (evaluation batches are planned for too). frame_pool:
+    encoder frames per frame read (default: as stored; pooling.py). A statistics cache's layer
+    (a StatsLayer, a few numbers per utterance) is always read whole."""
     budget = default_budget() if budget is None else budget
     states = states_of(layer)
     cache.require(states)
     cache.check()
-    frames = sum(cache.sidecar(k)["frames"] for k in cache.complete_shards())
+    if cache.settings.store == "stats":
+        return cache.read_layer(layer, frame_pool=frame_pool)
+    factor = read_factor(cache.settings.frame_pool, frame_pool or cache.settings.frame_pool, f"the cache {cache.root}")
+    # pooled rows: about 1/factor of the stored ones (plus at most one partial row per utterance)
+    frames = sum(cache.sidecar(k)["frames"] for k in cache.complete_shards()) // factor
     width, itemsize = len(states) * cache.dim, np.dtype(cache.settings.dtype).itemsize
     whole = in_memory_bytes(frames, width, itemsize)
     need = held * frames * width * itemsize + workers * (whole - frames * width * itemsize)
     if need <= budget:
-        return cache.read_layer(layer)
-    data = open_streamed(cache, layer, budget // workers, batch_size)
+        return cache.read_layer(layer, frame_pool=frame_pool)
+    data = open_streamed(cache, layer, budget // workers, batch_size).pooled(frame_pool or cache.settings.frame_pool)
     log.info("layer %s: %s, about %s to train in memory, over the %s budget: streamed from the shards in %d "
              "blocks of at most %s", label(layer), format_size(frames * width * itemsize), format_size(need),
              format_size(budget), len(data.blocks), format_size(budget // workers))
@@ -338,6 +361,7 @@ def open_streamed(cache, layer: Selection, budget: int, batch_size: int) -> Stre
     cache.check()
     meta = cache.read_meta()
     meta["target_names"], meta["target_values"] = cache.targets_of(meta["ids"])
+    meta["frame_pool"] = cache.settings.frame_pool
     offsets = np.concatenate([[0], np.cumsum(meta["n_frames"], dtype=np.int64)]).astype(np.int64)
     dtype, width = np.dtype(cache.settings.dtype), len(states) * cache.dim
     reserve = batch_bytes(batch_size, int(meta["n_frames"].max(initial=0)), width, dtype.itemsize)

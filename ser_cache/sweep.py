@@ -82,7 +82,7 @@ from .cache import CREATE_LOCK, Cache, Claims, open_cache
 from .crosscorpus import check_sweep_target, map_classes, map_labels, target_metrics
 from .device import pick_device
 from .errors import OptionError
-from .features import LayerData
+from .features import LayerData, StatsLayer
 from .folds import Folds, make_folds
 from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
@@ -90,8 +90,8 @@ from .records import target_names
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
 from .streaming import StreamedLayer, open_layer, open_streamed
 from .tasks import Regression, make_task
-from .training import (NonFiniteLossError, TrainConfig, as_made, fit_selected, fold_seed, refit_selected,
-                       settings_read)
+from .training import (NonFiniteLossError, TrainConfig, as_made, at_frame_pool, check_reads, fit_selected,
+                       fold_seed, refit_selected, settings_read)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
 GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
-             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask")
+             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask", "frame_pool")
 # Not part of what a sweep computes (where it runs, not what): a re-run may change these.
 FREE_TRAIN_KEYS = ("seed", "device")
 
@@ -278,6 +278,9 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             raise SweepError("--test-cache scores class labels on another corpus: sweep a regression task "
                              "without it, or cross-corpus with --task classification")
         spec = replace(spec, train=replace(spec.train, targets=sweep_targets(spec, caches)))
+    for key, cache in caches.items():
+        for head in heads:
+            check_reads(head, cache.settings.store == "stats", f"the cache {cache.root}")
     settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
     train = {k: v for k, v in spec.train.to_dict().items() if k not in FREE_TRAIN_KEYS}
     if spec.train.flawed:
@@ -319,8 +322,11 @@ def sweep_targets(spec: SweepSpec, caches: dict[str, Cache]) -> tuple[str, ...]:
 def _cache_identity(cache: Cache) -> dict:
     """What decides a cache's content (not where it lies, so a moved cache still resumes)."""
     fp = cache.fingerprint
-    return {k: fp[k] for k in ("corpus", "model", "model_sha256", "mode", "dtype", "records_hash",
-                               "n_records", "shard_sha256")}
+    identity = {k: fp[k] for k in ("corpus", "model", "model_sha256", "mode", "dtype", "records_hash",
+                                   "n_records", "shard_sha256")}
+    if (fp["store"], fp["frame_pool"]) != ("frames", 1):  # absent for frames caches: older sweeps resume
+        identity.update(store=fp["store"], frame_pool=fp["frame_pool"])
+    return identity
 
 
 def _sha256(path: Path) -> str:
@@ -407,15 +413,21 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
 
     seed = fold_seed(task.seed, task.fold)
     trials, best, best_values, best_config, train_seconds = [], None, None, None, 0.0
+    read = {}  # frame_pool -> the layer as the settings of that frame_pool read it
     for values in job.settings:
         config = replace(job.train, seed=task.seed, **values)
+        if config.frame_pool not in read:
+            read[config.frame_pool] = at_frame_pool(data, config, f"the cache {task.cache}")
         # No test set here: the choice is made on validation only.
-        fit = fit_selected(task.head, data, y, train, val, config, learn, seed, device)
+        fit = fit_selected(task.head, read[config.frame_pool], y, train, val, config, learn, seed, device)
         train_seconds += fit.seconds
         trials.append({"setting": setting_label(values), "values": values, f"val_{score}": fit.selected[score],
                        "selected": fit.selected})
         if best is None or fit.selected[score] > best.selected[score]:  # ties keep the earlier setting
             best, best_values, best_config = fit, values, config
+    data = read[best_config.frame_pool]  # what the chosen setting read, refit and test included
+    if target is not None:
+        target = at_frame_pool(target, best_config, "the test cache")
     if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
         best = refit_selected(best, task.head, data, y, train, val, best_config, learn, seed, device)
         train_seconds += best.refit["seconds"]
@@ -439,7 +451,7 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
         history=best.history, layer_weights=best.model.layer_weights(), tested=best.tested, refit=best.refit,
-        members=best.members, target=target_result)
+        members=best.members, target=target_result, frame_pool=data.frame_pool)
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------
@@ -461,19 +473,25 @@ class LayerRef:
     target: "LayerRef | None" = None  # the test cache's same layer (cross-corpus sweeps)
     target_names: tuple = ()
     target_values: np.ndarray | None = None
+    frame_pool: int = 1
+    encoder_frames: np.ndarray | None = None
+    statistics: bool = False  # the shared array is a StatsLayer's statistics (offsets unused)
 
 
 class SharedLayer:
     """Copies a layer's frames into shared memory once; `close()` frees it."""
 
-    def __init__(self, data: LayerData, target: LayerData | None = None):
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, data.frames.nbytes))
-        np.ndarray(data.frames.shape, data.frames.dtype, buffer=self.shm.buf)[...] = data.frames
+    def __init__(self, data: LayerData | StatsLayer, target: LayerData | StatsLayer | None = None):
+        stats = isinstance(data, StatsLayer)
+        array = data.statistics if stats else data.frames
+        self.shm = shared_memory.SharedMemory(create=True, size=max(1, array.nbytes))
+        np.ndarray(array.shape, array.dtype, buffer=self.shm.buf)[...] = array
         self.target = SharedLayer(target) if target is not None else None
-        self.ref = LayerRef(self.shm.name, data.frames.shape, str(data.frames.dtype), data.offsets,
+        self.ref = LayerRef(self.shm.name, array.shape, str(array.dtype), None if stats else data.offsets,
                             data.ids, data.labels, data.speakers, data.groups, data.layer,
                             target=self.target.ref if self.target else None,
-                            target_names=data.target_names, target_values=data.target_values)
+                            target_names=data.target_names, target_values=data.target_values,
+                            frame_pool=data.frame_pool, encoder_frames=data.encoder_frames, statistics=stats)
 
     def close(self) -> None:
         self.shm.close()
@@ -491,6 +509,7 @@ class StreamedRef:
     layer: Selection
     budget: int
     batch_size: int
+    frame_pool: int = 1  # encoder frames per frame read (StreamedLayer.pooled)
 
     @property
     def name(self) -> str:
@@ -501,7 +520,7 @@ class StreamedShare:
     """The SharedLayer of a streamed layer: only its StreamedRef; nothing to free."""
 
     def __init__(self, data: StreamedLayer):
-        self.ref = StreamedRef(*data.opened_as)
+        self.ref = StreamedRef(*data.opened_as, frame_pool=data.frame_pool)
 
     def close(self) -> None:
         pass
@@ -557,7 +576,7 @@ def _worker_run(ref: LayerRef | StreamedRef, job: TaskJob) -> dict:
                 except BufferError:  # a view still alive somewhere: the mapping goes at exit
                     pass
         if isinstance(ref, StreamedRef):
-            data = open_streamed(open_cache(ref.root), ref.layer, ref.budget, ref.batch_size)
+            data = open_streamed(open_cache(ref.root), ref.layer, ref.budget, ref.batch_size).pooled(ref.frame_pool)
             _WORKER.update(name=ref.name, layer=LoadedLayer(data))
             return _WORKER["layer"].run(job)
         # Spawned workers share the parent's resource tracker, so attaching here registers the
@@ -571,9 +590,10 @@ def _worker_run(ref: LayerRef | StreamedRef, job: TaskJob) -> dict:
 def _attach(ref: LayerRef) -> tuple[shared_memory.SharedMemory, LayerData]:
     """The shared memory of `ref` and a LayerData over it (no copy)."""
     shm = shared_memory.SharedMemory(name=ref.name)
-    frames = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
-    return shm, LayerData(frames, ref.offsets, ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer,
-                          ref.target_names, ref.target_values)
+    array = np.ndarray(ref.shape, np.dtype(ref.dtype), buffer=shm.buf)
+    meta = (ref.ids, ref.labels, ref.speakers, ref.groups, ref.layer, ref.target_names, ref.target_values,
+            ref.frame_pool, ref.encoder_frames)
+    return shm, StatsLayer(array, *meta) if ref.statistics else LayerData(array, ref.offsets, *meta)
 
 
 # --- running a sweep --------------------------------------------------------------------------
@@ -722,13 +742,15 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
         layer over the memory budget is streamed (streaming.open_layer), cross-corpus and
         label maps aside, which read it whole."""
         t0 = time.perf_counter()
+        # Pooled as it is read, unless the grid chooses frame_pool: then as stored, pooled per setting.
+        pool = None if "frame_pool" in spec.grid else spec.train.frame_pool or None
         if plan.target is None and spec.label_map is None:
             data, target = open_layer(plan.caches[key], layer, memory_budget, batch_size, workers=jobs,
-                                      held=1 if jobs == 1 else LAYERS_IN_FLIGHT), None
+                                      held=1 if jobs == 1 else LAYERS_IN_FLIGHT, frame_pool=pool), None
         else:
-            data = map_classes(plan.caches[key].read_layer(layer), spec.label_map, key)[0]
-            target = (map_classes(plan.target.read_layer(layer), spec.label_map, str(spec.test_cache))[0]
-                      if plan.target is not None else None)
+            data = map_classes(plan.caches[key].read_layer(layer, frame_pool=pool), spec.label_map, key)[0]
+            target = (map_classes(plan.target.read_layer(layer, frame_pool=pool), spec.label_map,
+                                  str(spec.test_cache))[0] if plan.target is not None else None)
         timing.read_seconds += time.perf_counter() - t0
         timing.layers_read += 1
         return data, target
@@ -833,7 +855,7 @@ def _run_pool(layers, read, job_for, jobs, threads, bar, records, failures, clai
             while len(inflight) >= LAYERS_IN_FLIGHT:
                 finish(*inflight.popleft())
             data, target = read(key, layer)
-            shared = SharedLayer(data, target) if isinstance(data, LayerData) else StreamedShare(data)
+            shared = SharedLayer(data, target) if isinstance(data, (LayerData, StatsLayer)) else StreamedShare(data)
             del data, target
             futures = {}
             try:

@@ -87,7 +87,7 @@ from .batches import (
 )
 from .device import pick_device
 from .errors import OptionError, UserError
-from .features import LayerData
+from .features import LayerData, StatsLayer
 from .folds import Folds, make_folds
 from .heads import Head, head_class, load_head, one_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
@@ -142,6 +142,10 @@ class TrainConfig:
     ensemble: int = 1  # heads per fold, seeds member_seed(fold seed, m), probabilities averaged (heads.Ensemble)
     stack_members: str = "auto"  # train an ensemble's members as one stacked model (stacking.py); auto: on CUDA
     time_mask: float = 0.0  # training only: fraction of each utterance's frames dropped, in spans (drop_spans)
+    # Encoder frames averaged into each frame a head reads (pooling.py), a multiple of what the
+    # cache stores; 0: as the cache stores them. Applied when the layer is read, before the
+    # input standardisation; a sweep grid key.
+    frame_pool: int = 0
     task: str = "classification"  # or "regression": learn `targets` (tasks.py)
     targets: tuple = ()  # regression: target names; empty: every target the cache holds
     loss: str = "ccc"  # regression: "ccc" (1 - CCC, mean over targets) or "mse"; classes: cross-entropy
@@ -157,6 +161,7 @@ class TrainConfig:
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.time_mask < 1, "time_mask must be in [0, 1) (0: off)"),
+            (self.frame_pool >= 0, "frame_pool must be >= 1 (encoder frames per frame read; 0: as the cache stores them)"),
             (min(self.d_model, self.head_dim) >= 1, "d_model and head_dim must be >= 1"),
             # 0 is the stats head without attention; the pooling heads refuse it (heads.attention_heads).
             (self.n_heads >= 0, "n_heads must be >= 0 (0: the stats head without attention)"),
@@ -204,7 +209,7 @@ class TrainConfig:
 # stored config that lacks one was made with this value, whatever today's default is.
 # (stack_members "auto": stacking was added with auto on CUDA only, where runs were never
 # bit-reproducible; on a CPU, auto trains members one after another, as before.)
-EARLIER_VALUES = {"patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0,
+EARLIER_VALUES = {"frame_pool": 0, "patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0,
                   "task": "classification", "targets": [], "loss": "ccc", "stack_members": "auto"}
 
 
@@ -483,8 +488,8 @@ class Fitter:
 FITTERS = {
     "epoch": Fitter(fit_by_epochs, ("epochs", "patience", "batch_size", "lr", "weight_decay", "warmup_fraction",
                                     "class_weights", "standardize", "compute_dtype", "time_mask", "loss",
-                                    "stack_members")),
-    "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights")),
+                                    "stack_members", "frame_pool")),
+    "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights", "frame_pool")),
 }
 
 
@@ -738,8 +743,12 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     """
     config = config or TrainConfig()
     cls = head_class(head)
+    data = at_frame_pool(data, config)
+    check_reads(head, isinstance(data, StatsLayer))
+    if cross_corpus is not None and cross_corpus.target is not None:
+        cross_corpus.target = at_frame_pool(cross_corpus.target, config, "the test cache")
     folds = folds.aligned_to(data.ids)
-    if (data.n_frames < 1).any():
+    if isinstance(data, LayerData) and (data.n_frames < 1).any():
         raise ConfigError(f"{(data.n_frames < 1).sum()} utterances have no frames, e.g. "
                           f"{data.ids[data.n_frames < 1][:3]}: rebuild the cache or drop them")
     task, y = make_task(data, config)
@@ -801,6 +810,20 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     return result
 
 
+def at_frame_pool(data, config: TrainConfig, what: str = "this layer"):
+    """`data` (a LayerData or StatsLayer) as config's heads read it: each frame the mean of
+    config.frame_pool encoder frames (0: as it is), or OptionError naming what `what` holds."""
+    return data if not config.frame_pool else data.pooled(config.frame_pool, what)
+
+
+def check_reads(head: str, statistics_only: bool, what: str = "this cache") -> None:
+    """Refuse a head that reads frames on a layer of statistics only, naming the fix."""
+    if statistics_only and head_class(head).reads == "frames":
+        raise ConfigError(f"the {head} head reads frames, and {what} holds only statistics (mean and std per "
+                          "utterance): train --head linear on it, or this head on a frames cache (`ser-cache "
+                          "derive CACHE --out NEW --frame-pool K` makes a smaller one)")
+
+
 def folds_digest(folds: Folds) -> str:
     """SHA-256 of every fold's (train, validation, test) utterance ids: equal digests, same folds."""
     h = hashlib.sha256()
@@ -856,6 +879,7 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     config = config or TrainConfig()
     head_class(head)
     cache = open_cache(cache_path)  # read_layer runs the cheap checks (Cache.check) itself
+    check_reads(head, cache.settings.store == "stats", f"the cache {cache_path}")
     if isinstance(layer, str):
         layer = parse_selection(layer, cache.settings.dims["n_audio_layer"] + 1)
     missing = [s for s in states_of(layer) if s not in cache.layers]
@@ -870,9 +894,10 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
         from .crosscorpus import open_cross_corpus
 
         cross = open_cross_corpus(cache, layer, test_cache, label_map)  # checked before A's layer is read
-        data = cross.map_source(cache.read_layer(layer), str(cache_path))  # in memory: not streamed
+        data = cross.map_source(cache.read_layer(layer, frame_pool=config.frame_pool or None),
+                                str(cache_path))  # in memory: not streamed
     else:
-        data = open_layer(cache, layer, memory_budget, config.batch_size)
+        data = open_layer(cache, layer, memory_budget, config.batch_size, frame_pool=config.frame_pool or None)
     # A fold file may list the utterances a label map dropped: they are passed over.
     left_out = np.setdiff1d(cache.read_meta()["ids"], data.ids) if cross is not None else ()
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,

@@ -263,11 +263,11 @@ def test_an_interrupt_stops_the_workers_at_once_and_the_rerun_finishes(caches, t
 
     out, real_read, reads = tmp_path / "interrupted", Cache.read_layer, []
 
-    def read_then_interrupt(self, state, dtype=None):
+    def read_then_interrupt(self, state, dtype=None, frame_pool=None):
         reads.append(state)
         if len(reads) == 2:
             raise KeyboardInterrupt
-        return real_read(self, state, dtype)
+        return real_read(self, state, dtype, frame_pool)
 
     shm_before = set(Path("/dev/shm").glob("psm_*"))
     spec = spec_for(caches["trim"], heads=["mean"], layers="1-2")
