@@ -74,7 +74,8 @@ EXPORT_KIND = "ser-cache exported head"
 WINDOW_BATCH = 8  # 30 s windows per encoder forward when predicting a long recording
 # Cache settings that decide the states a head was trained on: a cache used for an all-speaker
 # export must agree on all of them with the one the run was trained on.
-CACHE_KEYS = ("corpus", "model_sha256", "dims", "mode", "dtype", "compute_dtype", "records_hash", "shard_sha256")
+CACHE_KEYS = ("corpus", "model_sha256", "dims", "mode", "dtype", "compute_dtype", "records_hash", "shard_sha256",
+              "store", "frame_pool")
 
 
 class PredictError(UserError):
@@ -151,6 +152,9 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
         "mode": run.cache["mode"],
         "dtype": run.cache.get("dtype", "float16"),
         "compute_dtype": run.cache.get("compute_dtype", "float32"),
+        # Encoder frames averaged into each frame the head read (the run's, else the cache's own);
+        # a head of a statistics cache reads the statistics of frames pooled so, as predict does.
+        "frame_pool": config.frame_pool or run.cache.get("frame_pool", 1),
         "whisper": {"name": run.cache["model"], "sha256": run.cache["model_sha256"], "dims": dict(run.cache["dims"]),
                     "path": run.cache.get("model_path")},
         "provenance": _plain(provenance),
@@ -231,7 +235,7 @@ def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path 
         raise PredictError(f"the cache {path} does not hold the states this run was trained on:\n  "
                            + "\n  ".join(diffs) + "\nFix: pass --cache with the run's cache, or train a new run")
     try:
-        data = cache.read_layer(as_selection(layer))
+        data = cache.read_layer(as_selection(layer), frame_pool=config.frame_pool or None)
     except CacheError as e:
         raise PredictError(str(e)) from None
     if label_map is not None:
@@ -288,6 +292,7 @@ class Exported:
     provenance: dict
     kwargs: dict
     task: str = "classification"  # or "regression": the head predicts target values
+    frame_pool: int = 1  # encoder frames averaged into each frame the head reads (pooling.py)
 
     @property
     def regression(self) -> bool:
@@ -316,7 +321,8 @@ def load_exported(path: Path) -> Exported:
     model.eval()
     return Exported(model, saved["head"], list(saved["labels"]), as_selection(saved["layer"]), saved["mode"], saved["dtype"],
                     saved["compute_dtype"], dict(saved["whisper"]), dict(saved["provenance"]), kwargs,
-                    saved.get("task", "classification"))  # files exported before tasks: classes
+                    saved.get("task", "classification"),  # files exported before tasks: classes
+                    int(saved.get("frame_pool", 1)))  # files exported before pooling: every frame
 
 
 # --- predicting ------------------------------------------------------------------------------
@@ -379,7 +385,7 @@ class Predictor:
         blank = np.array([""] * len(states))
         data = LayerData(frames=np.concatenate(states), offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                          ids=np.array([str(i) for i in range(len(states))]), labels=blank, speakers=blank,
-                         groups=blank, layer=self.exported.layer)
+                         groups=blank, layer=self.exported.layer).pooled(self.exported.frame_pool)
         return predict_proba(self.exported.model, data, np.arange(len(states)), self.device)
 
     def predict_audio(self, windows: list[np.ndarray]) -> tuple[list[WindowPrediction], np.ndarray]:

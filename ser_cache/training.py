@@ -874,7 +874,7 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     the shards (streaming.py), and its blocks are recorded with the cache in config.json.
     """
     from .cache import open_cache
-    from .streaming import open_layer
+    from .streaming import StreamedLayer, open_layer
 
     config = config or TrainConfig()
     head_class(head)
@@ -904,6 +904,6 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
                        n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed,
                        left_out=left_out)
     # A streamed layer's batch order follows its blocks: part of what decides the results.
-    where = cache.fingerprint if isinstance(data, LayerData) else {**cache.fingerprint, **data.describe()}
+    where = {**cache.fingerprint, **data.describe()} if isinstance(data, StreamedLayer) else cache.fingerprint
     return run_folds(data, folds, head, config, out_dir, cache=where, overwrite=overwrite,
                      cross_corpus=cross)
