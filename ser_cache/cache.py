@@ -661,7 +661,8 @@ class Cache:
         """Values per stored row of one state (dim, or 2 * dim for a statistics cache)."""
         return self.settings.row_width(self.dim)
 
-    def read_layer(self, layer: Selection, dtype=None, frame_pool: int | None = None) -> LayerData | StatsLayer:
+    def read_layer(self, layer: Selection, dtype=None, frame_pool: int | None = None,
+                   lazy: bool = False) -> LayerData | StatsLayer:
         """Load one state of every utterance, or several (a tuple, layers.py) stacked side by
         side in each row: one large read per shard and state, straight into one array.
 
@@ -669,7 +670,8 @@ class Cache:
         stacked afterwards, so peak memory is about the size of the states read (frames x
         states x dim x itemsize) plus metadata. dtype: the in-memory dtype (default: as stored).
         frame_pool: encoder frames per row to read (pooling.py), a multiple of the cache's
-        (default: as stored), pooled one shard at a time. A statistics cache gives a StatsLayer.
+        (default: as stored), pooled one shard at a time. A statistics cache gives a StatsLayer;
+        with lazy, its statistics stay in the shards until indexed (StatisticsRows).
         """
         states = states_of(layer)
         self.require(states)
@@ -685,7 +687,8 @@ class Cache:
             if factor != 1:  # the message and fix of a StatsLayer's own refusal
                 StatsLayer(np.zeros((len(encoder), 2 * len(states) * self.dim)), frame_pool=stored,
                            **common).pooled(frame_pool, f"the cache {self.root}")
-            return StatsLayer(self.read_statistics(states), frame_pool=stored, encoder_frames=encoder, **common)
+            statistics = StatisticsRows(self, states) if lazy else self.read_statistics(states)
+            return StatsLayer(statistics, frame_pool=stored, encoder_frames=encoder, **common)
         rows = meta["n_frames"] if factor == 1 else pooled_lengths(meta["n_frames"], factor)
         offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
         frames = np.empty((int(offsets[-1]), len(states) * self.dim), dtype=dtype or self.settings.dtype)
@@ -718,16 +721,10 @@ class Cache:
     def read_statistics(self, states: list[int]) -> np.ndarray:
         """(n, 2 * len(states) * dim) float64 of a statistics cache: the means of every state
         side by side, then their stds (LayerData.statistics' layout), in cache order."""
-        dim = self.dim
-        stored = np.empty((sum(self.sidecar(k)["frames"] for k in self.complete_shards()), len(states) * 2 * dim),
+        stored = np.empty((sum(self.sidecar(k)["frames"] for k in self.complete_shards()), len(states) * 2 * self.dim),
                           dtype=STATS_DTYPE)
         self.read_slices(self.complete_shards(), states, stored)
-        out = np.empty(stored.shape, dtype=np.float64)
-        n = len(states) * dim
-        for j in range(len(states)):  # stored per state as [mean | std]; wanted: [all means | all stds]
-            out[:, j * dim : (j + 1) * dim] = stored[:, 2 * j * dim : (2 * j + 1) * dim]
-            out[:, n + j * dim : n + (j + 1) * dim] = stored[:, (2 * j + 1) * dim : (2 * j + 2) * dim]
-        return out
+        return arrange_statistics(stored, len(states))
 
     def require(self, states: list[int]) -> None:
         """Raise CacheError naming the states not in this cache, if any."""
@@ -855,6 +852,47 @@ class Cache:
         except (OSError, KeyError, ValueError) as e:
             return f"unreadable ({e})"
         return ""
+
+
+def arrange_statistics(stored: np.ndarray, n_states: int) -> np.ndarray:
+    """Rows of a statistics cache, each state's [mean | std] side by side (m, n_states * 2 dim),
+    -> (m, 2 * n_states * dim) float64 [every state's mean | every state's std]."""
+    m, dim = len(stored), stored.shape[1] // (2 * n_states)
+    per_state = stored.reshape(m, n_states, 2, dim)
+    return np.concatenate([per_state[:, :, 0].reshape(m, -1), per_state[:, :, 1].reshape(m, -1)], axis=1,
+                          dtype=np.float64)
+
+
+class StatisticsRows:
+    """The statistics of a statistics cache's states, read from its shards only when indexed:
+    an (n, 2 * n_states * dim) float64 array to `rows[index]` (any order) that is never held
+    whole (the linear probe of every state of a large encoder: bigprobe.py). Each index reads
+    the shards it touches, one contiguous slab per shard and state."""
+
+    def __init__(self, cache: "Cache", states: list[int]):
+        self.cache, self.states = cache, list(states)
+        self.shards = cache.complete_shards()
+        counts = [cache.sidecar(k)["frames"] for k in self.shards]  # one row per utterance
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.shape = (int(self.starts[-1]), 2 * len(self.states) * cache.dim)
+        self.dtype = np.dtype(np.float64)
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((len(index), self.shape[1]))
+        shard_of = np.searchsorted(self.starts, index, side="right") - 1
+        for j in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == j)
+            local = index[where] - self.starts[j]
+            lo, hi = int(local.min()), int(local.max()) + 1
+            with self.cache.open_shard(self.shards[j]) as f:
+                slab = np.concatenate([f[layer_name(s)][lo:hi] for s in self.states], axis=1)
+            out[where] = arrange_statistics(slab[local - lo], len(self.states))
+        return out
 
 
 def _s(x) -> str:

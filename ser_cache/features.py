@@ -203,8 +203,11 @@ class StatsLayer:
     utterance's mean and std of every value, what the linear probe reads (LayerData.statistics).
 
     statistics: (n, 2 * width) float64 (float32 values as the cache stores them): the means of
-      every value of the row (states side by side, as LayerData's), then their stds.
+      every value of the row (states side by side, as LayerData's), then their stds; an
+      ndarray, or rows read from the cache only when indexed (cache.StatisticsRows).
     The rest as LayerData; frame_pool: the frames the statistics were taken over.
+    memory_budget: bytes the linear probe may hold while fitting (streaming.open_layer's
+      budget); None: streaming.default_budget().
     """
 
     statistics: np.ndarray
@@ -217,6 +220,7 @@ class StatsLayer:
     target_values: np.ndarray | None = None
     frame_pool: int = 1
     encoder_frames: np.ndarray | None = None
+    memory_budget: int | None = None
 
     def __post_init__(self):
         n = len(self.ids)

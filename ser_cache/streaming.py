@@ -337,7 +337,16 @@ def open_layer(cache, layer: Selection, budget: int | None, batch_size: int, wor
     cache.require(states)
     cache.check()
     if cache.settings.store == "stats":
-        return cache.read_layer(layer, frame_pool=frame_pool)
+        # Held whole, plus the linear probe's standardised copy of its training rows (per worker),
+        # in float64; past the budget the statistics stay in the shards and the probe streams them.
+        values = len(cache.read_meta()["ids"]) * 2 * len(states) * cache.dim * 8
+        lazy = (held + workers) * values > budget
+        data = cache.read_layer(layer, frame_pool=frame_pool, lazy=lazy)
+        data.memory_budget = budget // workers
+        if lazy:
+            log.info("layer %s: statistics of %s over the %s budget: read from the shards as the probe needs them",
+                     label(layer), format_size(values), format_size(budget))
+        return data
     factor = read_factor(cache.settings.frame_pool, frame_pool or cache.settings.frame_pool, f"the cache {cache.root}")
     # pooled rows: about 1/factor of the stored ones (plus at most one partial row per utterance)
     frames = sum(cache.sidecar(k)["frames"] for k in cache.complete_shards()) // factor

@@ -92,6 +92,7 @@ from .folds import Folds, make_folds
 from .heads import Head, head_class, load_head, one_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
 from .metrics import fold_metrics
+from .streaming import default_budget
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
 from .tasks import LOSSES, TASKS, Classification, Regression, Task, as_task, make_task
 
@@ -439,10 +440,13 @@ def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndar
     fitted numbers. Regression: ridge regression of the targets, standardised with the
     training split's mean and std as every head's (tasks.py), with alpha = 1 / (2 C), the
     penalty-to-loss ratio of LogisticRegression's C (which minimises C * loss + |w|^2 / 2),
-    so that the same grid means the same: larger C, weaker penalty; chosen on mean CCC."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    so that the same grid means the same: larger C, weaker penalty; chosen on mean CCC.
+
+    At scale: when scikit-learn's copies of the training rows would pass the memory budget (the
+    StatsLayer's, else streaming.default_budget()), or the statistics are read from the cache
+    as needed (cache.StatisticsRows), a classification probe is fitted by bigprobe.py: the same
+    L2 objective and C grid, read a block of rows at a time. Each C's history entry names the
+    solver that fitted it."""
 
     t0 = time.perf_counter()
     features = data.statistics
@@ -450,30 +454,81 @@ def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndar
     model = cls(**options)
     task.prepare(model, y, train)
     y_fit = task.fit_y(y, model)
+    budget = getattr(data, "memory_budget", None) or default_budget()
+    # scikit-learn holds the training rows twice more (a standardised copy, its own), in float64
+    if isinstance(features, np.ndarray) and 2 * len(train) * features.shape[1] * 8 <= budget:
+        fit_c, solver = _sklearn_fitter(features, y_fit, train, task, config, seed), "scikit-learn lbfgs"
+    elif isinstance(task, Regression):
+        raise ConfigError(f"the ridge probe's {features.shape[1]} features of {len(train)} utterances do not fit "
+                          f"the memory budget ({budget} bytes): raise --memory-budget, or probe fewer states")
+    else:
+        fit_c, solver = _streamed_fitter(features, y_fit, train, task, config, budget), "streamed lbfgs (bigprobe)"
+        log.info("linear probe: %d features of %d utterances over the memory budget: fitted by %s",
+                 features.shape[1], len(train), solver)
     best_score, best_c, best, best_probs, history = None, None, None, None, []
     for c in config.linear_c if fixed is None else (float(fixed["C"]),):
+        fitted, predict = fit_c(c)
+        score = probs = None
+        if fixed is None:
+            probs = predict(select)
+            if isinstance(task, Regression):  # back on the targets' scale
+                probs = model.outputs(torch.from_numpy(probs.astype(np.float64))).numpy()
+            score = task.score(y[select], probs)
+            history.append({"C": c, f"select_{task.score_name}": score, "solver": solver})
+        if best is None or score > best_score:  # ties keep the smaller C, the first of the grid
+            best_score, best_c, best, best_probs = score, c, fitted, probs
+    model.from_fitted(*best)
+    return Fit(model.to(device).eval(), options, {"C": best_c, task.score_name: best_score}, history,
+               time.perf_counter() - t0, select_probs=best_probs)
+
+
+def _sklearn_fitter(features: np.ndarray, y_fit: np.ndarray, train, task: Task, config: TrainConfig, seed: int):
+    """C -> (from_fitted's arguments, predict(rows) -> outputs (rows, n_outputs)): scikit-learn on
+    the features in memory (StandardScaler, then LogisticRegression, or Ridge for a regression)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def fit(c: float):
         if isinstance(task, Regression):
             fitter = Ridge(alpha=1 / (2 * c))
         else:
             fitter = LogisticRegression(C=c, max_iter=config.linear_max_iter, random_state=seed,
                                         class_weight="balanced" if config.class_weights else None)
         pipeline = make_pipeline(StandardScaler(), fitter).fit(features[train], y_fit[train])
-        score = probs = None
-        if fixed is None:
-            if isinstance(task, Regression):  # back on the targets' scale
-                probs = model.outputs(torch.from_numpy(pipeline.predict(features[select]).reshape(len(select), -1)
-                                                       .astype(np.float64))).numpy()
-            else:
-                probs = np.zeros((len(select), task.n_outputs))
-                probs[:, pipeline.classes_] = pipeline.predict_proba(features[select])
-            score = task.score(y[select], probs)
-            history.append({"C": c, f"select_{task.score_name}": score})
-        if best is None or score > best_score:  # ties keep the smaller C, the first of the grid
-            best_score, best_c, best, best_probs = score, c, pipeline, probs
-    scaler, fitted = best[0], best[-1]
-    model.from_fitted(scaler.mean_, scaler.scale_, fitted.coef_, fitted.intercept_, getattr(fitted, "classes_", None))
-    return Fit(model.to(device).eval(), options, {"C": best_c, task.score_name: best_score}, history,
-               time.perf_counter() - t0, select_probs=best_probs)
+        scaler, fitted = pipeline[0], pipeline[-1]
+        classes = getattr(fitted, "classes_", None)
+
+        def predict(rows):
+            if isinstance(task, Regression):
+                return pipeline.predict(features[rows]).reshape(len(rows), -1)
+            probs = np.zeros((len(rows), task.n_outputs))
+            probs[:, classes] = pipeline.predict_proba(features[rows])
+            return probs
+        return (scaler.mean_, scaler.scale_, fitted.coef_, fitted.intercept_, classes), predict
+    return fit
+
+
+def _streamed_fitter(features, y_fit: np.ndarray, train, task: Task, config: TrainConfig, budget: int):
+    """As _sklearn_fitter, for features too large to hold (classification): the same objective,
+    read a block of rows at a time within `budget` bytes (bigprobe.py)."""
+    from . import bigprobe
+
+    source = bigprobe.ArraySource(features)
+    block = bigprobe.rows_for_budget(source.n_features, budget, task.n_outputs)
+    mean, scale = bigprobe.standardizer(source, np.asarray(train), block)
+
+    def fit(c: float):
+        coef, intercept, classes = bigprobe.fit_logistic_streamed(
+            source, y_fit, np.asarray(train), c, mean, scale, n_classes=task.n_outputs,
+            class_weight="balanced" if config.class_weights else None, max_epochs=config.linear_max_iter,
+            block_rows=block)
+
+        def predict(rows):
+            return bigprobe.predict_proba_streamed(source, np.asarray(rows), mean, scale, coef, intercept, classes,
+                                                   task.n_outputs, block)
+        return (mean, scale, coef, intercept, classes), predict
+    return fit
 
 
 @dataclass(frozen=True)

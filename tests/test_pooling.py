@@ -202,3 +202,23 @@ def test_inspect_and_dry_run_say_what_a_cache_stores(caches, tiny_checkpoint, tm
                                        "--out", str(out), "--store", "stats", "--dry-run"], catch_exceptions=False)
     assert "cache size: about" in result.output and "statistics" in result.output
     assert not out.exists()
+
+
+def test_a_probe_too_large_for_memory_streams_to_the_in_memory_result(caches):
+    """Statistics read from the shards as needed (StatisticsRows) are fitted by bigprobe.py: the
+    same C chosen and the same probabilities as scikit-learn on the statistics in memory, to the
+    tolerance both stop at (scikit-learn's default tol 1e-4 on the gradient: here 7.5e-4 apart at
+    most; at tight tolerances tests/test_bigprobe.py finds them within 1e-6)."""
+    paths, _ = caches
+    cache = open_cache(paths["stats"])
+    whole, lazy = cache.read_layer((0, 1, 2)), cache.read_layer((0, 1, 2), lazy=True)
+    lazy.memory_budget = 2**20
+    assert not isinstance(lazy.statistics, np.ndarray)
+    folds = make_folds(whole.ids, whole.labels, whole.speakers, whole.groups, protocol="kfold", n_folds=3, seed=0)
+    config = TrainConfig(**SMALL, linear_c=(0.1, 1.0))
+    a, b = run_folds(whole, folds, "linear", config), run_folds(lazy, folds, "linear", config)
+    for fa, fb in zip(a.folds, b.folds):
+        assert {h["solver"] for h in fa.history} == {"scikit-learn lbfgs"}
+        assert {h["solver"] for h in fb.history} == {"streamed lbfgs (bigprobe)"}
+        assert fa.selected["C"] == fb.selected["C"]
+        np.testing.assert_allclose(fa.probs, fb.probs, atol=2e-3)
