@@ -18,11 +18,16 @@ same run, never an absolute time:
                            (stacking.py) and one after another, 1 thread, min of repeats
   8. streaming             streamed / in-memory training time per epoch, a layer
                            4x its memory budget (synthetic cache)        target <= 2
+  9-11. frames are the cost (bench/frames.py): statistics cache bytes and probe-sweep speed,
+                           the full sweep at frame_pool K beside K = 1, and large-v3's shape
 
     python bench/bench.py [--full] [--data DIR] [--weights-dir DIR] [--out bench/results]
     python bench/bench.py --stacking-only --cache CACHE     (7 alone, 16 steps per run: minutes)
     python bench/bench.py --only extraction    (1 alone: a few minutes)
     python bench/bench.py --only streaming     (8 alone: no Whisper, no corpus)
+    python bench/bench.py --only statistics --cache CACHE      (9 alone: a minute or two)
+    python bench/bench.py --only pooled-sweep --cache CACHE    (10 alone: K = 1 and 4, about an hour)
+    python bench/bench.py --only large-v3 [--full]             (11 alone: no Whisper, no corpus)
 
 Results go to bench/results/<date>-<machine>.json, and a Markdown table is printed.
 """
@@ -51,6 +56,9 @@ from ser_cache.corpora import prepare
 from ser_cache.encoder import N_WINDOW_FRAMES, encode, load_encoder, log_mel, speech_frames
 from ser_cache.extract import ExtractOptions, encode_batch, extract
 from ser_cache.records import Utterance
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import frames  # noqa: E402  sections 9-11, beside this file
 
 HERE = Path(__file__).resolve().parent
 BATCH = 8
@@ -423,9 +431,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--utterances", type=int, default=None, help="override the number of utterances of 1 (smoke runs)")
     ap.add_argument("--stacking-only", action="store_true", help="only 7, on --cache, 16 training steps per run")
-    ap.add_argument("--only", choices=["extraction", "streaming"], default=None,
-                    help="run only this section: 1 (minutes), or 8 (no Whisper, no corpus)")
+    ap.add_argument("--only", choices=["extraction", "streaming", *FRAMES_SECTIONS], default=None,
+                    help="run only this section: 1 (minutes), 8 or large-v3 (no Whisper, no corpus), statistics or "
+                         "pooled-sweep (on --cache)")
     args = ap.parse_args(argv)
+    if args.only in FRAMES_SECTIONS:
+        return frames_sections(args)
     if args.stacking_only:
         if args.cache is None:
             ap.error("--stacking-only needs --cache (a RAVDESS base cache holding state 3)")
@@ -490,6 +501,13 @@ def main(argv=None) -> int:
             results["bf16_accuracy"] = bench_bf16_accuracy(encs["base"], records, tmp, cache)
         print("8. streaming ...", flush=True)
         results["streaming"] = bench_streaming(tmp)
+        print("9. statistics cache ...", flush=True)
+        results["statistics"] = frames.bench_statistics(cache, tmp / "frames")
+        if args.full:
+            print("10. the full sweep at frame_pool 1 and 4 ...", flush=True)
+            results["pooled_sweep"] = frames.bench_pooled_sweep(cache, tmp / "frames")
+        print("11. large-v3 scale ...", flush=True)
+        results["large_v3"] = frames.bench_large_v3(tmp / "frames", n=73_000 if args.full else 20_000)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{results['date']}-{results['machine']}.json"
     path.write_text(json.dumps(results, indent=1))
@@ -511,6 +529,33 @@ def bench_bf16_accuracy(enc, records, tmp: Path, fp32_cache: Path) -> dict:
         folds = make_folds(data.ids, data.labels, data.speakers, data.groups, corpus="ravdess", seed=0)
         out[f"ua_{name}"] = run_folds(data, folds, "linear", TrainConfig(seed=0)).metrics["ua"]["mean"]
     return out
+
+
+FRAMES_SECTIONS = {"statistics": "9", "pooled-sweep": "10", "large-v3": "11"}
+
+
+def frames_sections(args) -> int:
+    """One of sections 9-11 alone: printed, and saved as bench/results/<date>-<machine>-<section>.json."""
+    if args.only != "large-v3" and args.cache is None:
+        raise SystemExit(f"--only {args.only} needs --cache (a full RAVDESS base frames cache)")
+    key = args.only.replace("-", "_")
+    with tempfile.TemporaryDirectory(prefix="ser-cache-bench-") as tmpdir:
+        print(f"{FRAMES_SECTIONS[args.only]}. {args.only} ...", flush=True)
+        if args.only == "statistics":
+            r = frames.bench_statistics(args.cache, Path(tmpdir))
+        elif args.only == "pooled-sweep":
+            r = frames.bench_pooled_sweep(args.cache, Path(tmpdir))
+        else:
+            r = frames.bench_large_v3(Path(tmpdir), n=73_000 if args.full else 20_000)
+    results = {"date": dt.date.today().isoformat(), "machine": socket.gethostname(), "cpu": _cpu_name(), key: r}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{results['date']}-{results['machine']}-{args.only}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps(results, indent=1, default=str))
+    for row in frames.rows(results):
+        print("| " + " | ".join(row) + " |")
+    print(f"\nresults: {path}")
+    return 0
 
 
 def table(r: dict) -> str:
@@ -560,6 +605,7 @@ def table(r: dict) -> str:
                          f"({e['stacked_over_sequential']:.2f}x the time)", "", ""))
     if "streaming" in r:
         rows += streaming_rows(r["streaming"])
+    rows += frames.rows(r)
     width = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, width)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")
