@@ -3,7 +3,7 @@
 #   make test                               install, then run every test (end-to-end ones too when ../shared is there)
 #   make extract [DATA=] [CORPUS=] [MODEL=] [CACHE=] [MODE=]
 #   make train LAYER=n [HEAD=qkv] [CACHE=] [RUN=]
-#   make sweep [CACHE=] [HEADS=] / make report [SWEEP=] / make bench [BENCH_ARGS=--full]
+#   make sweep [CACHE=] [HEADS=] / make report [SWEEP=] / make bench [BENCH_ARGS=--full] / make gpu-check
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -122,3 +122,11 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: install weights
 	$(BIN)/python bench/bench.py --data "$(DATA)" --weights-dir "$(WEIGHTS_DIR)" $(BENCH_ARGS)
+
+# The CUDA path end to end on one GPU, a few minutes: extract RAVDESS with base on the GPU,
+# compare a sample of its states with the CPU's, sweep state 3 (qkv, 3 stacked members) at
+# frame_pool 1 and 4; figures in bench/results/<date>-<machine>-gpu-check.json. Needs a CUDA
+# build of torch in the virtualenv: on a fresh GPU machine, `make gpu-check TORCH=torch`.
+.PHONY: gpu-check
+gpu-check: install weights
+	$(BIN)/python bench/gpu_check.py --data "$(DATA)" --model "$(WEIGHTS_DIR)/base.pt"
