@@ -64,3 +64,20 @@ def test_extract_real_subset_with_tiny_en(ravdess_dir, tmp_path):
     assert "0 written now" in invoke("extract", data, "--corpus", "ravdess", "--model", real_checkpoint("tiny.en"),
                                      "--out", out, "--mode", "short")
     invoke("verify", out)
+
+
+def test_real_statistics_and_pooled_caches_agree_with_the_frames_they_come_from(ravdess_dir, tmp_path):
+    """tiny.en on two actors: a statistics cache extracted directly holds the frames cache's
+    statistics bit for bit (float32) and is over 40x smaller; a derived x4 cache holds the
+    frames pooled at read time."""
+    data, model = subset(ravdess_dir, tmp_path), real_checkpoint("tiny.en")
+    frames, stats, pooled = tmp_path / "frames", tmp_path / "stats", tmp_path / "pool4"
+    invoke("extract", data, "--corpus", "ravdess", "--model", model, "--out", frames, "--mode", "short")
+    invoke("extract", data, "--corpus", "ravdess", "--model", model, "--out", stats, "--mode", "short", "--store", "stats")
+    assert "x smaller than" in invoke("derive", frames, "--out", pooled, "--frame-pool", "4")
+    whole, summary = open_cache(frames), open_cache(stats).summary()
+    np.testing.assert_array_equal(open_cache(stats).read_layer((2, 3)).statistics.astype(np.float32),
+                                  whole.read_layer((2, 3)).statistics.astype(np.float32))
+    assert whole.summary()["bytes"] / summary["bytes"] > 40
+    assert 3.8 < whole.summary()["bytes"] / open_cache(pooled).summary()["bytes"] <= 4  # partial last groups
+    np.testing.assert_array_equal(open_cache(pooled).read_layer(4).frames, whole.read_layer(4, frame_pool=4).frames)
