@@ -426,8 +426,8 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
         if best is None or fit.selected[score] > best.selected[score]:  # ties keep the earlier setting
             best, best_values, best_config = fit, values, config
     data = read[best_config.frame_pool]  # what the chosen setting read, refit and test included
-    if target is not None:
-        target = at_frame_pool(target, best_config, "the test cache")
+    if target is not None:  # read as the chosen setting's frames are
+        target = target.pooled(data.frame_pool, "the test cache")
     if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
         best = refit_selected(best, task.head, data, y, train, val, best_config, learn, seed, device)
         train_seconds += best.refit["seconds"]

@@ -800,8 +800,8 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     cls = head_class(head)
     data = at_frame_pool(data, config)
     check_reads(head, isinstance(data, StatsLayer))
-    if cross_corpus is not None and cross_corpus.target is not None:
-        cross_corpus.target = at_frame_pool(cross_corpus.target, config, "the test cache")
+    if cross_corpus is not None and cross_corpus.target is not None:  # read as the training frames are
+        cross_corpus.target = cross_corpus.target.pooled(data.frame_pool, "the test cache")
     folds = folds.aligned_to(data.ids)
     if isinstance(data, LayerData) and (data.n_frames < 1).any():
         raise ConfigError(f"{(data.n_frames < 1).sum()} utterances have no frames, e.g. "

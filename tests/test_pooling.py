@@ -222,3 +222,15 @@ def test_a_probe_too_large_for_memory_streams_to_the_in_memory_result(caches):
         assert {h["solver"] for h in fb.history} == {"streamed lbfgs (bigprobe)"}
         assert fa.selected["C"] == fb.selected["C"]
         np.testing.assert_allclose(fa.probs, fb.probs, atol=2e-3)
+
+
+def test_a_cross_corpus_test_cache_is_read_as_the_training_frames_are(caches):
+    """A probe trained on statistics over frames pooled by 2 scores a frames test cache by the
+    statistics of its frames pooled by 2 too (the same numbers as scoring the stats2 cache)."""
+    paths, _ = caches
+    config = TrainConfig(**SMALL)
+    on_frames = train_from_cache(paths["stats2"], 1, "linear", None, config, protocol="kfold", n_folds=3,
+                                 test_cache=paths["frames"])
+    on_stats = train_from_cache(paths["stats2"], 1, "linear", None, config, protocol="kfold", n_folds=3,
+                                test_cache=paths["stats2"])
+    assert on_frames.cross_corpus.target["ua"]["folds"] == pytest.approx(on_stats.cross_corpus.target["ua"]["folds"])
