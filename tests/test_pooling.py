@@ -234,3 +234,19 @@ def test_a_cross_corpus_test_cache_is_read_as_the_training_frames_are(caches):
     on_stats = train_from_cache(paths["stats2"], 1, "linear", None, config, protocol="kfold", n_folds=3,
                                 test_cache=paths["stats2"])
     assert on_frames.cross_corpus.target["ua"]["folds"] == pytest.approx(on_stats.cross_corpus.target["ua"]["folds"])
+
+
+def test_a_streamed_layer_pools_each_block_as_the_whole_layer_is_pooled(caches):
+    from ser_cache.streaming import open_streamed
+
+    paths, _ = caches
+    cache = open_cache(paths["frames"])
+    whole = cache.read_layer(1, frame_pool=2)
+    streamed = open_streamed(cache, 1, 130_000, 4).pooled(2)  # as open_layer pools a layer over the budget
+    assert len(streamed.blocks) > 1 and streamed.frame_pool == 2
+    np.testing.assert_array_equal(streamed.statistics, whole.statistics)
+    index = np.arange(len(whole))
+    for got, want in zip(streamed.moments(index), whole.moments(index)):
+        np.testing.assert_array_equal(got, want)
+    # re-pooled from the rows it streams (stored every 20 ms), not from its pooled windows
+    np.testing.assert_array_equal(streamed.pooled(3).statistics, cache.read_layer(1, frame_pool=3).statistics)
