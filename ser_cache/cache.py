@@ -60,7 +60,7 @@ import h5py
 import numpy as np
 
 from .errors import UserError
-from .features import LayerData, StatsLayer, utterance_statistics
+from .features import LayerData, StatsLayer, check_statistics_pool, utterance_statistics
 from .files import process_tag, write_json_atomic
 from .layers import Selection, selection, states_of
 from .pooling import pool_rows, pooled_lengths, read_factor, row_weights
@@ -679,16 +679,14 @@ class Cache:
         meta = self.read_meta()
         names, values = self.targets_of(meta["ids"])
         stored = self.settings.frame_pool
-        factor = read_factor(stored, frame_pool or stored, f"the cache {self.root}")
         common = dict(ids=meta["ids"], labels=meta["labels"], speakers=meta["speakers"], groups=meta["groups"],
                       layer=selection(states), target_names=names, target_values=values)
         encoder = np.asarray(meta["encoder_frames"], dtype=np.int64)
         if self.settings.store == "stats":
-            if factor != 1:  # the message and fix of a StatsLayer's own refusal
-                StatsLayer(np.zeros((len(encoder), 2 * len(states) * self.dim)), frame_pool=stored,
-                           **common).pooled(frame_pool, f"the cache {self.root}")
+            check_statistics_pool(stored, frame_pool or stored, f"the cache {self.root}")
             statistics = StatisticsRows(self, states) if lazy else self.read_statistics(states)
             return StatsLayer(statistics, frame_pool=stored, encoder_frames=encoder, **common)
+        factor = read_factor(stored, frame_pool or stored, f"the cache {self.root}")
         rows = meta["n_frames"] if factor == 1 else pooled_lengths(meta["n_frames"], factor)
         offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
         frames = np.empty((int(offsets[-1]), len(states) * self.dim), dtype=dtype or self.settings.dtype)

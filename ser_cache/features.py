@@ -242,13 +242,8 @@ class StatsLayer:
         return self.width // self.n_states
 
     def pooled(self, frame_pool: int, what: str = "this layer") -> "StatsLayer":
-        """Self when frame_pool is the one its statistics were taken at; statistics cannot be
-        pooled again: OptionError naming the fix."""
-        if frame_pool != self.frame_pool:
-            raise OptionError(
-                f"--frame-pool {frame_pool}: {what} holds statistics over frames pooled by {self.frame_pool}, "
-                f"not frames: train with --frame-pool {self.frame_pool}, or derive a statistics cache from a "
-                f"frames cache with `ser-cache derive FRAMES_CACHE --out NEW --stats --frame-pool {frame_pool}`")
+        """Self when frame_pool is the one its statistics were taken at (check_statistics_pool)."""
+        check_statistics_pool(self.frame_pool, frame_pool, what)
         return self
 
     def subset(self, index) -> "StatsLayer":
@@ -257,6 +252,16 @@ class StatsLayer:
                        speakers=self.speakers[index], groups=self.groups[index],
                        target_values=None if self.target_values is None else self.target_values[index],
                        encoder_frames=None if self.encoder_frames is None else np.asarray(self.encoder_frames)[index])
+
+
+def check_statistics_pool(stored: int, asked: int, what: str) -> None:
+    """Statistics taken over frames pooled by `stored` cannot be pooled again: OptionError
+    naming the fix when `asked` differs."""
+    if asked != stored:
+        raise OptionError(
+            f"--frame-pool {asked}: {what} holds statistics over frames pooled by {stored}, not frames: "
+            f"train with --frame-pool {stored}, or derive a statistics cache from a frames cache with "
+            f"`ser-cache derive FRAMES_CACHE --out NEW --stats --frame-pool {asked}`")
 
 
 class FrameSums:
