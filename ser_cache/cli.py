@@ -94,7 +94,9 @@ def main():
 @click.option("--shard", "shard_spec", default=None, help="I/N: extract only the I-th of N disjoint parts (I from 0). Default: in a SLURM array task, the task's part (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT), else everything.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only N utterances (a fixed pseudo-random subset, for quick trials).")
 @click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own.")
-@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the CSV (path,label,speaker[,group]); default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv.")
+@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the manifest, a CSV (path,label,speaker[,id][,group][,targets]) or JSON Lines when it ends in .jsonl; default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv.")
+@click.option("--audio-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --corpus csv: the folder the manifest's relative paths start from; ids are paths under it. After moving the corpus, point it at the new place to resume the cache. Default: the manifest's folder.")
+@click.option("--columns", default=None, help="With --corpus csv: the manifest's columns for the fields path, label, speaker, id, group, e.g. path=file,label=emotion,speaker=spk_id; a field not named is read from the column of its own name.")
 @click.option("--long-audio", type=click.Choice(LONG_AUDIO_POLICIES), default="refuse", help="Utterances over 30 s: refuse (skip, recorded), truncate to 30 s, or encode as consecutive 30 s windows.")
 @click.option("--strict", is_flag=True, help="Fail on the first file that cannot be used, instead of skipping and recording it.")
 @click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
@@ -105,24 +107,24 @@ def main():
 @click.option("--store", type=click.Choice(STORES), default="frames", show_default=True, help="frames: every (pooled) frame; stats: per utterance and state only the mean and std of every value (float32), what the linear probe reads, about 1/50 of a frames cache.")
 @click.option("--dry-run", is_flag=True, help="Print how many bytes the cache will take, then stop before encoding.")
 def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, batch_size, shard_spec, limit, label_map, csv_path,
-            long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, dry_run):
+            audio_root, columns, long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, dry_run):
     """Encode a corpus with Whisper once and cache every kept encoder state.
 
-    DATA_DIR is the corpus folder, or with --corpus csv also the CSV file itself (its audio
-    paths are relative to the CSV's folder). Re-running the same command resumes an
-    interrupted extraction.
+    DATA_DIR is the corpus folder, or with --corpus csv also the manifest itself (a CSV or
+    .jsonl file; its relative audio paths start from --audio-root, default its folder; see
+    docs/corpora.md). Re-running the same command resumes an interrupted extraction.
     """
     from .encoder import load_encoder
     from .extract import ExtractOptions, extract as run_extract, final_state, parse_layers, parse_shard, summary_text
 
     if data_dir.is_file() and corpus != "csv":
         raise click.BadParameter(f"{data_dir} is a file, but --corpus {corpus} reads a corpus folder: pass the "
-                                 "folder, or --corpus csv if the file is a CSV listing the corpus", param_hint="DATA_DIR")
+                                 "folder, or --corpus csv if the file is a CSV or JSONL manifest of the corpus", param_hint="DATA_DIR")
     if data_dir.is_file() and csv_path is not None:
         raise click.BadParameter(f"DATA_DIR {data_dir} is already the CSV: drop --csv {csv_path}, or pass the "
                                  "corpus folder as DATA_DIR", param_hint="DATA_DIR")
     shard = parse_shard(shard_spec)
-    prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path)
+    prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path, audio_root=audio_root, columns=columns)
     records = limit_records(prepared.records, limit)
     click.echo(prepared.summary())
     if limit:

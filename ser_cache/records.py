@@ -7,6 +7,12 @@ settings so that a cache is never extended with a different corpus by accident.
 Besides its class label an utterance may carry numeric targets (dimensional ratings such as
 arousal and valence). A record without targets is written, read and hashed exactly as before
 targets existed, so caches made earlier keep their fingerprint.
+
+The hash does not depend on where the corpus lies: it covers ids, labels, speakers, groups and
+targets, never paths, so a corpus moved elsewhere (and its manifest pointed there with
+`--audio-root`) resumes its cache. What the audio files hold is checked apart from the hash, by
+each file's size in bytes (`changed_audio`): putting sizes into the hash would have changed
+the fingerprint of every cache made before sizes were recorded.
 """
 from __future__ import annotations
 
@@ -37,6 +43,10 @@ class Utterance:
         (("arousal", 4.2), ("valence", 3.0)); empty when the corpus has none. A mapping may be
         passed instead; it is stored as sorted pairs so that records stay immutable, hashable
         and equal whatever the order the targets were given in. `dict(r.targets)` reads them.
+    listed_path: the path as the corpus's manifest writes it ("/data/x/a.wav", "a/b.wav"),
+        before it is resolved into `path`; "" for corpora found by scanning a folder.
+    size: bytes of the audio file when the corpus was prepared; 0 when not recorded (records
+        made before sizes were, or a file that does not exist).
     """
 
     id: str
@@ -47,6 +57,8 @@ class Utterance:
     duration: float = 0.0
     original_label: str = ""
     targets: tuple[tuple[str, float], ...] = ()
+    listed_path: str = ""
+    size: int = 0
 
     def __post_init__(self):
         items = list(self.targets.items() if isinstance(self.targets, Mapping) else self.targets)
@@ -107,9 +119,11 @@ def target_names(records: Iterable[Utterance]) -> list[str]:
 
 
 def records_hash(records: Iterable[Utterance]) -> str:
-    """SHA-256 over the fields that decide what a cache holds (not durations or paths).
+    """SHA-256 over the fields that decide what a cache holds (not durations, paths or sizes).
 
     Paths are left out on purpose: moving a corpus folder must not invalidate its cache.
+    Sizes are left out so that caches made before sizes were recorded keep their hash; they
+    are compared by `changed_audio` instead.
     Targets enter the hash only when a record has some, so the hash of records without
     targets is the one they had before targets existed (existing caches stay valid), while
     the same corpus with other targets never reuses a cache.
@@ -124,14 +138,44 @@ def records_hash(records: Iterable[Utterance]) -> str:
     return h.hexdigest()
 
 
+def changed_audio(before: Iterable[Utterance], now: Iterable[Utterance]) -> list[str]:
+    """The ids of `now` whose audio file's size in bytes differs from `before`'s.
+
+    Only ids in both lists with a size recorded on both sides are compared, so records made
+    before sizes were recorded (size 0) never count as changed.
+    """
+    sizes = {r.id: r.size for r in before if r.size}
+    return [r.id for r in now if r.size and sizes.get(r.id, r.size) != r.size]
+
+
+def refuse_changed_audio(before: list[Utterance], now: list[Utterance], cache_dir: Path) -> None:
+    """RecordsError when the audio of `now` is not the audio the cache in `cache_dir` was made
+    from (some file has another size): a corpus moved to the wrong copy, or re-encoded."""
+    changed = changed_audio(before, now)
+    if changed:
+        r = next(r for r in now if r.id == changed[0])
+        then = next(b.size for b in before if b.id == r.id)
+        raise RecordsError(
+            f"{len(changed)} audio files differ from those the cache {cache_dir} was made from, "
+            f"for example {r.id!r}: {then} bytes then, {r.size} bytes now ({r.path}); point "
+            "--audio-root (or DATA_DIR) at the copy the cache was made from, or pass a new "
+            "--out folder to encode this audio"
+        )
+
+
+# Fields written only when they hold something, so that records.jsonl of a corpus without
+# them reads (and is written) as it always did.
+OPTIONAL_FIELDS = {"targets": (), "listed_path": "", "size": 0}
+
+
 def _row(r: Utterance) -> dict:
-    """The JSON object of one record: targets as {name: value}, left out when there are none
-    (so that records.jsonl of a corpus without targets reads as it always did)."""
+    """The JSON object of one record: targets as {name: value}; targets, listed_path and size
+    left out when they hold nothing (OPTIONAL_FIELDS)."""
     row = asdict(r)
-    if r.targets:
-        row["targets"] = dict(r.targets)
-    else:
-        del row["targets"]
+    row["targets"] = dict(r.targets)
+    for name, empty in OPTIONAL_FIELDS.items():
+        if getattr(r, name) == empty:
+            del row[name]
     return row
 
 

@@ -364,16 +364,18 @@ def test_csv_empty_field(tmp_path):
 def test_csv_path_outside_its_folder(tmp_path):
     write_audio(tmp_path / "outside.wav")
     make_csv_corpus(tmp_path / "c", "path,label,speaker\na/x.wav,angry,s1\n../outside.wav,sad,s2\n")
-    with pytest.raises(RecordsError, match=r"row 3: path '\.\./outside\.wav' points outside"):
+    with pytest.raises(RecordsError, match=rf"row 3: path '\.\./outside\.wav' points outside the "
+                                           rf"audio root .*: pass --audio-root {tmp_path}\b"):
         prepare("csv", tmp_path / "c")
 
 
-def test_csv_symlink_outside_its_folder(tmp_path):
+def test_csv_symlink_to_audio_elsewhere_is_followed(tmp_path):
     write_audio(tmp_path / "outside.wav")
     make_csv_corpus(tmp_path / "c", "path,label,speaker\nlink.wav,sad,s2\n")
     (tmp_path / "c" / "link.wav").symlink_to(tmp_path / "outside.wav")
-    with pytest.raises(RecordsError, match=r"row 2: path 'link\.wav' points outside"):
-        prepare("csv", tmp_path / "c")
+    (r,) = prepare("csv", tmp_path / "c").records
+    assert (r.id, r.listed_path, r.path) == ("link", "link.wav", str((tmp_path / "outside.wav").resolve()))
+    assert r.duration == pytest.approx(SECONDS, abs=1e-3)
 
 
 def test_csv_duplicate_ids(tmp_path):
