@@ -42,7 +42,7 @@ from .errors import OptionError
 from .files import write_json_atomic
 from .layers import parse_states
 from .pooling import check_frame_pool
-from .records import Utterance, records_hash, save_records
+from .records import Utterance, records_hash, refuse_changed_audio, save_records
 from .slurm import resolve_part
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer
@@ -144,6 +144,7 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
             + "\n  ".join(diffs)
             + "\nFix: pass a new --out folder, or the settings the cache was made with"
         )
+    refuse_changed_audio(existing.records(), records, out)  # a moved corpus resumes; other audio does not
     return existing
 
 
