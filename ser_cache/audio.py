@@ -10,6 +10,7 @@ in the cache's table of skipped utterances.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -20,6 +21,8 @@ import soundfile as sf
 import soxr
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000  # Hz, what Whisper was trained on
 WINDOW_SECONDS = 30  # Whisper's fixed input window
@@ -43,6 +46,19 @@ class AudioError(UserError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def audio_duration(path) -> float:
+    """Seconds, from the file header; 0.0 when the header cannot be read.
+
+    A bad file is not an error here: the extractor skips it later, with its reason, and the
+    summary of `corpora.prepare` counts the files whose header could not be read.
+    """
+    try:
+        return float(sf.info(str(path)).duration)
+    except (RuntimeError, OSError) as e:  # soundfile.LibsndfileError is a RuntimeError
+        log.warning("cannot read the header of %s (%s); duration set to 0.0", path, e)
+        return 0.0
 
 
 def read_audio(path: str) -> tuple[np.ndarray, int]:

@@ -95,8 +95,9 @@ def main():
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only N utterances (a fixed pseudo-random subset, for quick trials).")
 @click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own.")
 @click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the manifest, a CSV (path,label,speaker[,id][,group][,targets]) or JSON Lines when it ends in .jsonl; default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv.")
-@click.option("--audio-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --corpus csv: the folder the manifest's relative paths start from; ids are paths under it. After moving the corpus, point it at the new place to resume the cache. Default: the manifest's folder.")
+@click.option("--audio-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --corpus csv or emobox: the folder the manifest's relative paths start from (csv: ids are paths under it; emobox: where EmoBox's wav paths such as downloads/... start). After moving the corpus, point it at the new place to resume the cache. Default: the manifest's folder.")
 @click.option("--columns", default=None, help="With --corpus csv: the manifest's columns for the fields path, label, speaker, id, group, e.g. path=file,label=emotion,speaker=spk_id; a field not named is read from the column of its own name.")
+@click.option("--speaker-pattern", default=None, help="With --corpus emobox: a regular expression with one group that captures the speaker from each file name (without extension), e.g. '^([A-Za-z]+\\d+)_'. Default: the dataset's own rule (ravdess, emodb, shemo, iemocap, urdu).")
 @click.option("--long-audio", type=click.Choice(LONG_AUDIO_POLICIES), default="refuse", help="Utterances over 30 s: refuse (skip, recorded), truncate to 30 s, or encode as consecutive 30 s windows.")
 @click.option("--strict", is_flag=True, help="Fail on the first file that cannot be used, instead of skipping and recording it.")
 @click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
@@ -107,24 +108,26 @@ def main():
 @click.option("--store", type=click.Choice(STORES), default="frames", show_default=True, help="frames: every (pooled) frame; stats: per utterance and state only the mean and std of every value (float32), what the linear probe reads, about 1/50 of a frames cache.")
 @click.option("--dry-run", is_flag=True, help="Print how many bytes the cache will take, then stop before encoding.")
 def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, batch_size, shard_spec, limit, label_map, csv_path,
-            audio_root, columns, long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, dry_run):
+            audio_root, columns, speaker_pattern, long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, dry_run):
     """Encode a corpus with Whisper once and cache every kept encoder state.
 
     DATA_DIR is the corpus folder, or with --corpus csv also the manifest itself (a CSV or
     .jsonl file; its relative audio paths start from --audio-root, default its folder; see
-    docs/corpora.md). Re-running the same command resumes an interrupted extraction.
+    docs/corpora.md); with --corpus emobox EmoBox's data/<dataset> folder or its
+    <dataset>.jsonl. Re-running the same command resumes an interrupted extraction.
     """
     from .encoder import load_encoder
     from .extract import ExtractOptions, extract as run_extract, final_state, parse_layers, parse_shard, summary_text
 
-    if data_dir.is_file() and corpus != "csv":
+    if data_dir.is_file() and corpus not in ("csv", "emobox"):
         raise click.BadParameter(f"{data_dir} is a file, but --corpus {corpus} reads a corpus folder: pass the "
                                  "folder, or --corpus csv if the file is a CSV or JSONL manifest of the corpus", param_hint="DATA_DIR")
     if data_dir.is_file() and csv_path is not None:
         raise click.BadParameter(f"DATA_DIR {data_dir} is already the CSV: drop --csv {csv_path}, or pass the "
                                  "corpus folder as DATA_DIR", param_hint="DATA_DIR")
     shard = parse_shard(shard_spec)
-    prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path, audio_root=audio_root, columns=columns)
+    prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path, audio_root=audio_root, columns=columns,
+                       speaker_pattern=speaker_pattern)
     records = limit_records(prepared.records, limit)
     click.echo(prepared.summary())
     if limit:
@@ -259,6 +262,7 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified), file, or split (the official train/development/test groups); default: file with --fold-file, split when the groups are split names, loso when the corpus has other groups, else kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, EmoDB and others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold (0-based) with your own folds; every utterance listed once.")
+@click.option("--folds-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="EmoBox's data/<dataset> folder: its fold_K/<dataset>_{train,test}_fold_K.jsonl are the folds (fold_K is fold K-1; validation still carved from each fold's training speakers). The cache must be extracted with --corpus emobox (ids = keys).")
 @click.option("--epochs", type=click.IntRange(1), default=_TRAIN.epochs, help="Epochs per fold; the epoch kept is the one with the best validation UA.")
 @click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
 @click.option("--compute-dtype", "compute_dtype", type=click.Choice(_training.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16 (float32 master weights and loss), float32 (exact comparisons), or auto: the faster of the two, measured on this machine at start-up.")
@@ -281,6 +285,7 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--stack-members", type=click.Choice(_training.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
+@click.option("--compat-speaker-overlap", is_flag=True, help="FLAWED (speaker-dependent), to compare with results published on such folds only: run fold files (--fold-file, --folds-from) that test speakers they also train on, refused otherwise.")
 @click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
 @click.option("--memory-budget", default=None, help="Memory the layer may take, e.g. 2G or 500M (powers of 1024); a layer that does not fit is streamed from the cache's shards, a few at a time, in a batch order drawn per block of shards. Default: half of the memory available.")
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
@@ -289,7 +294,8 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
               lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, frame_pool, refit, linear_c,
               ensemble, task, targets, loss, stack_members,
-              compat_select_on_test, compat_eval_dropout, device, memory_budget, overwrite, test_cache, label_map):
+              compat_select_on_test, compat_eval_dropout, compat_speaker_overlap, device, memory_budget, overwrite,
+              test_cache, label_map, folds_from):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
@@ -315,12 +321,13 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
         frame_pool=frame_pool or 0, refit=refit, ensemble=ensemble, stack_members=stack_members, linear_c=_c_grid(linear_c),
         device=device,
-        compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout))
+        compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout,
+        compat_speaker_overlap=compat_speaker_overlap))
     from .streaming import parse_size
 
     budget = None if memory_budget is None else parse_size(memory_budget)
     result = _training.train_from_cache(cache_dir, layer, head, out, config, protocol=protocol,
-                                        n_folds=n_folds, fold_file=fold_file, overwrite=overwrite,
+                                        n_folds=n_folds, fold_file=fold_file, folds_from=folds_from, overwrite=overwrite,
                                         test_cache=test_cache, label_map=label_map, memory_budget=budget)
     click.echo(result.table())
     if result.cross_corpus is not None:
@@ -376,6 +383,8 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
+@click.option("--folds-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="EmoBox's data/<dataset> folder: its fold_K/<dataset>_{train,test}_fold_K.jsonl are the folds of every cache (extracted with --corpus emobox).")
+@click.option("--compat-speaker-overlap", is_flag=True, help="FLAWED (speaker-dependent), to compare with results published on such folds only: run fold files that test speakers they also train on; the report, plots and results.csv say FLAWED, and compare never pairs them with honest results.")
 @click.option("--memory-budget", default=None, help="Memory the layers and batches of all workers may take, e.g. 8G or 500M; a layer that does not fit is streamed from the cache's shards by each worker with an equal share (batch order drawn per block of shards). Default: half of the memory available.")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
 @click.option("--task", type=click.Choice(_TASKS), default=None, help="What the heads learn: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
@@ -387,8 +396,8 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, frame_pool, refit,
               linear_c, ensemble,
-              stack_members, protocol, n_folds, fold_file, jobs, task, targets, loss, device, test_cache, label_map,
-              part_spec, memory_budget):
+              stack_members, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap, jobs, task, targets, loss,
+              device, test_cache, label_map, part_spec, memory_budget):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -411,9 +420,10 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
                                                                time_mask=time_mask, frame_pool=frame_pool or 0,
                                                                refit=refit, ensemble=ensemble,
                                                                task=task, targets=targets, loss=loss,
-                                                               stack_members=stack_members, linear_c=_c_grid(linear_c)),
+                                                               stack_members=stack_members, linear_c=_c_grid(linear_c),
+                                                               compat_speaker_overlap=compat_speaker_overlap),
                      protocol=protocol,
-                     n_folds=n_folds, fold_file=fold_file, test_cache=test_cache, label_map=label_map)
+                     n_folds=n_folds, fold_file=fold_file, folds_from=folds_from, test_cache=test_cache, label_map=label_map)
     part = resolve_part(part_spec, "--part")
     from .streaming import parse_size
 
@@ -430,6 +440,9 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
                    f"{t.train_seconds:.0f} s, evaluation {t.eval_seconds:.1f} s (training and evaluation summed over jobs)")
     if outcome.report:
         _echo_report(outcome.report)
+    if compat_speaker_overlap:
+        click.echo("FLAWED (speaker-dependent): --compat-speaker-overlap, the folds test speakers they also train on; "
+                   "not an honest estimate")
     for task, why in outcome.failures:
         click.echo(f"FAILED {task}: {why}", err=True)
     # Other processes may share this folder: the state is read after this process's last

@@ -23,13 +23,16 @@ points of a percentage.
 Two results are paired only when they were tested on the same folds: the same utterances in
 each fold's training, validation and test parts (a digest of the sorted ids), and the same
 seed per pair; anything else is refused, naming what differs. Several seeds pair seed by seed.
+A FLAWED result (made with a compatibility switch, such as --compat-speaker-overlap) is never
+paired with an honest one: the difference would measure the flaw, not the change. Two FLAWED
+results may be paired with each other.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ import numpy as np
 from .folds import Folds
 from .layers import as_selection, label, parse_selection, sort_key, states_of
 from .results import ResultsError, RunFolder, SweepFolder
+from .training import FLAWS, TrainConfig
 
 METRICS = ("ua", "wa", "macro_f1")
 REGRESSION_METRIC = "ccc"  # a regression result's mean CCC over targets; ccc_<target> per target
@@ -55,6 +59,7 @@ class Scored:
     name: str
     scores: dict
     splits: dict
+    flawed: list = field(default_factory=list)  # the flaws in words (training.FLAWS); [] when honest
 
 
 def split_digest(folds: Folds, k: int) -> str:
@@ -92,7 +97,8 @@ def _from_run(name: str, folder: RunFolder) -> Scored:
         splits[seed, k] = split_digest(folds, k)
     if not scores:
         raise CompareError(f"{name} has no finished fold yet: finish the run first (re-run its command)")
-    return Scored(name, scores, splits)
+    flawed = (config.flawed or ["compatibility switches"]) if config.flawed_compat else []
+    return Scored(name, scores, splits, flawed)
 
 
 def _from_sweep(name: str, folder: SweepFolder, layer_text: str, head: str, cache: str | None = None) -> Scored:
@@ -120,7 +126,8 @@ def _from_sweep(name: str, folder: SweepFolder, layer_text: str, head: str, cach
         scores[c.seed, c.fold] = (fold_scores({"ccc": c.ccc, "targets": c.targets}) if c.task == "regression"
                                   else {m: float(getattr(c, m)) for m in METRICS})
         splits[c.seed, c.fold] = split_digest(folds_by_seed[c.seed], c.fold)
-    return Scored(name, scores, splits)
+    return Scored(name, scores, splits, TrainConfig.from_dict(
+        {k: v for k, v in folder.read_config()["train"].items() if k in FLAWS}).flaws())
 
 
 def fold_scores(metrics: dict) -> dict:
@@ -152,6 +159,11 @@ def paired(base: Scored, other: Scored, metric: str = "ua") -> dict:
 
     Raises CompareError when they share no fold, or when a shared fold was split differently.
     """
+    if bool(base.flawed) != bool(other.flawed):
+        flawed, honest = (base, other) if base.flawed else (other, base)
+        raise CompareError(f"{flawed.name} is FLAWED ({'; '.join(flawed.flawed)}) and {honest.name} is honest: "
+                           "their difference would measure the flaw, not the change; compare FLAWED results "
+                           "only with each other")
     common = sorted(set(base.scores) & set(other.scores))
     if not common:
         raise CompareError(f"{base.name} and {other.name} share no (seed, fold): compare results of the same "

@@ -18,7 +18,10 @@ Four protocols:
     kfold  speaker-independent k-fold, stratified by label where the speakers allow it
            (scikit-learn's StratifiedGroupKFold, shuffled with the seed); the default for
            corpora without groups, k from DEFAULT_N_FOLDS;
-    file   the user's own CSV `id,fold` (0-based folds; every utterance listed once);
+    file   the user's own CSV `id,fold` (0-based folds; every utterance listed once), or
+           EmoBox's fold files (`--folds-from DIR`, emobox.py: fold_K becomes fold K-1; an
+           utterance in no test file, as in EmoBox's single train/test splits, is trained on
+           in every fold and tested in none);
     split  a corpus's official partition, read from the groups: train, development
            (validation) and test. One fold per test set: MSP-Podcast's Test1 and Test2 give
            folds 0 and 1, both trained on Train and validated on Development, and a test set
@@ -33,6 +36,16 @@ of that many speakers the one kept is, in order of priority: the one that leaves
 in training, then covers the most classes, then whose label proportions and share of the
 utterances are closest to the training pool's. Held-out speakers stay out of training for that
 fold, so the epoch is chosen on speakers the head has never seen, like the test speakers.
+When some utterances are tested in no fold (EmoBox's single splits), the divisor is not the
+number of folds but the number a fold of that test size would make: n_utterances // test
+utterances per fold (one test fold of 1/5 of the corpus holds out 1/5 of the training speakers).
+
+Speaker overlap, FLAWED and only on request (`speaker_overlap`, `--compat-speaker-overlap`):
+fold files that test a speaker they also train on (EmoBox's folds of URDU, ShEMO, EmoDB) are
+refused, unless asked for by name to compare with numbers published on them. Then the
+validation speakers are drawn from every speaker with training utterances in the fold, test
+speakers included (their training utterances, never their test ones, choose the epoch), and
+every result made on them is labelled speaker-dependent (training.py, report.py, compare.py).
 """
 from __future__ import annotations
 
@@ -76,6 +89,8 @@ class Folds:
     val_speakers: per fold, the sorted training speakers held out for validation.
     protocol: "loso", "kfold", "file" or "split"; seed: the seed of the local RNG that built
         them.
+    speaker_overlap: FLAWED folds allowed to test speakers they also train on (only with
+        protocol file, on request: --compat-speaker-overlap); refused otherwise.
     """
 
     ids: np.ndarray
@@ -84,6 +99,7 @@ class Folds:
     val_speakers: list[list[str]]
     protocol: str
     seed: int
+    speaker_overlap: bool = False
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids).astype(str)
@@ -107,24 +123,18 @@ class Folds:
                              f"test_fold {self.test_fold.shape} must all be ({n},)")
         if len(set(self.ids)) != n:
             raise FoldsError("utterance ids are not unique: fix the corpus records")
-        lowest = NOT_TESTED if self.protocol == "split" else 0
+        lowest = NOT_TESTED if self.protocol in ("split", "file") else 0
         if n and (self.test_fold.min() < lowest or self.test_fold.max() >= k):
             raise FoldsError(f"test folds must be {lowest} .. {k - 1}, found "
                              f"{self.test_fold.min()} .. {self.test_fold.max()}")
         empty = sorted(set(range(k)) - set(self.test_fold.tolist()))
         if empty:
             raise FoldsError(f"folds {empty} test no utterance: use fewer folds")
-        spk_folds: dict[str, set] = {}
-        for s, f in zip(self.speakers, self.test_fold):
-            spk_folds.setdefault(s, set()).add(int(f))
-        # under split the test sets never train, so only train/development vs test crosses
-        crossing = {s: sorted(f) for s, f in spk_folds.items() if len(f) > 1
-                    and (self.protocol != "split" or NOT_TESTED in f)}
-        if crossing:
-            s, f = next(iter(crossing.items()))
-            s = str(s)
-            raise FoldsError(f"{len(crossing)} speakers are tested in several folds, e.g. {s!r} "
-                             f"in folds {f}: put all utterances of a speaker in one fold")
+        spk_folds = self.speaker_folds()
+        if not self.speaker_overlap:
+            refuse_crossing(self.crossing_speakers())
+        if self.speaker_overlap and self.protocol != "file":
+            raise FoldsError(f"speaker overlap is allowed for fold files only, not protocol {self.protocol!r}")
         for fold, val in enumerate(self.val_speakers):
             if not val:
                 raise FoldsError(f"fold {fold} has no validation speakers: the epoch could only be "
@@ -136,6 +146,14 @@ class Folds:
             if bad:
                 raise FoldsError(f"fold {fold}: validation speakers {bad} are not training "
                                  "speakers of that fold (unknown, or tested in it)")
+
+    def speaker_folds(self) -> dict[str, set]:
+        """Speaker -> the test folds of its utterances (NOT_TESTED for never tested ones)."""
+        return speaker_folds(self.speakers, self.test_fold)
+
+    def crossing_speakers(self) -> dict[str, list[int]]:
+        """Speakers tested in one fold and trained on in another: speaker -> its folds."""
+        return crossing_speakers(self.speakers, self.test_fold, self.protocol)
 
     def split(self, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(train_idx, val_idx, test_idx) of fold `fold`: sorted int64 indices, disjoint."""
@@ -157,6 +175,8 @@ class Folds:
             w.writerows(zip(self.ids, self.speakers, self.test_fold.tolist()))
         meta = {"protocol": self.protocol, "seed": self.seed, "n_folds": self.n_folds,
                 "val_speakers": self.val_speakers}
+        if self.speaker_overlap:  # absent otherwise: folds saved before it load the same
+            meta["speaker_overlap"] = True
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
@@ -168,7 +188,8 @@ class Folds:
         meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         return cls(ids=[r["id"] for r in rows], speakers=[r["speaker"] for r in rows],
                    test_fold=[int(r["fold"]) for r in rows], val_speakers=meta["val_speakers"],
-                   protocol=meta["protocol"], seed=meta["seed"])
+                   protocol=meta["protocol"], seed=meta["seed"],
+                   speaker_overlap=meta.get("speaker_overlap", False))
 
     def aligned_to(self, ids) -> "Folds":
         """The same folds with rows in the order of `ids` (which must hold the same ids)."""
@@ -183,7 +204,36 @@ class Folds:
                              "from this cache")
         order = np.array([pos[u] for u in ids])
         return Folds(self.ids[order], self.speakers[order], self.test_fold[order],
-                     self.val_speakers, self.protocol, self.seed)
+                     self.val_speakers, self.protocol, self.seed, self.speaker_overlap)
+
+
+def speaker_folds(speakers, test_fold) -> dict[str, set]:
+    """Speaker -> the test folds of its utterances (NOT_TESTED for never tested ones)."""
+    spk_folds: dict[str, set] = {}
+    for s, f in zip(speakers, test_fold):
+        spk_folds.setdefault(s, set()).add(int(f))
+    return spk_folds
+
+
+def crossing_speakers(speakers, test_fold, protocol: str) -> dict[str, list[int]]:
+    """Speakers tested in one fold and trained on in another: speaker -> its folds."""
+    # under split the test sets never train, so only train/development vs test crosses
+    return {s: sorted(f) for s, f in speaker_folds(speakers, test_fold).items() if len(f) > 1
+            and (protocol != "split" or NOT_TESTED in f)}
+
+
+def refuse_crossing(crossing: dict[str, list[int]]) -> None:
+    """FoldsError naming a speaker tested in one fold and trained on in another, if any."""
+    if not crossing:
+        return
+    s, f = next(iter(crossing.items()))
+    s = str(s)
+    where = (f"tested in fold {max(f)} and trained on in every fold" if f == [NOT_TESTED, max(f)]
+             else f"in folds {f}")
+    raise FoldsError(f"{len(crossing)} speakers are tested in several folds, e.g. {s!r} "
+                     f"{where}: put all utterances of a speaker in one fold (or, to compare "
+                     "with results published on such folds, --compat-speaker-overlap: FLAWED, "
+                     "speaker-dependent)")
 
 
 # --- builders --------------------------------------------------------------------------------
@@ -191,20 +241,38 @@ class Folds:
 
 def make_folds(ids, labels, speakers, groups=None, *, protocol: str | None = None,
                n_folds: int | None = None, corpus: str = "", fold_file: Path | None = None,
-               seed: int = 0, left_out=()) -> Folds:
-    """Folds by protocol name. protocol None: "file" if a fold file is given, "split" if every
-    group is a split name (train, development, test...), "loso" if the utterances have
-    groups, else "kfold" with n_folds (default from DEFAULT_N_FOLDS[corpus]). left_out: ids
-    of the cache that are not in `ids` (a label map dropped them), which a fold file may
-    still list."""
+               folds_from: Path | None = None, seed: int = 0, left_out=(),
+               speaker_overlap: bool = False) -> Folds:
+    """Folds by protocol name. protocol None: "file" if a fold file (or EmoBox's folds,
+    folds_from) is given, "split" if every group is a split name (train, development,
+    test...), "loso" if the utterances have groups, else "kfold" with n_folds (default from
+    DEFAULT_N_FOLDS[corpus]). left_out: ids of the cache that are not in `ids` (a label map
+    dropped them), which a fold file may still list. speaker_overlap: FLAWED, let fold files
+    test speakers they train on; refused when the folds have no such speaker (nothing to allow)."""
+    folds = _make_folds(ids, labels, speakers, groups, protocol=protocol, n_folds=n_folds, corpus=corpus,
+                        fold_file=fold_file, folds_from=folds_from, seed=seed, left_out=left_out,
+                        speaker_overlap=speaker_overlap)
+    if speaker_overlap and not folds.crossing_speakers():
+        raise FoldsError("these folds test no speaker they also train on: drop --compat-speaker-overlap "
+                         "(the results are honest without it)")
+    return folds
+
+
+def _make_folds(ids, labels, speakers, groups, *, protocol, n_folds, corpus, fold_file, folds_from,
+                seed, left_out, speaker_overlap) -> Folds:
     groups = np.full(len(ids), "") if groups is None else np.asarray(groups).astype(str)
+    if fold_file is not None and folds_from is not None:
+        raise FoldsError("a fold file and EmoBox's folds were both given: pass one of them")
     if protocol is None:
-        protocol = ("file" if fold_file else "split" if all(map(split_role, set(groups)))
+        protocol = ("file" if fold_file or folds_from else "split" if all(map(split_role, set(groups)))
                     else "loso" if (groups != "").all() else "kfold")
     if protocol not in PROTOCOLS:
         raise FoldsError(f"unknown protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
-    if fold_file is not None and protocol != "file":
+    if (fold_file is not None or folds_from is not None) and protocol != "file":
         raise FoldsError(f"a fold file was given with protocol {protocol!r}: use protocol 'file'")
+    if speaker_overlap and protocol != "file":
+        raise FoldsError(f"protocol {protocol!r} never tests a speaker it trains on: drop "
+                         "--compat-speaker-overlap (it is for fold files: --fold-file, --folds-from)")
     if protocol == "loso":
         if n_folds is not None and n_folds != len(set(groups)):
             raise FoldsError(f"loso makes one fold per group ({len(set(groups))}), not {n_folds}: "
@@ -217,9 +285,13 @@ def make_folds(ids, labels, speakers, groups=None, *, protocol: str | None = Non
         return split_folds(ids, labels, speakers, groups, seed=seed)
     if protocol == "kfold":
         return kfold_folds(ids, labels, speakers, n_folds or default_n_folds(corpus), seed=seed)
+    if folds_from is not None:
+        return emobox_folds(ids, labels, speakers, folds_from, seed=seed, left_out=left_out,
+                            speaker_overlap=speaker_overlap)
     if fold_file is None:
         raise FoldsError("protocol 'file' needs a fold file (CSV with columns id,fold)")
-    return file_folds(ids, labels, speakers, fold_file, seed=seed, left_out=left_out)
+    return file_folds(ids, labels, speakers, fold_file, seed=seed, left_out=left_out,
+                      speaker_overlap=speaker_overlap)
 
 
 def loso_folds(ids, labels, speakers, groups, seed: int = 0) -> Folds:
@@ -317,7 +389,8 @@ def kfold_folds(ids, labels, speakers, n_folds: int, seed: int = 0) -> Folds:
     return _with_validation(ids, labels, speakers, test_fold, "kfold", seed)
 
 
-def file_folds(ids, labels, speakers, path: Path, seed: int = 0, left_out=()) -> Folds:
+def file_folds(ids, labels, speakers, path: Path, seed: int = 0, left_out=(),
+               speaker_overlap: bool = False) -> Folds:
     """Folds read from the user's CSV with columns id,fold (0-based, every id exactly once).
     Rows of `left_out` ids (utterances of the cache a label map dropped) are passed over, so
     one fold file serves the cache with and without the map."""
@@ -351,7 +424,48 @@ def file_folds(ids, labels, speakers, path: Path, seed: int = 0, left_out=()) ->
     if test_fold.min() != 0:
         raise FoldsError(f"{path}: folds must start at 0 (found {test_fold.min()})")
     _check_labels(labels, speakers)
-    return _with_validation(ids, labels, speakers, test_fold, "file", seed)
+    return _with_validation(ids, labels, speakers, test_fold, "file", seed, speaker_overlap)
+
+
+def emobox_folds(ids, labels, speakers, folds_dir: Path, seed: int = 0, left_out=(),
+                 speaker_overlap: bool = False) -> Folds:
+    """Folds read from EmoBox's fold_K/<dataset>_{train,test}_fold_K.jsonl (emobox.py): fold
+    K-1 tests fold_K's test keys and trains on every other utterance, which must be the keys
+    its train (and valid) file lists; keys of `left_out` (a label map dropped them) are passed
+    over. Validation is carved from the training speakers as for a fold file."""
+    from .emobox import fold_lists
+
+    ids, labels, speakers, _ = _arrays(ids, labels, speakers)
+    lists = fold_lists(folds_dir)
+    known, skipped = set(ids.tolist()), set(left_out)
+    unknown = sorted(set().union(*lists.test, *lists.train) - known - skipped)
+    if unknown:
+        raise FoldsError(f"{lists.source}: {len(unknown)} keys of the fold files are not in the cache, e.g. "
+                         f"{unknown[:3]}: extract the corpus from the same EmoBox metadata (ids = keys)")
+    test_fold = np.full(len(ids), NOT_TESTED, dtype=np.int64)
+    position = {u: i for i, u in enumerate(ids.tolist())}
+    for k, (test, train) in enumerate(zip(lists.test, lists.train)):
+        both = sorted(test & train)
+        if both:
+            raise FoldsError(f"{lists.source}: fold_{k + 1} lists {len(both)} keys as both train and test, "
+                             f"e.g. {both[:3]}: restore its files from EmoBox")
+        neither = sorted(known - test - train)
+        if neither:
+            raise FoldsError(f"{lists.source}: fold_{k + 1} lists {len(neither)} utterances of the cache in "
+                             f"neither its train nor its test file, e.g. {neither[:3]}: a fold trains on "
+                             "every utterance it does not test; extract the corpus from the same metadata")
+        for u in sorted(test & known):
+            i = position[u]
+            if test_fold[i] != NOT_TESTED:
+                raise FoldsError(f"{lists.source}: key {u!r} is tested in fold_{test_fold[i] + 1} and "
+                                 f"fold_{k + 1}: test every utterance in one fold at most")
+            test_fold[i] = k
+    empty = [k + 1 for k in range(len(lists.test)) if not (test_fold == k).any()]
+    if empty:
+        raise FoldsError(f"{lists.source}: fold_{empty[0]} tests no utterance of the cache: extract the "
+                         "corpus from the same EmoBox metadata")
+    _check_labels(labels, speakers)
+    return _with_validation(ids, labels, speakers, test_fold, "file", seed, speaker_overlap)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -383,8 +497,14 @@ def _check_labels(labels: np.ndarray, speakers: np.ndarray) -> None:
                          "these classes in the corpus label map")
 
 
-def _with_validation(ids, labels, speakers, test_fold, protocol, seed) -> Folds:
+def _with_validation(ids, labels, speakers, test_fold, protocol, seed, speaker_overlap=False) -> Folds:
+    if not speaker_overlap:  # before carving, which would fail less clearly on such folds
+        refuse_crossing(crossing_speakers(speakers, test_fold, protocol))
     n_folds = int(test_fold.max()) + 1
+    tested = int((test_fold != NOT_TESTED).sum())
+    # held out: 1 / n_folds of the training speakers, or with untested utterances the share a
+    # fold of this test size would be (module docstring)
+    share = n_folds if tested == len(test_fold) else max(2, len(test_fold) * n_folds // tested)
     names, spk = np.unique(speakers, return_inverse=True)
     _, lab = np.unique(labels, return_inverse=True)
     counts = np.zeros((len(names), lab.max() + 1), dtype=np.int64)  # (speakers, classes)
@@ -394,9 +514,11 @@ def _with_validation(ids, labels, speakers, test_fold, protocol, seed) -> Folds:
     for k in range(n_folds):
         # training speakers: some utterances outside fold k, none in it (a speaker crossing
         # folds is left out here and refused by Folds.check)
-        pool = np.setdiff1d(spk[test_fold != k], spk[test_fold == k])
-        val.append(names[pool[_carve_validation(counts[pool], n_folds, rng)]].tolist())
-    return Folds(ids, speakers, test_fold, val, protocol, seed)
+        pool = np.unique(spk[test_fold != k])
+        if not speaker_overlap:
+            pool = np.setdiff1d(pool, spk[test_fold == k])
+        val.append(names[pool[_carve_validation(counts[pool], share, rng)]].tolist())
+    return Folds(ids, speakers, test_fold, val, protocol, seed, speaker_overlap)
 
 
 def _carve_validation(counts: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:

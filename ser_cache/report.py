@@ -33,6 +33,11 @@ Two cells are marked in each panel. The best mean test UA (★) describes where 
 most linearly/attentively readable; as a choice it would be optimistic, since the test folds
 pick it. The best mean validation UA (†) is the cell an honest selection would take.
 Means and stds pool every fold of every seed (population std, like metrics.py).
+
+A sweep run with `--compat-speaker-overlap` (folds that test speakers they also train on) is
+FLAWED: its summary opens with that warning, every panel title (so every plot) says
+"FLAWED (speaker-dependent)", its folds are called speaker-dependent, results.csv gets a
+`flawed` column, and it is never joined with an honest sweep in one report.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", 
                   "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test", "layer_weights")
 TARGET_COLUMNS = ("target_ua", "target_wa", "target_macro_f1", "n_target")  # cross-corpus sweeps only
 PANEL_COLUMNS = 3  # panels per row of a figure
+FLAWED_LABEL = "FLAWED (speaker-dependent)"
 
 
 @dataclass
@@ -76,6 +82,11 @@ class Sweep:
     @property
     def regression(self) -> bool:
         return self.config["train"].get("task", "classification") == "regression"
+
+    @property
+    def flawed(self) -> bool:
+        """Run with --compat-speaker-overlap: its folds test speakers they train on."""
+        return bool(self.config["train"].get("compat_speaker_overlap"))
 
 
 @dataclass
@@ -197,6 +208,8 @@ def panels_of(sweeps: list[Sweep]) -> list[Panel]:
             title = f"{cache} ({first.model}, {first.mode})"
             if len(sweeps) > 1:
                 title = f"{sweep.name}: {title}"
+            if sweep.flawed:
+                title = f"{title} {FLAWED_LABEL}"
             panels.append(Panel(title, sweep, cache, list(sweep.config["heads"]), first.labels,
                                 _cells(records), _fold_info(sweep, cache, records)))
     return panels
@@ -263,6 +276,10 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
     if not panels:
         raise SweepError(f"no finished cells in {', '.join(str(s) for s in sweeps)}: run or resume "
                          "the sweep first")
+    flawed = [s.name for s in loaded if s.flawed]
+    if flawed and len(flawed) < len(loaded):
+        raise SweepError(f"{', '.join(flawed)}: {FLAWED_LABEL} (--compat-speaker-overlap), the others honest: "
+                         "one report never mixes them; report them separately")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = {s.regression for s in loaded}
@@ -283,6 +300,7 @@ def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
     """One row per cell and fold; a leading `sweep` column when several sweeps are joined."""
     several = len(sweeps) > 1
     columns = RESULT_COLUMNS + (TARGET_COLUMNS if any(r.target for s in sweeps for r in s.records) else ())
+    columns += ("flawed",) if any(s.flawed for s in sweeps) else ()
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow((["sweep"] if several else []) + list(columns))
@@ -291,7 +309,8 @@ def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
                 weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
                 row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
                        "layer_weights": weights, "n_target": r.target.get("n", ""),
-                       **{f"target_{k}": r.target.get(k, "") for k in ("ua", "wa", "macro_f1")}}
+                       **{f"target_{k}": r.target.get(k, "") for k in ("ua", "wa", "macro_f1")},
+                       "flawed": FLAWED_LABEL if sweep.flawed else ""}
                 cells = [_csv_value(row[c]) for c in columns]
                 w.writerow(([sweep.name] if several else []) + cells)
 
@@ -314,6 +333,7 @@ def summary_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
              "choice once.", "",
              "★ best mean test UA in the panel (descriptive: the test folds pick it). "
              "† best mean validation UA (the cell an honest selection would pick).", ""]
+    lines[1:1] = flawed_warning(sweeps)
     unfinished = [progress_text(s) for s in sweeps if not finished(progress(s))]
     if unfinished:  # a sweep still running or interrupted: the table holds its finished folds only
         lines += ["**Partial:** " + "; ".join(unfinished) + ". The table pools the folds done so far.", ""]
@@ -323,12 +343,25 @@ def summary_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def flawed_warning(sweeps: list[Sweep]) -> list[str]:
+    """The lines that open the summary of a FLAWED sweep; none for an honest one."""
+    if not any(s.flawed for s in sweeps):
+        return []
+    return ["", f"**{FLAWED_LABEL}:** run with --compat-speaker-overlap: its folds test speakers they also "
+            "train on, so these scores measure recognising known speakers, not emotion in new ones. Only for "
+            "comparison with results published on the same folds; never compare them with honest results."]
+
+
+def folds_kind(p: Panel) -> str:
+    return "speaker-dependent" if p.sweep.flawed else "speaker-independent"
+
+
 def _panel_markdown(p: Panel) -> list[str]:
     f = p.folds
     n_classes = len(p.labels)
     lines = [f"## {p.title}", "",
              f"{f['n_utterances']} utterances, {n_classes} classes ({', '.join(p.labels)}; chance UA "
-             f"{100 / n_classes:.1f}); {f['n_folds']} speaker-independent folds ({f['protocol']}) "
+             f"{100 / n_classes:.1f}); {f['n_folds']} {folds_kind(p)} folds ({f['protocol']}) "
              f"x seeds {f['seeds']}. {_training_line(p.sweep.config, _arithmetic(p))}", "",
              "UA % by layer (rows) and head (columns):", "",
              "| layer | " + " | ".join(p.heads) + " |",
@@ -589,6 +622,7 @@ def write_regression_csv(sweeps: list[Sweep], path: Path) -> None:
     several = len(sweeps) > 1
     targets = list(dict.fromkeys(t for s in sweeps for r in s.records for t in r.labels))
     per_target = [f"{stat}_{t}" for t in targets for stat in ("ccc", "pearson", "mae")]
+    per_target += ["flawed"] if any(s.flawed for s in sweeps) else []
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow((["sweep"] if several else []) + list(REGRESSION_COLUMNS) + per_target)
@@ -598,6 +632,7 @@ def write_regression_csv(sweeps: list[Sweep], path: Path) -> None:
                 row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
                        "layer_weights": weights}
                 row.update({f"{stat}_{t}": v for t, m in r.targets.items() for stat, v in m.items()})
+                row["flawed"] = FLAWED_LABEL if sweep.flawed else ""
                 w.writerow(([sweep.name] if several else [])
                            + [_csv_value(row.get(c, "")) for c in (*REGRESSION_COLUMNS, *per_target)])
 
@@ -616,6 +651,7 @@ def regression_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
              "targets; the test speakers scored the choice once.", "",
              "★ best mean test CCC over targets in the panel (descriptive: the test folds pick it). "
              "† best mean validation CCC (the cell an honest selection would pick).", ""]
+    lines[1:1] = flawed_warning(sweeps)
     for p in panels:
         lines += _regression_panel(p)
     lines += _timing_markdown(sweeps)
@@ -626,7 +662,7 @@ def _regression_panel(p: Panel) -> list[str]:
     f = p.folds
     best, best_val = p.best, p.best_val
     lines = [f"## {p.title}", "",
-             f"{f['n_utterances']} utterances, targets {', '.join(p.labels)}; {f['n_folds']} speaker-independent "
+             f"{f['n_utterances']} utterances, targets {', '.join(p.labels)}; {f['n_folds']} {folds_kind(p)} "
              f"folds ({f['protocol']}) x seeds {f['seeds']}. {_training_line(p.sweep.config, _arithmetic(p))}", ""]
     for target in p.labels:
         lines += [f"CCC of {target} by layer (rows) and head (columns):", "",

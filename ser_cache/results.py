@@ -112,11 +112,13 @@ class RunConfig(Record):
     config: dict
     head_kwargs: dict
     folds: dict
-    flawed_compat: bool
+    flawed_compat: bool  # made with a compatibility switch: not an honest estimate
     cache: dict
     versions: dict = field(default_factory=dict)
     # label map and test cache of a cross-corpus run (crosscorpus.CrossCorpus.config); {} otherwise
     cross_corpus: dict = field(default_factory=dict)
+    # the flaws in words when flawed_compat (training.FLAWS), e.g. "speaker-dependent: ..."
+    flawed: list = field(default_factory=list)
 
     def same_work(self, other: "RunConfig") -> list[str]:
         """What differs between two configs in what decides the results (not device or versions)."""
@@ -130,7 +132,7 @@ class RunConfig(Record):
         theirs.update(flat("cross_corpus", theirs.pop("cross_corpus")))
         return [f"{k}: run has {json_safe(mine.get(k))!r}, asked for {json_safe(theirs.get(k))!r}"
                 for k in {**mine, **theirs}
-                if k not in ("device", "versions") and json_safe(mine.get(k)) != json_safe(theirs.get(k))]
+                if k not in ("device", "versions", "flawed") and json_safe(mine.get(k)) != json_safe(theirs.get(k))]
 
 
 @dataclass

@@ -28,6 +28,13 @@ key applies to the heads it changes (n_heads: attentive, qkv and stats; head_dim
 and qkv; lr, epochs, time_mask: every torch head); other heads run once with the defaults. The linear head also picks its C on
 validation (training.py).
 
+FLAWED sweeps, on request only. The reference code's switches (selection on the test fold,
+dropout at evaluation) are refused: a sweep compares honestly. `--compat-speaker-overlap` is
+allowed, because its flaw lies in the folds, not in how a cell is chosen, and comparing layers
+on EmoBox's speaker-dependent folds is what it is for: the sweep's config records it, and its
+report labels every table, plot and results.csv row FLAWED (speaker-dependent) and is never
+joined with an honest sweep's (report.py); `compare` never pairs its cells with honest ones.
+
 Reading and running. A layer is read once (`Cache.read_layer`), put in shared memory, and
 all its tasks go to a pool of `jobs` worker processes with cores // jobs torch threads each;
 the next layer is read while the workers train on the current one (at most two layers held).
@@ -220,6 +227,7 @@ class SweepSpec:
     protocol: str | None = None
     n_folds: int | None = None
     fold_file: Path | None = None
+    folds_from: Path | None = None  # EmoBox's data/<dataset> folder: its fold_K files are the folds
     test_cache: Path | None = None  # cross-corpus: every cell's fold heads also tested on all of it
     label_map: str | None = None  # corpora.LABEL_MAPS name applied to every cache's classes (crosscorpus.py)
 
@@ -283,7 +291,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             check_reads(head, cache.settings.store == "stats", f"the cache {cache.root}")
     settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
     train = {k: v for k, v in spec.train.to_dict().items() if k not in FREE_TRAIN_KEYS}
-    if spec.train.flawed:
+    if spec.train.compat_select_on_test or spec.train.compat_eval_dropout:
         raise SweepError("the compatibility switches (selection on the test fold, dropout at "
                          "evaluation) are not offered in sweeps: a sweep compares honestly")
     config = {
@@ -297,6 +305,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         "folds": {"protocol": spec.protocol, "n_folds": spec.n_folds,
                   "fold_file_sha256": _sha256(spec.fold_file) if spec.fold_file else None},
     }
+    if spec.folds_from is not None:  # absent otherwise: older sweeps resume
+        config["folds"]["folds_from_sha256"] = _folder_sha256(spec.folds_from)
     if spec.test_cache is not None or spec.label_map is not None:  # absent otherwise: older sweeps resume
         config["cross_corpus"] = {"label_map": spec.label_map,
                                   "test_cache": _cache_identity(target) if target else None}
@@ -331,6 +341,14 @@ def _cache_identity(cache: Cache) -> dict:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _folder_sha256(folder: Path) -> str:
+    """SHA-256 over the fold_K files of an EmoBox folder (names and contents, sorted)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("fold_*/*.jsonl")):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def config_differences(stored: dict, asked: dict, prefix: str = "") -> list[str]:
@@ -379,7 +397,8 @@ def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: Sw
         return Folds.load(path).aligned_to(meta["ids"])
     folds = make_folds(meta["ids"], meta["labels"], meta["speakers"], meta["groups"],
                        protocol=spec.protocol, n_folds=spec.n_folds, corpus=cache.corpus,
-                       fold_file=spec.fold_file, seed=seed, left_out=left_out)
+                       fold_file=spec.fold_file, folds_from=spec.folds_from, seed=seed, left_out=left_out,
+                       speaker_overlap=spec.train.compat_speaker_overlap)
     path.parent.mkdir(parents=True, exist_ok=True)
     folds.save(path)
     return folds

@@ -44,11 +44,14 @@ frame, which pooling would still count; a removed frame is simply not there, for
 (the LSTM of `cta` included). Padding is never counted or kept, every utterance keeps at least
 one frame, and validation, test and export never mask.
 
-Compatibility switches reproduce two flaws of the reference code, for comparison only:
+Compatibility switches reproduce flaws of published setups, for comparison only:
 `compat_select_on_test` trains on all non-test speakers and picks the epoch (or the linear
 head's C) on the test fold, which is optimistic; `compat_eval_dropout` leaves dropout on at
-evaluation (a no-op for the mean and linear heads, which have no dropout). Results made with
-either are marked in config.json and in the printed table.
+evaluation (a no-op for the mean and linear heads, which have no dropout) (both: the reference
+code); `compat_speaker_overlap` runs fold files that test speakers they also train on
+(EmoBox's folds of URDU, ShEMO, EmoDB: speaker-dependent, folds.py). Results made with any of
+them are marked FLAWED, naming the flaws, in config.json (`flawed_compat`, `flawed`) and in the
+printed table, and `ser-cache compare` never pairs them with honest ones.
 
 A run folder (results.RunFolder) is written fold by fold, each file atomically: a run killed
 at any point resumes from its finished folds when re-run with the same settings.
@@ -152,6 +155,7 @@ class TrainConfig:
     loss: str = "ccc"  # regression: "ccc" (1 - CCC, mean over targets) or "mse"; classes: cross-entropy
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
+    compat_speaker_overlap: bool = False  # FLAWED (speaker-dependent): fold files may test training speakers
 
     def __post_init__(self):
         checks = [
@@ -203,7 +207,19 @@ class TrainConfig:
 
     @property
     def flawed(self) -> bool:
-        return self.compat_select_on_test or self.compat_eval_dropout
+        return bool(self.flaws())
+
+    def flaws(self) -> list[str]:
+        """The compatibility switches on, each in words (FLAWS); empty for an honest config."""
+        return [text for key, text in FLAWS.items() if getattr(self, key)]
+
+
+# The compatibility switches, as results made with them are labelled.
+FLAWS = {
+    "compat_select_on_test": "selection on the test fold (compat_select_on_test)",
+    "compat_eval_dropout": "dropout at evaluation (compat_eval_dropout)",
+    "compat_speaker_overlap": "speaker-dependent: test speakers also trained on (compat_speaker_overlap)",
+}
 
 
 # Settings added after runs and sweeps were first saved, with the value that reproduces them: a
@@ -211,7 +227,8 @@ class TrainConfig:
 # (stack_members "auto": stacking was added with auto on CUDA only, where runs were never
 # bit-reproducible; on a CPU, auto trains members one after another, as before.)
 EARLIER_VALUES = {"frame_pool": 0, "patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0,
-                  "task": "classification", "targets": [], "loss": "ccc", "stack_members": "auto"}
+                  "task": "classification", "targets": [], "loss": "ccc", "stack_members": "auto",
+                  "compat_speaker_overlap": False}
 
 
 def as_made(stored: dict) -> dict:
@@ -687,9 +704,7 @@ class RunResult:
             lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
                          "validation (refit)")
         if self.config.flawed:
-            lines.append("  FLAWED compatibility switches on (select_on_test={}, eval_dropout={}): "
-                         "not an honest estimate".format(self.config.compat_select_on_test,
-                                                         self.config.compat_eval_dropout))
+            lines.append(f"  FLAWED, not an honest estimate: {'; '.join(self.config.flaws())}")
         return "\n".join(lines)
 
     def regression_rows(self) -> list[str]:
@@ -819,7 +834,7 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         head_kwargs=options_for(cls, config, data.dim, n_outputs, data.n_states),
         folds={"protocol": folds.protocol, "n_folds": folds.n_folds, "seed": folds.seed,
                "sha256": folds_digest(folds)},
-        flawed_compat=config.flawed, cache=cache or {},
+        flawed_compat=config.flawed, flawed=config.flaws(), cache=cache or {},
         versions={"torch": torch.__version__, "numpy": np.__version__},
         cross_corpus=cross_corpus.config if cross_corpus else {})
     folder = open_run_folder(out_dir, run, folds, overwrite) if out_dir is not None else None
@@ -915,6 +930,7 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
 def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_dir: Path | None,
                      config: TrainConfig | None = None, protocol: str | None = None,
                      n_folds: int | None = None, fold_file: Path | None = None,
+                     folds_from: Path | None = None,
                      overwrite: bool = False, test_cache: Path | None = None,
                      label_map: str | None = None, memory_budget: int | None = None) -> RunResult:
     """Open a cache, read one layer (or several: a tuple, or a --layer spec such as '2-5',
@@ -923,6 +939,7 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     test_cache: another corpus's cache on which every fold head is also scored; label_map:
     a corpora.LABEL_MAPS name applied to the classes of both caches (crosscorpus.py).
 
+    folds_from: EmoBox's data/<dataset> folder, whose fold_K files are the folds (folds.py).
     protocol None: "file" with a fold file, "loso" when the corpus has groups, else "kfold"
     with n_folds (default per corpus, folds.DEFAULT_N_FOLDS). memory_budget: bytes the layer
     may take (default: streaming.default_budget()); a layer that does not fit is streamed from
@@ -956,8 +973,8 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     # A fold file may list the utterances a label map dropped: they are passed over.
     left_out = np.setdiff1d(cache.read_meta()["ids"], data.ids) if cross is not None else ()
     folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
-                       n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, seed=config.seed,
-                       left_out=left_out)
+                       n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, folds_from=folds_from,
+                       seed=config.seed, left_out=left_out, speaker_overlap=config.compat_speaker_overlap)
     # A streamed layer's batch order follows its blocks: part of what decides the results.
     where = {**cache.fingerprint, **data.describe()} if isinstance(data, StreamedLayer) else cache.fingerprint
     return run_folds(data, folds, head, config, out_dir, cache=where, overwrite=overwrite,
