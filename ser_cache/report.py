@@ -450,6 +450,8 @@ def _training_line(config: dict, arithmetic: list[str]) -> str:
         line += f", stopped after {t['patience']} epochs without a better validation {score}"
     if t.get("time_mask"):
         line += f", time masking {t['time_mask']:g} of the training frames"
+    if t.get("frame_pool", 0) > 1:
+        line += f", every {t['frame_pool']} frames averaged ({20 * t['frame_pool']} ms) before the heads read them"
     if t.get("ensemble", 1) > 1:
         line += f", ensembles of {t['ensemble']} seeds per fold (mean probabilities)"
     if t.get("refit"):
