@@ -94,7 +94,11 @@ def _tiles(source: FeatureSource, index: np.ndarray, block_rows: int, prepare=np
     for begin in range(0, len(index), step):
         block = prepare(source.rows(index[begin:begin + step]))
         for start in range(0, len(block), TILE):
-            yield begin + start, block[start:start + TILE]
+            # A copy, not a view: a view held by the caller would keep this whole block alive
+            # while the next one is read (3 blocks at once, not the 2 rows_for_budget counts).
+            tile = block[start:start + TILE]
+            yield begin + start, tile.clone() if isinstance(tile, torch.Tensor) else tile.copy()
+        del block, tile  # before the next block is read
 
 
 def standardizer(source: FeatureSource, train_index: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
