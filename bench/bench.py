@@ -26,7 +26,7 @@ same run, never an absolute time:
     python bench/bench.py --only extraction    (1 alone: a few minutes)
     python bench/bench.py --only streaming     (8 alone: no Whisper, no corpus)
     python bench/bench.py --only statistics --cache CACHE      (9 alone: a minute or two)
-    python bench/bench.py --only pooled-sweep --cache CACHE    (10 alone: K = 1 and 4, about an hour)
+    python bench/bench.py --only pooled-sweep --cache CACHE [--pools 1,8]   (10 alone: about an hour)
     python bench/bench.py --only large-v3 [--full]             (11 alone: no Whisper, no corpus)
 
 Results go to bench/results/<date>-<machine>.json, and a Markdown table is printed.
@@ -434,7 +434,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=["extraction", "streaming", *FRAMES_SECTIONS], default=None,
                     help="run only this section: 1 (minutes), 8 or large-v3 (no Whisper, no corpus), statistics or "
                          "pooled-sweep (on --cache)")
+    ap.add_argument("--pools", default="1,8", help="10: the frame_pool values whose full sweeps are timed side by side")
     args = ap.parse_args(argv)
+    args.pools = tuple(int(k) for k in args.pools.split(","))
     if args.only in FRAMES_SECTIONS:
         return frames_sections(args)
     if args.stacking_only:
@@ -505,7 +507,7 @@ def main(argv=None) -> int:
         results["statistics"] = frames.bench_statistics(cache, tmp / "frames")
         if args.full:
             print("10. the full sweep at frame_pool 1 and 4 ...", flush=True)
-            results["pooled_sweep"] = frames.bench_pooled_sweep(cache, tmp / "frames")
+            results["pooled_sweep"] = frames.bench_pooled_sweep(cache, tmp / "frames", args.pools)
         print("11. large-v3 scale ...", flush=True)
         results["large_v3"] = frames.bench_large_v3(tmp / "frames", n=73_000 if args.full else 20_000)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -544,7 +546,7 @@ def frames_sections(args) -> int:
         if args.only == "statistics":
             r = frames.bench_statistics(args.cache, Path(tmpdir))
         elif args.only == "pooled-sweep":
-            r = frames.bench_pooled_sweep(args.cache, Path(tmpdir))
+            r = frames.bench_pooled_sweep(args.cache, Path(tmpdir), args.pools)
         else:
             r = frames.bench_large_v3(Path(tmpdir), n=73_000 if args.full else 20_000)
     results = {"date": dt.date.today().isoformat(), "machine": socket.gethostname(), "cpu": _cpu_name(), key: r}

@@ -68,7 +68,7 @@ def bench_statistics(cache_path: Path, tmp: Path) -> dict:
             "mean_ua_frames": frames_ua, "mean_ua_stats": stats_ua}
 
 
-def bench_pooled_sweep(cache_path: Path, tmp: Path, pools=(1, 4), epochs: int = 30) -> dict:
+def bench_pooled_sweep(cache_path: Path, tmp: Path, pools=(1, 8), epochs: int = 30) -> dict:
     """10. The full sweep of the issue's target at each frame_pool of `pools`, one after another."""
     from ser_cache.results import SweepFolder
     from ser_cache.sweep import SweepSpec, run_sweep
