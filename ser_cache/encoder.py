@@ -1,6 +1,6 @@
 """Whisper's audio encoder, run so that every intermediate state can be kept.
 
-State numbering (see PAPER.md): state 0 is the input embedding (two convolutions plus the
+State numbering (the paper's, and Hugging Face's hidden_states): state 0 is the input embedding (two convolutions plus the
 positional embedding), state i is the output of block i, and the last state (n = number of
 blocks) is the last block's output after the final LayerNorm `ln_post`. n + 1 states in all.
 

@@ -1,6 +1,6 @@
 """The project's errors for bad input or settings: each message names the fix.
 
-Three tiers (STYLE.md): bad input or config raises a `UserError` subclass (the command line
+Three tiers: bad input or config raises a `UserError` subclass (the command line
 prints its message as one line and exits 1); a broken internal invariant is an `assert`; a
 bad file in a batch is logged, skipped, counted and summarised. Anything else that escapes is
 a bug and keeps its traceback. Each stage has its own subclass (CacheError, FoldsError, ...);

@@ -40,7 +40,7 @@ linear probe reads, the standardised mean and std of every value of every state,
 attentive means of the standardised frames, and maps them to the classes with one trained
 Linear (see its docstring for why: the measured losses of the pooling heads).
 
-The back has no activation between its layers: PAPER.md lists none, and we follow it (the
+The back has no activation between its layers: the paper lists none, and we follow it (the
 LayerNorm is the only non-linearity there). Dropout sits where the paper puts it, on the
 attention projections; the mean head has none.
 
@@ -69,7 +69,7 @@ ensemble is saved the same way, plus its number of members.
 
 Default sizes: 12 heads of 4 dimensions for both attentive and QKV pooling. 12 x 4 is the
 paper's QKV setting and the attentive setting of its one IEMOCAP number that could be read
-(PAPER.md); using the same size for both keeps the two pooling methods comparable.
+(Shendabadi et al. 2026); using the same size for both keeps the two pooling methods comparable.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ carving, every fold's initialisation, batch order and dropout masks (torch's glo
 forked per fold and restored, numpy uses a local Generator), so the same command gives the
 same metrics on the same machine (on a GPU, up to non-deterministic kernels).
 
-Schedule (PAPER.md): AdamW, lr 1e-3, batch 16, dropout 0.3, cross-entropy, cosine decay after a
+Schedule (the paper's, Shendabadi et al. 2026): AdamW, lr 1e-3, batch 16, dropout 0.3, cross-entropy, cosine decay after a
 linear warm-up over the first tenth of the epochs, the lr set once per epoch (`get_lr`).
 The paper trains attentive pooling 10 epochs and QKV 30; we default to 30 for every head, so
 the heads get the same budget, and because the epoch is chosen on validation a longer run only
