@@ -513,7 +513,7 @@ class StatisticsHead(StandardizedHead):
         out        Linear(dropout(features, attention) -> n_classes)
 
     W = n_states * dim: the states are read side by side, not mixed, as the probe reads them.
-    Why this shape. On RAVDESS tiny.en, all five states, the same 6 folds (README, "Several
+    Why this shape. On RAVDESS tiny.en, all five states, the same 6 folds (docs/findings.md, "Several
     layers at once"), the linear probe (75.1 UA) beat every pooling head (68-72); a logistic
     regression on the time means alone still scored 73.5 with the states side by side and 71.2
     on their equal-weight mix, so the pooling heads lose information in their mix (about 2

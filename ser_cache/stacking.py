@@ -31,7 +31,7 @@ When. `stacks` decides: heads whose class sets `stackable` (the pooling heads; n
 head `cta`, nor the linear probe, fitted by scikit-learn), and by config.stack_members: "on",
 "off", or "auto": on CUDA only. On the 2-core development CPU, one torch thread, RAVDESS base
 state 3, one fold's training split, stacking 3 or 6 qkv or attentive members took 1.00-1.17x
-the time per epoch of training them one after another (README, "Training time, measured"): a
+the time per epoch of training them one after another (docs/findings.md, "Training time, measured"): a
 CPU core is already kept busy by one member's products (B x T rows of 512), and under vmap a
 Linear becomes a bmm plus a separate bias add and a LayerNorm three passes instead of one.
 Hand-written batched products were no better: the front (Linear, LayerNorm; forward and

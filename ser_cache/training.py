@@ -124,7 +124,7 @@ class TrainConfig:
     # Stop after this many epochs without a better validation UA (0: never). In 18 folds of a
     # 30-epoch RAVDESS sweep (Whisper base state 3; mean, attentive, qkv) the epoch chosen was
     # 0-15, median 8: stopping after 10 epochs without improvement would have chosen the same
-    # epoch in every fold and run 64% of the epochs (README, "Training time, measured").
+    # epoch in every fold and run 64% of the epochs (docs/findings.md, "Training time, measured").
     patience: int = 10
     batch_size: int = 16
     lr: float = 1e-3
