@@ -121,9 +121,8 @@ def _derive_shard(source: C.Cache, new: C.Cache, k: int, records: dict) -> None:
         notes = list(zip(*(map(C._s, f[n][()]) for n in ("note_ids", "note_texts"))))
     layout = C.ShardLayout(records=[records[i] for i in ids], speech_frames=[int(x) for x in speech],
                            encoder_frames=[int(x) for x in encoder], skipped=skipped, notes=notes,
-                           n_frames=[C.stored_count(int(e), new.settings) if new.settings.store == "stats"
-                                     else -(-int(n) // (new.settings.frame_pool // source.settings.frame_pool))
-                                     for n, e in zip(n_rows, encoder)])
+                           # ceil(ceil(e / K0) / f) = ceil(e / (K0 f)): the rows extract would store
+                           n_frames=[C.stored_count(int(e), new.settings) for e in encoder])
     shard = C.ShardFile(new.shard_dir, k, layout, new.layers, new.row_width, new.settings.stored_dtype)
     for i, rid in enumerate(ids):
         rows = slice(int(offsets[i]), int(offsets[i + 1]))

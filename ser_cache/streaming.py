@@ -339,7 +339,7 @@ def open_layer(cache, layer: Selection, budget: int | None, batch_size: int, wor
     if cache.settings.store == "stats":
         # Held whole, plus the linear probe's standardised copy of its training rows (per worker),
         # in float64; past the budget the statistics stay in the shards and the probe streams them.
-        values = len(cache.read_meta()["ids"]) * 2 * len(states) * cache.dim * 8
+        values = sum(cache.sidecar(k)["utterances"] for k in cache.complete_shards()) * 2 * len(states) * cache.dim * 8
         lazy = (held + workers) * values > budget
         data = cache.read_layer(layer, frame_pool=frame_pool, lazy=lazy)
         data.memory_budget = budget // workers
