@@ -90,6 +90,24 @@ def batch_source(data, y: np.ndarray | None, index, batch_size: int, device: tor
     return data.batches(y, index, batch_size, device, rng, transform)
 
 
+def statistics_batches(data, y: np.ndarray | None, index, batch_size: int, device: torch.device,
+                       rng: np.random.Generator | None = None) -> HeldBatches:
+    """The batches of a head that reads statistics only (Head.reading): (x, None, y) with x the
+    raw statistics rows of utterances `index` (data.statistics, (B, 2 width)) as float32, so
+    that a frames cache (float64 statistics) and a statistics cache (float32) give the same
+    numbers; no mask, no padding. With rng, the utterances are shuffled once (the batches'
+    order then changes every epoch, as HeldBatches does); without, in `index` order."""
+    index = np.asarray(index)
+    order = index if rng is None else index[rng.permutation(len(index))]
+    rows = torch.from_numpy(np.asarray(data.statistics[order], dtype=np.float32))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        part = slice(start, start + batch_size)
+        yb = None if y is None else torch.from_numpy(y[order[part]]).to(device)
+        batches.append((rows[part].to(device), None, yb))
+    return HeldBatches(batches, order)
+
+
 def batch_order(data: LayerData, index, batch_size: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """The utterances `index` in batch order: by length without rng (evaluation); with rng,
     shuffled, then sorted by length within buckets of BUCKET_BATCHES batches."""
@@ -152,10 +170,10 @@ def predict(model: Head, batches, dropout: bool = False, step=None) -> np.ndarra
 def predict_proba(model: nn.Module, data, index, device: torch.device,
                   dropout: bool = False) -> np.ndarray:
     """(len(index), n_classes) class probabilities (a regression head's target values) of
-    the utterances `index`, in that order. A StatsLayer (no frames) is read by the head's
-    from_statistics (heads that read statistics only)."""
+    the utterances `index`, in that order. A head that reads statistics only reads them
+    (data.statistics) through its from_statistics, on any layer; a StatsLayer has nothing else."""
     index = np.asarray(index)
-    if isinstance(data, StatsLayer):
+    if isinstance(data, StatsLayer) or model.reads == "statistics":
         model.train(dropout)
         with torch.no_grad():
             out = model.from_statistics(torch.from_numpy(data.statistics[index]).to(device))

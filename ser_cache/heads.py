@@ -133,6 +133,12 @@ class Head(nn.Module):
             return raw
         return (raw * self.output_scale + self.output_mean).to(raw.dtype)
 
+    @classmethod
+    def reading(cls, config) -> str:
+        """What a head of this class built from TrainConfig `config` reads: "frames", or
+        "statistics" (only each utterance's mean and std, as a statistics cache holds them)."""
+        return cls.reads
+
     def layer_weights(self) -> list[float] | None:
         """The learned weight of each state, in order (sum 1), or None for a head that does
         not weigh states (one state, or the linear probe)."""
@@ -522,6 +528,13 @@ class StatisticsHead(StandardizedHead):
     the epoch chosen on validation, and adds attentive means of the frames (the scoring layer is
     the only non-linearity). With n_heads 0 it is the probe fitted by AdamW instead of L-BFGS.
 
+    With n_heads 0 it reads statistics only (`reads`), as the probe does: it trains and predicts
+    from each utterance's raw mean and std (`statistics_logits`), on a frames cache as on a
+    statistics cache, with the same numbers. The input standardisation is then left at the
+    identity: standardising the frames by value maps each feature affinely (mean -> (m - mu) s,
+    std -> std s), which the feature standardisation undoes, so it would change nothing but
+    rounding and would need a pass over every frame.
+
     No learned layer weights: like the probe, it weighs every value of every state on its own.
     Padding never changes the output (masked statistics and softmax; padded rows zeroed first).
     """
@@ -532,6 +545,7 @@ class StatisticsHead(StandardizedHead):
         super().__init__(width)
         self.output_scaling(n_classes, regression)
         self.n_heads = n_heads
+        self.reads = "frames" if n_heads else "statistics"
         self.register_buffer("feature_mean", torch.zeros(2 * width))
         self.register_buffer("feature_scale", torch.ones(2 * width))
         if n_heads:
@@ -546,14 +560,21 @@ class StatisticsHead(StandardizedHead):
         return {"dim": dim, "n_classes": n_classes, "n_heads": config.n_heads, "dropout": config.dropout,
                 **several, **task_option(config)}
 
+    @classmethod
+    def reading(cls, config) -> str:
+        return "frames" if config.n_heads else "statistics"
+
     def prepare(self, data, index: np.ndarray, config) -> None:
-        super().prepare(data, index, config)
-        # The statistics of standardised frames follow from the raw ones: mean -> (m - mu) s,
-        # std -> std s (s > 0), so the probe's cached statistics serve, with no pass over frames.
         stats = torch.as_tensor(data.statistics[np.asarray(index)], dtype=torch.float64)
-        width = stats.shape[1] // 2
-        mu, s = self.input_mean.double(), self.input_scale.double()
-        stats = torch.cat([(stats[:, :width] - mu) * s, stats[:, width:] * s], dim=1)
+        if self.reads == "statistics":  # the features as statistics_logits reads them (float32)
+            stats = stats.float().double()
+        else:
+            super().prepare(data, index, config)
+            # The statistics of standardised frames follow from the raw ones: mean -> (m - mu) s,
+            # std -> std s (s > 0), so the probe's cached statistics serve, with no pass over frames.
+            width = stats.shape[1] // 2
+            mu, s = self.input_mean.double(), self.input_scale.double()
+            stats = torch.cat([(stats[:, :width] - mu) * s, stats[:, width:] * s], dim=1)
         self.feature_mean.copy_(stats.mean(dim=0))
         self.feature_scale.copy_(1.0 / stats.std(dim=0, correction=0).clamp(min=1e-5))  # as StandardScaler
 
@@ -565,6 +586,16 @@ class StatisticsHead(StandardizedHead):
             weights = masked_softmax(self.w_s(torch.tanh(self.w_a(z))), mask)  # (B, T, n_heads)
             features.append(torch.einsum("bth,btw->bhw", weights, z).flatten(1))  # (B, n_heads W)
         return self.out(self.dropout(torch.cat(features, dim=1)))
+
+    def statistics_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_classes) of the raw statistics (B, 2 W) (features.StatsLayer's rows, as
+        float32): the head with n_heads 0, which reads nothing else."""
+        assert self.reads == "statistics", "a head with attention heads reads frames"
+        return self.out(self.dropout((features.float() - self.feature_mean) * self.feature_scale))
+
+    def from_statistics(self, features: torch.Tensor) -> torch.Tensor:
+        """forward() for utterances' raw statistics (B, 2 W) instead of their frames."""
+        return self.outputs(self.statistics_logits(features))
 
 
 def masked_statistics(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -286,10 +286,12 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             raise SweepError("--test-cache scores class labels on another corpus: sweep a regression task "
                              "without it, or cross-corpus with --task classification")
         spec = replace(spec, train=replace(spec.train, targets=sweep_targets(spec, caches)))
+    settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
     for key, cache in caches.items():
         for head in heads:
-            check_reads(head, cache.settings.store == "stats", f"the cache {cache.root}")
-    settings = {h: head_settings(h, spec.grid, spec.train) for h in heads}
+            for setting in settings[head]:
+                check_reads(head, replace(spec.train, **setting), cache.settings.store == "stats",
+                            f"the cache {cache.root}")
     train = {k: v for k, v in spec.train.to_dict().items() if k not in FREE_TRAIN_KEYS}
     if spec.train.compat_select_on_test or spec.train.compat_eval_dropout:
         raise SweepError("the compatibility switches (selection on the test fold, dropout at "

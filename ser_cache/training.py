@@ -87,6 +87,7 @@ from .batches import (
     in_order,
     predict,
     predict_proba,
+    statistics_batches,
 )
 from .device import pick_device
 from .errors import OptionError, UserError
@@ -375,10 +376,12 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         # The batch order is the first draw from rng, as in earlier versions (initialisation
         # draws from torch's RNG), so that a seed keeps giving the same heads. A streamed
         # layer draws its order within blocks of shards (streaming.py).
-        train_batches = batch_source(data, task.fit_y(y, model), train, config.batch_size, device, rng,
-                                     transform=model.inputs)
+        # A head that reads statistics only trains on each utterance's raw mean and std.
+        statistics = model.reads == "statistics"
+        source = statistics_batches if statistics else functools.partial(batch_source, transform=model.inputs)
+        train_batches = source(data, task.fit_y(y, model), train, config.batch_size, device, rng)
         if fixed is None:
-            select_batches = batch_source(data, None, select, EVAL_BATCH_SIZE, device, transform=model.inputs)
+            select_batches = source(data, None, select, EVAL_BATCH_SIZE, device)
             select_order = select_batches.order
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                       fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
@@ -388,7 +391,7 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
 
         def step(z, mask):  # logits of a transformed batch; bfloat16 products under autocast
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return model.logits(z, mask).float()
+                return (model.statistics_logits(z) if statistics else model.logits(z, mask)).float()
 
         def evaluate(z, mask):  # predictions on the targets' scale (regression; logits stay logits)
             return model.outputs(step(z, mask))
@@ -814,7 +817,7 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     config = config or TrainConfig()
     cls = head_class(head)
     data = at_frame_pool(data, config)
-    check_reads(head, isinstance(data, StatsLayer))
+    check_reads(head, config, isinstance(data, StatsLayer))
     if cross_corpus is not None and cross_corpus.target is not None:  # read as the training frames are
         cross_corpus.target = cross_corpus.target.pooled(data.frame_pool, "the test cache")
     folds = folds.aligned_to(data.ids)
@@ -886,12 +889,23 @@ def at_frame_pool(data, config: TrainConfig, what: str = "this layer"):
     return data if not config.frame_pool else data.pooled(config.frame_pool, what)
 
 
-def check_reads(head: str, statistics_only: bool, what: str = "this cache") -> None:
-    """Refuse a head that reads frames on a layer of statistics only, naming the fix."""
-    if statistics_only and head_class(head).reads == "frames":
-        raise ConfigError(f"the {head} head reads frames, and {what} holds only statistics (mean and std per "
-                          "utterance): train --head linear on it, or this head on a frames cache (`ser-cache "
-                          "derive CACHE --out NEW --frame-pool K` makes a smaller one)")
+def check_reads(head: str, config: TrainConfig, statistics_only: bool, what: str = "this cache") -> None:
+    """Refuse a head (built from `config`) that reads frames on a layer of statistics only, and
+    time masking for a head that reads no frames; each naming the fix."""
+    reads = head_class(head).reading(config)
+    if statistics_only and reads == "frames":
+        raise ConfigError(f"the {head} head{_with_heads(head, config)} reads frames, and {what} holds only statistics "
+                          "(mean and std per utterance): train --head linear or --head stats --heads 0 on it, or "
+                          "this head on a frames cache (`ser-cache derive CACHE --out NEW --frame-pool K` makes a "
+                          "smaller one)")
+    if reads == "statistics" and config.time_mask and head_class(head).selects == "epoch":
+        raise ConfigError(f"--time-mask drops frames, and the {head} head{_with_heads(head, config)} reads only "
+                          f"each utterance's mean and std: set --time-mask 0, or give it attention heads")
+
+
+def _with_heads(head: str, config: TrainConfig) -> str:
+    """' with --heads N' for the head whose reading depends on it, else ''."""
+    return f" with --heads {config.n_heads}" if head == "stats" else ""
 
 
 def folds_digest(folds: Folds) -> str:
@@ -951,7 +965,7 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
     config = config or TrainConfig()
     head_class(head)
     cache = open_cache(cache_path)  # read_layer runs the cheap checks (Cache.check) itself
-    check_reads(head, cache.settings.store == "stats", f"the cache {cache_path}")
+    check_reads(head, config, cache.settings.store == "stats", f"the cache {cache_path}")
     if isinstance(layer, str):
         layer = parse_selection(layer, cache.settings.dims["n_audio_layer"] + 1)
     missing = [s for s in states_of(layer) if s not in cache.layers]

@@ -121,17 +121,36 @@ def test_the_probe_trains_alike_from_frames_and_from_statistics(caches):
         np.testing.assert_allclose(fa.probs, fb.probs, atol=1e-6)
 
 
+def test_the_stats_head_without_attention_trains_from_a_statistics_cache_as_from_frames(caches):
+    paths, _ = caches
+    frames, stats = open_cache(paths["frames"]).read_layer((1, 2)), open_cache(paths["stats"]).read_layer((1, 2))
+    folds = make_folds(frames.ids, frames.labels, frames.speakers, frames.groups, protocol="kfold", n_folds=3, seed=0)
+    config = TrainConfig(**{**SMALL, "n_heads": 0, "epochs": 4})
+    a, b = run_folds(frames, folds, "stats", config), run_folds(stats, folds, "stats", config)
+    for fa, fb in zip(a.folds, b.folds):
+        assert fa.selected == fb.selected
+        np.testing.assert_array_equal(fa.probs, fb.probs)  # the same float32 statistics: the same numbers
+    # what it learned from statistics is what it computes from frames (predict on new audio)
+    head = a.models[0]
+    rows = np.arange(6)
+    x, mask = frames.batch(rows)
+    with torch.no_grad():
+        from_frames = head(x, mask).softmax(-1).numpy()
+        from_statistics = head.from_statistics(torch.from_numpy(frames.statistics[rows])).softmax(-1).numpy()
+    np.testing.assert_allclose(from_frames, from_statistics, atol=1e-5)
+
+
 def test_exports_of_pooled_and_statistics_runs_predict_what_their_fold_heads_predict(caches, tiny_checkpoint,
                                                                                      tmp_path):
     paths, records = caches
     by_id = {r.id: r for r in records}
     frames = open_cache(paths["frames"])
-    for cache, head, pool in (("frames", "mean", 2), ("stats", "linear", None)):
-        run = tmp_path / f"run-{cache}"
-        train_from_cache(paths[cache], 1, head, run, TrainConfig(**SMALL, frame_pool=pool or 0), protocol="kfold",
-                         n_folds=3)
-        export_run(run, tmp_path / f"{cache}.pt", fold=0)
-        predictor = load_predictor(tmp_path / f"{cache}.pt", str(tiny_checkpoint))
+    for cache, head, pool in (("frames", "mean", 2), ("stats", "linear", None), ("stats", "stats", None)):
+        run = tmp_path / f"run-{cache}-{head}"
+        train_from_cache(paths[cache], 1, head, run, TrainConfig(**{**SMALL, "n_heads": 0}, frame_pool=pool or 0),
+                         protocol="kfold", n_folds=3)
+        export_run(run, tmp_path / f"{cache}-{head}.pt", fold=0)
+        predictor = load_predictor(tmp_path / f"{cache}-{head}.pt", str(tiny_checkpoint))
         assert predictor.exported.frame_pool == (pool or 1)
         data = frames.read_layer(1, frame_pool=pool)
         rows = [0, 5, 9]
@@ -171,8 +190,13 @@ def test_every_wrong_frame_pool_and_head_is_refused_with_the_fix(caches, tmp_pat
         pooled.read_layer(1, frame_pool=2)
     with pytest.raises(OptionError, match="not a multiple of .*give a multiple of 4"):
         pooled.read_layer(1, frame_pool=6)
-    with pytest.raises(ConfigError, match="the qkv head reads frames.*--head linear"):
+    with pytest.raises(ConfigError, match="the qkv head reads frames.*--head linear or --head stats --heads 0"):
         train_from_cache(paths["stats"], 1, "qkv", None, TrainConfig(**SMALL), protocol="kfold", n_folds=3)
+    with pytest.raises(ConfigError, match="the stats head with --heads 2 reads frames"):
+        train_from_cache(paths["stats"], 1, "stats", None, TrainConfig(**SMALL), protocol="kfold", n_folds=3)
+    with pytest.raises(ConfigError, match="--time-mask drops frames.*--time-mask 0"):
+        train_from_cache(paths["frames"], 1, "stats", None, TrainConfig(**{**SMALL, "n_heads": 0, "time_mask": 0.1}),
+                         protocol="kfold", n_folds=3)
     with pytest.raises(OptionError, match="holds statistics over frames pooled by 1.*derive"):
         open_cache(paths["stats"]).read_layer(1, frame_pool=2)
     with pytest.raises(ConfigError, match="frame_pool must be >= 1"):
@@ -187,6 +211,9 @@ def test_every_wrong_frame_pool_and_head_is_refused_with_the_fix(caches, tmp_pat
                 ExtractOptions(progress=False, shard_bytes=30_000, frame_pool=2))
     result = CliRunner().invoke(main, ["sweep", str(paths["stats"]), "--out", str(tmp_path / "s"), "--heads", "mean"])
     assert result.exit_code != 0 and "the mean head reads frames" in result.output
+    result = CliRunner().invoke(main, ["sweep", str(paths["stats"]), "--out", str(tmp_path / "s"), "--heads", "stats",
+                                       "--grid", "heads=0,4"])  # one grid setting needs frames
+    assert result.exit_code != 0 and "the stats head with --heads 4 reads frames" in result.output
 
 
 def test_inspect_and_dry_run_say_what_a_cache_stores(caches, tiny_checkpoint, tmp_path):
