@@ -15,11 +15,13 @@ same run, never an absolute time:
                            the full 30-epoch layer sweep                 target <= 20 min
                            that sweep if every cell re-ran Whisper / the sweep   target >= 20
   7. stacked ensembles     3 and 6 qkv and attentive members, s per training epoch stacked
-                           (stacking.py) and one after another, 1 thread, min of repeats
+                           (ensembles.py) and one after another, 1 thread, min of repeats
   8. streaming             streamed / in-memory training time per epoch, a layer
                            4x its memory budget (synthetic cache)        target <= 2
   9-11. frames are the cost (bench/frames.py): statistics cache bytes and probe-sweep speed,
                            the full sweep at frame_pool K beside K = 1, and large-v3's shape
+ 12. encoders (bench/encoders.py): extract through transformers' Whisper / through openai-whisper,
+                           the same base weights converted, per mode, side by side
 
     python bench/bench.py [--full] [--data DIR] [--weights-dir DIR] [--out bench/results]
     python bench/bench.py --stacking-only --cache CACHE     (7 alone, 16 steps per run: minutes)
@@ -28,6 +30,7 @@ same run, never an absolute time:
     python bench/bench.py --only statistics --cache CACHE      (9 alone: a minute or two)
     python bench/bench.py --only pooled-sweep --cache CACHE [--pools 1,8]   (10 alone: about an hour)
     python bench/bench.py --only large-v3 [--full]             (11 alone: no Whisper, no corpus)
+    python bench/bench.py --only hf-whisper [--utterances N]   (12 alone: a few minutes)
 
 Results go to bench/results/<date>-<machine>.json, and a Markdown table is printed.
 """
@@ -58,6 +61,7 @@ from ser_cache.extract import ExtractOptions, encode_batch, extract
 from ser_cache.records import Utterance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import encoders  # noqa: E402  section 12, beside this file
 import frames  # noqa: E402  sections 9-11, beside this file
 
 HERE = Path(__file__).resolve().parent
@@ -283,8 +287,9 @@ def bench_training(cache_path: Path, state: int, encode_s_per_utt: float, epochs
     and what the same sweep would cost if every cell re-ran Whisper instead of reading the cache."""
     from ser_cache.folds import make_folds
     from ser_cache.heads import HEADS
-    from ser_cache.sweep import available_cores
-    from ser_cache.training import TrainConfig, fit_head, fold_seed, resolve_compute_dtype
+    from ser_cache.sweeping import available_cores
+    from ser_cache.config import TrainConfig
+    from ser_cache.fitting import fit_head, fold_seed, resolve_compute_dtype
 
     cache = open_cache(cache_path)
     t_read, data = timed(cache.read_layer, state)
@@ -334,7 +339,8 @@ def bench_streaming(tmp: Path, epochs: int = 3, layer_mb: float = 240.0, budget_
     from test_cache import synthetic_cache  # the tests' writer of random caches (cache.write_shard)
 
     from ser_cache.streaming import open_streamed
-    from ser_cache.training import TrainConfig, fit_head
+    from ser_cache.config import TrainConfig
+    from ser_cache.fitting import fit_head
 
     dim, frames = 512, (50, 250)  # Whisper base width; 1-5 s of speech
     n_utts = int(layer_mb * 2**20 / (dim * 2 * sum(frames) / 2))
@@ -362,8 +368,8 @@ def bench_streaming(tmp: Path, epochs: int = 3, layer_mb: float = 240.0, budget_
 
 def bench_stacking(cache_path: Path, state: int, sizes=(3, 6), heads=("qkv", "attentive"), repeats: int = 3,
                    steps: int | None = None) -> dict:
-    """7. An ensemble's members trained as one stacked model (stacking.train_epoch) against
-    one after another (training.train_epoch per member), on one fold's training split, 1 torch
+    """7. An ensemble's members trained as one stacked model (ensembles.train_stack_epoch) against
+    one after another (fitting.train_epoch per member), on one fold's training split, 1 torch
     thread: seconds per training epoch (validation and the once-per-fold setup left out, the
     same in both), the minimum over `repeats` alternating runs (the machine is shared). With
     `steps`, each run trains on the first `steps` batches of every member and the time is
@@ -373,9 +379,9 @@ def bench_stacking(cache_path: Path, state: int, sizes=(3, 6), heads=("qkv", "at
     from ser_cache.batches import HeldBatches
     from ser_cache.folds import make_folds
     from ser_cache.heads import head_class, options_for
-    from ser_cache.stacking import Member, Stack
-    from ser_cache.stacking import train_epoch as stacked_epoch
-    from ser_cache.training import TrainConfig, fold_seed, member_seed, train_epoch
+    from ser_cache.config import TrainConfig
+    from ser_cache.ensembles import Member, Stack, train_stack_epoch
+    from ser_cache.fitting import fold_seed, member_seed, train_epoch
 
     cache = open_cache(cache_path)
     data = cache.read_layer(state)
@@ -408,7 +414,7 @@ def bench_stacking(cache_path: Path, state: int, sizes=(3, 6), heads=("qkv", "at
                     best["sequential"] = min(best["sequential"], (time.perf_counter() - t0) * scale)
                     stack = Stack([m.model for m in members], config, cpu, torch.float32)
                     t0 = time.perf_counter()
-                    stacked_epoch(stack, members, loss, config.lr, 0.0)
+                    train_stack_epoch(stack, members, loss, config.lr, 0.0)
                     best["stacked"] = min(best["stacked"], (time.perf_counter() - t0) * scale)
                 rows[f"{head} x{n}"] = {"sequential_s_per_epoch": best["sequential"], "stacked_s_per_epoch": best["stacked"],
                                         "stacked_over_sequential": best["stacked"] / best["sequential"]}
@@ -431,9 +437,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--utterances", type=int, default=None, help="override the number of utterances of 1 (smoke runs)")
     ap.add_argument("--stacking-only", action="store_true", help="only 7, on --cache, 16 training steps per run")
-    ap.add_argument("--only", choices=["extraction", "streaming", *FRAMES_SECTIONS], default=None,
-                    help="run only this section: 1 (minutes), 8 or large-v3 (no Whisper, no corpus), statistics or "
-                         "pooled-sweep (on --cache)")
+    ap.add_argument("--only", choices=["extraction", "streaming", "hf-whisper", *FRAMES_SECTIONS], default=None,
+                    help="run only this section: 1 or hf-whisper (minutes), 8 or large-v3 (no Whisper, no corpus), "
+                         "statistics or pooled-sweep (on --cache)")
     ap.add_argument("--pools", default="1,8", help="10: the frame_pool values whose full sweeps are timed side by side")
     args = ap.parse_args(argv)
     args.pools = tuple(int(k) for k in args.pools.split(","))
@@ -465,6 +471,20 @@ def main(argv=None) -> int:
         print(json.dumps(r, indent=1))
         for row in extraction_rows(r):
             print("| " + " | ".join(row) + " |")
+        return 0
+    if args.only == "hf-whisper":
+        with tempfile.TemporaryDirectory(prefix="ser-cache-bench-") as tmpdir:
+            print("12. transformers' Whisper beside openai-whisper ...", flush=True)
+            r = encoders.bench_hf_whisper(args.weights_dir / "base.pt", small, Path(tmpdir))
+        results = {"date": dt.date.today().isoformat(), "machine": socket.gethostname(), "cpu": _cpu_name(),
+                   "threads": torch.get_num_threads(), "hf_whisper": r}
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"{results['date']}-{results['machine']}-hf-whisper.json"
+        path.write_text(json.dumps(results, indent=1))
+        print(json.dumps(r, indent=1))
+        for row in encoders.hf_whisper_rows(r):
+            print("| " + " | ".join(row) + " |")
+        print(f"\nresults: {path}")
         return 0
     modes_set = pick(records, 64 if args.full else 16)
     bf16_ok = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") or "amx" in _cpu_flags() or "avx512_bf16" in _cpu_flags()
@@ -510,6 +530,8 @@ def main(argv=None) -> int:
             results["pooled_sweep"] = frames.bench_pooled_sweep(cache, tmp / "frames", args.pools)
         print("11. large-v3 scale ...", flush=True)
         results["large_v3"] = frames.bench_large_v3(tmp / "frames", n=73_000 if args.full else 20_000)
+        print("12. transformers' Whisper beside openai-whisper ...", flush=True)
+        results["hf_whisper"] = encoders.bench_hf_whisper(args.weights_dir / "base.pt", small, tmp)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{results['date']}-{results['machine']}.json"
     path.write_text(json.dumps(results, indent=1))
@@ -521,7 +543,8 @@ def main(argv=None) -> int:
 def bench_bf16_accuracy(enc, records, tmp: Path, fp32_cache: Path) -> dict:
     """UA of the linear head on the last state, float32 against bfloat16 arithmetic, same folds."""
     from ser_cache.folds import make_folds
-    from ser_cache.training import TrainConfig, run_folds
+    from ser_cache.config import TrainConfig
+    from ser_cache.training import run_folds
 
     path = tmp / "ravdess-base-short-bf16"
     t, _ = timed(extract, records, path, "ravdess", enc, ExtractOptions(mode="short", compute_dtype="bfloat16", progress=False))
@@ -561,7 +584,7 @@ def frames_sections(args) -> int:
 
 
 def table(r: dict) -> str:
-    """The Markdown table the README shows."""
+    """The Markdown table docs/benchmarks.md shows."""
     rows = [("measure", "value", "target", "met")]
     rows += extraction_rows(r["extraction"])
     for m in r["modes"]:
@@ -608,6 +631,8 @@ def table(r: dict) -> str:
     if "streaming" in r:
         rows += streaming_rows(r["streaming"])
     rows += frames.rows(r)
+    if "hf_whisper" in r:
+        rows += encoders.hf_whisper_rows(r["hf_whisper"])
     width = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, width)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in width) + "|")

@@ -5,6 +5,9 @@ averaged and the rate converted with soxr (a band-limited resampler: naive decim
 fold high frequencies back into the speech band). Utterances longer than Whisper's 30 s window
 are never cut silently: `LONG_AUDIO_POLICIES` says what may happen to them.
 
+A path may also name an example of a Hugging Face dataset ("hf:LOCATION?split=...": see
+hfdatasets.py), whose encoded audio is decoded from the dataset the same way.
+
 Every problem with a file raises `AudioError` whose `reason` is a short sentence that ends up
 in the cache's table of skipped utterances.
 """
@@ -35,6 +38,8 @@ SAMPLES_PER_FRAME = 320  # 2 mel hops of 160 samples: one encoder frame every 20
 #   windows:  encode consecutive 30 s windows and join their frames (nothing lost)
 LONG_AUDIO_POLICIES = ("refuse", "truncate", "windows")
 
+DATASET_REF_PREFIX = "hf:"  # a path naming a dataset example (hfdatasets.RowRef), not a file
+
 # Data sizes that streaming WAV writers leave in the header when they cannot seek back to fill
 # it in: not a promise of that many bytes, so not a sign of truncation.
 WAV_SIZE_PLACEHOLDERS = (0, 0xFFFFFFFF)
@@ -61,11 +66,25 @@ def audio_duration(path) -> float:
         return 0.0
 
 
+def audio_exists(path: str) -> bool:
+    """Whether there is audio at `path`: a file, or a dataset example holding audio."""
+    if str(path).startswith(DATASET_REF_PREFIX):
+        from .hfdatasets import row_has_audio  # hfdatasets reads files through this module
+
+        return row_has_audio(path)
+    return os.path.exists(path)
+
+
 def read_audio(path: str) -> tuple[np.ndarray, int]:
-    """Read a file as it is: (samples, channels) float32 and its sample rate in Hz.
+    """Read a file, or a dataset example, as it is: (samples, channels) float32 and its sample
+    rate in Hz.
 
     Raises AudioError for missing, unreadable, truncated or non-audio files.
     """
+    if str(path).startswith(DATASET_REF_PREFIX):
+        from .hfdatasets import read_row_audio
+
+        return read_row_audio(path)
     if not os.path.exists(path):
         raise AudioError("file not found")
     if os.path.isdir(path):

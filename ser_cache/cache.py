@@ -105,6 +105,9 @@ class CacheSettings:
     format: int = CACHE_FORMAT
     frame_pool: int = 1  # encoder frames averaged into each stored frame (pooling.py)
     store: str = "frames"  # "frames", or "stats": per utterance only the mean and std of every value
+    # the encoder's code: openai-whisper (every cache made before others were supported), or a
+    # transformers model_type (hf_encoders.FAMILIES)
+    family: str = "openai-whisper"
 
     @property
     def stored_dtype(self) -> str:
@@ -793,6 +796,7 @@ class Cache:
             "corpus": s.corpus,
             "model": s.model,
             "model_sha256": s.model_sha256,
+            "family": s.family,
             "dims": s.dims,
             "dim": self.dim,
             "mode": s.mode,

@@ -19,9 +19,9 @@ import click
 
 from .audio import LONG_AUDIO_POLICIES
 from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, STORES, ShardClaims, open_cache, shard_name
-from .corpora import CORPORA, prepare, single_speaker_warnings
+from .corpora import CORPORA, prepare, single_speaker_warnings, source_text
 from .device import pick_device
-from .encoder import MODES
+from .encoder import FAMILY_LABELS, MODES
 from .errors import UserError
 from .records import Utterance
 from .storage import describe_estimate
@@ -71,7 +71,7 @@ def _interrupt(signum, frame):
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="ser-cache")
 def main():
-    """Speech emotion recognition on cached Whisper encoder layers.
+    """Speech emotion recognition on cached speech-encoder layers (Whisper, WavLM, HuBERT, wav2vec2, data2vec).
 
     Extract every encoder layer once (`extract`), then train and compare pooling heads on
     any layer as often as you like (`train`, `sweep`, `report`).
@@ -81,23 +81,47 @@ def main():
 # --- stage 1: corpus -> cache -------------------------------------------------------------
 
 
+def corpus_options(required: bool):
+    """The options that say how to read DATA_DIR (extract, check-corpus); --corpus `required`."""
+    options = [
+        click.option("--corpus", type=click.Choice(sorted(CORPORA)), required=required, help="How DATA_DIR is laid out and labelled."),
+        click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own."),
+        click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the manifest, a CSV (path,label,speaker[,id][,group][,targets]) or JSON Lines when it ends in .jsonl; default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv."),
+        click.option("--audio-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --corpus csv or emobox: the folder the manifest's relative paths start from (csv: ids are paths under it; emobox: where EmoBox's wav paths such as downloads/... start). After moving the corpus, point it at the new place to resume the cache. Default: the manifest's folder."),
+        click.option("--columns", default=None, help="With --corpus csv or hf: the manifest's (or dataset's) columns for the fields path (hf: the audio column, default the one of feature Audio), label, speaker, id, group, e.g. path=file,label=emotion,speaker=spk_id; a field not named is read from the column of its own name."),
+        click.option("--speaker-pattern", default=None, help="With --corpus emobox: a regular expression with one group that captures the speaker from each file name (without extension), e.g. '^([A-Za-z]+\\d+)_'. Default: the dataset's own rule (ravdess, emodb, shemo, iemocap, urdu)."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+def refuse_data_file(data_dir: Path, corpus: str, csv_path: Path | None) -> None:
+    """BadParameter for a DATA_DIR that is a file where --corpus reads a folder, or is the CSV
+    while --csv names one too."""
+    if data_dir.is_file() and corpus not in ("csv", "emobox", "hf"):
+        raise click.BadParameter(f"{data_dir} is a file, but --corpus {corpus} reads a corpus folder: pass the "
+                                 "folder, or --corpus csv if the file is a CSV or JSONL manifest of the corpus", param_hint="DATA_DIR")
+    if data_dir.is_file() and csv_path is not None:
+        raise click.BadParameter(f"DATA_DIR {data_dir} is already the CSV: drop --csv {csv_path}, or pass the "
+                                 "corpus folder as DATA_DIR", param_hint="DATA_DIR")
+
+
 @main.command()
-@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--corpus", type=click.Choice(sorted(CORPORA)), required=True, help="How DATA_DIR is laid out and labelled.")
-@click.option("--model", "model", required=True, help="Whisper model name (tiny, base, small, ...) or checkpoint path.")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@corpus_options(required=True)
+@click.option("--model", "model", required=True, help="Whisper model name (tiny, base, small, ...) or checkpoint path; or a transformers model (Whisper, WavLM, HuBERT, wav2vec2, data2vec-audio): a folder with config.json and weights, a hub id such as microsoft/wavlm-large, or a short name such as wavlm-large (docs/encoders.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder (created, or resumed if it holds a cache with the same settings).")
-@click.option("--mode", type=click.Choice(MODES), default="trim", help="padded: 30 s window, 1500 frames kept; trim: 30 s window, speech frames kept; short: only speech frames encoded (fastest).")
+@click.option("--mode", type=click.Choice(MODES), default=None, help="Whisper: padded: 30 s window, 1500 frames kept; trim: 30 s window, speech frames kept; short: only speech frames encoded (fastest). Default: trim for Whisper; short, the only mode, for waveform encoders (WavLM, HuBERT, wav2vec2, data2vec-audio).")
 @click.option("--layers", default="all", help="States to keep: all, 6, 0,3,6 or 2-5 (0 = input embedding, last = after ln_post).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", help="Storage precision of the states.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="float32", help="Encoder arithmetic; bfloat16 is faster on CPUs with AMX/AVX512-BF16 and on GPUs, and changes the states slightly.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, help="Utterances per encoder forward.")
 @click.option("--shard", "shard_spec", default=None, help="I/N: extract only the I-th of N disjoint parts (I from 0). Default: in a SLURM array task, the task's part (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT), else everything.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only N utterances (a fixed pseudo-random subset, for quick trials).")
-@click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own.")
-@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the manifest, a CSV (path,label,speaker[,id][,group][,targets]) or JSON Lines when it ends in .jsonl; default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv.")
-@click.option("--audio-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --corpus csv or emobox: the folder the manifest's relative paths start from (csv: ids are paths under it; emobox: where EmoBox's wav paths such as downloads/... start). After moving the corpus, point it at the new place to resume the cache. Default: the manifest's folder.")
-@click.option("--columns", default=None, help="With --corpus csv: the manifest's columns for the fields path, label, speaker, id, group, e.g. path=file,label=emotion,speaker=spk_id; a field not named is read from the column of its own name.")
-@click.option("--speaker-pattern", default=None, help="With --corpus emobox: a regular expression with one group that captures the speaker from each file name (without extension), e.g. '^([A-Za-z]+\\d+)_'. Default: the dataset's own rule (ravdess, emodb, shemo, iemocap, urdu).")
 @click.option("--long-audio", type=click.Choice(LONG_AUDIO_POLICIES), default="refuse", help="Utterances over 30 s: refuse (skip, recorded), truncate to 30 s, or encode as consecutive 30 s windows.")
 @click.option("--strict", is_flag=True, help="Fail on the first file that cannot be used, instead of skipping and recording it.")
 @click.option("--repair", is_flag=True, help="Check every existing shard byte for byte first and re-create the damaged ones.")
@@ -109,22 +133,19 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Print how many bytes the cache will take, then stop before encoding.")
 def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, batch_size, shard_spec, limit, label_map, csv_path,
             audio_root, columns, speaker_pattern, long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, dry_run):
-    """Encode a corpus with Whisper once and cache every kept encoder state.
+    """Encode a corpus with Whisper (or another speech encoder) once and cache every kept encoder state.
 
     DATA_DIR is the corpus folder, or with --corpus csv also the manifest itself (a CSV or
     .jsonl file; its relative audio paths start from --audio-root, default its folder; see
     docs/corpora.md); with --corpus emobox EmoBox's data/<dataset> folder or its
-    <dataset>.jsonl. Re-running the same command resumes an interrupted extraction.
+    <dataset>.jsonl; with --corpus hf a Hugging Face audio dataset: a save_to_disk folder, a
+    .parquet or .arrow file or a folder of them, or a hub id. Re-running the same command
+    resumes an interrupted extraction.
     """
     from .encoder import load_encoder
     from .extract import ExtractOptions, extract as run_extract, final_state, parse_layers, parse_shard, summary_text
 
-    if data_dir.is_file() and corpus not in ("csv", "emobox"):
-        raise click.BadParameter(f"{data_dir} is a file, but --corpus {corpus} reads a corpus folder: pass the "
-                                 "folder, or --corpus csv if the file is a CSV or JSONL manifest of the corpus", param_hint="DATA_DIR")
-    if data_dir.is_file() and csv_path is not None:
-        raise click.BadParameter(f"DATA_DIR {data_dir} is already the CSV: drop --csv {csv_path}, or pass the "
-                                 "corpus folder as DATA_DIR", param_hint="DATA_DIR")
+    refuse_data_file(data_dir, corpus, csv_path)
     shard = parse_shard(shard_spec)
     prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path, audio_root=audio_root, columns=columns,
                        speaker_pattern=speaker_pattern)
@@ -138,16 +159,17 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
                 click.echo(line)
     dev = pick_device(device)
     enc = load_encoder(model, device=dev)
+    mode = mode or ("short" if enc.waveform else "trim")
     opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
                           shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers,
                           shard_bytes=int(shard_mb * 2**20), frame_pool=frame_pool, store=store)
-    click.echo(f"model {enc.name} (sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
+    click.echo(f"model {enc.name} ({enc.family}, sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
     estimate = describe_estimate(len(opts.layers), enc.dim, seconds=sum(r.duration for r in records),
                                  utterances=len(records), store=store, frame_pool=frame_pool, dtype=dtype, mode=mode)
     click.echo(f"cache size: {estimate}")
     if dry_run:
         return
-    summary = run_extract(records, out, corpus, enc, opts, device=dev)
+    summary = run_extract(records, out, corpus, enc, opts, device=dev, source=prepared.source)
     click.echo(summary_text(summary))
     if summary.shards_this_job == 0:  # more parts than shards: this job had nothing to do
         click.echo(f"part {shard[0]}/{shard[1]} holds none of the {summary.shards_planned} planned shards: for "
@@ -162,7 +184,7 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
         # A job that held shards of this part died after this job's last look (its claims went
         # with it), leaving them unwritten: take them over, as a pass does with those it sees.
         click.echo(f"cache {out}: {state}: a job that held them has ended; taking them over")
-        click.echo(summary_text(run_extract(records, out, corpus, enc, opts, device=dev)))
+        click.echo(summary_text(run_extract(records, out, corpus, enc, opts, device=dev, source=prepared.source)))
         cache = open_cache(out)
         state, own_part_done = final_state(cache, shard)
     skipped = len(cache.skipped())  # this run's and earlier runs' (a resumed run shows only its own above)
@@ -176,13 +198,14 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def inspect(cache_dir, as_json):
-    """Show what a cache holds: model, mode, layers, counts, skipped utterances."""
+    """Show what a cache holds: model, mode, layers, counts, where the corpus came from (its
+    folder, manifest or dataset, audio root, --columns), skipped utterances."""
     info = open_cache(cache_dir).summary()
     if as_json:
         click.echo(json.dumps(info, indent=1, ensure_ascii=False))
         return
     click.echo(f"cache {info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE'})")
-    click.echo(f"  corpus {info['corpus']}, model {info['model']} (sha256 {info['model_sha256'][:12]}), width {info['dim']}")
+    click.echo(f"  corpus {info['corpus']}, model {info['model']} ({info['family']}, sha256 {info['model_sha256'][:12]}), width {info['dim']}")
     click.echo(f"  mode {info['mode']}, dtype {info['dtype']}, layers {info['layers']}")
     rows = "frames" if info["frame_pool"] == 1 else f"frames pooled by {info['frame_pool']} ({20 * info['frame_pool']} ms)"
     if info["store"] == "stats":
@@ -197,6 +220,8 @@ def inspect(cache_dir, as_json):
     click.echo(f"  shards {info['shards']} of {info['shards_planned']}"
                + (f", missing {info['missing_shards'][:10]}" if info["missing_shards"] else "")
                + (f" ({writing} being written by running jobs)" if writing else ""))
+    for line in source_text(info["provenance"].get("corpus_source", {})):
+        click.echo(f"  {line}")
     click.echo(f"  skipped {len(info['skipped'])}")
     for s in info["skipped"]:
         click.echo(f"    {s['id']}: {s['reason']}  [{s['path']}]")
@@ -246,11 +271,12 @@ def verify(cache_dir):
 
 # --- stage 2: cache -> heads, metrics ------------------------------------------------------
 
+from . import config as _config  # noqa: E402
 from . import training as _training  # noqa: E402
 from .folds import PROTOCOLS as _FOLD_PROTOCOLS  # noqa: E402
 from .heads import HEADS as _HEADS  # noqa: E402
 
-_TRAIN = _training.TrainConfig()  # the defaults shown in --help
+_TRAIN = _config.TrainConfig()  # the defaults shown in --help
 from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 
 
@@ -265,7 +291,7 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--folds-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="EmoBox's data/<dataset> folder: its fold_K/<dataset>_{train,test}_fold_K.jsonl are the folds (fold_K is fold K-1; validation still carved from each fold's training speakers). The cache must be extracted with --corpus emobox (ids = keys).")
 @click.option("--epochs", type=click.IntRange(1), default=_TRAIN.epochs, help="Epochs per fold; the epoch kept is the one with the best validation UA.")
 @click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
-@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_training.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16 (float32 master weights and loss), float32 (exact comparisons), or auto: the faster of the two, measured on this machine at start-up.")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_config.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16 (float32 master weights and loss), float32 (exact comparisons), or auto: the faster of the two, measured on this machine at start-up.")
 @click.option("--seed", type=int, default=_TRAIN.seed, help="Fixes the folds' validation split, initialisation, batch order and dropout.")
 @click.option("--batch-size", type=click.IntRange(1), default=_TRAIN.batch_size, help="Training batch size.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_TRAIN.lr, help="Peak AdamW learning rate (warm-up, then cosine decay).")
@@ -282,7 +308,7 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--task", type=click.Choice(_TASKS), default=None, help="What the head learns: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
 @click.option("--targets", default=None, help="Regression: the numeric targets to learn, comma-separated (e.g. arousal,valence); default with --task regression: every target the cache's records carry.")
 @click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets). The epoch (or C) is always chosen on validation mean CCC.")
-@click.option("--stack-members", type=click.Choice(_training.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
+@click.option("--stack-members", type=click.Choice(_config.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
 @click.option("--compat-speaker-overlap", is_flag=True, help="FLAWED (speaker-dependent), to compare with results published on such folds only: run fold files (--fold-file, --folds-from) that test speakers they also train on, refused otherwise.")
@@ -314,7 +340,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     task, targets = _task_options(task, targets)
-    config = _training.TrainConfig.from_dict(dict(
+    config = _config.TrainConfig.from_dict(dict(
         task=task, targets=targets, loss=loss,
         epochs=epochs, patience=patience, compute_dtype=compute_dtype, seed=seed, batch_size=batch_size, lr=lr,
         dropout=dropout, n_heads=n_heads,
@@ -361,7 +387,7 @@ def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]
 # --- layer-wise comparisons ----------------------------------------------------------------
 
 from .folds import PROTOCOLS as _PROTOCOLS  # noqa: E402
-from .training import TrainConfig as _TrainConfig  # noqa: E402
+from .config import TrainConfig as _TrainConfig  # noqa: E402
 
 
 @main.command("sweep")
@@ -373,13 +399,13 @@ from .training import TrainConfig as _TrainConfig  # noqa: E402
 @click.option("--grid", multiple=True, help="Hyperparameters searched on the validation speakers, e.g. 'heads=4,8,12 head_dim=4,16,64' (quote it, or repeat --grid per key).")
 @click.option("--epochs", type=click.IntRange(1), default=_TrainConfig.epochs, help="Training epochs per fold (the epoch kept is chosen on validation).")
 @click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
-@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_training.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16, float32, or auto (the faster, measured at start-up).")
+@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_config.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16, float32, or auto (the faster, measured at start-up).")
 @click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames in 200 ms spans; search it on validation with --grid time_mask=0,0.1,0.2.")
 @click.option("--frame-pool", type=click.IntRange(1), default=None, help="Average every K consecutive 20 ms frames before the heads read them (K a multiple of the cache's own); choose it on validation instead with --grid frame_pool=1,2,4. Default: the frames as each cache stores them.")
 @click.option("--refit", is_flag=True, help="Retrain each fold's chosen setting on training + validation speakers with the epoch (or C) it chose, then test that head.")
 @click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation.")
 @click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold and setting, each with its own seed and epoch chosen on validation, probabilities averaged; settings are compared by the ensemble's validation UA.")
-@click.option("--stack-members", type=click.Choice(_training.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
+@click.option("--stack-members", type=click.Choice(_config.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
 @click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
 @click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
 @click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
@@ -407,7 +433,7 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
     Several processes (SLURM array tasks, --part I/N) may share one --out: each fold is run once.
     """
     from .slurm import resolve_part
-    from .sweep import SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
+    from .sweeping import SweepSpec, parse_grid, parse_heads, parse_seeds, run_sweep
 
     for c in caches:
         if not c.is_dir():
@@ -581,18 +607,37 @@ def download_cmd(corpus, to, base_url):
 
 
 @main.command("check-corpus")
-@click.argument("corpus", type=click.Choice(sorted(_dl.CORPORA)))
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def check_corpus_cmd(corpus, folder):
-    """Verify a corpus you already have in FOLDER (or its parent) against its SHA-256 list.
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@corpus_options(required=True)
+@click.option("--long-audio", type=click.Choice(LONG_AUDIO_POLICIES), default="refuse", help="As extract's: under refuse, a file over 30 s is a problem.")
+@click.option("--labels", default=None, help="The classes you expect after the label map, comma-separated (e.g. angry,happy,neutral,sad); every other label is a problem.")
+@click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="The fold protocol to check, as train's --protocol (default: train's default for the corpus).")
+@click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="The number of kfold folds to check, as train's --folds.")
+@click.option("--folds-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="EmoBox's data/<dataset> folder: check its fold_K files as train --folds-from reads them.")
+@click.option("--compat-speaker-overlap", is_flag=True, help="As train's: accept fold files that test speakers they also train on (FLAWED).")
+def check_corpus_cmd(data_dir, corpus, label_map, csv_path, audio_root, columns, speaker_pattern, long_audio, labels,
+                     protocol, n_folds, folds_from, compat_speaker_overlap):
+    """Check a corpus before extracting it: `check-corpus DATA_DIR --corpus NAME [options]`.
 
-    Missing or altered files make it fail; files the list does not name are only reported.
+    Reads DATA_DIR as `extract` does (the same corpus options), decodes every file, and prints
+    one line per problem: missing files, unreadable audio, labels outside --labels or spelt two
+    ways, classes of one speaker or tested in only some folds, folds that train could not
+    build (too few speakers...); then their count. Exits non-zero when there is any.
+
+    For ravdess, emodb and shemo it also verifies every file against the release's published
+    SHA-256 list (a copy converted to another format is said to be one, not failed).
     """
-    report = _dl.check_corpus(corpus, folder)
-    if not report.passed:
-        raise click.ClickException(report.summary())
-    click.echo(report.summary())
-    click.echo(f"pass this folder to `ser-cache extract`: {report.corpus_dir}")
+    from .corpuscheck import check_corpus
+
+    refuse_data_file(data_dir, corpus, csv_path)
+    expected = [c.strip() for c in labels.split(",") if c.strip()] if labels else None
+    report = check_corpus(corpus, data_dir, label_map=label_map, csv_path=csv_path, audio_root=audio_root, columns=columns,
+                          speaker_pattern=speaker_pattern, long_audio=long_audio, labels=expected, protocol=protocol,
+                          n_folds=n_folds, folds_from=folds_from, speaker_overlap=compat_speaker_overlap)
+    click.echo(report.text())
+    if report.problems:
+        raise click.ClickException(f"{report.count()} in {data_dir} (listed above): fix them, then extract")
+    click.echo(f"{report.count()}: ready to extract")
 
 
 # --- using a trained head --------------------------------------------------------------------
@@ -612,29 +657,29 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     By default the head is trained again on every speaker of the run's layer with the run's
     settings (its cross-validated metrics remain the estimate of how well it does); --fold K
     takes fold K's head instead. The file records the labels, layer (or layers), input mode and
-    the Whisper checkpoint (name, SHA-256, path at extraction) the head needs.
+    the encoder (family, name, SHA-256, path at extraction) the head needs.
     """
     from .layers import label
     from .predict import export_run
 
     saved = export_run(run_dir, out, fold=fold, epochs=epochs, cache_path=cache_path, device=device, overwrite=overwrite)
-    p, w = saved["provenance"], saved["whisper"]
+    p, w = saved["provenance"], saved["encoder"]
     detail = f"{p['epochs']} epochs" if "epochs" in p else ", ".join(f"{k} {v:g}" for k, v in p.get("choice", {}).items())
     what = f"ensemble of {saved['members']} {saved['head']} heads" if "members" in saved else f"{saved['head']} head"
     click.echo(f"{what} on layer {label(saved['layer'])}, trained on {p['trained_on']}"
                + (f" ({p.get('n_utterances')} utterances, {detail})" if p["trained_on"] == "all speakers" else ""))
     kind = "targets" if saved["task"] == "regression" else "labels"
     click.echo(f"{kind}: {', '.join(saved['labels'])}")
-    click.echo(f"needs Whisper {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
+    click.echo(f"needs {FAMILY_LABELS[w['family']]} {w['name']} (sha256 {w['sha256'][:12]}...), input mode {saved['mode']}")
     click.echo(f"wrote {out}; use it with: ser-cache predict {out} AUDIO...")
 
 
 @main.command("predict")
 @click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "whisper_model", default=None, help="Whisper name or checkpoint path (default: the checkpoint file recorded in MODEL_FILE if it still has the same SHA-256, else the recorded name).")
+@click.option("--model", "whisper_model", default=None, help="Whisper name or checkpoint path, or a transformers model folder or hub id (default: the checkpoint file or model folder recorded in MODEL_FILE if it still has the same SHA-256, else the recorded name).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of a table.")
-@click.option("--allow-other-model", is_flag=True, help="Use a Whisper checkpoint whose SHA-256 differs from the one the head was trained on.")
+@click.option("--allow-other-model", is_flag=True, help="Use a model whose SHA-256 differs from the one the head was trained on (same family and shape), e.g. a Whisper checkpoint converted with convert-whisper.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 def predict(model_file, audio, whisper_model, as_json, allow_other_model, device):
     """Predict the emotion of each AUDIO file with a head written by `ser-cache export`.
@@ -642,7 +687,7 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
     Prints the predicted emotion and every class probability (a regression head: the value of
     each target, e.g. arousal and valence, on the scale it was trained on). Files over 30 s are cut into
     30 s windows, each shown with its own probabilities; the file's are their mean weighted
-    by window duration. The Whisper encoder runs only up to the head's (highest) layer. Files that
+    by window duration. The encoder runs only up to the head's (highest) layer. Files that
     cannot be read are reported and the others still processed (the exit status is then 1).
     """
     from .heads import n_members
@@ -652,11 +697,11 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
     predictor = load_predictor(model_file, whisper_model, allow_other_model, device=pick_device(device))
     ex, enc = predictor.exported, predictor.enc
     what = f"ensemble of {n_members(ex.model)} {ex.head} heads" if n_members(ex.model) else f"{ex.head} head"
-    click.echo(f"{what} on layer {label(ex.layer)} of Whisper {enc.name} (sha256 {enc.sha256[:12]}..., "
+    click.echo(f"{what} on layer {label(ex.layer)} of {FAMILY_LABELS[enc.family]} {enc.name} (sha256 {enc.sha256[:12]}..., "
                f"{enc.n_states - 1} blocks, {max(states_of(ex.layer))} run), mode {ex.mode}", err=True)
-    if enc.sha256 != ex.whisper["sha256"]:
-        click.echo(f"warning: the head was trained on Whisper {ex.whisper['name']} (sha256 "
-                   f"{ex.whisper['sha256'][:12]}...), not this checkpoint (--allow-other-model)", err=True)
+    if enc.sha256 != ex.encoder["sha256"]:
+        click.echo(f"warning: the head was trained on {FAMILY_LABELS[ex.encoder['family']]} {ex.encoder['name']} (sha256 "
+                   f"{ex.encoder['sha256'][:12]}...), not this one (--allow-other-model)", err=True)
     results = [predictor.predict_file(path) for path in audio]
     regression = ex.regression
     click.echo(to_json(results, predictor.labels, regression) if as_json
@@ -665,6 +710,22 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(results)} files could not be used: "
                                    + "; ".join(f"{r.path}: {r.error}" for r in failed))
+
+
+@main.command("convert-whisper")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="The transformers model folder to write (config.json, model.safetensors).")
+def convert_whisper_cmd(checkpoint, out):
+    """Write an openai-whisper CHECKPOINT as a transformers WhisperModel folder, the same weights.
+
+    `extract --model FOLDER` then runs transformers' Whisper: the same states as the
+    checkpoint's in every mode, under another SHA-256 (docs/encoders.md).
+    """
+    from .whisper_to_hf import convert_whisper
+
+    if out.exists() and any(out.iterdir()):
+        raise click.BadParameter(f"{out} exists and is not empty: pass a new folder", param_hint="--out")
+    click.echo(f"wrote {convert_whisper(checkpoint, out)}")
 
 
 if __name__ == "__main__":

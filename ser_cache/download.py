@@ -6,7 +6,7 @@ them into TO (refusing any entry that would land outside it), checks every unpac
 against `checksums/<corpus>.sha256`, and only then writes the completion marker
 `TO/.ser-cache-download.json`. Running it again after that downloads nothing and only
 re-verifies. `check_corpus(corpus, folder)` runs the same verification on a copy a user already
-has. Layout after `download ravdess --to data/ravdess`:
+has (`ser-cache check-corpus FOLDER --corpus NAME` runs it with its other checks). Layout after `download ravdess --to data/ravdess`:
 
     data/ravdess/
         archives/Audio_Speech_Actors_01-24.zip   kept, so that unpacking again needs no download

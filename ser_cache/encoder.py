@@ -14,6 +14,11 @@ Three input modes decide what the encoder sees and what is kept:
 times faster on short clips. Utterances of different lengths are batched with a key-padding
 mask and zeroed convolution inputs, so a batched `short` run gives the states an unbatched one
 would.
+
+`load_encoder` also takes a transformers model (a folder, a hub id or a short name such as
+wavlm-large): Whisper, WavLM, HuBERT, wav2vec2 or data2vec-audio, with the same state numbering
+(hf_encoders.py). `encoder_input` and `run_encoder` are what the rest of the code calls: they
+give each family its own input (log-mel or waveform) and forward.
 """
 from __future__ import annotations
 
@@ -30,10 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import hf_encoders
 from .audio import SAMPLES_PER_FRAME, WINDOW_SAMPLES
 from .errors import OptionError, UserError
 
 MODES = ("padded", "trim", "short")
+OPENAI_WHISPER = "openai-whisper"  # the family of openai-whisper checkpoints
+# How messages name each family's models (hf_encoders.FAMILIES holds the transformers ones).
+FAMILY_LABELS = {OPENAI_WHISPER: "Whisper", "whisper": "Whisper (transformers)", "wavlm": "WavLM",
+                 "hubert": "HuBERT", "wav2vec2": "wav2vec2", "data2vec-audio": "data2vec-audio"}
 N_WINDOW_FRAMES = WINDOW_SAMPLES // SAMPLES_PER_FRAME  # 1500 encoder frames in 30 s
 ENCODER_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
 EXPECTED_CHECKPOINT = ("expected a Whisper checkpoint: a torch file holding a dict with 'dims' and "
@@ -47,13 +57,16 @@ class CheckpointError(UserError, ValueError):
 
 @dataclass
 class LoadedEncoder:
-    """A Whisper audio encoder with what identifies it.
+    """A speech encoder (Whisper's audio encoder, or a transformers model) with what identifies it.
 
     name: what the user asked for (a model name, or a checkpoint file name).
-    sha256: hex digest of the checkpoint file's bytes.
-    dims: the checkpoint's ModelDimensions as a dict (n_mels, n_audio_state, ...).
+    sha256: hex digest of the checkpoint file's bytes (a transformers model: of its folder's
+      config and weight files, hf_encoders.folder_sha256).
+    dims: the checkpoint's ModelDimensions as a dict (n_mels, n_audio_state, ...); every family
+      has n_audio_state (the width of a state) and n_audio_layer (the blocks).
     path: the checkpoint file's absolute path, or None for a model name (openai-whisper's
-      download folder holds it).
+      download folder holds it); a transformers model's folder.
+    family: "openai-whisper", or a transformers model_type (hf_encoders.FAMILIES).
     """
 
     encoder: torch.nn.Module
@@ -61,6 +74,7 @@ class LoadedEncoder:
     sha256: str
     dims: dict
     path: str | None = None
+    family: str = OPENAI_WHISPER
 
     @property
     def n_states(self) -> int:
@@ -69,6 +83,11 @@ class LoadedEncoder:
     @property
     def dim(self) -> int:
         return self.dims["n_audio_state"]
+
+    @property
+    def waveform(self) -> bool:
+        """True for encoders that read the waveform itself (WavLM, HuBERT, wav2vec2, data2vec)."""
+        return self.family in hf_encoders.WAVEFORM_FAMILIES
 
 
 def _whisper():
@@ -94,18 +113,24 @@ def checkpoint_bytes(name_or_path: str, download_root: str | None = None) -> tup
     whisper = _whisper()
     if name_or_path not in whisper._MODELS:
         raise OptionError(
-            f"{name_or_path!r} is neither a checkpoint file nor a Whisper model name; "
-            f"names: {', '.join(whisper.available_models())}"
+            f"{name_or_path!r} is neither a checkpoint file, a model folder, a hub id nor a model name; "
+            f"Whisper names: {', '.join(whisper.available_models())}"
         )
     root = download_root or os.path.join(os.path.expanduser("~"), ".cache", "whisper")
     return whisper._download(whisper._MODELS[name_or_path], root, in_memory=True), name_or_path, None
 
 
 def load_encoder(name_or_path: str, device: str | torch.device = "cpu", download_root: str | None = None) -> LoadedEncoder:
-    """Load only the audio encoder of a Whisper checkpoint, in float32, in eval mode.
+    """Load only the audio encoder, in float32, in eval mode: of a Whisper checkpoint (a file
+    or an openai-whisper name), or of a transformers model (a folder, a hub id or a short name;
+    hf_encoders.load_hf_encoder).
 
-    Raises CheckpointError when the file is not a Whisper checkpoint whose encoder fits its dims.
+    Raises CheckpointError when the file is not a Whisper checkpoint whose encoder fits its dims,
+    hf_encoders.EncoderError when a transformers model cannot be loaded.
     """
+    if not Path(name_or_path).expanduser().is_file() and name_or_path not in _whisper()._MODELS \
+            and hf_encoders.is_hf_source(name_or_path):
+        return LoadedEncoder(**hf_encoders.load_hf_encoder(name_or_path, device))
     raw, name, path = checkpoint_bytes(name_or_path, download_root)
     source = str(path) if path else f"Whisper {name!r}"
     sha = hashlib.sha256(raw).hexdigest()
@@ -250,6 +275,57 @@ def encode(encoder, mel: torch.Tensor, n_frames: torch.Tensor | None, keep: list
     if n_blocks in keep:
         states[n_blocks] = encoder.ln_post(x)
     return states
+
+
+def encoder_input(enc: LoadedEncoder, audio: np.ndarray, mode: str) -> tuple[torch.Tensor, int]:
+    """One window of 16 kHz audio as `enc` reads it, and the encoder frames of its speech:
+    Whisper's log-mel (n_mels, 2 * frames or 3000) and speech_frames; a waveform encoder's
+    (samples,) normalised as the model wants and its convolutions' frame count (0 for a window
+    shorter than their receptive field)."""
+    if enc.waveform:
+        return hf_encoders.waveform_input(audio, enc.dims), hf_encoders.waveform_frames(len(audio), enc.dims)
+    return log_mel(audio, enc.dims["n_mels"], mode), speech_frames(len(audio))
+
+
+def run_encoder(enc: LoadedEncoder, inputs: list[torch.Tensor], frames: list[int], mode: str,
+                keep: list[int]) -> dict[int, torch.Tensor]:
+    """Encode a batch of windows made by encoder_input and return the states listed in `keep`.
+
+    Returns {state: (B, T, dim)}: T = 1500 for Whisper's padded and trim modes, else the most
+    frames of any window; rows past a window's own frames are padding. Blocks after the last
+    kept state are not run.
+    """
+    if enc.waveform:
+        return hf_encoders.encode_waveform(enc.encoder, enc.family, enc.dims, inputs, keep)
+    run = encode if enc.family == OPENAI_WHISPER else hf_encoders.encode_whisper
+    device = next(enc.encoder.parameters()).device
+    if mode != "short":  # the whole 30 s window is input: nothing to mask
+        return run(enc.encoder, torch.stack(inputs).to(device), None, keep)
+    width = max(m.shape[-1] for m in inputs)
+    x = torch.zeros(len(inputs), inputs[0].shape[0], width)
+    for i, m in enumerate(inputs):
+        x[i, :, : m.shape[-1]] = m
+    return run(enc.encoder, x.to(device), torch.tensor(frames, device=device), keep)
+
+
+def same_states_family(family: str) -> str:
+    """The family whose states `family` computes: openai-whisper and transformers' Whisper
+    compute the same ones from the same weights (whisper_to_hf.py), any other only its own."""
+    return "whisper" if family == OPENAI_WHISPER else family
+
+
+def model_sha256(path: str) -> str | None:
+    """The SHA-256 load_encoder gives the model at `path` (a checkpoint file, or a transformers
+    model folder), without loading it; None when nothing usable is there."""
+    from .cache import file_sha256
+
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    try:
+        return hf_encoders.folder_sha256(p) if (p / "config.json").is_file() else None
+    except UserError:  # a folder without weights
+        return None
 
 
 def dims_dict(dims) -> dict:

@@ -1,8 +1,10 @@
-"""Stage 1: run the Whisper encoder once over a corpus and fill a cache (see cache.py).
+"""Stage 1: run the encoder (Whisper, or any of hf_encoders.FAMILIES) once over a corpus and
+fill a cache (see cache.py).
 
 Three things happen at once so the encoder never waits:
 
-    loader threads   read, resample and turn audio into log-mel, a shard at a time, ahead
+    loader threads   read, resample and turn audio into the encoder's input (log-mel, or the
+                     normalised waveform), a shard at a time, ahead
     main thread      batches log-mels through the encoder, keeps the asked-for states
     writer thread    lays each shard out once its utterances are read, writes each utterance's
                      states into place as they leave the encoder, and finishes the shard
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from . import cache as C
 from .audio import AudioError, LONG_AUDIO_POLICIES, SAMPLE_RATE, load_utterance
-from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encode, log_mel, speech_frames
+from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encoder_input, run_encoder
 from .errors import OptionError
 from .files import write_json_atomic
 from .layers import parse_states
@@ -110,7 +112,7 @@ def bytes_per_second(mode: str, dim: int, n_layers: int, dtype: str) -> float:
 
 def package_versions() -> dict:
     out = {"python": platform.python_version()}
-    for pkg in ("ser-cache", "torch", "openai-whisper", "numpy", "h5py", "soundfile", "soxr"):
+    for pkg in ("ser-cache", "torch", "openai-whisper", "transformers", "numpy", "h5py", "soundfile", "soxr"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -118,11 +120,13 @@ def package_versions() -> dict:
     return out
 
 
-def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedEncoder, opts: ExtractOptions) -> C.Cache:
-    """Create the cache folder, or check that the existing one was made with the same settings."""
+def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedEncoder, opts: ExtractOptions,
+                  source: dict | None = None) -> C.Cache:
+    """Create the cache folder, or check that the existing one was made with the same settings.
+    source: where the corpus came from (corpora.corpus_source), kept as provenance."""
     layers = opts.layers if opts.layers is not None else list(range(enc.n_states))
     settings = C.CacheSettings(
-        corpus=corpus, model=enc.name, model_sha256=enc.sha256, dims=dict(enc.dims), mode=opts.mode,
+        corpus=corpus, model=enc.name, model_sha256=enc.sha256, dims=dict(enc.dims), family=enc.family, mode=opts.mode,
         dtype=opts.dtype, layers=layers, long_audio=opts.long_audio, records_hash=records_hash(records),
         n_records=len(records), shard_bytes=opts.shard_bytes, compute_dtype=opts.compute_dtype,
         frame_pool=opts.frame_pool, store=opts.store,
@@ -135,7 +139,7 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
         with C.folder_lock(out):
             if not (out / C.SETTINGS_FILE).exists():
                 plan = C.plan_shards(records, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
-                create_cache(out, records, plan, settings, enc.path)
+                create_cache(out, records, plan, settings, enc.path, source)
     existing = C.open_cache(out)
     diffs = existing.settings.differences(settings)
     if diffs:
@@ -149,9 +153,9 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
 
 
 def create_cache(out: Path, records: list[Utterance], plan: list[list[str]], settings: C.CacheSettings,
-                 model_path: str | None) -> None:
-    """Write a new cache's records, plan and settings (and the checkpoint's path, as provenance)
-    into `out`. The caller holds its folder lock."""
+                 model_path: str | None, source: dict | None = None) -> None:
+    """Write a new cache's records, plan and settings (and, as provenance, the checkpoint's path
+    and where the corpus came from) into `out`. The caller holds its folder lock."""
     if any(out.iterdir()) and not interrupted_creation(out):
         raise C.CacheError(f"{out} exists, is not empty and is not a cache: pass a new or empty --out folder")
     for p in out.iterdir():  # temporaries of a creator that died: with the lock held, no live one is left
@@ -164,6 +168,8 @@ def create_cache(out: Path, records: list[Utterance], plan: list[list[str]], set
     # The checkpoint's path is provenance, not a setting: a moved checkpoint with the same bytes
     # must still resume the cache. `predict` tries it before asking for --model.
     provenance = {"versions": package_versions(), "model_path": model_path}
+    if source:  # like the checkpoint's path, where the corpus was is no setting: a moved corpus resumes
+        provenance["corpus_source"] = source
     write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": provenance})
 
 
@@ -187,25 +193,37 @@ def interrupted_creation(out: Path) -> bool:
 
 @dataclass
 class Loaded:
-    """One utterance ready for the encoder: its windows' log-mels, or the reason it cannot be."""
+    """One utterance ready for the encoder: its windows' inputs (encoder.encoder_input), or
+    the reason it cannot be."""
 
     record: Utterance
-    mels: list[torch.Tensor] = field(default_factory=list)  # each (n_mels, 2 * frames)
+    mels: list[torch.Tensor] = field(default_factory=list)  # each (n_mels, 2 * frames), or (samples,) of a waveform
     frames: list[int] = field(default_factory=list)  # speech frames per window
     notes: list[str] = field(default_factory=list)
     samples: int = 0
     error: str = ""
 
 
-def load_for_encoder(record: Utterance, n_mels: int, mode: str, long_audio: str) -> Loaded:
+def load_for_encoder(record: Utterance, enc: LoadedEncoder, mode: str, long_audio: str) -> Loaded:
     try:
         windows, notes = load_utterance(record.path, long_audio)
     except AudioError as e:
         return Loaded(record, error=e.reason)
+    inputs = [encoder_input(enc, w, mode) for w in windows]
+    # A waveform encoder makes no frame of less than its receptive field (25 ms): such a file
+    # is skipped, such a last window of a long one left out, each with its reason.
+    too_short = [i for i, (_, f) in enumerate(inputs) if f == 0]
+    if too_short:
+        need = enc.dims.get("receptive_samples")
+        if len(too_short) == len(inputs):
+            return Loaded(record, error=f"shorter than the encoder's receptive field ({need} samples)")
+        assert too_short == [len(inputs) - 1], f"windows {too_short} of {len(inputs)} too short: only the last may be"
+        notes = notes + [f"last {len(windows[-1])} samples not encoded: under the encoder's receptive field ({need} samples)"]
+        inputs, windows = inputs[:-1], windows[:-1]
     return Loaded(
         record,
-        mels=[log_mel(w, n_mels, mode) for w in windows],
-        frames=[speech_frames(len(w)) for w in windows],
+        mels=[x for x, _ in inputs],
+        frames=[f for _, f in inputs],
         notes=notes,
         samples=sum(len(w) for w in windows),
     )
@@ -213,23 +231,17 @@ def load_for_encoder(record: Utterance, n_mels: int, mode: str, long_audio: str)
 
 def encode_batch(enc: LoadedEncoder, batch: list[tuple[int, int, torch.Tensor, int]], mode: str, layers: list[int],
                  dtype: str, device, compute_dtype: str = "float32") -> list[dict[int, np.ndarray]]:
-    """Encode windows [(utt, window, mel, frames)] -> per window {state: (kept_frames, dim)}.
+    """Encode windows [(utt, window, input, frames)] -> per window {state: (kept_frames, dim)}.
 
-    padded keeps all 1500 frames, trim and short the speech frames only.
+    input: what encoder.encoder_input made of the window. padded keeps all 1500 frames, trim
+    and short (and every waveform encoder) the speech frames only.
     """
-    mels = [m for _, _, m, _ in batch]
-    frames = torch.tensor([f for *_, f in batch])
+    inputs = [x for _, _, x, _ in batch]
+    frames = [f for *_, f in batch]
     device = torch.device(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
-        if mode == "short":
-            width = max(m.shape[-1] for m in mels)
-            x = torch.zeros(len(mels), mels[0].shape[0], width)
-            for i, m in enumerate(mels):
-                x[i, :, : m.shape[-1]] = m
-            states = encode(enc.encoder, x.to(device), frames.to(device), layers)
-        else:
-            states = encode(enc.encoder, torch.stack(mels).to(device), None, layers)
-    keep = [N_WINDOW_FRAMES if mode == "padded" else f for f in frames.tolist()]
+        states = run_encoder(enc, inputs, frames, mode, layers)
+    keep = [N_WINDOW_FRAMES if mode == "padded" else f for f in frames]
     stored_dtype = TORCH_DTYPES[dtype]
     limit = torch.finfo(stored_dtype).max
     out: list[dict[int, np.ndarray]] = [{} for _ in keep]
@@ -387,10 +399,14 @@ class ShardWriter:
 
 
 def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder, opts: ExtractOptions,
-            device: str | torch.device = "cpu") -> ExtractSummary:
-    """Fill the cache at `out` with the states of `records` (the part of them this job owns)."""
+            device: str | torch.device = "cpu", source: dict | None = None) -> ExtractSummary:
+    """Fill the cache at `out` with the states of `records` (the part of them this job owns);
+    source: where the corpus came from, recorded when the cache is created."""
     if opts.mode not in MODES:
         raise OptionError(f"mode {opts.mode!r}: choose one of {MODES}")
+    if enc.waveform and opts.mode != "short":
+        raise OptionError(f"{enc.name} ({enc.family}) encodes the speech itself, with no 30 s window: "
+                          f"pass --mode short, not {opts.mode}")
     if opts.long_audio not in LONG_AUDIO_POLICIES:
         raise OptionError(f"long-audio policy {opts.long_audio!r}: choose one of {LONG_AUDIO_POLICIES}")
     if opts.dtype not in C.DTYPES:
@@ -401,7 +417,7 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
         raise OptionError(f"--store {opts.store!r}: choose one of {C.STORES}")
     check_frame_pool(opts.frame_pool)
     start = time.perf_counter()
-    cache = prepare_cache(out, records, corpus, enc, opts)
+    cache = prepare_cache(out, records, corpus, enc, opts, source)
     summary = ExtractSummary(shards_planned=len(cache.plan))
     part, n_parts = opts.shard
     mine = [k for k in range(len(cache.plan)) if k % n_parts == part]
@@ -486,7 +502,6 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
     layers = cache.layers
     shard_utts = {k: [by_id[i] for i in cache.plan[k]] for k in todo}
     held, finished = set(), set()
-    n_mels = enc.dims["n_mels"]
     bar = tqdm(total=sum(map(len, shard_utts.values())), unit="utt", disable=not opts.progress,
                desc=f"extract {opts.mode}", dynamic_ncols=True)
     writer = ShardWriter(cache.shard_dir, layers, enc.dim, cache.settings, claims)
@@ -504,7 +519,7 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
                 continue
             # Within a shard, encode in order of length so batches of the short mode carry little padding.
             order = sorted(shard_utts[k], key=lambda r: (r.duration, r.id))
-            reading = {r.id: pool.submit(load_for_encoder, r, n_mels, opts.mode, opts.long_audio) for r in order}
+            reading = {r.id: pool.submit(load_for_encoder, r, enc, opts.mode, opts.long_audio) for r in order}
             writer.begin(k, shard_utts[k], reading)
             yield k, [reading[r.id] for r in order]
 

@@ -16,7 +16,7 @@ where the corpus lies. Records keep the path as listed (`listed_path`) beside th
 docstring of corpora.py.
 
 The pieces (reading a file into a `Manifest`, the audio root, targets, repeated rows) are also
-used by other readers of listed audio (emobox.py).
+used by other readers of listed audio (emobox.py, hfdatasets.py).
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class Manifest:
 
     columns: the column names (CSV header cells or JSON keys), lower-cased, in file order.
     rows: (number, column -> cell stripped of spaces), the number being the CSV row (the
-    header is row 1) or the JSONL line. unit: "row" or "line", for messages.
+    header is row 1), the JSONL line, or a dataset example's 0-based index in its split
+    (hfdatasets.py). unit: "row", "line" or "example", for messages.
     """
 
     path: Path
@@ -74,6 +75,12 @@ class Manifest:
     def header(self) -> str:
         """Where the column names are, for a message."""
         return f"{self.path}, row 1" if self.unit == "row" else str(self.path)
+
+    @property
+    def rule(self) -> str:
+        """Where the fields must be, for a message."""
+        return {"row": "the first row must name the columns",
+                "line": "every object must have the keys"}.get(self.unit, "the dataset must have the columns")
 
     @property
     def has(self) -> str:
@@ -183,22 +190,22 @@ def parse_columns(spec: str | None, manifest: Manifest) -> dict[str, str]:
     return mapping
 
 
-def manifest_fields(spec: str | None, manifest: Manifest) -> dict[str, str]:
+def manifest_fields(spec: str | None, manifest: Manifest,
+                    defaults: dict[str, str] | None = None) -> dict[str, str]:
     """{field: the manifest's column holding it} for every field the manifest has.
 
-    A field not mapped by --columns is read from the column of its own name. RecordsError,
-    naming the manifest's columns, when a required field's column or a mapped one is absent.
+    A field not mapped by --columns is read from `defaults`' column for it, else from the
+    column of its own name. RecordsError, naming the manifest's columns, when a required
+    field's column or a mapped one is absent.
     """
     mapping = parse_columns(spec, manifest)
-    fields_ = {f: mapping.get(f, f) for f in MANIFEST_FIELDS}
+    fields_ = {f: mapping.get(f, (defaults or {}).get(f, f)) for f in MANIFEST_FIELDS}
     absent = [f for f in MANIFEST_FIELDS
               if (f in REQUIRED_FIELDS or f in mapping) and fields_[f] not in manifest.columns]
     if absent:
         names = ", ".join(fields_[f] + (f" (for {f})" if f in mapping else "") for f in absent)
-        rule = ("the first row must name the columns" if manifest.unit == "row"
-                else "every object must have the keys")
         raise RecordsError(
-            f"{manifest.header}: missing column(s) {names} ({manifest.has}): {rule} "
+            f"{manifest.header}: missing column(s) {names} ({manifest.has}): {manifest.rule} "
             f"{', '.join(REQUIRED_FIELDS)} (optionally id, group and numeric targets), or "
             f"map yours to them with {COLUMNS_EXAMPLE}"
         )
@@ -289,6 +296,16 @@ def refuse_outside(manifest: Manifest, path_column: str, root: Path, default_roo
     )
 
 
+def refuse_empty(cells: dict[str, str], n: int, manifest: Manifest, fields_: dict[str, str],
+                 required: Iterable[str]) -> None:
+    """RecordsError naming row n's first empty field among `required` (and id, when read)."""
+    for name in tuple(required) + (("id",) if "id" in fields_ else ()):
+        if not cells.get(fields_[name]):
+            column = f" (column {fields_[name]!r})" if fields_[name] != name else ""
+            raise RecordsError(f"{manifest.at(n)}: the {name} field{column} is empty: fill it in "
+                               f"or delete the {manifest.unit}")
+
+
 def manifest_record(cells: dict[str, str], n: int, manifest: Manifest, fields_: dict[str, str],
                     root: Path, targets: list[str]) -> Utterance:
     """One row of a manifest -> an Utterance (its size is filled in by `prepare`).
@@ -296,11 +313,7 @@ def manifest_record(cells: dict[str, str], n: int, manifest: Manifest, fields_: 
     fields_: field -> column (`manifest_fields`); targets: the target columns (checked numeric).
     The id is the id column's, else the path under the audio root without its extension.
     """
-    for name in REQUIRED_FIELDS + (("id",) if "id" in fields_ else ()):
-        if not cells.get(fields_[name]):
-            column = f" (column {fields_[name]!r})" if fields_[name] != name else ""
-            raise RecordsError(f"{manifest.at(n)}: the {name} field{column} is empty: fill it in "
-                               f"or delete the {manifest.unit}")
+    refuse_empty(cells, n, manifest, fields_, REQUIRED_FIELDS)
     listed = cells[fields_["path"]]
     path = (root / listed).resolve()  # symlinks followed: the file the extractor will read
     if path.is_dir():

@@ -1,10 +1,10 @@
 """Use a trained head on new audio: export it to one file, then predict emotions with it.
 
-    run folder (ser-cache train) --export_run--> model.pt --load_predictor + Whisper--> predictions
+    run folder (ser-cache train) --export_run--> model.pt --load_predictor + encoder--> predictions
 
 An exported file is self-contained: the head's weights and what rebuilds it, the label names,
 the layer (or the list of layers a multi-layer head mixes), how the cache was made (input mode, storage dtype, encoder arithmetic) and which
-Whisper checkpoint made it (name, SHA-256, dims), plus where the head came from. It is a
+encoder made it (family, name, SHA-256, dims, path), plus where the head came from. It is a
 `torch.save` dict of tensors and plain values only, so it loads with `weights_only=True`: no
 pickled code runs when you open a file someone sent you. Every head is stored the same way
 (registry name, constructor options, state dict; heads.py).
@@ -54,8 +54,9 @@ from . import layers
 from .audio import SAMPLE_RATE, WINDOW_SAMPLES, AudioError, load_utterance
 from .batches import predict_proba
 from .device import pick_device
-from .encoder import LoadedEncoder, load_encoder, log_mel, speech_frames
+from .encoder import LoadedEncoder, encoder_input, load_encoder
 from .errors import UserError
+from .encoder import FAMILY_LABELS, OPENAI_WHISPER, same_states_family
 from .extract import encode_batch, package_versions
 from .features import LayerData
 from .files import save_torch_atomic
@@ -63,7 +64,8 @@ from .heads import Head, head_class, load_head, n_members, one_head, rebuild_hea
 from .layers import Selection, as_selection, is_multi, states_of
 from .results import ResultsError, RunFolder, RunMetrics
 from .tasks import make_task
-from .training import TrainConfig, as_made, fit_head, member_seed
+from .config import TrainConfig, as_made
+from .fitting import fit_head, member_seed
 
 EXPORT_FORMAT = 2  # 1: the linear head as scikit-learn arrays (before heads were one interface)
 # A head on several layers records them as a list; its files say so with their own number, so
@@ -155,8 +157,8 @@ def export_run(run_dir: Path, out: Path, fold: int | None = None, epochs: int | 
         # Encoder frames averaged into each frame the head read (the run's, else the cache's own);
         # a head of a statistics cache reads the statistics of frames pooled so, as predict does.
         "frame_pool": config.frame_pool or run.cache.get("frame_pool", 1),
-        "whisper": {"name": run.cache["model"], "sha256": run.cache["model_sha256"], "dims": dict(run.cache["dims"]),
-                    "path": run.cache.get("model_path")},
+        "encoder": {"family": run.cache.get("family", OPENAI_WHISPER), "name": run.cache["model"],
+                    "sha256": run.cache["model_sha256"], "dims": dict(run.cache["dims"]), "path": run.cache.get("model_path")},
         "provenance": _plain(provenance),
     }
     if n_members(model) is not None:
@@ -288,7 +290,7 @@ class Exported:
     mode: str
     dtype: str
     compute_dtype: str
-    whisper: dict  # {"name", "sha256", "dims"}
+    encoder: dict  # {"family", "name", "sha256", "dims", "path"}
     provenance: dict
     kwargs: dict
     task: str = "classification"  # or "regression": the head predicts target values
@@ -320,9 +322,17 @@ def load_exported(path: Path) -> Exported:
                            "again with this version") from None
     model.eval()
     return Exported(model, saved["head"], list(saved["labels"]), as_selection(saved["layer"]), saved["mode"], saved["dtype"],
-                    saved["compute_dtype"], dict(saved["whisper"]), dict(saved["provenance"]), kwargs,
+                    saved["compute_dtype"], _encoder_record(saved), dict(saved["provenance"]), kwargs,
                     saved.get("task", "classification"),  # files exported before tasks: classes
                     int(saved.get("frame_pool", 1)))  # files exported before pooling: every frame
+
+
+def _encoder_record(saved: dict) -> dict:
+    """The exported encoder's {"family", "name", "sha256", "dims", "path"}; files exported
+    before other encoders were supported call it "whisper" and are openai-whisper's."""
+    if "encoder" in saved:
+        return dict(saved["encoder"])
+    return {"family": OPENAI_WHISPER, **saved["whisper"]}
 
 
 # --- predicting ------------------------------------------------------------------------------
@@ -347,7 +357,7 @@ class FilePrediction:
 
 
 class Predictor:
-    """An exported head plus the Whisper encoder it was trained on, ready for audio files.
+    """An exported head plus the encoder it was trained on, ready for audio files.
 
     early_stop=False runs every encoder block and then picks the head's layers: the same
     result, slower; it exists to check and measure the early stop.
@@ -367,13 +377,13 @@ class Predictor:
         computed as `ser-cache extract` computed the training states; for a head on several
         layers, [(frames, n_states * dim)], the states side by side as Cache.read_layer
         stacks them. The encoder stops after the highest of them."""
-        ex, n_mels = self.exported, self.enc.dims["n_mels"]
+        ex = self.exported
         wanted = states_of(ex.layer)
         keep = wanted if self.early_stop else list(range(self.enc.n_states))
         out = []
         for start in range(0, len(windows), WINDOW_BATCH):
             chunk = windows[start : start + WINDOW_BATCH]
-            batch = [(0, i, log_mel(w, n_mels, ex.mode), speech_frames(len(w))) for i, w in enumerate(chunk)]
+            batch = [(0, i, *encoder_input(self.enc, w, ex.mode)) for i, w in enumerate(chunk)]
             for s in encode_batch(self.enc, batch, ex.mode, keep, ex.dtype, self.device, ex.compute_dtype):
                 out.append(s[wanted[0]] if len(wanted) == 1 else np.concatenate([s[k] for k in wanted], axis=1))
         return out
@@ -408,46 +418,52 @@ class Predictor:
 
 def load_predictor(model_file: Path, whisper_model: str | None = None, allow_other_model: bool = False,
                    device: str | torch.device = "cpu", early_stop: bool = True) -> Predictor:
-    """An exported head with its Whisper encoder: `whisper_model` (a name or a checkpoint path),
-    else the checkpoint file recorded at extraction if it still holds the same bytes, else the
-    model name recorded in the file. Refuses a checkpoint whose SHA-256 is not the one the head
-    was trained on unless allow_other_model; a checkpoint of another shape is always refused."""
-    from .cache import file_sha256
-    from .encoder import CheckpointError
+    """An exported head with its encoder: `whisper_model` (a Whisper name or checkpoint path,
+    a transformers model folder or hub id), else the checkpoint file or model folder recorded at
+    extraction if it still holds the same bytes, else the model name recorded in the file.
+    Refuses a model whose SHA-256 is not the one the head was trained on unless
+    allow_other_model; a model of another family or shape is always refused."""
+    from .encoder import CheckpointError, model_sha256
+    from .hf_encoders import EncoderError
 
     ex = load_exported(model_file)
-    want = ex.whisper
+    want = ex.encoder
     recorded = want.get("path")  # None for a model name; absent from files exported before it was kept
     name = whisper_model
     if name is None:
-        # Hashed before loading: another checkpoint at that path would only be refused below,
+        # Hashed before loading: another model at that path would only be refused below,
         # whereas the recorded name may still find the right one.
-        same = bool(recorded) and Path(recorded).is_file() and file_sha256(recorded) == want["sha256"]
+        same = bool(recorded) and model_sha256(recorded) == want["sha256"]
         name = recorded if same else want["name"]
     try:
         enc = load_encoder(name, device=device)
-    except CheckpointError as e:
+    except (CheckpointError, EncoderError) as e:
         raise PredictError(str(e)) from None
     except ValueError as e:
         if whisper_model is None:
-            where = f" (and the checkpoint recorded at {recorded} is missing or has other bytes)" if recorded else ""
-            raise PredictError(f"the head was trained on states of Whisper {want['name']!r} (sha256 "
-                               f"{want['sha256'][:12]}...), which is not a model name Whisper can download"
-                               f"{where}: pass --model PATH to that checkpoint") from None
+            openai = want["family"] == OPENAI_WHISPER
+            what, kind = ("a model name Whisper can download", "checkpoint") if openai else ("a hub id", "model")
+            where = f" (and the {kind} recorded at {recorded} is missing or has other bytes)" if recorded else ""
+            raise PredictError(f"the head was trained on states of {FAMILY_LABELS[want['family']]} {want['name']!r} "
+                               f"(sha256 {want['sha256'][:12]}...), which is not {what}{where}: pass --model PATH "
+                               f"to that {kind}") from None
         raise PredictError(str(e)) from None
     except (OSError, RuntimeError) as e:
         raise PredictError(f"cannot load Whisper {name!r} ({e}); offline, pass --model PATH to the checkpoint "
                            f"(sha256 {want['sha256'][:12]}...)") from None
     if enc.sha256 != want["sha256"] and not allow_other_model:
         raise PredictError(
-            f"Whisper checkpoint {name!r} has sha256 {enc.sha256[:12]}..., but the head was trained on states of "
+            f"model {name!r} has sha256 {enc.sha256[:12]}..., but the head was trained on states of "
             f"{want['name']!r} (sha256 {want['sha256'][:12]}...): its predictions would be meaningless. "
             "Pass --model with the right checkpoint, or --allow-other-model if you know the weights are equivalent"
         )
-    for key in ("n_mels", "n_audio_state", "n_audio_layer"):
-        if enc.dims[key] != want["dims"][key]:
-            raise PredictError(f"Whisper {name!r} has {key} {enc.dims[key]}, the head needs {want['dims'][key]}: "
-                               "the head cannot read its states; pass --model with the checkpoint it was trained on")
+    if same_states_family(enc.family) != same_states_family(want["family"]):
+        raise PredictError(f"model {name!r} is a {enc.family} encoder, the head read states of a {want['family']} "
+                           "encoder: pass --model with the model it was trained on")
+    for key in ("n_mels", "n_audio_state", "n_audio_layer", "hop_samples", "do_normalize"):
+        if enc.dims.get(key) != want["dims"].get(key):
+            raise PredictError(f"model {name!r} has {key} {enc.dims.get(key)}, the head needs {want['dims'].get(key)}: "
+                               "the head cannot read its states; pass --model with the model it was trained on")
     return Predictor(ex, enc, device, early_stop)
 
 

@@ -15,6 +15,11 @@ import torch
 
 from ser_cache.records import Utterance
 
+# No test touches the network: transformers models come from folders the tests write, and a
+# hub id that is not cached fails as it would offline. Set before huggingface_hub reads it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 # Real architecture, toy sizes: 80 mels and 1500 positions as in every Whisper, width 32.
 TINY_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=2,
                  n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
@@ -34,10 +39,10 @@ def one_torch_thread():
 def one_thread_per_job():
     """Sweep workers of a test module see one core, so each runs one torch thread (tiny heads
     run fastest that way: a second thread only waits at barriers)."""
-    from ser_cache import sweep
+    from ser_cache import sweeping
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep, "available_cores", lambda: 1)
+        mp.setattr(sweeping, "available_cores", lambda: 1)
         yield
 
 

@@ -434,7 +434,7 @@ def test_unknown_corpus_and_stray_csv_path(tmp_path):
 
 
 def test_registry_and_maps():
-    assert set(CORPORA) == {"ravdess", "shemo", "iemocap", "emodb", "msp-podcast", "csv", "emobox"}
+    assert set(CORPORA) == {"ravdess", "shemo", "iemocap", "emodb", "msp-podcast", "csv", "emobox", "hf"}
     assert LABEL_MAPS["iemocap4"]["exc"] == LABEL_MAPS["iemocap4"]["hap"] == "happy"
     assert set(LABEL_MAPS["shemo4"].values()) == {"angry", "happy", "neutral", "sad"}
 

@@ -20,7 +20,8 @@ from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.heads import load_head
 from ser_cache.predict import PredictError, export_run, load_exported, load_predictor
-from ser_cache.training import TrainConfig, train_from_cache
+from ser_cache.config import TrainConfig
+from ser_cache.training import train_from_cache
 
 from conftest import make_checkpoint, tone, write_corpus
 
@@ -77,7 +78,7 @@ def test_export_all_speakers_records_what_predict_needs(exported, runs, tiny_che
     assert ex.mode == "trim" and ex.dtype == "float16"
     # the checkpoint's path travels cache.json -> the run's config.json -> the exported file
     assert config["cache"]["model_path"] == str(tiny_checkpoint.absolute())
-    assert ex.whisper == {"name": enc.name, "sha256": enc.sha256, "dims": enc.dims, "path": config["cache"]["model_path"]}
+    assert ex.encoder == {"family": "openai-whisper", "name": enc.name, "sha256": enc.sha256, "dims": enc.dims, "path": config["cache"]["model_path"]}
     p = ex.provenance
     assert p["trained_on"] == "all speakers" and p["n_utterances"] == 24
     selected = sorted(s["epoch"] for s in p["selected_per_fold"])
@@ -149,9 +150,9 @@ def recorded_elsewhere(exported_file, path, out):
     """A copy of an exported file whose Whisper checkpoint was recorded at `path`, or (None)
     without a recorded path, as files exported before it was kept."""
     saved = torch.load(exported_file, weights_only=True)
-    saved["whisper"].pop("path")
+    saved["encoder"].pop("path")
     if path is not None:
-        saved["whisper"]["path"] = str(path)
+        saved["encoder"]["path"] = str(path)
     torch.save(saved, out)
     return out
 
