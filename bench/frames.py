@@ -35,8 +35,8 @@ def _timed(fn, *args, **kw):
 
 def _probe_sweep(cache: Path, out: Path) -> tuple[float, float]:
     """(wall seconds, mean UA over every state's cell) of a linear-probe sweep of every state."""
-    from ser_cache.sweep import SweepSpec, run_sweep
-    from ser_cache.training import TrainConfig
+    from ser_cache.sweeping import SweepSpec, run_sweep
+    from ser_cache.config import TrainConfig
 
     spec = SweepSpec(caches=[cache], layers="all", heads=["linear"], train=TrainConfig(seed=0))
     seconds, outcome = _timed(run_sweep, spec, out, progress=False, write_report=False)
@@ -71,8 +71,8 @@ def bench_statistics(cache_path: Path, tmp: Path) -> dict:
 def bench_pooled_sweep(cache_path: Path, tmp: Path, pools=(1, 8), epochs: int = 30) -> dict:
     """10. The full sweep of the issue's target at each frame_pool of `pools`, one after another."""
     from ser_cache.results import SweepFolder
-    from ser_cache.sweep import SweepSpec, run_sweep
-    from ser_cache.training import TrainConfig
+    from ser_cache.sweeping import SweepSpec, run_sweep
+    from ser_cache.config import TrainConfig
 
     rows = {}
     for k in pools:
@@ -134,7 +134,8 @@ def _probe_one_fold(root: str, layer, linear_c: tuple, max_iter: int) -> dict:
     from ser_cache.cache import open_cache
     from ser_cache.folds import make_folds
     from ser_cache.streaming import default_budget, open_layer
-    from ser_cache.training import TrainConfig, train_fold
+    from ser_cache.config import TrainConfig
+    from ser_cache.training import train_fold
 
     torch.set_num_threads(1)
     cache = open_cache(root)

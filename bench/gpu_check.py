@@ -4,7 +4,7 @@
     1. extract RAVDESS with Whisper base (short mode) on the GPU, timed
     2. re-encode a sample of utterances on the CPU and compare their states with the GPU's
        (relative L2 difference per state: float32 kernels differ, the states should not)
-    3. sweep state 3 with qkv, 3 stacked members (stacking.py), at frame_pool 1 and 4, timed,
+    3. sweep state 3 with qkv, 3 stacked members (ensembles.py), at frame_pool 1 and 4, timed,
        UA printed side by side
 
 Writes bench/results/<date>-<machine>-gpu-check.json and prints a table. Nothing else in the
@@ -60,8 +60,8 @@ def compare_states(cache_path: Path, enc_cpu, records, n: int) -> dict:
 
 def sweep_state(cache_path: Path, out: Path, frame_pool: int, device: str) -> dict:
     from ser_cache.results import SweepFolder
-    from ser_cache.sweep import SweepSpec, run_sweep
-    from ser_cache.training import TrainConfig
+    from ser_cache.sweeping import SweepSpec, run_sweep
+    from ser_cache.config import TrainConfig
 
     spec = SweepSpec(caches=[cache_path], layers="3", heads=["qkv"],
                      train=TrainConfig(seed=0, ensemble=3, stack_members="on", frame_pool=frame_pool))

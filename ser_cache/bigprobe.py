@@ -5,7 +5,7 @@
     source + rows --predict_proba_streamed--> (n, n_outputs) probabilities
 
 Why. A probe of every state of a large encoder reads 33 states x 1280 x 2 = 84,480 features per
-utterance; 70,000 utterances of float64 is 47 GB. training.fit_logistic hands that matrix to
+utterance; 70,000 utterances of float64 is 47 GB. fitting.fit_logistic hands that matrix to
 scikit-learn whole; here it is read in blocks of rows (`rows_for_budget` sizes them) and never
 held at once.
 

@@ -40,7 +40,7 @@ import numpy as np
 from .folds import Folds
 from .layers import as_selection, label, parse_selection, sort_key, states_of
 from .results import ResultsError, RunFolder, SweepFolder
-from .training import FLAWS, TrainConfig
+from .config import FLAWS, TrainConfig
 
 METRICS = ("ua", "wa", "macro_f1")
 REGRESSION_METRIC = "ccc"  # a regression result's mean CCC over targets; ccc_<target> per target
@@ -59,7 +59,7 @@ class Scored:
     name: str
     scores: dict
     splits: dict
-    flawed: list = field(default_factory=list)  # the flaws in words (training.FLAWS); [] when honest
+    flawed: list = field(default_factory=list)  # the flaws in words (config.FLAWS); [] when honest
 
 
 def split_digest(folds: Folds, k: int) -> str:

@@ -101,6 +101,13 @@ emobox   A corpus as the EmoBox benchmark describes it (github.com/emo-box/EmoBo
          "Surprise"). Speakers come from the file names by the dataset's own rule (ravdess,
          emodb, shemo, iemocap as above; urdu SM5_F63_N091 -> SM5) or `--speaker-pattern`. Its
          fold_K files are read by `train --folds-from` (folds.py). The reader is emobox.py.
+hf       A Hugging Face audio dataset, CORPUS_DIR being a folder written by save_to_disk, a
+         .parquet or .arrow file or a folder of them, or a hub id where there is network.
+             CORPUS_DIR/dataset_dict.json, CORPUS_DIR/train/data-00000-of-00001.arrow, ...
+         Every split is read. The fields are those of a csv manifest, `--columns` mapping them
+         (path = the audio column, by default the one of feature Audio); a ClassLabel column
+         reads as its names. Id = the id column, else "<split>/<row>". The audio is decoded
+         from the dataset at its own rate. The reader is hfdatasets.py.
 """
 from __future__ import annotations
 
@@ -114,15 +121,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .audio import audio_duration
-from .manifests import as_number, read_manifest_records
-from .records import RecordsError, Utterance, class_counts, target_names, validate
+from .audio import audio_duration, audio_exists
+from .corpus_names import EMODB_NAME, IEMOCAP_ID, RAVDESS_NAME, SHEMO_NAME
+from .emobox import find_jsonl, read_emobox
+from .manifests import as_number, audio_folder, find_manifest, read_manifest_records
+from .records import RecordsError, Utterance, class_counts, listing, target_names, validate
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 NO_MAP = "none"  # the label-map name that keeps every label as it is
-MAX_LISTED = 5  # offending files named in an error message; the rest are counted
 
 # --- label tables: corpus codes -> class names ----------------------------------------------
 
@@ -209,12 +217,6 @@ def find_audio(folder: Path, corpus: str, layout: str) -> list[Path]:
     return files
 
 
-def listing(items: list, limit: int = MAX_LISTED) -> str:
-    """The first few items and how many more, for an error message."""
-    shown = ", ".join(str(i) for i in items[:limit])
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return shown + more
-
 
 def refuse_unmatched(bad: list[Path], corpus: str, scheme: str) -> None:
     """RecordsError naming the files whose names do not follow the corpus's naming scheme."""
@@ -292,7 +294,6 @@ def mapped(records: list[Utterance], corpus: str, label_map: str | None) -> list
 # --- the corpora ------------------------------------------------------------------------------
 
 RAVDESS_LAYOUT = "Actor_XX/03-01-EE-II-SS-RR-AA.wav (or .flac), from Audio_Speech_Actors_01-24.zip"
-RAVDESS_NAME = re.compile(r"(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)")
 
 
 def prepare_ravdess(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
@@ -324,7 +325,6 @@ def prepare_ravdess(corpus_dir: Path, label_map: str | None = None) -> list[Utte
 
 
 SHEMO_LAYOUT = "female/F21N37.wav and male/M13A05.wav (gender, speaker, emotion letter, number)"
-SHEMO_NAME = re.compile(r"([FM])(\d+)([AHNSWF])(\d+)")
 
 
 def prepare_shemo(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
@@ -362,7 +362,6 @@ def records_from_names(corpus_dir: Path, corpus: str, layout: str, pattern: re.P
 
 
 EMODB_LAYOUT = "wav/03a01Fa.wav (speaker, text, emotion letter, version)"
-EMODB_NAME = re.compile(r"(\d\d)([a-z]\d\d)([WLEAFTN])([a-z])")
 
 
 def prepare_emodb(corpus_dir: Path, label_map: str | None = None) -> list[Utterance]:
@@ -378,7 +377,6 @@ def prepare_emodb(corpus_dir: Path, label_map: str | None = None) -> list[Uttera
 
 IEMOCAP_LAYOUT = ("SessionN/sentences/wav/<dialog>/<utterance>.wav with labels in "
                   "SessionN/dialog/EmoEvaluation/<dialog>.txt")
-IEMOCAP_ID = re.compile(r"Ses(\d\d)[FM]_.+_([FM])\d+")  # Ses01F_impro01_F000
 
 
 IEMOCAP_DIMENSIONS = ("valence", "arousal", "dominance")  # the order of [V, A, D] in the files
@@ -563,9 +561,15 @@ def prepare_emobox(corpus_dir: Path, label_map: str | None = None, audio_root: P
                    speaker_pattern: str | None = None) -> list[Utterance]:
     """EmoBox metadata, data/<dataset>/<dataset>.jsonl with its label_map.json (emobox.py):
     id = key, label as EmoBox's label map names it, speaker from the file name."""
-    from .emobox import read_emobox  # emobox.py reads the file-name patterns of this module
-
     return mapped(read_emobox(corpus_dir, audio_root, speaker_pattern), "emobox", label_map)
+
+
+def prepare_hf(corpus_dir, label_map: str | None = None, columns: str | None = None) -> list[Utterance]:
+    """A Hugging Face audio dataset, every split (hfdatasets.py): fields as a csv manifest's,
+    named as --columns maps them; audio read from the dataset."""
+    from .hfdatasets import read_hf_records  # imports `datasets`, which only this corpus needs
+
+    return mapped(read_hf_records(corpus_dir, columns), "hf", label_map)
 
 
 CORPORA: dict[str, Callable[..., list[Utterance]]] = {
@@ -576,6 +580,7 @@ CORPORA: dict[str, Callable[..., list[Utterance]]] = {
     "msp-podcast": prepare_msp_podcast,
     "csv": prepare_csv,
     "emobox": prepare_emobox,
+    "hf": prepare_hf,
 }
 
 
@@ -614,10 +619,12 @@ class PreparedCorpus:
     label_map: str | None
     records: list[Utterance]
     dropped: dict[str, int] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # where the records come from (`corpus_source`)
 
-    def summary(self) -> str:
+    def summary(self, warnings: bool = True) -> str:
         """A few lines for the CLI: targets and their ranges, per-class counts after mapping,
-        drops, warnings."""
+        drops, and (unless `warnings` is False: check-corpus lists them as problems) warnings
+        about missing or unreadable files and classes of one speaker."""
         rs = self.records
         speakers = {r.speaker for r in rs}
         groups = {r.group for r in rs if r.group}
@@ -647,11 +654,17 @@ class PreparedCorpus:
                 f"in label map {self.label_map}: "
                 + ", ".join(f"{k} {n}" for k, n in self.dropped.items())
             )
-        missing = [r.id for r in rs if r.duration <= 0 and not os.path.exists(r.path)]
+        if not warnings:
+            return "\n".join(lines)
+        silent = [r for r in rs if r.duration <= 0]
+        exists = {r.id: audio_exists(r.path) for r in silent}
+        missing = [r.id for r in silent if not exists[r.id]]
         if missing:
-            lines.append(f"warning: {len(missing)} files do not exist (the extractor will skip "
-                         f"and record them; fix their paths, or --audio-root): {listing(missing)}")
-        unreadable = [r.id for r in rs if r.duration <= 0 and os.path.exists(r.path)]
+            what, fix = (("examples hold no audio", "save the dataset with its audio embedded")
+                         if self.corpus == "hf" else ("files do not exist", "fix their paths, or --audio-root"))
+            lines.append(f"warning: {len(missing)} {what} (the extractor will skip and record "
+                         f"them; {fix}): {listing(missing)}")
+        unreadable = [r.id for r in silent if exists[r.id]]
         if unreadable:
             lines.append(f"warning: {len(unreadable)} files have no readable header (duration "
                          f"0.0; the extractor will skip them): {listing(unreadable)}")
@@ -664,7 +677,7 @@ class PreparedCorpus:
 CORPUS_OPTIONS = {
     "csv_path": ("--csv", ("csv",)),
     "audio_root": ("--audio-root", ("csv", "emobox")),
-    "columns": ("--columns", ("csv",)),
+    "columns": ("--columns", ("csv", "hf")),
     "speaker_pattern": ("--speaker-pattern", ("emobox",)),
 }
 
@@ -698,8 +711,9 @@ def prepare(corpus: str, corpus_dir: Path, label_map: str | None = None,
     validated, summarised.
 
     label_map: a name in LABEL_MAPS, "none" to keep every label, or None for the corpus's
-    default. csv_path, columns: only for corpus "csv" (see `prepare_csv`); audio_root: for
-    "csv" and "emobox"; speaker_pattern: only for "emobox" (see `prepare_emobox`).
+    default. csv_path: only for corpus "csv" (see `prepare_csv`); columns: for "csv" and "hf";
+    audio_root: for "csv" and "emobox"; speaker_pattern: only for "emobox" (see
+    `prepare_emobox`).
     """
     if corpus not in CORPORA:
         raise RecordsError(f"unknown corpus {corpus!r}; known corpora: {', '.join(CORPORA)}")
@@ -709,6 +723,57 @@ def prepare(corpus: str, corpus_dir: Path, label_map: str | None = None,
     resolve_label_map(corpus, label_map)  # refuse an unknown map name before scanning the corpus
     everything = CORPORA[corpus](corpus_dir, label_map=NO_MAP, **extra)
     name, records, dropped = map_labels(everything, corpus, label_map)
-    records = [replace(r, size=file_size(r.path)) for r in records]
+    records = [r if r.size else replace(r, size=file_size(r.path)) for r in records]  # hf: read with the audio
     validate(records)
-    return PreparedCorpus(corpus, Path(corpus_dir).absolute(), name, records, dropped)
+    source = corpus_source(corpus, corpus_dir, name, everything, **extra)
+    return PreparedCorpus(corpus, Path(source["data"]), name, records, dropped, source)
+
+
+def corpus_source(corpus: str, corpus_dir: Path, label_map: str | None, records: list[Utterance],
+                  csv_path: Path | None = None, audio_root: Path | None = None, columns: str | None = None,
+                  speaker_pattern: str | None = None) -> dict:
+    """Where a prepared corpus comes from, for the cache's provenance and `inspect`.
+
+    data: DATA_DIR as an absolute path (a hub id for a hub dataset); manifest (csv, emobox):
+    the file read; audio_root (csv, emobox): the folder relative paths started from; columns:
+    --columns as given (other fields come from columns of their own name); hf: the examples
+    per split and the audio column(s); label_map; speaker_pattern (emobox) when given.
+    records: the records before the label map.
+    """
+    data = Path(corpus_dir).expanduser()
+    source = {"corpus": corpus, "data": str(data.absolute())}
+    if corpus in ("csv", "emobox"):
+        manifest = find_manifest(corpus_dir, csv_path) if corpus == "csv" else find_jsonl(corpus_dir)
+        source.update(manifest=str(manifest), audio_root=str(audio_folder(audio_root, manifest)))
+    if corpus == "hf":
+        from .hfdatasets import RowRef, dataset_location
+
+        refs = [RowRef.parse(r.path) for r in records]
+        source.update(data=dataset_location(corpus_dir), splits=dict(Counter(ref.split for ref in refs)),
+                      audio_columns=sorted({ref.column for ref in refs}))
+    if columns:
+        source["columns"] = columns
+    source["label_map"] = label_map or NO_MAP
+    if speaker_pattern:
+        source["speaker_pattern"] = speaker_pattern
+    return source
+
+
+def source_text(source: dict) -> list[str]:
+    """`corpus_source`'s dict as the lines `inspect` prints (empty for caches made before it
+    was recorded)."""
+    if not source:
+        return []
+    if source["corpus"] == "hf":
+        splits = ", ".join(f"{name} {n}" for name, n in source["splits"].items())
+        lines = [f"dataset {source['data']} (splits {splits}; audio column {', '.join(source['audio_columns'])})"]
+    elif "manifest" in source:
+        lines = [f"manifest {source['manifest']}", f"audio root {source['audio_root']}"]
+    else:
+        lines = [f"folder {source['data']}"]
+    if "columns" in source:
+        lines.append(f"columns {source['columns']} (other fields from columns of their own name)")
+    if "speaker_pattern" in source:
+        lines.append(f"speaker pattern {source['speaker_pattern']!r}")
+    lines.append(f"label map {source['label_map']}")
+    return lines

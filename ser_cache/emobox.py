@@ -37,10 +37,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from .audio import audio_duration
-from .corpora import EMODB_NAME, IEMOCAP_ID, RAVDESS_NAME, SHEMO_NAME, listing
+from .corpus_names import EMODB_NAME, IEMOCAP_ID, RAVDESS_NAME, SHEMO_NAME
 from .manifests import (audio_folder, manifest_targets, read_jsonl, refuse_none_exist,
                         refuse_repeats)
-from .records import RecordsError, Utterance
+from .records import RecordsError, Utterance, listing
 
 log = logging.getLogger(__name__)
 

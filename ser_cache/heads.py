@@ -21,7 +21,7 @@ the training split's target mean and std as buffers (`standardize_outputs`), so 
 forward gives values on the targets' own scale: exported heads predict real values.
 
 How a head is fitted (a gradient loop with the epoch chosen on validation, or a scikit-learn
-fit with C chosen on validation) is training.py's business, chosen by `selects`.
+fit with C chosen on validation) is fitting.py's business, chosen by `selects`.
 
 The three pooling heads share the paper's front and back and differ only in how they pool
 over time:
@@ -100,7 +100,7 @@ class Head(nn.Module):
     reads: str = "frames"  # or "statistics": a head that needs only features.utterance_statistics
     regression: bool = False  # outputs are target values (with output_mean, output_scale buffers)
     # Whether `logits` runs under torch.func.vmap with stacked parameters, so that an
-    # ensemble's members can train as one model (stacking.py).
+    # ensemble's members can train as one model (ensembles.py).
     stackable: bool = False
 
     @classmethod
@@ -457,7 +457,7 @@ class LinearProbe(Head):
     forward: x (B, T, dim), mask (B, T) -> logits (B, n_classes), computed in float64 so that
     its probabilities are those of the scikit-learn pipeline it was fitted as (StandardScaler,
     LogisticRegression) to rounding. A class absent from the training split has logit -inf
-    (probability 0). Fitted by training.py (`selects` C on validation), loaded with
+    (probability 0). Fitted by fitting.py (`selects` C on validation), loaded with
     `from_fitted`.
     """
 

@@ -73,6 +73,16 @@ class RecordsError(UserError, ValueError):
     """Bad corpus metadata; the message names the row and the fix."""
 
 
+MAX_LISTED = 5  # offending files named in an error message; the rest are counted
+
+
+def listing(items: list, limit: int = MAX_LISTED) -> str:
+    """The first few items and how many more, for an error message."""
+    shown = ", ".join(str(i) for i in items[:limit])
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return shown + more
+
+
 def validate(records: list[Utterance]) -> None:
     """Refuse records that later stages could not use honestly.
 

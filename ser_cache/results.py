@@ -8,7 +8,7 @@
                                  RUN/folds.csv        the folds (folds.Folds.save)
                                  RUN/cross_corpus.json       with --test-cache: metrics on the
                                  RUN/predictions_target.csv  other corpus (crosscorpus.py)
-    sweep.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
+    sweeping.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
                                  SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellResult
                                  (layers_LL+MM+.../ for a multi-layer cell)
                                  SWEEP/folds/CACHE-seedS.csv                         the folds
@@ -117,7 +117,7 @@ class RunConfig(Record):
     versions: dict = field(default_factory=dict)
     # label map and test cache of a cross-corpus run (crosscorpus.CrossCorpus.config); {} otherwise
     cross_corpus: dict = field(default_factory=dict)
-    # the flaws in words when flawed_compat (training.FLAWS), e.g. "speaker-dependent: ..."
+    # the flaws in words when flawed_compat (config.FLAWS), e.g. "speaker-dependent: ..."
     flawed: list = field(default_factory=list)
 
     def same_work(self, other: "RunConfig") -> list[str]:

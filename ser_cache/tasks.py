@@ -1,6 +1,6 @@
 """What a head learns: class labels (`Classification`) or continuous targets (`Regression`).
 
-The one training loop (training.py) asks its task, never which task it holds. `make_task`
+The one training loop (fitting.py) asks its task, never which task it holds. `make_task`
 gives a task and its y: (n,) int64 class numbers, or (n, n_targets) float64 target values.
 
     names                 the outputs' names: class names, or target names ("arousal", ...)

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ser_cache import sweep as S
+from ser_cache import sweeping as S
 from ser_cache.cli import main
 from ser_cache.compare import CompareError, Scored, compare, paired, sign_flip_p
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
-from ser_cache.sweep import SweepSpec, run_sweep
-from ser_cache.training import TrainConfig, train_from_cache
+from ser_cache.sweeping import SweepSpec, run_sweep
+from ser_cache.config import TrainConfig
+from ser_cache.training import train_from_cache
 
 from conftest import write_corpus
 

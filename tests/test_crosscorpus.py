@@ -15,7 +15,8 @@ from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.features import LayerData
 from ser_cache.folds import kfold_folds
-from ser_cache.training import ConfigError, TrainConfig, run_folds, train_from_cache
+from ser_cache.config import ConfigError, TrainConfig
+from ser_cache.training import run_folds, train_from_cache
 
 SMALL = dict(epochs=5, lr=1e-2, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
 A_CLASSES = ("angry", "happy", "sad", "calm")  # calm: not in ravdess-emodb6
@@ -204,7 +205,7 @@ def test_cli_cross_corpus_run_and_its_one_line_errors(caches, tmp_path):
 def test_a_cross_corpus_sweep_records_target_metrics_equal_to_the_train_run_on_the_same_folds(caches, tmp_path):
     from ser_cache.report import write_report
     from ser_cache.results import SweepError, SweepFolder
-    from ser_cache.sweep import SweepSpec, run_sweep
+    from ser_cache.sweeping import SweepSpec, run_sweep
 
     spec = SweepSpec(caches=[caches["a"]], layers="1,2", heads=["linear", "mean"], train=TrainConfig(**SMALL),
                      n_folds=2, test_cache=caches["b"], label_map="ravdess-emodb6")
@@ -237,7 +238,7 @@ def test_a_cross_corpus_sweep_records_target_metrics_equal_to_the_train_run_on_t
 
 def test_a_sweep_with_a_label_map_alone_makes_its_folds_on_the_kept_classes(caches, tmp_path):
     from ser_cache.results import SweepFolder
-    from ser_cache.sweep import SweepSpec, run_sweep
+    from ser_cache.sweeping import SweepSpec, run_sweep
 
     spec = SweepSpec(caches=[caches["a"]], layers="1", heads=["linear"], train=TrainConfig(**SMALL), n_folds=2,
                      label_map="ravdess-emodb6")
@@ -256,7 +257,7 @@ def test_one_fold_file_serves_a_cache_with_and_without_a_label_map(caches, tmp_p
     from ser_cache.cache import open_cache
     from ser_cache.folds import make_folds
     from ser_cache.results import SweepFolder
-    from ser_cache.sweep import SweepSpec, run_sweep
+    from ser_cache.sweeping import SweepSpec, run_sweep
 
     meta = open_cache(caches["a"]).read_meta()
     folds = make_folds(meta["ids"], meta["labels"], meta["speakers"], n_folds=2, seed=0)

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from ser_cache.cli import main
 from ser_cache.corpora import RAVDESS_EMOTIONS
-from ser_cache.training import TrainConfig, train_from_cache
+from ser_cache.config import TrainConfig
+from ser_cache.training import train_from_cache
 
 from conftest import real_checkpoint
 from test_e2e import subset

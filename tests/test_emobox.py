@@ -228,7 +228,7 @@ TRAIN_ARGS = ("--layer", "1", "--head", "linear", "--linear-c", "1", "--device",
 
 def test_flawed_runs_are_labelled_and_never_compared_with_honest_ones(urdu, tmp_path, tiny_checkpoint,
                                                                       monkeypatch):
-    from ser_cache import sweep as S
+    from ser_cache import sweeping as S
 
     monkeypatch.setattr(S, "available_cores", lambda: 1)
     data, audio, lines = urdu

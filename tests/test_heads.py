@@ -5,7 +5,8 @@ import torch
 
 from ser_cache.features import LayerData
 from ser_cache.heads import HEADS, Ensemble, build_head, load_head, save_head
-from ser_cache.training import TrainConfig, fit_head
+from ser_cache.config import TrainConfig
+from ser_cache.fitting import fit_head
 
 TORCH_HEADS = ["mean", "attentive", "qkv"]  # the pooling heads
 DIM, N_CLASSES = 12, 5

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ser_cache.training import TrainConfig, run_folds
+from ser_cache.config import TrainConfig
+from ser_cache.training import run_folds
 from test_training import SMALL, folds_of, layer_data
 
 PINNED = Path(__file__).parent / "data" / "pinned_run.json"

@@ -19,7 +19,8 @@ from ser_cache.extract import ExtractOptions, extract
 from ser_cache.folds import make_folds
 from ser_cache.heads import load_head
 from ser_cache.predict import export_run, load_predictor
-from ser_cache.training import ConfigError, TrainConfig, run_folds, train_from_cache
+from ser_cache.config import ConfigError, TrainConfig
+from ser_cache.training import run_folds, train_from_cache
 
 from conftest import write_corpus
 
@@ -164,7 +165,7 @@ def test_exports_of_pooled_and_statistics_runs_predict_what_their_fold_heads_pre
 
 def test_a_sweep_chooses_frame_pool_on_validation_and_records_it(caches, tmp_path, one_thread_per_job):
     from ser_cache.results import SweepFolder
-    from ser_cache.sweep import SweepSpec, parse_grid, run_sweep
+    from ser_cache.sweeping import SweepSpec, parse_grid, run_sweep
 
     paths, _ = caches
     spec = SweepSpec(caches=[paths["frames"]], layers="1", heads=["linear", "mean"],

@@ -1,4 +1,4 @@
-"""Ensemble members trained as one stacked model (stacking.py): each member is the head it
+"""Ensemble members trained as one stacked model (ensembles.py): each member is the head it
 would be alone, padding changes nothing, and runs stay reproducible and resumable."""
 import dataclasses
 import json
@@ -12,8 +12,10 @@ import ser_cache.training as T
 from ser_cache.batches import predict_proba
 from ser_cache.features import LayerData
 from ser_cache.heads import HEADS, QKVPoolHead
-from ser_cache.stacking import Stack, fit_stacked, pad_stack, stacks
-from ser_cache.training import TrainConfig, fit_head, fit_members, member_seed, run_folds
+from ser_cache.config import TrainConfig
+from ser_cache.ensembles import Stack, fit_members, fit_stacked, pad_stack, stacks
+from ser_cache.fitting import fit_head, member_seed
+from ser_cache.training import run_folds
 
 import test_training
 from test_training import SMALL, folds_of, layer_data
@@ -153,7 +155,7 @@ def test_which_heads_and_devices_stack(data, monkeypatch):
     with pytest.raises(T.ConfigError, match="stack_members must be one of"):
         TrainConfig(stack_members="yes")
     # The heads that cannot stack keep the sequential path whatever the setting.
-    monkeypatch.setattr("ser_cache.stacking.fit_stacked", lambda *a, **k: pytest.fail("stacked"))
+    monkeypatch.setattr("ser_cache.ensembles.fit_stacked", lambda *a, **k: pytest.fail("stacked"))
     y = data.classes()[1]
     train, val, _ = folds_of(data).split(0)
     assert len(fit_members("linear", data, y, train, val, on, 3, 0, CPU)) == 2

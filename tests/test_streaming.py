@@ -24,7 +24,8 @@ from ser_cache.streaming import (
     open_streamed,
     parse_size,
 )
-from ser_cache.training import TrainConfig, run_folds
+from ser_cache.config import TrainConfig
+from ser_cache.training import run_folds
 
 SMALL = {"epochs": 3, "d_model": 16, "n_heads": 2, "head_dim": 4, "device": "cpu", "compute_dtype": "float32"}
 
@@ -134,7 +135,8 @@ def test_streamed_order_reads_each_block_once_per_epoch(small):
 
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
-    from ser_cache.training import TrainConfig, fit_head
+    from ser_cache.config import TrainConfig
+    from ser_cache.fitting import fit_head
     from ser_cache.batches import predict_proba
     from ser_cache.cache import open_cache
     from ser_cache.features import LayerData
@@ -224,7 +226,7 @@ def test_the_commands_take_a_budget_and_refuse_bad_ones(small, tmp_path):
 
 def test_a_streamed_run_records_its_blocks_and_a_sweep_streams_in_its_workers(small, tmp_path, monkeypatch):
     import ser_cache.streaming as S
-    from ser_cache.sweep import SweepSpec, run_sweep
+    from ser_cache.sweeping import SweepSpec, run_sweep
     from ser_cache.training import train_from_cache
 
     budget = budget_for(small, 6)

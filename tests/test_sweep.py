@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ser_cache import sweep as S
+from ser_cache import sweeping as S
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, WEIGHTS_PLOT, load_sweep
 from ser_cache.results import SweepFolder
-from ser_cache.sweep import SweepError, SweepSpec, Task, head_settings, parse_grid, run_sweep
-from ser_cache.training import Fit, TrainConfig
+from ser_cache.sweeping import SweepError, SweepSpec, Task, head_settings, parse_grid, run_sweep
+from ser_cache.config import TrainConfig
+from ser_cache.fitting import Fit
 
 from conftest import write_corpus
 
@@ -190,7 +191,7 @@ def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, mo
         pred = y[test] if model.n_heads == 4 else (y[test] + 1) % n_classes
         return np.eye(n_classes)[pred]
 
-    import ser_cache.training as T
+    import ser_cache.ensembles as T
 
     monkeypatch.setattr(T, "fit_head", fake_fit)  # what the sweep's fit_selected calls
     monkeypatch.setattr(S, "predict_proba", fake_test)
@@ -335,7 +336,7 @@ def test_time_masking_is_a_grid_key_for_the_heads_trained_by_epochs():
     assert grid == {"time_mask": [0.0, 0.2]}
     assert head_settings("mean", grid, TrainConfig()) == [{"time_mask": 0.0}, {"time_mask": 0.2}]
     assert head_settings("linear", grid, TrainConfig()) == [{}]  # no frames to mask: statistics
-    from ser_cache.training import ConfigError
+    from ser_cache.config import ConfigError
 
     with pytest.raises(ConfigError, match="time_mask must be in"):
         head_settings("mean", parse_grid(["time_mask=0,1.5"]), TrainConfig())

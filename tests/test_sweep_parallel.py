@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ser_cache import sweep as S
+from ser_cache import sweeping as S
 from ser_cache.cache import ShardClaims, open_cache
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
@@ -26,8 +26,8 @@ from ser_cache.extract import ExtractOptions, extract
 from ser_cache.report import RESULTS_FILE, SUMMARY_FILE
 from ser_cache.results import SweepFolder
 from ser_cache.slurm import array_part, resolve_part
-from ser_cache.sweep import SweepSpec, Task, part_of, run_sweep
-from ser_cache.training import TrainConfig
+from ser_cache.sweeping import SweepSpec, Task, part_of, run_sweep
+from ser_cache.config import TrainConfig
 
 from conftest import write_corpus
 from test_faults import extract_args, good_rows, write_csv

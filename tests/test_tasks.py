@@ -19,7 +19,9 @@ from ser_cache.heads import HEADS, Ensemble
 from ser_cache.metrics import regression_scores
 from ser_cache.results import RunFolder
 from ser_cache.tasks import Regression, TaskError, ccc_loss, make_task
-from ser_cache.training import TrainConfig, fit_head, run_folds
+from ser_cache.config import TrainConfig
+from ser_cache.fitting import fit_head
+from ser_cache.training import run_folds
 
 SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
 REGRESS = dict(task="regression", targets=("arousal", "valence"))
@@ -308,7 +310,7 @@ def test_a_regression_sweep_draws_one_ccc_curve_per_target(csv_cache, tmp_path):
 
 
 def test_settings_that_mean_nothing_for_regression_are_refused():
-    from ser_cache.training import ConfigError
+    from ser_cache.config import ConfigError
 
     with pytest.raises(ConfigError, match="drop class_weights"):
         TrainConfig(task="regression", class_weights=True)

@@ -14,16 +14,9 @@ from ser_cache.tasks import Classification
 from ser_cache.features import LayerData
 from ser_cache.folds import Folds, kfold_folds
 from ser_cache.heads import load_head
-from ser_cache.training import (
-    ConfigError,
-    NonFiniteLossError,
-    TrainConfig,
-    fit_head,
-    fold_seed,
-    get_lr,
-    run_folds,
-    ua_of,
-)
+from ser_cache.config import ConfigError, TrainConfig
+from ser_cache.fitting import NonFiniteLossError, fit_head, fold_seed, get_lr, ua_of
+from ser_cache.training import run_folds
 
 # Small heads and few epochs: the invariants do not depend on size.
 SMALL = dict(epochs=3, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
@@ -243,7 +236,7 @@ def test_linear_run_folder(data, tmp_path):
 
 @pytest.mark.parametrize("head, key", [("qkv", "epoch"), ("linear", "C")])
 def test_refit_trains_on_training_and_validation_with_the_choice_then_tests_once(data, monkeypatch, head, key):
-    import ser_cache.training as T
+    import ser_cache.ensembles as T
 
     folds, fits, scored = folds_of(data), [], []
     real_fit, real_predict = T.fit_head, T.predict_proba
@@ -254,8 +247,11 @@ def test_refit_trains_on_training_and_validation_with_the_choice_then_tests_once
         return fit
 
     monkeypatch.setattr(T, "fit_head", fit_head)
-    monkeypatch.setattr(T, "predict_proba", lambda model, d, index, *a: (
-        scored.append((model, set(np.asarray(index).tolist()))), real_predict(model, d, index, *a))[1])
+    import ser_cache.training as runs
+
+    for module in (T, runs):  # the refit's validation score, the fold's test
+        monkeypatch.setattr(module, "predict_proba", lambda model, d, index, *a: (
+            scored.append((model, set(np.asarray(index).tolist()))), real_predict(model, d, index, *a))[1])
     r = run_folds(data, folds, head, TrainConfig(**SMALL, refit=True, linear_c=(0.1, 1.0)))
     assert len(fits) == 2 * folds.n_folds
     for f, first, second in zip(r.folds, fits[::2], fits[1::2]):
@@ -320,7 +316,7 @@ def test_an_ensemble_averages_members_that_choose_their_own_epochs(data, tmp_pat
 
 
 def test_a_refit_ensemble_retrains_each_member_with_its_own_epoch(data, monkeypatch):
-    import ser_cache.training as T
+    import ser_cache.ensembles as T
 
     real, fixed_calls = T.fit_head, []
 
@@ -372,7 +368,7 @@ def test_time_masking_drops_spans_of_real_frames_never_padding():
 
 
 def test_time_masking_touches_training_batches_only(data, monkeypatch):
-    import ser_cache.training as T
+    import ser_cache.fitting as T
 
     folds, y = folds_of(data), data.classes()[1]
     train, val, test = folds.split(0)
@@ -600,7 +596,7 @@ def test_bfloat16_training_agrees_with_float32(data):
 
 
 def test_auto_arithmetic_is_measured_and_recorded(data):
-    from ser_cache.training import faster_dtype
+    from ser_cache.fitting import faster_dtype
 
     faster_dtype.cache_clear()
     torch.manual_seed(5)

@@ -1,10 +1,22 @@
-"""The members of an ensemble trained together, as one model whose parameters have a leading
+"""Ensembles and refit: what a fold's fitting hands to its single test (`Chosen`).
+
+    fit_selected(name, data, y, train, select)  one head, or config.ensemble members   -> Chosen
+    refit_selected(chosen, ...)                 retrained on train + select            -> Chosen
+
+Refit (`refit`, off by default): once the epoch (or C, or in a sweep the grid setting) is
+chosen on the validation speakers, the head is trained again from scratch on training +
+validation speakers with that choice and the same seed, and that head is tested, once. The
+test speakers still choose nothing; the validation speakers only stop being held out after
+they have chosen. With as many epochs as chosen, the refit head takes more steps per epoch
+(more utterances): the usual convention, and the one the all-speaker export follows.
+
+Stacked members. The members of an ensemble trained together, as one model whose parameters have a leading
 member dimension, so that one optimizer step moves every member with large batched products:
 
     M heads (seeds s_1..s_M) --stack_module_state--> params {name: (M, ...)}
     step: M member batches, padded to one (M, B, T, width) --vmap(functional_call)--> (M, B, C)
 
-Each member is the head training.fit_by_epochs would train from its seed, with everything
+Each member is the head fitting.fit_by_epochs would train from its seed, with everything
 drawn as there: its initialisation, its batch order and its order of batches in every epoch
 (its own numpy Generator), its own epoch choice on validation and its own patience. AdamW is
 elementwise, so one AdamW over the stacked tensors is M AdamWs; the losses of the members are
@@ -24,7 +36,7 @@ A member whose patience ran out (or, with fixed choices, that reached its epoch)
 out of the stack, with its AdamW state: its kept state is frozen and it costs nothing more.
 
 The loss and the validation score are passed in (`loss(logits (B, C), y (B,)) -> scalar`,
-`score(y_true (n,), probs (n, C)) -> float`, higher is better), as training.fit_members
+`score(y_true (n,), probs (n, C)) -> float`, higher is better), as fit_members
 builds them for its task.
 
 When. `stacks` decides: heads whose class sets `stackable` (the pooling heads; not the LSTM
@@ -42,9 +54,12 @@ training batches (make_batches), M times one member's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -59,17 +74,13 @@ from .batches import (
     in_order,
     make_batches,
     predict,
+    predict_proba,
 )
+from .config import TrainConfig
 from .features import LayerData
-from .heads import Head, options_for
-from .training import (
-    Fit,
-    NonFiniteLossError,
-    TrainConfig,
-    fork_rng,
-    get_lr,
-    resolve_compute_dtype,
-)
+from .fitting import Fit, NonFiniteLossError, fit_head, fork_rng, get_lr, member_seed, resolve_compute_dtype
+from .heads import Head, head_class, one_head, options_for
+from .tasks import Classification, Task, as_task
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +195,7 @@ def fit_stacked(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarr
                 choices: list[dict] | None = None, *,
                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 score: Callable[[np.ndarray, np.ndarray], float]) -> list[Fit]:
-    """One Fit per seed, as training.fit_by_epochs gives for that seed (see the module
+    """One Fit per seed, as fitting.fit_by_epochs gives for that seed (see the module
     docstring), the members trained as one stack. With choices (one {"epoch": e} per seed,
     and select None), member m trains epochs 0..e_m and keeps the last. Each Fit's seconds
     is the stack's time divided by the members. Raises NonFiniteLossError like fit_by_epochs."""
@@ -205,7 +216,7 @@ def fit_stacked(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarr
         torch.manual_seed(seeds[0])  # dropout and time masking of the whole stack
         for epoch in range(max(lasts) + 1):
             lr = get_lr(epoch, config)
-            losses = train_epoch(stack, live, loss, lr, config.time_mask)
+            losses = train_stack_epoch(stack, live, loss, lr, config.time_mask)
             probs = None
             if choices is None:
                 probs = predict(stack.base, select_batches, config.compat_eval_dropout,
@@ -255,10 +266,10 @@ def close(member: Member, stack: Stack, i: int, epoch: int, lr: float, train_los
     member.done = epoch == member.last or bool(stopped)
 
 
-def train_epoch(stack: Stack, live: list[Member], loss, lr: float, time_mask: float) -> list[float]:
+def train_stack_epoch(stack: Stack, live: list[Member], loss, lr: float, time_mask: float) -> list[float]:
     """One epoch of every live member (row i of the stack is live[i]): at step s, member i
     trains on its batch perm_i[s], perm_i drawn from its own Generator as
-    training.train_epoch draws it. Returns each member's mean training loss per utterance."""
+    fitting.train_epoch draws it. Returns each member's mean training loss per utterance."""
     for group in stack.optimizer.param_groups:
         group["lr"] = lr
     stack.base.train()
@@ -284,3 +295,86 @@ def train_epoch(stack: Stack, live: list[Member], loss, lr: float, time_mask: fl
             totals[i] = value.detach() * len(yb) + totals[i]
             counts[i] += len(yb)
     return [float(t) / c for t, c in zip(totals, counts)]
+
+
+@dataclass
+class Chosen:
+    """What fitting on one split hands to its single test: the head (a heads.Ensemble for
+    config.ensemble > 1), the choice made on validation with its validation score
+    (`selected`: UA "ua", or mean CCC "ccc"), each ensemble member's own (`members`: seed,
+    choice, score, history; empty for one head), and, after `refit_selected`, how the head
+    was retrained (`refit`: n_train, val_ua or val_ccc, seconds; empty when not refit)."""
+
+    model: Head
+    selected: dict
+    history: list
+    seconds: float
+    compute_dtype: str = "float32"
+    refit: dict = field(default_factory=dict)
+    members: list = field(default_factory=list)
+
+    @property
+    def tested(self) -> str:
+        """Which head is tested: "selected" (as chosen on validation) or "refit"."""
+        return "refit" if self.refit else "selected"
+
+
+def fit_selected(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
+                 task: Task | int, seed: int, device: torch.device) -> Chosen:
+    """Head `name` fitted on `train` with its epoch (or C) chosen on `select`.
+
+    config.ensemble = N > 1: N members seeded member_seed(seed, m), each choosing its own
+    epoch (or C) on `select`, as one heads.Ensemble. Its selected["ua"] (or "ccc") is the
+    validation score of the members' mean probabilities (or values), what a sweep compares
+    settings by, and selected[key] the median (lower middle) of their choices, for tables;
+    each member's is in `members`. (The linear probe's fit does not depend on the seed: its
+    members are alike.)
+    """
+    task = as_task(task)
+    fits = fit_members(name, data, y, train, select, config, task, seed, device)
+    seconds = sum(f.seconds for f in fits)
+    if len(fits) == 1:
+        fit = fits[0]
+        return Chosen(fit.model, fit.selected, fit.history, seconds, fit.compute_dtype)
+    key = head_class(name).selects
+    members = [{"seed": member_seed(seed, m), **f.selected, "history": f.history} for m, f in enumerate(fits)]
+    score = task.score(y[select], np.mean([f.select_probs for f in fits], axis=0))
+    selected = {key: statistics.median_low(f.selected[key] for f in fits), task.score_name: score}
+    return Chosen(one_head([f.model for f in fits]), selected, [], seconds, fits[0].compute_dtype, members=members)
+
+
+def fit_members(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
+                task: Task, seed: int, device: torch.device, fixed: list[dict] | None = None) -> list[Fit]:
+    """The fits of config.ensemble members seeded member_seed(seed, m) (or of one per choice
+    in `fixed`, then select is None): one after another, or as one stacked model when
+    `stacks` says so (the same heads, see the module docstring; classification only for now:
+    a regression ensemble trains its members one after another)."""
+    fixed = fixed or [None] * config.ensemble
+    seeds = [member_seed(seed, m) for m in range(len(fixed))]
+    # Stacked members hold their batches in memory (make_batches): not for a streamed layer.
+    if (len(seeds) > 1 and isinstance(task, Classification) and isinstance(data, LayerData)
+            and stacks(head_class(name), config, device)):
+        return fit_stacked(head_class(name), data, y, np.asarray(train), select, config, task.n_outputs, seeds,
+                           device, None if select is not None else fixed,
+                           loss=task.loss(config, y[np.asarray(train)], device), score=task.score)
+    return [fit_head(name, data, y, train, select, config, task, s, device, fixed=f)
+            for s, f in zip(seeds, fixed)]
+
+
+def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
+                   config: TrainConfig, task: Task | int, seed: int, device: torch.device) -> Chosen:
+    """`chosen` retrained from scratch on train + select with the choice made on select and
+    the same seed (an ensemble: every member with its own choice and seed). Its score on
+    `select` is recorded as refit["val_ua"] (or "val_ccc"): those utterances were trained on,
+    so it measures fit, not generalisation (selected["ua"] stays the honest one)."""
+    task = as_task(task)
+    key = head_class(name).selects
+    both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
+    choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
+    fits = fit_members(name, data, y, both, None, config, task, seed, device, [{key: c} for c in choices])
+    model = one_head([f.model for f in fits])
+    seconds = sum(f.seconds for f in fits)
+    refit = {"n_train": len(both),
+             f"val_{task.score_name}": task.score(y[select], predict_proba(model, data, select, device)),
+             "seconds": seconds}
+    return dataclasses.replace(chosen, model=model, seconds=chosen.seconds + seconds, refit=refit)

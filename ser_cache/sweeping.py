@@ -20,13 +20,13 @@ validation speakers (carved from the training speakers, see folds.py), and only 
 the chosen setting on the test speakers, once. The test speakers never influence a choice.
 With `--ensemble N`, every setting is N heads of different seeds, each choosing its epoch on
 validation, and settings are compared by the validation UA of their mean probabilities
-(training.fit_selected). With `--refit`, the chosen setting is first retrained on training +
-validation speakers with the epoch (or C) it chose (training.refit_selected); only that head
+(ensembles.fit_selected). With `--refit`, the chosen setting is first retrained on training +
+validation speakers with the epoch (or C) it chose (ensembles.refit_selected); only that head
 is tested.
 Each task records the validation UA of every setting it tried and which one it chose. A grid
 key applies to the heads it changes (n_heads: attentive, qkv and stats; head_dim: attentive
 and qkv; lr, epochs, time_mask: every torch head); other heads run once with the defaults. The linear head also picks its C on
-validation (training.py).
+validation (fitting.py).
 
 FLAWED sweeps, on request only. The reference code's switches (selection on the test fold,
 dropout at evaluation) are refused: a sweep compares honestly. `--compat-speaker-overlap` is
@@ -97,8 +97,10 @@ from .records import target_names
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
 from .streaming import StreamedLayer, open_layer, open_streamed
 from .tasks import Regression, make_task
-from .training import (NonFiniteLossError, TrainConfig, as_made, at_frame_pool, check_reads, fit_selected,
-                       fold_seed, refit_selected, settings_read)
+from .config import TrainConfig, as_made
+from .ensembles import fit_selected, refit_selected
+from .fitting import NonFiniteLossError, fold_seed, settings_read
+from .training import at_frame_pool, check_reads
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +183,7 @@ def head_settings(head: str, grid: dict[str, list], base: TrainConfig) -> list[d
     """The grid points that matter for `head`, in grid order ([{}] when none does).
 
     A key matters if a value of it changes a setting the head's fitting reads or its
-    constructor options (training.settings_read), from another value or from the defaults: a
+    constructor options (fitting.settings_read), from another value or from the defaults: a
     single value (heads=0) is then a fixed setting, never silently left at the default."""
     def read(config: TrainConfig) -> str:
         return json.dumps(settings_read(head, config), sort_keys=True)
