@@ -527,7 +527,7 @@ def compare_cmd(results, metric, as_json):
 
 
 def _echo_report(paths: dict) -> None:
-    plots = ", ".join(str(paths[k]) for k in ("layers", "confusion", "weights", "ccc") if k in paths)
+    plots = ", ".join(str(paths[k]) for k in ("layers", "depth", "confusion", "weights", "ccc") if k in paths)
     click.echo(f"table: {paths['summary']}\nresults: {paths['results']}\nplots: {plots}")
 
 

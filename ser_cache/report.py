@@ -10,6 +10,16 @@
         confusion_best.png  the best cell's confusion matrix per panel, normalised by row
         layer_weights.png   (sweeps with multi-layer cells) the learned softmax weight of each
                             state, mean ± std over folds and seeds, per multi-layer cell and head
+        ua_by_depth.png     (caches of different encoders) UA against relative depth, state / last
+                            state of its encoder, one line per cache and head on one axis, a band
+                            for the std over folds: a 13-state and a 25-state model line up
+
+Comparing models. When the caches of a sweep, or of sweeps reported side by side, come from
+different encoders (by fingerprint), summary.md opens with a table of every cache, layer and
+head with the model (its name and family, as the cache records them) and the relative depth
+as columns, after a line per cache naming its best cells, and ua_by_depth.png is drawn.
+Multi-layer cells have no depth: they stay in the tables and are left out of that plot. With
+one model the report is as it was.
 
 A cross-corpus sweep (`--test-cache`, crosscorpus.py) adds each cell's UA on the test corpus
 beside its in-corpus UA: a second table in summary.md, target_* columns in results.csv.
@@ -57,6 +67,8 @@ LAYER_PLOT = "ua_by_layer.png"
 CONFUSION_PLOT = "confusion_best.png"
 WEIGHTS_PLOT = "layer_weights.png"
 CCC_PLOT = "ccc_by_layer.png"
+DEPTH_PLOT = "ua_by_depth.png"
+WHISPER_FAMILIES = (None, "openai-whisper", "whisper")  # None: cells saved before families were recorded
 REGRESSION_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ccc", "val_ccc",
                       "seconds", "epoch", "n_test", "layer_weights")
 RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ua", "wa",
@@ -124,6 +136,20 @@ class Panel:
     labels: list[str]
     cells: dict[tuple[int, str], Cell]
     folds: dict  # protocol, n_folds, seeds, n_utterances
+    name: str = ""  # the cache's key, after the sweep's name when sweeps are compared
+    model: str = ""  # the encoder's name, as its cache records it
+    family: str | None = None  # its family (None: cells saved before cells recorded it)
+    last_state: int = 1  # the encoder's output state (its blocks): depth = state / last_state
+
+    @property
+    def encoder(self) -> str:
+        """'wavlm-large (wavlm)': the encoder's name and family."""
+        return f"{self.model} ({self.family})" if self.family else self.model
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The encoder's fingerprint, from the sweep's record of the cache."""
+        return self.sweep.config["caches"].get(self.cache, {}).get("model_sha256")
 
     @property
     def layers(self) -> list[Selection]:
@@ -210,9 +236,36 @@ def panels_of(sweeps: list[Sweep]) -> list[Panel]:
                 title = f"{sweep.name}: {title}"
             if sweep.flawed:
                 title = f"{title} {FLAWED_LABEL}"
+            name = f"{sweep.name}: {cache}" if len(sweeps) > 1 else cache
+            family = next((r.family for r in records if r.family), None)
+            last = next((r.last_state for r in records if r.last_state is not None), None)
+            if last is None:  # cells saved before they recorded it: the highest state swept
+                last = max(s for layer in sweep.config["layers"].get(cache, [r.layer for r in records])
+                           for s in states_of(layer))
             panels.append(Panel(title, sweep, cache, list(sweep.config["heads"]), first.labels,
-                                _cells(records), _fold_info(sweep, cache, records)))
+                                _cells(records), _fold_info(sweep, cache, records), name, first.model, family,
+                                max(1, int(last))))
     return panels
+
+
+def several_models(panels: list[Panel]) -> bool:
+    """Whether the panels' caches come from more than one encoder (told apart by fingerprint)."""
+    return len({p.model_sha256 or p.encoder for p in panels}) > 1
+
+
+def relative_depth(state: int, last_state: int) -> float:
+    """Where a state lies in its encoder: 0 the input to the first block, 1 the encoder's
+    output, so that state 6 of 12 blocks and state 12 of 24 both lie at 0.5."""
+    assert 0 <= state <= last_state, f"state {state} outside the encoder's states 0..{last_state}"
+    return state / last_state
+
+
+def depth_curve(p: Panel, head: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(depth, UA mean, UA std), each (n,), of the head's single-state cells in the panel, in
+    state order; depth = state / p.last_state. Multi-layer cells have no depth: left out."""
+    cells = [p.cells[layer, head] for layer in p.layers if not is_multi(layer) and (layer, head) in p.cells]
+    depth = np.array([relative_depth(c.layer, p.last_state) for c in cells], dtype=np.float64)
+    return depth, np.array([c.ua[0] for c in cells]), np.array([c.ua[1] for c in cells])
 
 
 def _cells(records: list[CellResult]) -> dict[tuple[Selection, str], Cell]:
@@ -293,6 +346,9 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
     paths["summary"].write_text(summary_markdown(loaded, panels), encoding="utf-8")
     plot_layers(panels, paths["layers"])
     plot_confusions(panels, paths["confusion"])
+    if several_models(panels):
+        paths["depth"] = out / DEPTH_PLOT
+        plot_depth(panels, paths["depth"])
     return paths | weights_plot(panels, out)
 
 
@@ -337,6 +393,8 @@ def summary_markdown(sweeps: list[Sweep], panels: list[Panel]) -> str:
     unfinished = [progress_text(s) for s in sweeps if not finished(progress(s))]
     if unfinished:  # a sweep still running or interrupted: the table holds its finished folds only
         lines += ["**Partial:** " + "; ".join(unfinished) + ". The table pools the folds done so far.", ""]
+    if several_models(panels):
+        lines += _models_markdown(panels)
     for p in panels:
         lines += _panel_markdown(p)
     lines += _timing_markdown(sweeps)
@@ -401,6 +459,39 @@ def _panel_markdown(p: Panel) -> list[str]:
                          f"{100 * c.val_ua:.1f} | {c.n} | {chosen} | {c.seconds:.0f} |")
     lines += ["", "</details>", ""]
     return lines
+
+
+def _models_markdown(panels: list[Panel]) -> list[str]:
+    """Caches of different encoders: each cache's best cells, then one table of every cache,
+    layer and head with the model and the relative depth as columns."""
+    heads = list(dict.fromkeys(h for p in panels for h in p.heads))
+
+    def at(c: Cell, p: Panel) -> str:
+        return label(c.layer) if is_multi(c.layer) else f"{c.layer} ({relative_depth(c.layer, p.last_state):.2f})"
+
+    lines = ["## Models compared", "",
+             "Depth = state / last state of the cache's encoder (0 = the input to the first block, 1 = the "
+             f"encoder's output), so encoders of different depths line up ({DEPTH_PLOT}); multi-layer cells "
+             "have none.", "",
+             "| model | cache | states | best ★: layer (depth), head | UA % | best on validation †: layer (depth), "
+             "head | UA % |", "|---|---|---:|---|---:|---|---:|"]
+    for p in panels:
+        best, best_val = p.best, p.best_val
+        lines.append(f"| {p.encoder} | {p.name} | {p.last_state + 1} | {at(best, p)}, {best.head} | {pct(best.ua)} | "
+                     f"{at(best_val, p)}, {best_val.head} | {pct(best_val.ua)} |")
+    lines += ["", "UA % by model, layer and head (★ †: each cache's best cells):", "",
+              "| model | cache | layer | depth | " + " | ".join(heads) + " |",
+              "|---|---|---:|---:|" + "---:|" * len(heads)]
+    for p in panels:
+        best, best_val = p.best, p.best_val
+        for layer in p.layers:
+            depth = "–" if is_multi(layer) else f"{relative_depth(layer, p.last_state):.2f}"
+            row = []
+            for head in heads:
+                c = p.cells.get((layer, head))
+                row.append("–" if c is None else pct(c.ua) + (" ★" if c is best else "") + (" †" if c is best_val else ""))
+            lines.append(f"| {p.encoder} | {p.name} | {label(layer)} | {depth} | " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _target_markdown(p: Panel) -> list[str]:
@@ -493,6 +584,14 @@ def _pyplot():
     return plt
 
 
+def _state_axis(panels: list[Panel]) -> tuple[str, str]:
+    """(the encoders in a plot's title, its state axis's label): Whisper's words for Whisper
+    caches (as before other families were supported), the general ones otherwise."""
+    if all(p.family in WHISPER_FAMILIES for p in panels) and not several_models(panels):
+        return "Whisper encoder", "encoder state (0 = input embedding, last = after ln_post)"
+    return "encoder", "encoder state (0 = input to the first block, last = the encoder's output)"
+
+
 def _grid(n: int, width: float, height: float):
     plt = _pyplot()
     cols = min(n, PANEL_COLUMNS)
@@ -536,12 +635,47 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
                     markeredgecolor="black", linestyle="none", label=f"best: layer {best.layer}, {best.head}")
         ax.axhline(100 / len(p.labels), color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(single)
-        ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
+        ax.set_xlabel(_state_axis(panels)[1])
         ax.set_ylabel("UA % (test, mean ± std over folds)")
         ax.set_title(f"{p.title}, {p.sweep.config['train']['epochs']} epochs", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle("Where emotion lives: UA by Whisper encoder layer", fontsize=12)
+    fig.suptitle(f"Where emotion lives: UA by {_state_axis(panels)[0]} layer", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_depth(panels: list[Panel], path: Path) -> None:
+    """UA (%) against relative depth (depth_curve: state / last state of its encoder) on one
+    axis: one line per cache (colour) and head (line style, marker), a ±std band over folds,
+    so encoders of different depths line up. Multi-layer cells have no depth: not drawn."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.0, 5.6))
+    colors = {i: plt.get_cmap("tab10")(i % 10) for i in range(len(panels))}
+    heads = list(dict.fromkeys(h for p in panels for h in p.heads))
+    styles = {h: s for h, s in zip(heads, ["-", "--", "-.", ":"] * 4)}
+    markers = {h: m for h, m in zip(heads, "osD^v<>ph*" * 2)}
+    for i, p in enumerate(panels):
+        for head in p.heads:
+            depth, mean, std = depth_curve(p, head)
+            if not len(depth):
+                continue
+            ax.plot(depth, 100 * mean, marker=markers[head], linestyle=styles[head], color=colors[i],
+                    label=f"{p.encoder}, {head} ({p.name}, {p.last_state + 1} states)")
+            ax.fill_between(depth, 100 * (mean - std), 100 * (mean + std), color=colors[i], alpha=0.12, linewidth=0)
+    n_classes = sorted({len(p.labels) for p in panels})
+    for n in n_classes:
+        ax.axhline(100 / n, color="grey", linestyle="--", linewidth=1,
+                   label="chance" if len(n_classes) == 1 else f"chance, {n} classes")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xticks(np.linspace(0, 1, 5))
+    ax.set_xlabel("relative depth: state / last state (0 = input to the first block, 1 = the encoder's output)")
+    ax.set_ylabel("UA % (test, mean ± std over folds)")
+    flawed = f" {FLAWED_LABEL}" if any(p.sweep.flawed for p in panels) else ""
+    ax.set_title(f"Where emotion lives, model against model: UA by relative depth{flawed}", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best", ncol=2 if len(ax.get_lines()) > 10 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -587,7 +721,7 @@ def plot_layer_weights(panels: list[Panel], path: Path) -> None:
             ax.hlines(1 / len(mean), x.min() - width / 2, x.max() + width / 2, colors="grey",
                       linestyles=":", linewidth=1)
         ax.set_xticks(range(len(states)), [str(s) for s in states])
-        ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
+        ax.set_xlabel(_state_axis(panels)[1])
         ax.set_ylabel("learned weight (mean ± std over folds)")
         ax.set_title(p.title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
@@ -721,12 +855,12 @@ def plot_ccc(panels: list[Panel], path: Path) -> None:
                                linewidth=1.2, label=f"{t}, {head} on {label(layer)}")
         ax.axhline(0, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(single)
-        ax.set_xlabel("encoder state (0 = input embedding, last = after ln_post)")
+        ax.set_xlabel(_state_axis(panels)[1])
         ax.set_ylabel("CCC (test, mean ± std over folds)")
         ax.set_title(f"{p.title}, {p.sweep.config['train']['epochs']} epochs", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle("Where each dimension lives: CCC by Whisper encoder layer", fontsize=12)
+    fig.suptitle(f"Where each dimension lives: CCC by {_state_axis(panels)[0]} layer", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -246,6 +246,11 @@ class CellResult(Record):
     val_ccc: float | None = None  # regression: validation CCC of the chosen setting, mean over targets
     targets: dict = field(default_factory=dict)  # regression: {target: {"ccc", "pearson", "mae"}} on the test fold
     frame_pool: int = 1  # encoder frames averaged into each frame the chosen setting read (cells before pooling: 1)
+    # The encoder as its cache records it, so a report can compare models: its family
+    # (cache.CacheSettings.family) and last state (its blocks, dims n_audio_layer), by which
+    # states are placed on a relative depth. None in cells saved before they were recorded.
+    family: str | None = None
+    last_state: int | None = None
 
 
 @dataclass

@@ -14,6 +14,13 @@ Continuous targets (`--task regression --targets arousal,valence`, tasks.py): ev
 below is made on the validation mean CCC over targets instead of UA, and each task records
 CCC, Pearson r and MAE per target (report.py draws one curve per target against the layer).
 
+Comparing models. Caches of different encoders (`sweep CACHE_A CACHE_B`, e.g. a 13-state
+WavLM base and a 33-state Whisper large-v3) are swept together: `--layers` resolves per cache
+(`all`: states 0 to that cache's highest), the folds are made per cache from its utterances
+(the same folds for caches of the same utterances), and every cell records its encoder's
+family and last state (CellResult), by which report.py adds a model column and plots UA
+against relative depth (state / last state).
+
 Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains every grid
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
@@ -419,7 +426,7 @@ class TaskJob:
     folds: Folds
     settings: list[dict]
     train: TrainConfig
-    cache_info: dict  # corpus, model, mode
+    cache_info: dict  # corpus, model, mode, family, last_state (CellResult's fields)
     out: Path
 
 
@@ -750,7 +757,8 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
     todo = [t for t in mine if not t.path(out).exists()]
     jobs = jobs or default_jobs(device)
     threads = max(1, available_cores() // jobs)
-    info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode}
+    info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode,
+                  "family": c.settings.family, "last_state": c.settings.dims.get("n_audio_layer")}
             for key, c in plan.caches.items()}
     claims = task_claims(folder)
 
