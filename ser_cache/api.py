@@ -102,7 +102,7 @@ def export(run, *, out, fold: int | None = None, epochs: int | None = None, cach
            overwrite: bool = False) -> dict:
     """Write one file holding a head of the run folder `run` (trained again on every speaker, or
     fold `fold`'s as is), as `ser-cache export`; returns what the file records besides weights."""
-    from .predict import export_run
+    from .exporting import export_run
 
     return export_run(Path(run), Path(out), fold=fold, epochs=epochs,
                       cache_path=None if cache is None else Path(cache), device=device, overwrite=overwrite)

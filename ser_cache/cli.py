@@ -78,25 +78,29 @@ def main():
     """
 
 
+def options(*declared):
+    """One decorator for several click options, shown by --help in the order given: options
+    that several commands share are declared once, with one help text true for each."""
+    def apply(command):
+        for option in reversed(declared):
+            command = option(command)
+        return command
+    return apply
+
+
 # --- stage 1: corpus -> cache -------------------------------------------------------------
 
 
 def corpus_options(required: bool):
     """The options that say how to read DATA_DIR (extract, check-corpus); --corpus `required`."""
-    options = [
+    return options(
         click.option("--corpus", type=click.Choice(sorted(CORPORA)), required=required, help="How DATA_DIR is laid out and labelled."),
         click.option("--label-map", default=None, help="Named label map (iemocap4, shemo4, ...) or none; default: the corpus's own."),
         click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="With --corpus csv: the manifest, a CSV (path,label,speaker[,id][,group][,targets]) or JSON Lines when it ends in .jsonl; default DATA_DIR itself when it is a file, else DATA_DIR/utterances.csv."),
         click.option("--audio-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="With --corpus csv or emobox: the folder the manifest's relative paths start from (csv: ids are paths under it; emobox: where EmoBox's wav paths such as downloads/... start). After moving the corpus, point it at the new place to resume the cache. Default: the manifest's folder."),
         click.option("--columns", default=None, help="With --corpus csv or hf: the manifest's (or dataset's) columns for the fields path (hf: the audio column, default the one of feature Audio), label, speaker, id, group, e.g. path=file,label=emotion,speaker=spk_id; a field not named is read from the column of its own name."),
         click.option("--speaker-pattern", default=None, help="With --corpus emobox: a regular expression with one group that captures the speaker from each file name (without extension), e.g. '^([A-Za-z]+\\d+)_'. Default: the dataset's own rule (ravdess, emodb, shemo, iemocap, urdu)."),
-    ]
-
-    def apply(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return apply
+    )
 
 
 def refuse_data_file(data_dir: Path, corpus: str, csv_path: Path | None) -> None:
@@ -275,9 +279,38 @@ from . import config as _config  # noqa: E402
 from . import training as _training  # noqa: E402
 from .folds import PROTOCOLS as _FOLD_PROTOCOLS  # noqa: E402
 from .heads import HEADS as _HEADS  # noqa: E402
+from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 
 _TRAIN = _config.TrainConfig()  # the defaults shown in --help
-from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
+
+# The options of `train` and `sweep` alike, in three groups; each command adds its own.
+FOLD_OPTIONS = options(  # which utterances train, validate and test
+    click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified), file, or split (the official train/development/test groups); default: file with --fold-file or --folds-from, split when the groups are split names, loso when the corpus has other groups, else kfold."),
+    click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, EmoDB and others 5)."),
+    click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold (0-based) with your own folds (protocol file); every utterance listed once."),
+    click.option("--folds-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="EmoBox's data/<dataset> folder: its fold_K/<dataset>_{train,test}_fold_K.jsonl are the folds (fold_K is fold K-1; validation still carved from each fold's training speakers). Every cache must be extracted with --corpus emobox (ids = keys)."),
+    click.option("--compat-speaker-overlap", is_flag=True, help="FLAWED (speaker-dependent), to compare with results published on such folds only: run fold files (--fold-file, --folds-from) that test speakers they also train on, refused otherwise. The results say FLAWED (a sweep's report, plots and results.csv too), and compare never pairs them with honest results."),
+    click.option("--label-map", default=None, help="Rename the classes of every cache, --test-cache's too, with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped and counted."),
+    click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (another corpus, same checkpoint, mode and layers); its metrics go beside the in-corpus ones (train: printed and saved in cross_corpus.json; sweep: in the report)."),
+)
+TRAINING_OPTIONS = options(  # what the heads learn and how long
+    click.option("--task", type=click.Choice(_TASKS), default=None, help="What the head learns: the class labels, or continuous targets (regression; implied by --targets). Default: classification."),
+    click.option("--targets", default=None, help="Regression: the numeric targets to learn, comma-separated (e.g. arousal,valence). Default with --task regression: every target the cache's records carry (a sweep: the first cache's)."),
+    click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets). The epoch (or C, or a sweep's grid setting) is always chosen on validation mean CCC."),
+    click.option("--epochs", type=click.IntRange(1), default=_TRAIN.epochs, help="Epochs per fold; the epoch kept is the one with the best validation score (UA; regression: mean CCC)."),
+    click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation score (the lr schedule stays --epochs long); 0 trains every epoch."),
+    click.option("--compute-dtype", "compute_dtype", type=click.Choice(_config.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16 (float32 master weights and loss), float32 (exact comparisons), or auto: the faster of the two, measured on this machine at start-up."),
+    click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off). A sweep can choose it on validation instead: --grid time_mask=0,0.1,0.2."),
+    click.option("--frame-pool", type=click.IntRange(1), default=None, help="Average every K consecutive 20 ms frames before the head reads them (K a multiple of the cache's own; a last, partial group is the mean of what it holds). A sweep can choose it on validation instead: --grid frame_pool=1,2,4. Default: the frames as the cache stores them."),
+    click.option("--refit", is_flag=True, help="After the epoch (or C, and a sweep's grid setting) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested."),
+    click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation."),
+    click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean (a sweep compares its grid settings by the ensemble's validation score); a train run saves every member, and export keeps them all."),
+    click.option("--stack-members", type=click.Choice(_config.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower)."),
+)
+MACHINE_OPTIONS = options(  # where it runs, not what it computes
+    click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N."),
+    click.option("--memory-budget", default=None, help="Memory the layer may take, e.g. 2G or 500M (powers of 1024; a sweep: its layers and batches, all workers together, each an equal share); a layer that does not fit is streamed from the cache's shards, a few at a time, in a batch order drawn per block of shards. Default: half of the memory available."),
+)
 
 
 @main.command("train")
@@ -285,43 +318,25 @@ from .tasks import LOSSES as _LOSSES, TASKS as _TASKS  # noqa: E402
 @click.option("--layer", required=True, help="Encoder state to train on: 4 (0 = input embedding, last = after ln_post; see `ser-cache inspect`), or several for one multi-layer head that learns a softmax weight per state: all, a range 2-5, a list 2,4,6 or 2+4+6.")
 @click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive, qkv, cta (channel and frame gates, BiLSTM, attentive pooling), or stats (the probe's mean+std and attentive means, one trained linear layer).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: config.json, metrics.json, predictions.csv, folds.csv and one head file per fold.")
-@click.option("--protocol", type=click.Choice(_FOLD_PROTOCOLS), default=None, help="Folds: loso (one per group), kfold (speaker-independent, stratified), file, or split (the official train/development/test groups); default: file with --fold-file, split when the groups are split names, loso when the corpus has other groups, else kfold.")
-@click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, EmoDB and others 5).")
-@click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold (0-based) with your own folds; every utterance listed once.")
-@click.option("--folds-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="EmoBox's data/<dataset> folder: its fold_K/<dataset>_{train,test}_fold_K.jsonl are the folds (fold_K is fold K-1; validation still carved from each fold's training speakers). The cache must be extracted with --corpus emobox (ids = keys).")
-@click.option("--epochs", type=click.IntRange(1), default=_TRAIN.epochs, help="Epochs per fold; the epoch kept is the one with the best validation UA.")
-@click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
-@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_config.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16 (float32 master weights and loss), float32 (exact comparisons), or auto: the faster of the two, measured on this machine at start-up.")
+@FOLD_OPTIONS
+@TRAINING_OPTIONS
 @click.option("--seed", type=int, default=_TRAIN.seed, help="Fixes the folds' validation split, initialisation, batch order and dropout.")
 @click.option("--batch-size", type=click.IntRange(1), default=_TRAIN.batch_size, help="Training batch size.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=_TRAIN.lr, help="Peak AdamW learning rate (warm-up, then cosine decay).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.dropout, help="Dropout of the attention projections (attentive, qkv).")
-@click.option("--heads", "n_heads", type=click.IntRange(0), default=_TRAIN.n_heads, help="Attention heads (attentive, qkv, cta, stats); 0, for stats only, leaves the probe's mean and std.")
+@click.option("--attn-heads", "n_heads", type=click.IntRange(0), default=_TRAIN.n_heads, help="Attention heads (attentive, qkv, cta, stats); 0, for stats only, leaves the probe's mean and std.")
+@click.option("--heads", "old_heads", type=click.IntRange(0), default=None, hidden=True, help="The old spelling of --attn-heads, kept for a release.")
 @click.option("--head-dim", type=click.IntRange(1), default=_TRAIN.head_dim, help="Size of each attention head: d_a (attentive) or d_k (qkv).")
 @click.option("--class-weights/--no-class-weights", default=_TRAIN.class_weights, help="Weight the cross-entropy by inverse class frequency of each fold's training split.")
 @click.option("--standardize/--no-standardize", default=_TRAIN.standardize, help="Standardise input frames with the training speakers' per-dimension mean and std (same heads, better conditioned; --no-standardize trains on raw states as the reference code does).")
-@click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames, in 200 ms spans at random places (0: off).")
-@click.option("--frame-pool", type=click.IntRange(1), default=None, help="Average every K consecutive 20 ms frames before the head reads them (K a multiple of the cache's own; a last, partial group is the mean of what it holds). Default: the frames as the cache stores them.")
-@click.option("--refit", is_flag=True, help="After the epoch (or C) is chosen on the validation speakers, retrain on training + validation speakers with that choice and the same seed; that head is tested.")
-@click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation.")
-@click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean, and every member is saved and exported.")
-@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the head learns: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
-@click.option("--targets", default=None, help="Regression: the numeric targets to learn, comma-separated (e.g. arousal,valence); default with --task regression: every target the cache's records carry.")
-@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets). The epoch (or C) is always chosen on validation mean CCC.")
-@click.option("--stack-members", type=click.Choice(_config.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
 @click.option("--compat-select-on-test", is_flag=True, help="FLAWED, to compare with the reference code only: no validation split, the epoch (or C) is chosen on the test fold.")
 @click.option("--compat-eval-dropout", is_flag=True, help="FLAWED, to compare with the reference code only: dropout stays on at evaluation.")
-@click.option("--compat-speaker-overlap", is_flag=True, help="FLAWED (speaker-dependent), to compare with results published on such folds only: run fold files (--fold-file, --folds-from) that test speakers they also train on, refused otherwise.")
-@click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N.")
-@click.option("--memory-budget", default=None, help="Memory the layer may take, e.g. 2G or 500M (powers of 1024); a layer that does not fit is streamed from the cache's shards, a few at a time, in a batch order drawn per block of shards. Default: half of the memory available.")
+@MACHINE_OPTIONS
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
-@click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's head once on all of this cache (another corpus, same checkpoint, mode and layers); its metrics are printed beside the in-corpus ones and saved in cross_corpus.json.")
-@click.option("--label-map", default=None, help="Rename the classes of both caches with a named label map (e.g. ravdess-emodb6) before training; utterances of classes it does not list are dropped and counted.")
-def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs, patience, compute_dtype, seed, batch_size,
-              lr, dropout, n_heads, head_dim, class_weights, standardize, time_mask, frame_pool, refit, linear_c,
-              ensemble, task, targets, loss, stack_members,
-              compat_select_on_test, compat_eval_dropout, compat_speaker_overlap, device, memory_budget, overwrite,
-              test_cache, label_map, folds_from):
+def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap, label_map,
+              test_cache, task, targets, loss, epochs, patience, compute_dtype, time_mask, frame_pool, refit, linear_c,
+              ensemble, stack_members, seed, batch_size, lr, dropout, n_heads, old_heads, head_dim, class_weights,
+              standardize, compat_select_on_test, compat_eval_dropout, device, memory_budget, overwrite):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
     For each fold the epoch is chosen on validation speakers carved from the training
@@ -339,6 +354,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    n_heads = _attn_heads(n_heads, old_heads)
     task, targets = _task_options(task, targets)
     config = _config.TrainConfig.from_dict(dict(
         task=task, targets=targets, loss=loss,
@@ -359,6 +375,20 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, epochs,
     if result.cross_corpus is not None:
         click.echo(result.cross_corpus.table())
     click.echo(f"run saved in {out}")
+
+
+def _attn_heads(n_heads: int, old_heads: int | None) -> int:
+    """The attention-head count from --attn-heads or from --heads, its spelling before the
+    rename, hidden and kept for a release (sweep's --heads is the list of heads); both given
+    must agree."""
+    if old_heads is None:
+        return n_heads
+    given = click.get_current_context().get_parameter_source("n_heads") != click.core.ParameterSource.DEFAULT
+    if given and old_heads != n_heads:
+        raise click.BadParameter(f"--heads {old_heads} and --attn-heads {n_heads} disagree: --heads is the old "
+                                 "spelling of --attn-heads, give only --attn-heads", param_hint="--attn-heads")
+    click.echo("note: train's --heads is now spelt --attn-heads; --heads will go in a later release", err=True)
+    return old_heads
 
 
 def _c_grid(text: str) -> tuple[float, ...]:
@@ -386,44 +416,21 @@ def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]
 
 # --- layer-wise comparisons ----------------------------------------------------------------
 
-from .folds import PROTOCOLS as _PROTOCOLS  # noqa: E402
-from .config import TrainConfig as _TrainConfig  # noqa: E402
-
-
 @main.command("sweep")
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Sweep folder: results, table and plots (created, or resumed if it holds the same sweep).")
 @click.option("--layers", default="all", help="Cells to compare in every cache, separated by commas: all (every state, each its own cell), 6, a range of single cells 2-5, or a multi-layer cell whose head learns a weight per state: 2+3+4, 0-3+6 or [2-5] (quote brackets). E.g. all,2+3+4+5.")
 @click.option("--heads", default="linear,mean,attentive,qkv", help="Heads to compare, comma-separated.")
 @click.option("--seeds", default="0", help="Seeds, comma-separated (e.g. 0,1,2); each seed builds its own folds and initialisations.")
-@click.option("--grid", multiple=True, help="Hyperparameters searched on the validation speakers, e.g. 'heads=4,8,12 head_dim=4,16,64' (quote it, or repeat --grid per key).")
-@click.option("--epochs", type=click.IntRange(1), default=_TrainConfig.epochs, help="Training epochs per fold (the epoch kept is chosen on validation).")
-@click.option("--patience", type=click.IntRange(0), default=_TRAIN.patience, help="Stop a fold after this many epochs without a better validation UA (the lr schedule stays --epochs long); 0 trains every epoch.")
-@click.option("--compute-dtype", "compute_dtype", type=click.Choice(_config.COMPUTE_DTYPES), default=_TRAIN.compute_dtype, help="Arithmetic of the training steps: bfloat16, float32, or auto (the faster, measured at start-up).")
-@click.option("--time-mask", type=click.FloatRange(0, 1, max_open=True), default=_TRAIN.time_mask, help="Training only: drop about this fraction of each utterance's frames in 200 ms spans; search it on validation with --grid time_mask=0,0.1,0.2.")
-@click.option("--frame-pool", type=click.IntRange(1), default=None, help="Average every K consecutive 20 ms frames before the heads read them (K a multiple of the cache's own); choose it on validation instead with --grid frame_pool=1,2,4. Default: the frames as each cache stores them.")
-@click.option("--refit", is_flag=True, help="Retrain each fold's chosen setting on training + validation speakers with the epoch (or C) it chose, then test that head.")
-@click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation.")
-@click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold and setting, each with its own seed and epoch chosen on validation, probabilities averaged; settings are compared by the ensemble's validation UA.")
-@click.option("--stack-members", type=click.Choice(_config.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower).")
-@click.option("--protocol", type=click.Choice(_PROTOCOLS), default=None, help="Fold protocol; default: loso when the corpus has groups, else speaker-independent kfold.")
-@click.option("--folds", "n_folds", type=click.IntRange(2), default=None, help="Number of kfold folds; default per corpus (RAVDESS 6, ShEMO 10, others 5).")
-@click.option("--fold-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="CSV id,fold of your own folds (protocol file).")
-@click.option("--folds-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="EmoBox's data/<dataset> folder: its fold_K/<dataset>_{train,test}_fold_K.jsonl are the folds of every cache (extracted with --corpus emobox).")
-@click.option("--compat-speaker-overlap", is_flag=True, help="FLAWED (speaker-dependent), to compare with results published on such folds only: run fold files that test speakers they also train on; the report, plots and results.csv say FLAWED, and compare never pairs them with honest results.")
-@click.option("--memory-budget", default=None, help="Memory the layers and batches of all workers may take, e.g. 8G or 500M; a layer that does not fit is streamed from the cache's shards by each worker with an equal share (batch order drawn per block of shards). Default: half of the memory available.")
+@click.option("--grid", multiple=True, help="Hyperparameters searched on the validation speakers, e.g. 'attn_heads=4,8,12 head_dim=4,16,64' (quote it, or repeat --grid per key).")
+@FOLD_OPTIONS
+@TRAINING_OPTIONS
+@MACHINE_OPTIONS
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Worker processes, each with cores/jobs torch threads; default: one per core (up to 8) on a CPU, measured faster than threads for these small heads; 1 on a GPU.")
-@click.option("--task", type=click.Choice(_TASKS), default=None, help="What the heads learn: the class labels, or continuous targets (regression; implied by --targets). Default: classification.")
-@click.option("--targets", default=None, help="Regression: the numeric targets, comma-separated (e.g. arousal,valence); every setting is chosen on validation mean CCC and the report draws one CCC curve per target. Default with --task regression: every target of the first cache.")
-@click.option("--loss", type=click.Choice(_LOSSES), default=_TRAIN.loss, help="Regression loss: ccc (1 - CCC, mean over targets) or mse (on standardised targets).")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--test-cache", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Cross-corpus: also test every fold's chosen head once on all of this cache (same checkpoint, mode and layers); the report puts its UA beside the in-corpus UA.")
-@click.option("--label-map", default=None, help="Rename every cache's classes with a named label map (e.g. ravdess-emodb6) before the folds are made; utterances of classes it does not list are dropped.")
 @click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
-def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute_dtype, time_mask, frame_pool, refit,
-              linear_c, ensemble,
-              stack_members, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap, jobs, task, targets, loss,
-              device, test_cache, label_map, part_spec, memory_budget):
+def sweep_cmd(caches, out, layers, heads, seeds, grid, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap,
+              label_map, test_cache, task, targets, loss, epochs, patience, compute_dtype, time_mask, frame_pool, refit,
+              linear_c, ensemble, stack_members, device, memory_budget, jobs, part_spec):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -442,12 +449,12 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, epochs, patience, compute
             raise click.BadParameter(f"cache folder {c} not found{hint}", param_hint="CACHES")
     task, targets = _task_options(task, targets)
     spec = SweepSpec(caches=list(caches), layers=layers, heads=parse_heads(heads), seeds=parse_seeds(seeds),
-                     grid=parse_grid(grid), train=_TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
-                                                               time_mask=time_mask, frame_pool=frame_pool or 0,
-                                                               refit=refit, ensemble=ensemble,
-                                                               task=task, targets=targets, loss=loss,
-                                                               stack_members=stack_members, linear_c=_c_grid(linear_c),
-                                                               compat_speaker_overlap=compat_speaker_overlap),
+                     grid=parse_grid(grid), train=_config.TrainConfig(epochs=epochs, patience=patience, compute_dtype=compute_dtype,
+                                                                     time_mask=time_mask, frame_pool=frame_pool or 0,
+                                                                     refit=refit, ensemble=ensemble,
+                                                                     task=task, targets=targets, loss=loss,
+                                                                     stack_members=stack_members, linear_c=_c_grid(linear_c),
+                                                                     compat_speaker_overlap=compat_speaker_overlap),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file, folds_from=folds_from, test_cache=test_cache, label_map=label_map)
     part = resolve_part(part_spec, "--part")
@@ -660,7 +667,7 @@ def export(run_dir, out, fold, epochs, cache_path, device, overwrite):
     the encoder (family, name, SHA-256, path at extraction) the head needs.
     """
     from .layers import label
-    from .predict import export_run
+    from .exporting import export_run
 
     saved = export_run(run_dir, out, fold=fold, epochs=epochs, cache_path=cache_path, device=device, overwrite=overwrite)
     p, w = saved["provenance"], saved["encoder"]

@@ -685,8 +685,8 @@ def attention_heads(cls: type[Head], config) -> int:
     refused here, when the head's options are first read (a sweep: at planning)."""
     if config.n_heads < 1:
         name = next((n for n, c in HEADS.items() if c is cls), cls.__name__)
-        raise OptionError(f"the {name} head pools with attention heads: give it --heads 1 or more "
-                          f"(grid key heads); heads=0 (no attention) is for --head stats only, swept on its own")
+        raise OptionError(f"the {name} head pools with attention heads: give it --attn-heads 1 or more "
+                          f"(grid key attn_heads); attn_heads=0 (no attention) is for --head stats only, swept on its own")
     return config.n_heads
 
 

@@ -121,7 +121,7 @@ DEFAULT_HEADS = ("linear", "mean", "attentive", "qkv")
 MAX_DEFAULT_JOBS = 8
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
-GRID_ALIASES = {"heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
+GRID_ALIASES = {"attn_heads": "n_heads", "heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
              "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask", "frame_pool")
 # Not part of what a sweep computes (where it runs, not what): a re-run may change these.
@@ -161,7 +161,7 @@ def parse_grid(specs) -> dict[str, list]:
             key, eq, values = item.partition("=")
             key = GRID_ALIASES.get(key.strip(), key.strip())
             if not eq or not values:
-                raise SweepError(f"grid item {item!r}: write key=v1,v2,... e.g. heads=4,8,12")
+                raise SweepError(f"grid item {item!r}: write key=v1,v2,... e.g. attn_heads=4,8,12")
             if key not in GRID_KEYS:
                 raise SweepError(f"grid key {key!r} unknown; grid keys = {list(GRID_KEYS)} "
                                  f"(aliases {GRID_ALIASES})")

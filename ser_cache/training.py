@@ -264,7 +264,7 @@ def check_reads(head: str, config: TrainConfig, statistics_only: bool, what: str
     reads = head_class(head).reading(config)
     if statistics_only and reads == "frames":
         raise ConfigError(f"the {head} head{_with_heads(head, config)} reads frames, and {what} holds only statistics "
-                          "(mean and std per utterance): train --head linear or --head stats --heads 0 on it, or "
+                          "(mean and std per utterance): train --head linear or --head stats --attn-heads 0 on it, or "
                           "this head on a frames cache (`ser-cache derive CACHE --out NEW --frame-pool K` makes a "
                           "smaller one)")
     if reads == "statistics" and config.time_mask and head_class(head).selects == "epoch":
@@ -273,8 +273,8 @@ def check_reads(head: str, config: TrainConfig, statistics_only: bool, what: str
 
 
 def _with_heads(head: str, config: TrainConfig) -> str:
-    """' with --heads N' for the head whose reading depends on it, else ''."""
-    return f" with --heads {config.n_heads}" if head == "stats" else ""
+    """' with --attn-heads N' for the head whose reading depends on it, else ''."""
+    return f" with --attn-heads {config.n_heads}" if head == "stats" else ""
 
 
 def folds_digest(folds: Folds) -> str:

@@ -6,6 +6,7 @@ import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +30,13 @@ def cache(tmp_path_factory, tiny_checkpoint):
     records = write_corpus(root / "corpus", n_speakers=6, per_speaker=3, seconds=(0.3, 0.8))
     extract(records, root / "cache", "csv", load_encoder(str(tiny_checkpoint)), ExtractOptions(progress=False))
     return root / "cache", records
+
+
+def test_no_module_of_the_package_hides_a_name_of_the_interface():
+    # importing ser_cache.X sets the attribute X of the package: a module named like a
+    # function of the interface would replace it once imported
+    modules = {p.stem for p in Path(ser_cache.__file__).parent.glob("*.py")}
+    assert modules.isdisjoint(API), sorted(modules & set(API))
 
 
 def test_the_interface_keeps_its_names_and_keyword_only_options():

@@ -131,7 +131,7 @@ def test_a_label_map_alone_trains_on_a_class_subset_of_one_cache(caches, tmp_pat
     assert config["cross_corpus"]["dropped"]["train"]["calm"] > 0 and config["cross_corpus"]["test_cache"] is None
     assert not (tmp_path / "run" / "cross_corpus.json").exists()
     # exported on all speakers of the same classes
-    from ser_cache.predict import export_run
+    from ser_cache.exporting import export_run
 
     saved = export_run(tmp_path / "run", tmp_path / "model.pt")
     assert saved["labels"] == ["angry", "happy", "sad"]

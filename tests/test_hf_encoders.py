@@ -25,7 +25,8 @@ from ser_cache.encoder import encoder_input, load_encoder, run_encoder
 from ser_cache.errors import OptionError
 from ser_cache.extract import ExtractOptions, encode_batch, extract
 from ser_cache.hf_encoders import EncoderError, folder_sha256, run_hidden_states
-from ser_cache.predict import PredictError, export_run, load_exported, load_predictor
+from ser_cache.exporting import export_run
+from ser_cache.predict import PredictError, load_exported, load_predictor
 from ser_cache.sweeping import SweepSpec, run_sweep
 from ser_cache.training import TrainConfig, train_from_cache
 from ser_cache.whisper_to_hf import convert_whisper

@@ -18,7 +18,8 @@ from ser_cache.errors import OptionError
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.folds import make_folds
 from ser_cache.heads import load_head
-from ser_cache.predict import export_run, load_predictor
+from ser_cache.exporting import export_run
+from ser_cache.predict import load_predictor
 from ser_cache.config import ConfigError, TrainConfig
 from ser_cache.training import run_folds, train_from_cache
 
@@ -191,9 +192,9 @@ def test_every_wrong_frame_pool_and_head_is_refused_with_the_fix(caches, tmp_pat
         pooled.read_layer(1, frame_pool=2)
     with pytest.raises(OptionError, match="not a multiple of .*give a multiple of 4"):
         pooled.read_layer(1, frame_pool=6)
-    with pytest.raises(ConfigError, match="the qkv head reads frames.*--head linear or --head stats --heads 0"):
+    with pytest.raises(ConfigError, match="the qkv head reads frames.*--head linear or --head stats --attn-heads 0"):
         train_from_cache(paths["stats"], 1, "qkv", None, TrainConfig(**SMALL), protocol="kfold", n_folds=3)
-    with pytest.raises(ConfigError, match="the stats head with --heads 2 reads frames"):
+    with pytest.raises(ConfigError, match="the stats head with --attn-heads 2 reads frames"):
         train_from_cache(paths["stats"], 1, "stats", None, TrainConfig(**SMALL), protocol="kfold", n_folds=3)
     with pytest.raises(ConfigError, match="--time-mask drops frames.*--time-mask 0"):
         train_from_cache(paths["frames"], 1, "stats", None, TrainConfig(**{**SMALL, "n_heads": 0, "time_mask": 0.1}),
@@ -214,7 +215,7 @@ def test_every_wrong_frame_pool_and_head_is_refused_with_the_fix(caches, tmp_pat
     assert result.exit_code != 0 and "the mean head reads frames" in result.output
     result = CliRunner().invoke(main, ["sweep", str(paths["stats"]), "--out", str(tmp_path / "s"), "--heads", "stats",
                                        "--grid", "heads=0,4"])  # one grid setting needs frames
-    assert result.exit_code != 0 and "the stats head with --heads 4 reads frames" in result.output
+    assert result.exit_code != 0 and "the stats head with --attn-heads 4 reads frames" in result.output
 
 
 def test_inspect_and_dry_run_say_what_a_cache_stores(caches, tiny_checkpoint, tmp_path):

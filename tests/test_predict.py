@@ -19,7 +19,8 @@ from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.heads import load_head
-from ser_cache.predict import PredictError, export_run, load_exported, load_predictor
+from ser_cache.exporting import ExportError, export_run
+from ser_cache.predict import PredictError, load_exported, load_predictor
 from ser_cache.config import TrainConfig
 from ser_cache.training import train_from_cache
 
@@ -93,9 +94,9 @@ def test_export_fold_keeps_the_saved_head(runs, tmp_path):
     assert ex.provenance["trained_on"] == "fold 1" and ex.provenance["selected"] == info["selected"]
     for k, v in saved.state_dict().items():
         torch.testing.assert_close(ex.model.state_dict()[k], v, rtol=0, atol=0)
-    with pytest.raises(PredictError, match="no saved head for fold 7"):
+    with pytest.raises(ExportError, match="no saved head for fold 7"):
         export_run(runs["qkv"], tmp_path / "f7.pt", fold=7)
-    with pytest.raises(PredictError, match="exists"):
+    with pytest.raises(ExportError, match="exists"):
         export_run(runs["qkv"], tmp_path / "f1.pt", fold=1)
 
 
@@ -114,7 +115,7 @@ def test_linear_head_exports_like_any_head(runs, exported, corpus, tmp_path):
 def test_export_refuses_a_cache_with_other_states(runs, corpus, tiny_checkpoint, tmp_path):
     root, records = corpus
     other = make_cache(root, records, tiny_checkpoint, "short")
-    with pytest.raises(PredictError, match="mode: run has 'trim', cache has 'short'"):
+    with pytest.raises(ExportError, match="mode: run has 'trim', cache has 'short'"):
         export_run(runs["qkv"], tmp_path / "m.pt", cache_path=other)
 
 
@@ -125,7 +126,7 @@ def test_export_cli_and_explicit_epochs(runs, tmp_path):
     assert load_exported(tmp_path / "m.pt").provenance["schedule_epochs"] == 2
     result = invoke("export", runs["qkv"], "--out", tmp_path / "n.pt", "--epochs", "2", "--fold", "0")
     assert result.exit_code != 0 and "--fold" in result.output
-    with pytest.raises(PredictError, match="median C"):
+    with pytest.raises(ExportError, match="median C"):
         export_run(runs["linear"], tmp_path / "l.pt", epochs=2)
 
 

@@ -225,7 +225,7 @@ def test_a_grid_without_attention_heads_is_for_the_stats_head():
     grid = parse_grid(["heads=0,4"])
     assert head_settings("stats", grid, TrainConfig()) == [{"n_heads": 0}, {"n_heads": 4}]
     assert head_settings("linear", grid, TrainConfig()) == [{}]
-    with pytest.raises(S.OptionError, match="heads=0 .* is for --head stats only"):
+    with pytest.raises(S.OptionError, match="attn_heads=0 .* is for --head stats only"):
         head_settings("qkv", grid, TrainConfig())
     # One value is a fixed setting, not the default: it applies wherever it changes something.
     assert head_settings("stats", parse_grid(["heads=0"]), TrainConfig()) == [{"n_heads": 0}]

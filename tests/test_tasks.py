@@ -254,7 +254,8 @@ def test_a_cache_without_targets_is_refused_for_regression(tmp_path, tiny_checkp
 def test_a_run_folder_without_task_settings_resumes_and_exports_as_classification(csv_cache, tmp_path):
     """config.json written by earlier versions has no task, targets or loss: it is a
     classification run, resumed as one and exported as one."""
-    from ser_cache.predict import export_run, load_exported
+    from ser_cache.exporting import export_run
+    from ser_cache.predict import load_exported
     from ser_cache.training import train_from_cache
 
     root, _ = csv_cache

@@ -113,7 +113,7 @@ def test_no_attention_heads_is_the_stats_heads_alone(data):
     from ser_cache.errors import OptionError
 
     for head in ("attentive", "qkv", "cta"):
-        with pytest.raises(OptionError, match=rf"the {head} head pools with attention heads: give it --heads 1"):
+        with pytest.raises(OptionError, match=rf"the {head} head pools with attention heads: give it --attn-heads 1"):
             fit_head(head, data, y, train, val, config, 3, 0, torch.device("cpu"))
     with pytest.raises(ConfigError, match="n_heads must be >= 0"):
         TrainConfig(n_heads=-1)
