@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 
 from .audio import LONG_AUDIO_POLICIES
-from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, STORES, ShardClaims, open_cache, shard_name
+from .cache import COMPUTE_DTYPES, DTYPES, SHARD_DIR, ShardClaims, open_cache, shard_name
+from .storage import STORES
 from .corpora import CORPORA, prepare, single_speaker_warnings, source_text
 from .device import pick_device
 from .encoder import FAMILY_LABELS, MODES

@@ -26,6 +26,7 @@ from . import cache as C
 from .errors import OptionError
 from .features import utterance_statistics
 from .files import write_json_atomic
+from .locks import CREATE_LOCK, folder_lock
 from .pooling import check_frame_pool, pool_rows, read_factor, row_weights
 from .records import save_records
 
@@ -89,9 +90,9 @@ def _prepare(source: C.Cache, out: Path, settings: C.CacheSettings) -> C.Cache:
     """The new cache's folder: created with the source's records and plan, or reopened when it
     holds a cache derived with the same settings from the same source."""
     identity = {"path": str(source.root.resolve()), "shard_sha256": source.fingerprint["shard_sha256"]}
-    with C.folder_lock(out):
+    with folder_lock(out):
         if not (out / C.SETTINGS_FILE).exists():
-            if any(p.name != C.CREATE_LOCK for p in out.iterdir()):
+            if any(p.name != CREATE_LOCK for p in out.iterdir()):
                 raise C.CacheError(f"{out} exists, is not empty and is not a cache: pass a new or empty --out folder")
             (out / C.SHARD_DIR).mkdir(exist_ok=True)
             save_records(source.records(), out / C.RECORDS_FILE)

@@ -43,9 +43,11 @@ from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encoder_input, run_e
 from .errors import OptionError
 from .files import write_json_atomic
 from .layers import parse_states
+from .locks import CREATE_LOCK, folder_lock
 from .pooling import check_frame_pool
 from .records import Utterance, records_hash, refuse_changed_audio, save_records
 from .slurm import resolve_part
+from .storage import STORES
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # 256 MiB: a few large reads per layer
 PREFETCH = 16  # the next shard is read once fewer utterances than this are left to encode
@@ -136,7 +138,7 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
         # Jobs started together on a new folder: one creates it, the others wait for the lock
         # and then find cache.json, so no job sees another's half-made folder as foreign and
         # no two jobs with different settings interleave their records, plan and settings.
-        with C.folder_lock(out):
+        with folder_lock(out):
             if not (out / C.SETTINGS_FILE).exists():
                 plan = C.plan_shards(records, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
                 create_cache(out, records, plan, settings, enc.path, source)
@@ -175,7 +177,7 @@ def create_cache(out: Path, records: list[Utterance], plan: list[list[str]], set
 
 # What a run killed while creating a cache leaves behind (cache.json is written last).
 CREATION_LEFTOVERS = (C.RECORDS_FILE, C.RECORDS_FILE + ".*.tmp", C.PLAN_FILE, C.PLAN_FILE + ".*.tmp", C.SETTINGS_FILE + ".*.tmp",
-                      C.CREATE_LOCK)
+                      CREATE_LOCK)
 
 
 def interrupted_creation(out: Path) -> bool:
@@ -413,8 +415,8 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
         raise OptionError(f"dtype {opts.dtype!r}: choose one of {C.DTYPES}")
     if opts.compute_dtype not in C.COMPUTE_DTYPES:
         raise OptionError(f"compute dtype {opts.compute_dtype!r}: choose one of {C.COMPUTE_DTYPES}")
-    if opts.store not in C.STORES:
-        raise OptionError(f"--store {opts.store!r}: choose one of {C.STORES}")
+    if opts.store not in STORES:
+        raise OptionError(f"--store {opts.store!r}: choose one of {STORES}")
     check_frame_pool(opts.frame_pool)
     start = time.perf_counter()
     cache = prepare_cache(out, records, corpus, enc, opts, source)

@@ -189,7 +189,7 @@ def progress(sweep: Sweep) -> dict:
     {"cells": (complete, planned), "folds": (done, planned), "running": folds whose claim a
     live process holds now}. A cell is one (cache, layer, head, seed), complete when every fold
     is done; a cache and seed whose folds are not saved yet count as 0 of unknown: planned None."""
-    from .cache import lock_held
+    from .locks import lock_held
 
     config, done = sweep.config, Counter((r.cache, as_selection(r.layer), r.head, r.seed) for r in sweep.records)
     cells = folds = 0

@@ -411,12 +411,12 @@ class SweepFolder:
         """Context: hold SWEEP/create.lock for a short step that several sweep processes on this
         folder may reach at once (creating sweep.json and the folds, appending to timing.json,
         writing the report). Tasks themselves are claimed one by one (`claim_path`)."""
-        from .cache import folder_lock  # one locking scheme for caches and sweeps (cache.py)
+        from .locks import folder_lock  # one locking scheme for caches and sweeps
 
         return folder_lock(self.root)
 
     def claim_path(self, cache: str, layer, head: str, seed: int, fold: int) -> Path:
-        """The lock file whose flock is the claim on one task (cache.Claims)."""
+        """The lock file whose flock is the claim on one task (locks.Claims)."""
         return self.cell_path(cache, layer, head, seed, fold).with_suffix(".lock")
 
     def remove_cell_temporaries(self, cache: str, layer, head: str, seed: int, fold: int) -> None:

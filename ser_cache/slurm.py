@@ -10,7 +10,7 @@ SLURM_ARRAY_TASK_COUNT (`array_part`) when no --shard / --part is given, so the 
 the same command in every task. IDs need not start at 0 (`--array 1-8`: SLURM_ARRAY_TASK_MIN)
 or step by 1 (`--array 0-14:2`: SLURM_ARRAY_TASK_STEP); an array with gaps (`--array 1,3,7`)
 cannot be mapped onto parts and is refused with the fix. The parts only spread the work: any
-number of processes on one folder are kept apart by claims (cache.Claims), so a task re-run by
+number of processes on one folder are kept apart by claims (locks.Claims), so a task re-run by
 `scontrol requeue`, or a second submission, does no work twice.
 
 Why sbatch scripts written by the tool, rather than submitit or a scheduler of our own: no

@@ -57,7 +57,7 @@ settings skips those tasks; a re-run with other settings is refused, naming what
 Several processes, one sweep. Any number of `sweep` processes may work on one --out at once
 (SLURM array tasks, a job submitted twice, a resume while the first run still goes): each
 task runs only in the process holding its claim, an exclusive flock on
-cells/.../HEAD-seedS-foldF.lock (cache.Claims, the same scheme as the shards of a cache),
+cells/.../HEAD-seedS-foldF.lock (locks.Claims, the same scheme as the shards of a cache),
 which the kernel lets go of however its holder ends. sweep.json and the folds are made once,
 under SWEEP/create.lock; timing.json and the report are written under it too. `--part I/N`
 (or a SLURM array's task id) gives a process the I-th of N contiguous runs of the tasks
@@ -100,6 +100,7 @@ from .features import LayerData, StatsLayer
 from .folds import Folds, make_folds
 from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
+from .locks import CREATE_LOCK, Claims
 from .records import target_names
 from .results import CellResult, SweepError, SweepFolder, SweepTiming
 from .streaming import StreamedLayer, open_layer, open_streamed
@@ -689,7 +690,7 @@ def part_of(tasks: list[Task], part: tuple[int, int]) -> list[Task]:
 
 
 def task_claims(folder: SweepFolder) -> Claims:
-    """Claims on tasks (cache.Claims): a task runs only in the process holding its claim."""
+    """Claims on tasks (locks.Claims): a task runs only in the process holding its claim."""
     def lock_path(task: Task) -> Path:
         path = folder.claim_path(task.cache, task.layer, task.head, task.seed, task.fold)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ser_cache.cache import SHARD_DIR, CacheError, ShardClaims, folder_lock, open_cache, shard_name
+from ser_cache.cache import SHARD_DIR, CacheError, ShardClaims, open_cache, shard_name
+from ser_cache.locks import LockError, folder_lock
 from ser_cache.cli import main
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract, parse_layers, parse_shard
@@ -151,7 +152,7 @@ def test_a_file_system_without_locks_is_named_with_the_fix(tmp_path, monkeypatch
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(CacheError, match="does not support the locks.*local disk"):
+    with pytest.raises(LockError, match="does not support the locks.*local disk"):
         ShardClaims(tmp_path).take(0)
     assert list(tmp_path.iterdir()) == [tmp_path / f"{shard_name(0)}.lock"]  # only the empty lock file, harmless
 

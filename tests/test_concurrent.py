@@ -25,6 +25,7 @@ from ser_cache import cache as C
 from ser_cache.cache import open_cache
 from ser_cache.cli import main
 from ser_cache.extract import final_state
+from ser_cache.locks import CREATE_LOCK
 
 from test_faults import SEED, After, _cli_in_child, assert_same_cache, extract_args, forkserver, good_rows, snapshot, \
     write_csv
@@ -132,7 +133,7 @@ def assert_tidy(out: Path, n: int):
     """Every planned shard exactly once, with its sidecar, and nothing else left in the folder."""
     names = sorted(p.name for p in (out / C.SHARD_DIR).iterdir())
     assert names == sorted(f"{C.shard_name(k)}{ext}" for k in range(n) for ext in (".h5", ".json")), names
-    assert not (out / C.CREATE_LOCK).exists()
+    assert not (out / CREATE_LOCK).exists()
 
 
 def test_jobs_started_together_share_the_shards(corpus, tiny_checkpoint, tmp_path):

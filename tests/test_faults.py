@@ -33,6 +33,7 @@ from click.testing import CliRunner
 from ser_cache import audio, cache as C, encoder
 from ser_cache.cache import CacheError, open_cache, shard_name
 from ser_cache.cli import main
+from ser_cache.locks import CREATE_LOCK
 
 from conftest import tone, write_corpus
 
@@ -521,7 +522,7 @@ def test_crash_while_the_cache_folder_was_created(kill_corpus, tiny_checkpoint, 
     (out / C.SHARD_DIR).mkdir(parents=True)
     (out / C.RECORDS_FILE).write_text('{"id": "half a li')
     (out / f"{C.PLAN_FILE}.4242.tmp").write_text("[[")
-    (out / C.CREATE_LOCK).write_text("")  # its creation lock, no longer held by anyone
+    (out / CREATE_LOCK).write_text("")  # its creation lock, no longer held by anyone
     result = cli(*extract_args(corpus, tiny_checkpoint, out, *RUN_ARGS))
     assert result.exit_code == 0, result.output
     assert_same_cache(out, reference)
