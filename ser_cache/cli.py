@@ -632,7 +632,7 @@ def check_corpus_cmd(data_dir, corpus, label_map, csv_path, audio_root, columns,
     ways, classes of one speaker or tested in only some folds, folds that train could not
     build (too few speakers...); then their count. Exits non-zero when there is any.
 
-    For ravdess, emodb and shemo it also verifies every file against the release's published
+    For ravdess and emodb it also verifies every file against the release's published
     SHA-256 list (a copy converted to another format is said to be one, not failed).
     """
     from .corpuscheck import check_corpus

@@ -18,7 +18,7 @@ line naming what is wrong (the utterance, class or fold) and the fix:
                 folds): those folds' metrics leave it out;
     folds       the folds `train` would build (its default protocol and number of folds, or
                 --protocol, --folds, --folds-from) cannot be built, e.g. too few speakers;
-    release     for a public corpus with a shipped SHA-256 list (ravdess, emodb, shemo), a
+    release     for a public corpus with a shipped SHA-256 list (ravdess, emodb), a
                 listed file that is missing or whose bytes differ from the release's
                 (download.check_corpus). A copy converted to another format cannot be checked
                 against the list: that is said once, as information, not as a problem.
@@ -128,8 +128,8 @@ def release_problems(corpus: str, data_dir: Path, info: list[str]) -> list[str]:
     (none for a corpus without a shipped SHA-256 list); what cannot be checked goes to `info`."""
     from . import download
 
-    if corpus not in download.CORPORA or not Path(data_dir).is_dir():
-        return []
+    if corpus not in download.RELEASES or download.RELEASES[corpus].checksums is None or not Path(data_dir).is_dir():
+        return []  # no published list (ShEMO publishes none): nothing to check against
     found = download.check_corpus(corpus, Path(data_dir), progress=False)
     if found.converted or found.note:
         info.append(f"release: {found.note or 'not the files of the original release (another format)'}: "

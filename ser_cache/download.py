@@ -77,7 +77,7 @@ class Corpus:
     subfolder: str = "."
 
 
-CORPORA = {
+RELEASES = {
     c.name: c
     for c in (
         Corpus("ravdess", (("Audio_Speech_Actors_01-24.zip", ZENODO_RAVDESS),), "ravdess.sha256"),
@@ -96,7 +96,7 @@ CORPORA = {
         Corpus("jl_corpus", checksums="jl_corpus.sha256"),
     )
 }
-DOWNLOADABLE = sorted(n for n, c in CORPORA.items() if c.archives)
+DOWNLOADABLE = sorted(n for n, c in RELEASES.items() if c.archives)
 
 
 class DownloadError(UserError, RuntimeError):
@@ -140,7 +140,7 @@ class Report:
     def corpus_dir(self) -> Path:
         """The folder to pass to `ser-cache extract`: `folder` without the corpus's subfolder
         (data/emodb for data/emodb/wav), which is the layout the recipes in corpora.py document."""
-        sub = CORPORA[self.corpus].subfolder
+        sub = RELEASES[self.corpus].subfolder
         if sub != "." and self.folder.as_posix().endswith("/" + sub):
             return self.folder.parents[len(PurePosixPath(sub).parts) - 1]
         return self.folder
@@ -179,9 +179,9 @@ def _names(names: list[str]) -> str:
 
 
 def corpus_of(name: str) -> Corpus:
-    if name not in CORPORA:
-        raise DownloadError(f"unknown corpus {name!r}; known corpora = {sorted(CORPORA)}")
-    return CORPORA[name]
+    if name not in RELEASES:
+        raise DownloadError(f"unknown corpus {name!r}; known corpora = {sorted(RELEASES)}")
+    return RELEASES[name]
 
 
 def load_checksums(list_name: str, folder: Path | None = None) -> dict[str, str]:

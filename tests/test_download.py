@@ -44,7 +44,7 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 def listed(corpus: str) -> dict[str, bytes]:
     """{path relative to the corpus's subfolder: content} of the files its list should name."""
-    prefix = "" if dl.CORPORA[corpus].subfolder == "." else dl.CORPORA[corpus].subfolder + "/"
+    prefix = "" if dl.RELEASES[corpus].subfolder == "." else dl.RELEASES[corpus].subfolder + "/"
     return {name[len(prefix):]: data for files in RELEASES[corpus].values()
             for name, data in files.items() if name.startswith(prefix)}
 
@@ -114,10 +114,10 @@ def release(server, tmp_path, monkeypatch):
                 sums: dict[str, bytes] | None = None):
         for name, members in (files or RELEASES[corpus]).items():
             server.files[name] = zip_bytes(members)
-        if dl.CORPORA[corpus].checksums:
+        if dl.RELEASES[corpus].checksums:
             lines = [f"{hashlib.sha256(d).hexdigest()}  {rel}\n"
                      for rel, d in (sums or listed(corpus)).items()]
-            (sums_dir / dl.CORPORA[corpus].checksums).write_text("".join(lines))
+            (sums_dir / dl.RELEASES[corpus].checksums).write_text("".join(lines))
         return server
 
     return publish
@@ -320,8 +320,8 @@ def test_load_checksums_refuses_a_malformed_line(tmp_path):
 
 
 def test_shipped_lists_parse_and_match_their_corpora():
-    for c in dl.CORPORA.values():
+    for c in dl.RELEASES.values():
         if c.checksums:
             sums = dl.load_checksums(c.checksums)
             assert len(sums) > 400 and all(len(h) == 64 for h in sums.values()), c.name
-    assert dl.CORPORA["shemo"].checksums is None
+    assert dl.RELEASES["shemo"].checksums is None
