@@ -187,14 +187,17 @@ def apply_long_policy(audio: np.ndarray, policy: str) -> tuple[list[np.ndarray],
     return windows, f"{seconds:.1f} s encoded as {len(windows)} windows of up to {WINDOW_SECONDS} s"
 
 
-def load_utterance(path: str, long_policy: str = "refuse") -> tuple[list[np.ndarray], list[str]]:
+def load_utterance(path: str, long_policy: str = "refuse", transform=None) -> tuple[list[np.ndarray], list[str]]:
     """Read one utterance as Whisper windows: ([(samples,) float32 at 16 kHz, ...], notes).
 
     Notes are things worth knowing that do not stop the file from being used (digital
-    silence, truncation). Raises AudioError for anything that does.
+    silence, truncation). Raises AudioError for anything that does. transform: a function of
+    the 16 kHz audio applied before it is split into windows (an augmented view, augment.py).
     """
     data, rate = read_audio(path)
     audio = to_whisper_input(data, rate)
+    if transform is not None:
+        audio = to_whisper_input(transform(audio)[:, None], SAMPLE_RATE)  # the same checks on the view
     notes = []
     if not np.any(audio):
         notes.append("digital silence (every sample is zero)")

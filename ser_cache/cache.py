@@ -33,6 +33,11 @@ What a row is (`store` and `frame_pool` of the settings):
 Caches made before `encoder_frames` was stored are frames caches of frame_pool 1, whose
 encoder frames are their rows.
 
+Augmented views (`extract --augment`, augment.py) are utterances like any other in records,
+plan and shards, each tied to its source by the `source` field of its record (`view_sources`)
+and planned in its source's shard. The settings name the views and their seed (`augment`,
+`augment_seed`); a cache without views has neither key in cache.json, as before views existed.
+
 Crash safety: a shard is written to a temporary name, flushed to disk, described by its JSON
 sidecar, then renamed; a shard without both files is not complete and is re-done by the next
 `extract`. The plan is a pure function of the records and settings, so `--shard I/N` jobs
@@ -103,6 +108,18 @@ class CacheSettings:
     # the encoder's code: openai-whisper (every cache made before others were supported), or a
     # transformers model_type (hf_encoders.FAMILIES)
     family: str = "openai-whisper"
+    # augmented views stored beside each utterance (augment.py), by name ("speed0.9", "noise20"),
+    # and the seed of their noise; records_hash and n_records stay those of the corpus itself
+    augment: list[str] = field(default_factory=list)
+    augment_seed: int = 0
+
+    def to_dict(self) -> dict:
+        """The settings as cache.json and a run's fingerprint hold them: without augment and
+        augment_seed when there are no views, so caches without views are described as before."""
+        d = asdict(self)
+        if not self.augment:
+            del d["augment"], d["augment_seed"]
+        return d
 
     @property
     def stored_dtype(self) -> str:
@@ -133,21 +150,29 @@ def shard_name(k: int) -> str:
 
 
 def plan_shards(records: list[Utterance], bytes_per_second: float, shard_bytes: int) -> list[list[str]]:
-    """Split utterance ids into shards of about `shard_bytes` each, in id order.
+    """Split utterance ids into shards of about `shard_bytes` each, in id order; an augmented
+    view goes right after its source, in the order `records` lists the views, never into
+    another shard (a source and its views are written, resumed and repaired together).
 
     bytes_per_second: estimated cache bytes per second of audio (all kept layers), or per
     utterance for the padded mode (pass duration-free estimates through `records`' durations).
     Deterministic: the same records and settings always give the same plan.
     """
+    views: dict[str, list[Utterance]] = {}
+    for r in records:
+        if r.source:
+            views.setdefault(r.source, []).append(r)
     shards: list[list[str]] = [[]]
     size = 0.0
-    for r in sorted(records, key=lambda r: r.id):
-        cost = max(r.duration, 0.02) * bytes_per_second
+    for r in sorted((r for r in records if not r.source), key=lambda r: r.id):
+        group = [r, *views.pop(r.id, [])]
+        cost = sum(max(u.duration, 0.02) for u in group) * bytes_per_second
         if shards[-1] and size + cost > shard_bytes:
             shards.append([])
             size = 0.0
-        shards[-1].append(r.id)
+        shards[-1].extend(u.id for u in group)
         size += cost
+    assert not views, f"views of utterances not in the records: {sorted(views)[:3]}"
     return shards
 
 
@@ -431,11 +456,17 @@ class Cache:
     def records(self) -> list[Utterance]:
         return load_records(self.root / RECORDS_FILE)
 
+    def view_sources(self) -> dict[str, str]:
+        """{view id: its source's id} of every augmented view planned (empty without views)."""
+        if not self.settings.augment:
+            return {}
+        return {r.id: r.source for r in self.records() if r.source}
+
     @property
     def fingerprint(self) -> dict:
         """What identifies this cache's content, for a run's config.json; model_path (where the
         checkpoint was at extraction, None for a model name or an older cache) rides along."""
-        s = asdict(self.settings)
+        s = self.settings.to_dict()
         s["path"] = str(self.root.resolve())
         s["model_path"] = self.provenance.get("model_path")
         s["shard_sha256"] = hashlib.sha256(
@@ -661,7 +692,7 @@ class Cache:
             "frame_pool": s.frame_pool,
             "layers": self.layers,
             "long_audio": s.long_audio,
-            "records": s.n_records,
+            "records": sum(map(len, self.plan)) if s.augment else s.n_records,  # views included
             "utterances": sum(i["utterances"] for i in infos),
             "frames": sum(i["frames"] for i in infos),
             "bytes": sum(i["bytes"] for i in infos),
@@ -672,10 +703,21 @@ class Cache:
             "notes": self.notes(),
             "complete": len(done) == len(self.plan),
             "records_hash": s.records_hash,
-            "class_counts": class_counts(self.records()),
+            "class_counts": class_counts(r for r in self.records() if not r.source),  # of the corpus
             "targets": target_names(self.records()),
             "provenance": self.provenance,
+            **({"augment": s.augment, "augment_seed": s.augment_seed, "views": self.stored_views()}
+               if s.augment else {}),
         }
+
+    def stored_views(self) -> dict[str, int]:
+        """How many views of each transform the complete shards hold ({"speed0.9": n, ...})."""
+        stored = set(self.read_meta()["ids"].tolist())
+        counts = {name: 0 for name in self.settings.augment}
+        for r in self.records():
+            if r.view and r.id in stored:
+                counts[r.view] += 1
+        return counts
 
     def verify(self) -> dict[int, str]:
         """Full check of every planned shard: bytes against the recorded SHA-256, structure and

@@ -135,9 +135,12 @@ def refuse_data_file(data_dir: Path, corpus: str, csv_path: Path | None) -> None
 @click.option("--shard-mb", type=click.FloatRange(0, 2**20, min_open=True), default=256.0, help="Advanced: target shard size in MiB of a frames cache (pooled and statistics caches plan the same utterances per shard, in smaller files). Smaller shards lose less work to a crash and make --repair cheaper, at the cost of more files; part of the cache settings, so a resume must pass the same value.")
 @click.option("--frame-pool", type=click.IntRange(1), default=1, show_default=True, help="Store the mean of every K consecutive 20 ms frames (a last, partial group: the mean of what it holds): a cache K times smaller. Train may pool further by multiples of K.")
 @click.option("--store", type=click.Choice(STORES), default="frames", show_default=True, help="frames: every (pooled) frame; stats: per utterance and state only the mean and std of every value (float32), what the linear probe reads, about 1/50 of a frames cache.")
+@click.option("--augment", multiple=True, help="Also store augmented views of every utterance, each a record of its own tied to its source (same speaker, label, folds): speed=F[,F...] (speed perturbation by resampling, tempo and pitch together; e.g. speed=0.9,1.1) or noise=SNR_DB[,SNR_DB...] (white Gaussian noise at that SNR, seeded per utterance and view). Repeat for both. Part of the cache settings.")
+@click.option("--augment-seed", type=int, default=0, help="Seed of the noise views (with the utterance and view); part of the cache settings.")
 @click.option("--dry-run", is_flag=True, help="Print how many bytes the cache will take, then stop before encoding.")
 def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, batch_size, shard_spec, limit, label_map, csv_path,
-            audio_root, columns, speaker_pattern, long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, dry_run):
+            audio_root, columns, speaker_pattern, long_audio, strict, repair, device, workers, shard_mb, frame_pool, store, augment,
+            augment_seed, dry_run):
     """Encode a corpus with Whisper (or another speech encoder) once and cache every kept encoder state.
 
     DATA_DIR is the corpus folder, or with --corpus csv also the manifest itself (a CSV or
@@ -147,11 +150,13 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     .parquet or .arrow file or a folder of them, or a hub id. Re-running the same command
     resumes an interrupted extraction.
     """
+    from .augment import parse_augment, with_views
     from .encoder import load_encoder
     from .extract import ExtractOptions, extract as run_extract, final_state, parse_layers, parse_shard, summary_text
 
     refuse_data_file(data_dir, corpus, csv_path)
     shard = parse_shard(shard_spec)
+    views = parse_augment(augment)
     prepared = prepare(corpus, data_dir, label_map=label_map, csv_path=csv_path, audio_root=audio_root, columns=columns,
                        speaker_pattern=speaker_pattern)
     records = limit_records(prepared.records, limit)
@@ -167,10 +172,14 @@ def extract(data_dir, corpus, model, out, mode, layers, dtype, compute_dtype, ba
     mode = mode or ("short" if enc.waveform else "trim")
     opts = ExtractOptions(mode=mode, layers=parse_layers(layers, enc.n_states), dtype=dtype, compute_dtype=compute_dtype, batch_size=batch_size,
                           shard=shard, long_audio=long_audio, strict=strict, repair=repair, workers=workers,
-                          shard_bytes=int(shard_mb * 2**20), frame_pool=frame_pool, store=store)
+                          shard_bytes=int(shard_mb * 2**20), frame_pool=frame_pool, store=store, augment=views,
+                          augment_seed=augment_seed)
     click.echo(f"model {enc.name} ({enc.family}, sha256 {enc.sha256[:12]}, {enc.n_states} states of width {enc.dim}) on {dev}")
-    estimate = describe_estimate(len(opts.layers), enc.dim, seconds=sum(r.duration for r in records),
-                                 utterances=len(records), store=store, frame_pool=frame_pool, dtype=dtype, mode=mode)
+    planned = with_views(records, views)
+    estimate = describe_estimate(len(opts.layers), enc.dim, seconds=sum(r.duration for r in planned),
+                                 utterances=len(planned), store=store, frame_pool=frame_pool, dtype=dtype, mode=mode)
+    if views:
+        click.echo(f"augmented views: {', '.join(views)} of every utterance ({len(planned) - len(records)} views)")
     click.echo(f"cache size: {estimate}")
     if dry_run:
         return
@@ -217,6 +226,10 @@ def inspect(cache_dir, as_json):
         rows = "statistics (mean, std per utterance, float32) of " + rows
     click.echo(f"  stores {rows}")
     click.echo(f"  utterances {info['utterances']} of {info['records']} records, {info['frames']} rows, {info['bytes'] / 2**20:.1f} MiB")
+    if info.get("augment"):
+        views = sum(info["views"].values())
+        click.echo(f"  of them {views} augmented views (seed {info['augment_seed']}): "
+                   + ", ".join(f"{name} {n}" for name, n in info["views"].items()))
     click.echo("  classes " + ", ".join(f"{c} {n}" for c, n in info["class_counts"].items())
                + (f"; targets {', '.join(info['targets'])} (train --targets)" if info["targets"] else ""))
     # A partial cache may be filling now (an array job): say how many missing shards are claimed.
@@ -307,6 +320,9 @@ TRAINING_OPTIONS = options(  # what the heads learn and how long
     click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation."),
     click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean (a sweep compares its grid settings by the ensemble's validation score); a train run saves every member, and export keeps them all."),
     click.option("--stack-members", type=click.Choice(_config.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower)."),
+    click.option("--mix", type=click.Choice(_config.MIX_MODES), default=_TRAIN.mix, help="Several states (mean, attentive, qkv, cta): learn a softmax weight per state, or keep equal weights (the ablation). No effect on one state, or on the linear and stats heads, which read the states side by side. A sweep can choose it on validation: --grid mix=learned,equal."),
+    click.option("--mix-lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate of a learned mix's weights (their softmax logits; no weight decay), on the schedule of --lr. A sweep can choose it on validation: --grid mix_lr=none,0.01,0.1. Default: --lr, with the head's weight decay (the weights then stay close to equal)."),
+    click.option("--views", type=click.Choice(_config.VIEWS_MODES), default=_TRAIN.views, help="With a cache extracted with --augment: on also trains on the augmented views of each fold's training utterances (validation and test hold originals only); off ignores them. A sweep can choose it on validation: --grid views=off,on."),
 )
 MACHINE_OPTIONS = options(  # where it runs, not what it computes
     click.option("--device", default=_TRAIN.device, help="auto, cpu, cuda or cuda:N."),
@@ -336,7 +352,7 @@ MACHINE_OPTIONS = options(  # where it runs, not what it computes
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap, label_map,
               test_cache, task, targets, loss, epochs, patience, compute_dtype, time_mask, frame_pool, refit, linear_c,
-              ensemble, stack_members, seed, batch_size, lr, dropout, n_heads, old_heads, head_dim, class_weights,
+              ensemble, stack_members, mix, mix_lr, views, seed, batch_size, lr, dropout, n_heads, old_heads, head_dim, class_weights,
               standardize, compat_select_on_test, compat_eval_dropout, device, memory_budget, overwrite):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
@@ -363,7 +379,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, folds_f
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
         frame_pool=frame_pool or 0, refit=refit, ensemble=ensemble, stack_members=stack_members, linear_c=_c_grid(linear_c),
-        device=device,
+        mix=mix, mix_lr=mix_lr, views=views, device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout,
         compat_speaker_overlap=compat_speaker_overlap))
     from .streaming import parse_size
@@ -431,7 +447,7 @@ def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]
 @click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap,
               label_map, test_cache, task, targets, loss, epochs, patience, compute_dtype, time_mask, frame_pool, refit,
-              linear_c, ensemble, stack_members, device, memory_budget, jobs, part_spec):
+              linear_c, ensemble, stack_members, mix, mix_lr, views, device, memory_budget, jobs, part_spec):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -455,6 +471,7 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, protocol, n_folds, fold_f
                                                                      refit=refit, ensemble=ensemble,
                                                                      task=task, targets=targets, loss=loss,
                                                                      stack_members=stack_members, linear_c=_c_grid(linear_c),
+                                                                     mix=mix, mix_lr=mix_lr, views=views,
                                                                      compat_speaker_overlap=compat_speaker_overlap),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file, folds_from=folds_from, test_cache=test_cache, label_map=label_map)

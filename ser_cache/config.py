@@ -20,6 +20,8 @@ from .tasks import LOSSES, TASKS
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 STACK_MODES = ("auto", "on", "off")  # stack_members (ensembles.py)
+VIEWS_MODES = ("off", "on")  # views: train on a cache's augmented views too (augment.py)
+MIX_MODES = ("learned", "equal")  # mix: a multi-state head's softmax weights over states (heads.StateMix)
 
 
 class ConfigError(OptionError):
@@ -60,12 +62,24 @@ class TrainConfig:
     # cache stores; 0: as the cache stores them. Applied when the layer is read, before the
     # input standardisation; a sweep grid key.
     frame_pool: int = 0
+    # The state mix of a multi-state pooling head (heads.StateMix; nothing else reads these).
+    # mix_lr: the peak lr of the mix's softmax logits, in an AdamW group of their own without
+    # weight decay (which would pull them back to equal weights), on the same schedule; None:
+    # config.lr in the head's one group, as before: there the weights stayed within 0.005 of
+    # equal on URDU, and a faster mix did not score better on URDU or RAVDESS (docs/findings.md,
+    # "A mix that learns, or an honest picture"). mix "equal": the logits stay 0, the ablation.
+    mix: str = "learned"
+    mix_lr: float | None = None
     task: str = "classification"  # or "regression": learn `targets` (tasks.py)
     targets: tuple = ()  # regression: target names; empty: every target the cache holds
     loss: str = "ccc"  # regression: "ccc" (1 - CCC, mean over targets) or "mse"; classes: cross-entropy
     compat_select_on_test: bool = False  # FLAWED (reference code): pick the epoch on the test fold
     compat_eval_dropout: bool = False  # FLAWED (reference code): dropout stays on at evaluation
     compat_speaker_overlap: bool = False  # FLAWED (speaker-dependent): fold files may test training speakers
+    # "on": the training split also holds the augmented views (extract --augment) of its
+    # utterances; validation and test hold originals only, whatever this says (folds.ViewRows).
+    # "off" until measured otherwise (docs/findings.md); a sweep grid key.
+    views: str = "off"
 
     def __post_init__(self):
         checks = [
@@ -91,6 +105,9 @@ class TrainConfig:
             (self.task == "classification" or not self.class_weights,
              "class weights weigh classes, and a regression has none: drop class_weights"),
             (self.stack_members in STACK_MODES, f"stack_members must be one of {STACK_MODES}"),
+            (self.views in VIEWS_MODES, f"views must be one of {VIEWS_MODES}"),
+            (self.mix in MIX_MODES, f"mix must be one of {MIX_MODES}"),
+            (self.mix_lr is None or self.mix_lr > 0, "mix_lr must be > 0 (or None: the head's lr)"),
             (not (self.refit and self.compat_select_on_test),
              "refit trains on the speakers that chose, and with compat_select_on_test those are the test "
              "speakers: drop one of the two"),
@@ -138,7 +155,7 @@ FLAWS = {
 # bit-reproducible; on a CPU, auto trains members one after another, as before.)
 EARLIER_VALUES = {"frame_pool": 0, "patience": 0, "compute_dtype": "float32", "refit": False, "ensemble": 1, "time_mask": 0.0,
                   "task": "classification", "targets": [], "loss": "ccc", "stack_members": "auto",
-                  "compat_speaker_overlap": False}
+                  "compat_speaker_overlap": False, "views": "off"}
 
 
 def as_made(stored: dict) -> dict:
@@ -147,7 +164,10 @@ def as_made(stored: dict) -> dict:
 
 
 def _coerce(key, value, default):
-    if isinstance(default, bool):
+    if default is None:  # an optional number (mix_lr)
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        value = value if value is None or not ok else float(value)
+    elif isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -160,5 +180,6 @@ def _coerce(key, value, default):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"setting {key!r} must be {type(default).__name__}, got {value!r}")
+        kind = "a number or None" if default is None else type(default).__name__
+        raise ConfigError(f"setting {key!r} must be {kind}, got {value!r}")
     return value

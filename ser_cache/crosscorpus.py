@@ -205,11 +205,22 @@ def open_cross_corpus(train: Cache, layer: Selection, test_cache: Path | None,
         raise CrossCorpusError(f"the test cache {test_cache} cannot be scored by heads trained on {train.root}: "
                                + "; ".join(problems)
                                + ". Extract both corpora with the same checkpoint, --mode, --compute-dtype and layers")
-    target, cross.dropped["test"] = map_classes(test.read_layer(layer), cross.label_map,
+    target, cross.dropped["test"] = map_classes(originals_of(test, test.read_layer(layer)), cross.label_map,
                                                 f"the test cache {test_cache}")
     log_drops("test", test_cache, cross.dropped["test"], len(target), cross.label_map)
     cross.target, cross.target_cache = target, test.fingerprint
     return cross
+
+
+def originals_of(cache, data):
+    """`data`, a layer of `cache`, without the cache's augmented views (augment.py): a test
+    set holds the corpus's own utterances only."""
+    sources = cache.view_sources()
+    if not sources:
+        return data
+    from .folds import ViewRows
+
+    return data.subset(ViewRows.of(data.ids, sources).originals)
 
 
 def log_drops(role: str, where, dropped: dict, kept: int, label_map: str | None) -> None:

@@ -16,7 +16,7 @@ temporary name, then renamed; re-running the same command finishes what is missi
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ def _prepare(source: C.Cache, out: Path, settings: C.CacheSettings) -> C.Cache:
             save_records(source.records(), out / C.RECORDS_FILE)
             write_json_atomic(out / C.PLAN_FILE, source.plan)
             provenance = {**source.provenance, "derived_from": identity}
-            write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": provenance})
+            write_json_atomic(out / C.SETTINGS_FILE, {"settings": settings.to_dict(), "provenance": provenance})
     new = C.open_cache(out)
     diffs = new.settings.differences(settings)
     theirs = new.provenance.get("derived_from", {}).get("shard_sha256")

@@ -78,7 +78,17 @@ from .batches import (
 )
 from .config import TrainConfig
 from .features import LayerData
-from .fitting import Fit, NonFiniteLossError, fit_head, fork_rng, get_lr, member_seed, resolve_compute_dtype
+from .fitting import (
+    Fit,
+    NonFiniteLossError,
+    fit_head,
+    fork_rng,
+    get_lr,
+    member_seed,
+    param_groups,
+    resolve_compute_dtype,
+    set_lr,
+)
 from .heads import Head, head_class, one_head, options_for
 from .tasks import Classification, Task, as_task
 
@@ -157,11 +167,12 @@ class Stack:
         # training flag matter).
         self.base = LogitsOf(copy.deepcopy(models[0]))
         self.config, self.device, self.dtype = config, device, dtype
-        self.optimizer = self._adamw(self.params.values())
+        self.optimizer = self._adamw()
 
-    def _adamw(self, params):
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
-                                 fused=self.device.type in ("cpu", "cuda"))
+    def _adamw(self):
+        """AdamW over the stacked parameters, grouped as a lone head's (fitting.param_groups)."""
+        return torch.optim.AdamW(param_groups(self.params.items(), self.config), lr=self.config.lr,
+                                 weight_decay=self.config.weight_decay, fused=self.device.type in ("cpu", "cuda"))
 
     def logits(self, z: torch.Tensor, mask: torch.Tensor, shared: bool = False) -> torch.Tensor:
         """(M, B, n_classes) float32 logits of every member: z (M, B, T, width), mask (M, B, T),
@@ -182,7 +193,7 @@ class Stack:
         index = torch.tensor(rows, device=self.device)
         old = list(self.params.values())
         self.params = {k: v.detach()[index].clone().requires_grad_() for k, v in self.params.items()}
-        optimizer = self._adamw(self.params.values())
+        optimizer = self._adamw()
         for before, after in zip(old, self.params.values()):
             optimizer.state[after] = {
                 name: (s[index].clone() if torch.is_tensor(s) and s.dim() > 0 and s.shape[0] == before.shape[0] else s)
@@ -270,8 +281,7 @@ def train_stack_epoch(stack: Stack, live: list[Member], loss, lr: float, time_ma
     """One epoch of every live member (row i of the stack is live[i]): at step s, member i
     trains on its batch perm_i[s], perm_i drawn from its own Generator as
     fitting.train_epoch draws it. Returns each member's mean training loss per utterance."""
-    for group in stack.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(stack.optimizer, lr)
     stack.base.train()
     perms = [m.rng.permutation(len(m.batches)) for m in live]
     totals = [0.0] * len(live)

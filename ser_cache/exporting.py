@@ -221,6 +221,10 @@ def _training_data(cache_info: dict, layer, labels: list[str], cache_path: Path 
         data = cache.read_layer(as_selection(layer), frame_pool=config.frame_pool or None)
     except CacheError as e:
         raise ExportError(str(e)) from None
+    if config.views != "on":  # the augmented views (extract --augment) train only when the run trained on them
+        from .crosscorpus import originals_of
+
+        data = originals_of(cache, data)
     if label_map is not None:
         from .crosscorpus import map_classes
 

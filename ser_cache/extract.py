@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from . import cache as C
 from .audio import AudioError, LONG_AUDIO_POLICIES, SAMPLE_RATE, load_utterance
+from .augment import view_transform, with_views
 from .encoder import MODES, N_WINDOW_FRAMES, LoadedEncoder, encoder_input, run_encoder
 from .errors import OptionError
 from .files import write_json_atomic
@@ -74,6 +75,8 @@ class ExtractOptions:
     progress: bool = True
     frame_pool: int = 1  # encoder frames averaged into each stored row (pooling.py)
     store: str = "frames"  # or "stats": per utterance and state, the mean and std of every value
+    augment: list[str] = field(default_factory=list)  # views stored beside each utterance (augment.parse_augment)
+    augment_seed: int = 0  # seeds the noise of every view (augment.view_seed)
 
 
 @dataclass
@@ -125,13 +128,15 @@ def package_versions() -> dict:
 def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedEncoder, opts: ExtractOptions,
                   source: dict | None = None) -> C.Cache:
     """Create the cache folder, or check that the existing one was made with the same settings.
-    source: where the corpus came from (corpora.corpus_source), kept as provenance."""
+    source: where the corpus came from (corpora.corpus_source), kept as provenance. `records`
+    are the corpus's; with opts.augment, their views are planned and recorded beside them."""
     layers = opts.layers if opts.layers is not None else list(range(enc.n_states))
     settings = C.CacheSettings(
         corpus=corpus, model=enc.name, model_sha256=enc.sha256, dims=dict(enc.dims), family=enc.family, mode=opts.mode,
         dtype=opts.dtype, layers=layers, long_audio=opts.long_audio, records_hash=records_hash(records),
         n_records=len(records), shard_bytes=opts.shard_bytes, compute_dtype=opts.compute_dtype,
         frame_pool=opts.frame_pool, store=opts.store,
+        augment=list(opts.augment), augment_seed=opts.augment_seed if opts.augment else 0,
     )
     out = Path(out)
     if not (out / C.SETTINGS_FILE).exists():
@@ -140,8 +145,9 @@ def prepare_cache(out: Path, records: list[Utterance], corpus: str, enc: LoadedE
         # no two jobs with different settings interleave their records, plan and settings.
         with folder_lock(out):
             if not (out / C.SETTINGS_FILE).exists():
-                plan = C.plan_shards(records, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
-                create_cache(out, records, plan, settings, enc.path, source)
+                planned = with_views(records, settings.augment)
+                plan = C.plan_shards(planned, bytes_per_second(opts.mode, enc.dim, len(layers), opts.dtype), opts.shard_bytes)
+                create_cache(out, planned, plan, settings, enc.path, source)
     existing = C.open_cache(out)
     diffs = existing.settings.differences(settings)
     if diffs:
@@ -172,7 +178,7 @@ def create_cache(out: Path, records: list[Utterance], plan: list[list[str]], set
     provenance = {"versions": package_versions(), "model_path": model_path}
     if source:  # like the checkpoint's path, where the corpus was is no setting: a moved corpus resumes
         provenance["corpus_source"] = source
-    write_json_atomic(out / C.SETTINGS_FILE, {"settings": asdict(settings), "provenance": provenance})
+    write_json_atomic(out / C.SETTINGS_FILE, {"settings": settings.to_dict(), "provenance": provenance})
 
 
 # What a run killed while creating a cache leaves behind (cache.json is written last).
@@ -206,9 +212,9 @@ class Loaded:
     error: str = ""
 
 
-def load_for_encoder(record: Utterance, enc: LoadedEncoder, mode: str, long_audio: str) -> Loaded:
+def load_for_encoder(record: Utterance, enc: LoadedEncoder, mode: str, long_audio: str, augment_seed: int = 0) -> Loaded:
     try:
-        windows, notes = load_utterance(record.path, long_audio)
+        windows, notes = load_utterance(record.path, long_audio, view_transform(record, augment_seed))
     except AudioError as e:
         return Loaded(record, error=e.reason)
     inputs = [encoder_input(enc, w, mode) for w in windows]
@@ -425,7 +431,7 @@ def extract(records: list[Utterance], out: Path, corpus: str, enc: LoadedEncoder
     mine = [k for k in range(len(cache.plan)) if k % n_parts == part]
     summary.shards_this_job = len(mine)
     claims = C.ShardClaims(cache.shard_dir)
-    by_id = {r.id: r for r in records}
+    by_id = {r.id: r for r in with_views(records, cache.settings.augment)}
     written, elsewhere = [], set()
     try:
         if opts.repair:
@@ -521,7 +527,8 @@ def _extract_pass(cache: C.Cache, by_id: dict[str, Utterance], todo: list[int], 
                 continue
             # Within a shard, encode in order of length so batches of the short mode carry little padding.
             order = sorted(shard_utts[k], key=lambda r: (r.duration, r.id))
-            reading = {r.id: pool.submit(load_for_encoder, r, enc, opts.mode, opts.long_audio) for r in order}
+            reading = {r.id: pool.submit(load_for_encoder, r, enc, opts.mode, opts.long_audio,
+                                         cache.settings.augment_seed) for r in order}
             writer.begin(k, shard_utts[k], reading)
             yield k, [reading[r.id] for r in order]
 

@@ -193,7 +193,8 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
         if fixed is None:
             select_batches = source(data, None, select, EVAL_BATCH_SIZE, device)
             select_order = select_batches.order
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+        optimizer = torch.optim.AdamW(param_groups(model.named_parameters(), config), lr=config.lr,
+                                      weight_decay=config.weight_decay,
                                       fused=device.type in ("cpu", "cuda"))  # one kernel per step, not one per tensor
         loss_fn = task.loss(config, y[train], device)
 
@@ -235,6 +236,32 @@ def fit_by_epochs(cls: type[Head], data: LayerData, y: np.ndarray, train: np.nda
                None if best_probs is None else in_order(best_probs, select_order, select))
 
 
+MIX_LOGITS = "mix.logits"  # the softmax logits of a multi-state head's heads.StateMix
+LR_SCALE = "lr_scale"  # a parameter group's lr relative to the schedule's (param_groups)
+
+
+def param_groups(named_parameters, config: TrainConfig) -> list:
+    """AdamW's parameters of a head, from its (or a stack's) named_parameters(): all of them,
+    one group at config.lr, as always, unless config sets the state mix apart. With mix_lr,
+    the mix's logits (named ...mix.logits) form a group of their own without weight decay,
+    whose lr is the schedule's times mix_lr / lr (`LR_SCALE`, read by set_lr); with mix
+    "equal" they are left out, so they stay 0: equal weights. A head without a mix: one group."""
+    named = list(named_parameters)
+    mix = [p for name, p in named if name.endswith(MIX_LOGITS)]
+    if not mix or (config.mix == "learned" and config.mix_lr is None):
+        return [p for _, p in named]
+    groups = [{"params": [p for name, p in named if not name.endswith(MIX_LOGITS)]}]
+    if config.mix == "learned":
+        groups.append({"params": mix, "weight_decay": 0.0, LR_SCALE: config.mix_lr / config.lr})
+    return groups
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The schedule's lr for this epoch on every parameter group (times its LR_SCALE, if any)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get(LR_SCALE, 1.0)
+
+
 def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.random.Generator, lr: float,
                 augment=None) -> float:
     """One pass over `batches` (a batch source, batches.batch_source: its `epoch(rng)` order) at
@@ -244,8 +271,7 @@ def train_epoch(step, model: nn.Module, optimizer, loss_fn, batches, rng: np.ran
 
     Returns the mean training loss per utterance (may be NaN or inf: the caller decides).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     model.train()
     total, count = None, 0
     for x, mask, yb in batches.epoch(rng):
@@ -393,9 +419,23 @@ def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: T
                                as_task(task), seed, device, fixed)
 
 
-def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int = 2) -> dict:
-    """The TrainConfig settings that decide head `name`'s result: its fitter's settings and its
-    constructor options (what a grid key must change to matter for this head)."""
+MIX_SETTINGS = ("mix", "mix_lr")  # read only by heads that mix states (heads.Head.mixes_states)
+
+
+def mix_settings(name: str, config: TrainConfig, n_states: int | None = None) -> dict:
+    """The state-mix settings that decide head `name`'s result on n_states states (None: not
+    known yet, as at a sweep's planning): none for a head that does not mix states or for one
+    state (no mix: a no-op there), mix_lr only for a learned mix."""
+    if not head_class(name).mixes_states or n_states == 1:
+        return {}
+    return {"mix": config.mix} if config.mix == "equal" else {"mix": config.mix, "mix_lr": config.mix_lr}
+
+
+def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int = 2,
+                  n_states: int | None = None) -> dict:
+    """The TrainConfig settings that decide head `name`'s result (on n_states states, if
+    known): its fitter's settings, its constructor options and its mix settings (what a grid
+    key must change to matter for this head)."""
     cls = head_class(name)
     return {**{k: getattr(config, k) for k in FITTERS[cls.selects].settings},
-            **cls.options(config, dim, n_classes)}
+            **cls.options(config, dim, n_classes), **mix_settings(name, config, n_states)}

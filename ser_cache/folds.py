@@ -46,6 +46,12 @@ refused, unless asked for by name to compare with numbers published on them. The
 validation speakers are drawn from every speaker with training utterances in the fold, test
 speakers included (their training utterances, never their test ones, choose the epoch), and
 every result made on them is labelled speaker-dependent (training.py, report.py, compare.py).
+
+Augmented views (extract --augment, augment.py) are no utterances of their own here: folds are
+made on the originals only, and `ViewRows` maps a fold's originals to the rows of a layer that
+also holds views. Validation and test are originals only; training adds the views of its own
+utterances when asked (TrainConfig.views), so a view is trained on only in the folds that train
+its source and is never on the other side of a split from it.
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -234,6 +241,62 @@ def refuse_crossing(crossing: dict[str, list[int]]) -> None:
                      f"{where}: put all utterances of a speaker in one fold (or, to compare "
                      "with results published on such folds, --compat-speaker-overlap: FLAWED, "
                      "speaker-dependent)")
+
+
+# --- augmented views --------------------------------------------------------------------------
+
+
+@dataclass
+class ViewRows:
+    """Where the augmented views lie among a layer's rows, and the row of each one's source.
+
+    ids: (n,) str, the rows' utterance ids (originals and views, in the layer's order).
+    originals: (n_originals,) int64, the rows of the corpus's own utterances, ascending: the
+        rows folds are made on (`original_ids`).
+    views: (n_views,) int64, the rows of the views, ascending; view_source: (n_views,) int64,
+        the row of each view's source, -1 when the source is not among the rows (skipped, or
+        dropped by a label map): such a view is never used.
+    """
+
+    ids: np.ndarray
+    originals: np.ndarray
+    views: np.ndarray
+    view_source: np.ndarray
+
+    @classmethod
+    def of(cls, ids, sources: Mapping[str, str] | None = None) -> "ViewRows":
+        """The views among `ids` by `sources` ({view id: source id}, cache.Cache.view_sources);
+        none when it is empty or None."""
+        ids = np.asarray(ids).astype(str)
+        sources = sources or {}
+        is_view = np.fromiter((u in sources for u in ids.tolist()), dtype=bool, count=len(ids))
+        row = {u: i for i, u in enumerate(ids.tolist())}
+        views = np.flatnonzero(is_view)
+        view_source = np.array([row.get(sources[u], -1) for u in ids[views].tolist()], dtype=np.int64)
+        assert not is_view[view_source[view_source >= 0]].any(), "a view of a view"
+        return cls(ids, np.flatnonzero(~is_view), views, view_source)
+
+    @property
+    def original_ids(self) -> np.ndarray:
+        return self.ids[self.originals]
+
+    def split(self, folds: Folds, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Folds.split of folds made on the originals, as rows of the layer: (train, val, test),
+        originals only (add the training views with `with_views`)."""
+        parts = folds.aligned_to(self.original_ids).split(fold)
+        return tuple(self.originals[p] for p in parts)
+
+    def views_of(self, rows) -> np.ndarray:
+        """The rows of the views of `rows` (originals), ascending."""
+        return self.views[np.isin(self.view_source, rows)]
+
+    def with_views(self, rows) -> np.ndarray:
+        """`rows` (originals) and the rows of their views, sorted."""
+        return np.sort(np.concatenate([np.asarray(rows, dtype=np.int64), self.views_of(rows)]))
+
+    def count_views(self, rows) -> int:
+        """How many of `rows` are views."""
+        return int(np.isin(rows, self.views).sum())
 
 
 # --- builders --------------------------------------------------------------------------------

@@ -47,9 +47,11 @@ attention projections; the mean head has none.
 Several layers (L > 1, features.LayerData with a tuple of states): each state is standardised
 with its own training statistics (`prepare`, `inputs`: per value of the row, so per state),
 then `StateMix` sums the states with learned softmax weights, initialised equal, as the
-SUPERB recipes of s3prl weigh upstream layers; `layer_weights()` reads them ("where does
-emotion live", learned in one run). With one state there is no mix at all, no parameter and
-no operation, so a single-layer head is exactly the one it was before.
+SUPERB recipes of s3prl weigh upstream layers; `layer_weights()` reads them. They say where
+emotion lives only if they left equal weights (report.uniformity): at the head's lr they did not,
+measured; config.mix_lr gives them their own lr, config.mix "equal" fixes them. With one state
+there is no mix at all, no parameter and no operation, so a single-layer head is exactly the
+one it was before (mix and mix_lr change nothing there).
 
 Padding never changes the output: padded frames are zeroed right after the front (so even
 NaN padding cannot leak through a product with a zero weight), and excluded from every time
@@ -99,6 +101,9 @@ class Head(nn.Module):
     selects: str = "epoch"  # the choice fitting makes on validation speakers: "epoch" or "C"
     reads: str = "frames"  # or "statistics": a head that needs only features.utterance_statistics
     regression: bool = False  # outputs are target values (with output_mean, output_scale buffers)
+    # Whether several states are mixed by a StateMix (`mix`), whose logits config.mix and
+    # config.mix_lr govern (fitting.param_groups); the stats head and the probe read them side by side.
+    mixes_states: bool = False
     # Whether `logits` runs under torch.func.vmap with stacked parameters, so that an
     # ensemble's members can train as one model (ensembles.py).
     stackable: bool = False
@@ -167,8 +172,11 @@ class StateMix(nn.Module):
     """Softmax-weighted sum of the states of each frame: (B, T, n_states * dim) -> (B, T, dim).
 
     The weights are softmax(logits) over states, with logits starting at zero (equal weights,
-    as s3prl's SUPERB featurizer starts). AdamW's weight decay pulls the logits, mildly,
-    towards equal weights again.
+    as s3prl's SUPERB featurizer starts). By default they train in the head's one AdamW group,
+    whose weight decay pulls them, mildly, towards equal weights again; measured, at the head's
+    lr they hardly leave equal weights. config.mix_lr gives them their own lr and no decay;
+    config.mix "equal" keeps them at zero (fitting.param_groups). report.uniformity says how
+    far weights are from equal.
     """
 
     def __init__(self, n_states: int, dim: int):
@@ -218,6 +226,7 @@ class PoolingHead(StandardizedHead):
     """Shared front and back; subclasses define `pool`, which returns (B, pooled_dim)."""
 
     stackable = True
+    mixes_states = True
 
     def __init__(self, dim: int, n_classes: int, d_model: int, pooled_dim: int, n_states: int = 1,
                  regression: bool = False):

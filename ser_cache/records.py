@@ -47,6 +47,10 @@ class Utterance:
         before it is resolved into `path`; "" for corpora found by scanning a folder.
     size: bytes of the audio file when the corpus was prepared; 0 when not recorded (records
         made before sizes were, or a file that does not exist).
+    source: for an augmented view (augment.py), the id of the utterance it was made from, whose
+        audio file, label, speaker, group and targets it shares; "" for an utterance of the corpus.
+    view: for an augmented view, what was done to its source's audio ("speed0.9", "noise20");
+        "" for an utterance of the corpus.
     """
 
     id: str
@@ -59,6 +63,8 @@ class Utterance:
     targets: tuple[tuple[str, float], ...] = ()
     listed_path: str = ""
     size: int = 0
+    source: str = ""
+    view: str = ""
 
     def __post_init__(self):
         items = list(self.targets.items() if isinstance(self.targets, Mapping) else self.targets)
@@ -175,12 +181,12 @@ def refuse_changed_audio(before: list[Utterance], now: list[Utterance], cache_di
 
 # Fields written only when they hold something, so that records.jsonl of a corpus without
 # them reads (and is written) as it always did.
-OPTIONAL_FIELDS = {"targets": (), "listed_path": "", "size": 0}
+OPTIONAL_FIELDS = {"targets": (), "listed_path": "", "size": 0, "source": "", "view": ""}
 
 
 def _row(r: Utterance) -> dict:
-    """The JSON object of one record: targets as {name: value}; targets, listed_path and size
-    left out when they hold nothing (OPTIONAL_FIELDS)."""
+    """The JSON object of one record: targets as {name: value}; targets, listed_path, size,
+    source and view left out when they hold nothing (OPTIONAL_FIELDS)."""
     row = asdict(r)
     row["targets"] = dict(r.targets)
     for name, empty in OPTIONAL_FIELDS.items():

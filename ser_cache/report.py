@@ -52,6 +52,7 @@ FLAWED: its summary opens with that warning, every panel title (so every plot) s
 from __future__ import annotations
 
 import csv
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,9 @@ class Cell:
     seconds: float
     confusion: np.ndarray  # (classes, classes) counts summed over folds and seeds
     layer_weights: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) per state, multi-layer cells
+    # with layer_weights: how far they are from equal, fold by fold (uniformity), as
+    # {"max_dev": mean over folds, "entropy": mean over folds, "uniform": every fold's, "verdict": words}
+    mix: dict | None = None
     target_ua: tuple[float, float] | None = None  # cross-corpus: (mean, std) UA on the test cache
     targets: dict | None = None  # regression only
 
@@ -243,7 +247,8 @@ def panels_of(sweeps: list[Sweep]) -> list[Panel]:
                 last = max(s for layer in sweep.config["layers"].get(cache, [r.layer for r in records])
                            for s in states_of(layer))
             panels.append(Panel(title, sweep, cache, list(sweep.config["heads"]), first.labels,
-                                _cells(records), _fold_info(sweep, cache, records), name, first.model, family,
+                                _cells(records, sweep.config["train"].get("mix", "learned")),
+                                _fold_info(sweep, cache, records), name, first.model, family,
                                 max(1, int(last))))
     return panels
 
@@ -268,7 +273,54 @@ def depth_curve(p: Panel, head: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return depth, np.array([c.ua[0] for c in cells]), np.array([c.ua[1] for c in cells])
 
 
-def _cells(records: list[CellResult]) -> dict[tuple[Selection, str], Cell]:
+UNIFORM_TOLERANCE = 0.1  # a mix "stayed uniform" when every weight is within 10% of 1 / n_states
+
+
+def uniformity(weights) -> dict:
+    """How far a mix's weights (n_states,) are from equal: "max_dev", the largest |w_s - 1/L|;
+    "entropy", the weights' entropy / log L (1 for equal weights, 0 for one state alone); and
+    "uniform", whether every weight is within UNIFORM_TOLERANCE / L of 1/L (then the mix
+    says nothing about which states matter)."""
+    w = np.asarray(weights, dtype=np.float64)
+    assert w.ndim == 1 and len(w) > 1, f"weights of shape {w.shape}: one per state, several states"
+    max_dev = float(np.abs(w - 1 / len(w)).max())
+    entropy = float(-(w * np.log(np.clip(w, 1e-300, None))).sum() / math.log(len(w)))
+    return {"max_dev": max_dev, "entropy": entropy, "uniform": max_dev * len(w) <= UNIFORM_TOLERANCE}
+
+
+def mix_verdict(mixes: list[str], uniform: list[bool], n_states: int) -> str:
+    """One plain sentence on a mix over n_states states, for tables, summaries and plots, from
+    each fold's config.mix ("learned" or "equal") and `uniformity(...)["uniform"]`: whether
+    the weights learned anything, and, if not, that they show no layer importance."""
+    learned = [u for m, u in zip(mixes, uniform) if m == "learned"]
+    within = f"every weight within {UNIFORM_TOLERANCE:.0%} of 1/{n_states}"
+    parts = []
+    if len(learned) < len(mixes):
+        parts.append("equal weights, fixed (mix equal)" + (f" in {len(mixes) - len(learned)} of {len(mixes)} folds"
+                                                            if learned else ""))
+    if learned and not all(learned):
+        moved = len(learned) - sum(learned)
+        return "; ".join(parts + [f"the learned mix left equal weights in {moved} of {len(learned)} folds "
+                                  f"(not {within})"])
+    if learned:
+        parts.append(f"the learned mix stayed uniform ({within} in {'every fold' if len(learned) > 1 else 'its fold'})")
+    return "; ".join(parts) + ": it shows no layer importance (the per-state curve, one state per cell, does)"
+
+
+def mix_summary(records: list[CellResult], mix: str) -> dict | None:
+    """How far the mix weights of a cell's records (folds x seeds) are from equal (Cell.mix);
+    mix: the sweep's setting, unless a record's grid setting chose its own. None without weights."""
+    rs = [r for r in records if r.layer_weights is not None]
+    if not rs:
+        return None
+    u = [uniformity(r.layer_weights) for r in rs]
+    mixes = [(r.values or {}).get("mix", mix) for r in rs]
+    return {"max_dev": float(np.mean([d["max_dev"] for d in u])), "entropy": float(np.mean([d["entropy"] for d in u])),
+            "uniform": all(d["uniform"] for d in u), "verdict": mix_verdict(mixes, [d["uniform"] for d in u],
+                                                                            len(rs[0].layer_weights))}
+
+
+def _cells(records: list[CellResult], mix: str = "learned") -> dict[tuple[Selection, str], Cell]:
     groups: dict[tuple[Selection, str], list[CellResult]] = {}
     for r in records:
         groups.setdefault((as_selection(r.layer), r.head), []).append(r)
@@ -280,7 +332,7 @@ def _cells(records: list[CellResult]) -> dict[tuple[Selection, str], Cell]:
         weights = [r.layer_weights for r in rs if r.layer_weights is not None]
         weights = (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None
         common = dict(n=len(rs), settings=Counter(r.setting for r in rs), seconds=float(sum(r.seconds for r in rs)),
-                      layer_weights=weights)
+                      layer_weights=weights, mix=mix_summary(rs, mix))
         if rs[0].task == "regression":
             nan = (float("nan"), float("nan"))
             cells[layer, head] = Cell(layer, head, stat("ccc"), nan, nan, stat("val_ccc")[0],
@@ -518,12 +570,14 @@ def _weights_markdown(p: Panel) -> list[str]:
     cells = [c for c in p.ordered() if c.layer_weights is not None]
     if not cells:
         return []
-    lines = ["Learned layer weights (softmax over the states of a multi-layer cell; mean ± std over "
-             "folds and seeds; equal at the start):", ""]
+    lines = ["Layer weights of the mixing heads (softmax over the states of a multi-layer cell; mean ± std over "
+             "folds and seeds; equal at the start). |w − 1/L|: the largest distance of a weight from equal, "
+             "H/log L: the weights' entropy over its maximum (1: equal); both mean over folds:", ""]
     for c in cells:
         mean, std = c.layer_weights
         lines.append(f"- {label(c.layer)}, {c.head}: " + ", ".join(
-            f"state {s} {m:.2f} ± {d:.2f}" for s, m, d in zip(states_of(c.layer), mean, std)))
+            f"state {s} {m:.2f} ± {d:.2f}" for s, m, d in zip(states_of(c.layer), mean, std))
+            + f"; |w − 1/L| {c.mix['max_dev']:.3f}, H/log L {c.mix['entropy']:.3f}: {c.mix['verdict']}.")
     return lines + [""]
 
 
@@ -708,7 +762,9 @@ def plot_confusions(panels: list[Panel], path: Path) -> None:
 def plot_layer_weights(panels: list[Panel], path: Path) -> None:
     """The learned softmax weight of each state (mean ± std over folds and seeds) of every
     multi-layer cell and head: one group of bars per state, one bar per cell and head, one
-    panel per cache. Equal weights (1 / states) would mean no state is preferred."""
+    panel per cache. Equal weights (1 / states) would mean no state is preferred. Each cell's
+    label says how far its weights are from equal, and whether they stayed uniform (then they
+    show no layer importance: the caption says so, and where to look instead)."""
     plt, fig, axes = _grid(len(panels), 6.4, 4.6)
     for ax, p in zip(axes, panels):
         cells = [c for c in p.ordered() if c.layer_weights is not None]
@@ -717,7 +773,9 @@ def plot_layer_weights(panels: list[Panel], path: Path) -> None:
         for i, c in enumerate(cells):
             mean, std = c.layer_weights
             x = np.array([states.index(s) for s in states_of(c.layer)]) + (i - (len(cells) - 1) / 2) * width
-            ax.bar(x, mean, width, yerr=std, capsize=3, label=f"{label(c.layer)}, {c.head}")
+            tag = "stayed uniform" if c.mix["uniform"] else "moved"
+            ax.bar(x, mean, width, yerr=std, capsize=3,
+                   label=f"{label(c.layer)}, {c.head}: |w−1/L| {c.mix['max_dev']:.3f}, {tag}")
             ax.hlines(1 / len(mean), x.min() - width / 2, x.max() + width / 2, colors="grey",
                       linestyles=":", linewidth=1)
         ax.set_xticks(range(len(states)), [str(s) for s in states])
@@ -727,8 +785,20 @@ def plot_layer_weights(panels: list[Panel], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
         if cells:
             ax.legend(fontsize=8, loc="best", title="cell, head (dotted: equal weights)", title_fontsize=8)
-    fig.suptitle("Where emotion lives: learned layer weights of multi-layer heads", fontsize=12)
-    fig.tight_layout()
+    cells = [c for p in panels for c in p.cells.values() if c.mix is not None]
+    if all(c.mix["uniform"] for c in cells):
+        fig.suptitle("Layer weights of multi-layer heads:\nthey stayed uniform, and show no layer importance",
+                     fontsize=11)
+        caption = (f"Every cell's weights stayed within {UNIFORM_TOLERANCE:.0%} of equal in every fold: the mix "
+                   "did not learn which states matter. Layer importance is the per-state curve (one state per cell, "
+                   f"{LAYER_PLOT}).")
+    else:
+        fig.suptitle("Layer weights of multi-layer heads\n(learned; dotted: equal weights)", fontsize=11)
+        caption = ("|w−1/L|: the largest distance from equal weights (mean over folds). Cells marked "
+                   "\"stayed uniform\" show no layer importance; the per-state curve (one state per cell, "
+                   f"{LAYER_PLOT}) does.")
+    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -165,6 +165,7 @@ class FoldRecord(Record):
     refit: dict = field(default_factory=dict)  # n_train, val_ua, seconds (refit only)
     members: list = field(default_factory=list)  # ensembles only
     true_values: list | None = None  # regression: (n_test, n_targets) true target values
+    n_train_views: int = 0  # augmented views trained on besides the n_train utterances (TrainConfig.views)
 
     def __post_init__(self):
         self.probs = np.asarray(self.probs, dtype=np.float64)
@@ -251,6 +252,7 @@ class CellResult(Record):
     # states are placed on a relative depth. None in cells saved before they were recorded.
     family: str | None = None
     last_state: int | None = None
+    n_train_views: int = 0  # augmented views trained on besides the n_train utterances (the chosen setting's views)
 
 
 @dataclass

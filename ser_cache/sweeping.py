@@ -21,6 +21,12 @@ WavLM base and a 33-state Whisper large-v3) are swept together: `--layers` resol
 family and last state (CellResult), by which report.py adds a model column and plots UA
 against relative depth (state / last state).
 
+Augmented views (extract --augment, augment.py). Folds are made on a cache's originals; a
+task validates and tests on originals only, and a setting with `views` "on" (`--views on`, or
+the grid key `--grid views=off,on`, chosen on validation like any other) also trains on the views
+of its training utterances (folds.ViewRows). A cell's n_train counts originals; n_train_views the
+views its chosen setting trained on.
+
 Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains every grid
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
@@ -32,7 +38,8 @@ validation speakers with the epoch (or C) it chose (ensembles.refit_selected); o
 is tested.
 Each task records the validation UA of every setting it tried and which one it chose. A grid
 key applies to the heads it changes (n_heads: attentive, qkv and stats; head_dim: attentive
-and qkv; lr, epochs, time_mask: every torch head); other heads run once with the defaults. The linear head also picks its C on
+and qkv; lr, epochs, time_mask: every torch head; mix, mix_lr: the heads that mix states, on
+multi-state cells only, mix_lr with mix learned only); other heads run once with the defaults. The linear head also picks its C on
 validation (fitting.py).
 
 FLAWED sweeps, on request only. The reference code's switches (selection on the test fold,
@@ -92,12 +99,12 @@ import numpy as np
 import torch
 
 from .batches import predict_proba
-from .cache import CREATE_LOCK, Cache, Claims, open_cache
-from .crosscorpus import check_sweep_target, map_classes, map_labels, target_metrics
+from .cache import Cache, open_cache
+from .crosscorpus import check_sweep_target, map_classes, map_labels, originals_of, target_metrics
 from .device import pick_device
 from .errors import OptionError
 from .features import LayerData, StatsLayer
-from .folds import Folds, make_folds
+from .folds import Folds, ViewRows, make_folds
 from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
 from .locks import CREATE_LOCK, Claims
@@ -124,7 +131,8 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, the next one read
 GRID_ALIASES = {"attn_heads": "n_heads", "heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
-             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask", "frame_pool")
+             "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask", "frame_pool",
+             "mix", "mix_lr", "views")
 # Not part of what a sweep computes (where it runs, not what): a re-run may change these.
 FREE_TRAIN_KEYS = ("seed", "device")
 
@@ -178,13 +186,16 @@ def parse_grid(specs) -> dict[str, list]:
 def _parse_value(key: str, text: str, default):
     text = text.strip()
     try:
+        if default is None:  # an optional number (mix_lr): "none" is the default
+            return None if text.lower() == "none" else float(text)
         if isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return text.lower() in ("true", "1", "yes")
         return type(default)(text) if not isinstance(default, int) else int(text)
     except ValueError:
-        raise SweepError(f"grid {key}={text!r}: must be {type(default).__name__}") from None
+        kind = "a number or none" if default is None else type(default).__name__
+        raise SweepError(f"grid {key}={text!r}: must be {kind}") from None
 
 
 def head_settings(head: str, grid: dict[str, list], base: TrainConfig) -> list[dict]:
@@ -194,7 +205,7 @@ def head_settings(head: str, grid: dict[str, list], base: TrainConfig) -> list[d
     constructor options (fitting.settings_read), from another value or from the defaults: a
     single value (heads=0) is then a fixed setting, never silently left at the default."""
     def read(config: TrainConfig) -> str:
-        return json.dumps(settings_read(head, config), sort_keys=True)
+        return json.dumps({**settings_read(head, config), "views": config.views}, sort_keys=True)
 
     relevant = {}
     for key, values in grid.items():
@@ -288,6 +299,9 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         missing = sorted({s for cell in wanted for s in states_of(cell)} - set(cache.layers))
         if missing:
             raise SweepError(f"layers {missing} are not in the cache {path}; it holds {cache.layers}")
+        if "on" in {spec.train.views, *spec.grid.get("views", ())} and not cache.settings.augment:
+            raise SweepError(f"views on: the cache {path} holds no augmented views; extract it with --augment "
+                             "(e.g. --augment speed=0.9,1.1), or sweep with --views off")
         caches[key], layers[key] = cache, wanted
     target = check_sweep_target(caches, {key: sorted({s for cell in cells for s in states_of(cell)})
                                          for key, cells in layers.items()}, spec.test_cache, spec.label_map)
@@ -401,6 +415,8 @@ def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: Sw
     cache's utterance metadata (no layer read) and saved, so every cell uses the same ones."""
     path = folder.folds_path(key, seed)
     meta = cache.read_meta()
+    originals = ViewRows.of(meta["ids"], cache.view_sources()).originals  # views follow their sources
+    meta = {k: v[originals] for k, v in meta.items()}
     # A label map's dropped classes have no place in the folds (the layers read lack them too).
     keep, labels, _ = map_labels(meta["labels"], spec.label_map, str(cache.root))
     left_out = meta["ids"][~keep]  # a fold file may list them
@@ -429,6 +445,7 @@ class TaskJob:
     train: TrainConfig
     cache_info: dict  # corpus, model, mode, family, last_state (CellResult's fields)
     out: Path
+    views: dict = field(default_factory=dict)  # {view id: source id} of the cache's augmented views
 
 
 def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> CellResult:
@@ -440,17 +457,29 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
     learn, y = make_task(data, job.train)  # classes, or the targets of a regression sweep
     score = learn.score_name  # "ua", or "ccc" (mean over targets): what settings are compared by
     device = pick_device(job.train.device)
-    train, val, test = job.folds.aligned_to(data.ids).split(task.fold)
+    # Folds are made on the originals; validation and test hold originals only, and a setting
+    # with views "on" trains on the views of its training utterances too (folds.ViewRows).
+    rows = ViewRows.of(data.ids, job.views) if job.views else None
+    train, val, test = job.folds.aligned_to(data.ids).split(task.fold) if rows is None else rows.split(job.folds, task.fold)
+
+    def training(config: TrainConfig) -> np.ndarray:
+        return rows.with_views(train) if rows is not None and config.views == "on" else train
 
     seed = fold_seed(task.seed, task.fold)
     trials, best, best_values, best_config, train_seconds = [], None, None, None, 0.0
     read = {}  # frame_pool -> the layer as the settings of that frame_pool read it
+    tried = set()  # what decides a result on this layer: a grid of mix settings is one setting on one state
     for values in job.settings:
         config = replace(job.train, seed=task.seed, **values)
+        decides = json.dumps({**settings_read(task.head, config, n_states=len(states_of(task.layer))),
+                              "views": config.views}, sort_keys=True)
+        if decides in tried:
+            continue
+        tried.add(decides)
         if config.frame_pool not in read:
             read[config.frame_pool] = at_frame_pool(data, config, f"the cache {task.cache}")
         # No test set here: the choice is made on validation only.
-        fit = fit_selected(task.head, read[config.frame_pool], y, train, val, config, learn, seed, device)
+        fit = fit_selected(task.head, read[config.frame_pool], y, training(config), val, config, learn, seed, device)
         train_seconds += fit.seconds
         trials.append({"setting": setting_label(values), "values": values, f"val_{score}": fit.selected[score],
                        "selected": fit.selected})
@@ -460,7 +489,9 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
     if target is not None:  # read as the chosen setting's frames are
         target = target.pooled(data.frame_pool, "the test cache")
     if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
-        best = refit_selected(best, task.head, data, y, train, val, best_config, learn, seed, device)
+        on = rows is not None and best_config.views == "on"
+        refit_train = np.union1d(training(best_config), rows.views_of(val)) if on else train
+        best = refit_selected(best, task.head, data, y, refit_train, val, best_config, learn, seed, device)
         train_seconds += best.refit["seconds"]
 
     t0 = time.perf_counter()
@@ -482,7 +513,8 @@ def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> 
         eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
         threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
         history=best.history, layer_weights=best.model.layer_weights(), tested=best.tested, refit=best.refit,
-        members=best.members, target=target_result, frame_pool=data.frame_pool)
+        members=best.members, target=target_result, frame_pool=data.frame_pool,
+        n_train_views=len(training(best_config)) - len(train))
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------
@@ -762,10 +794,11 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
                   "family": c.settings.family, "last_state": c.settings.dims.get("n_audio_layer")}
             for key, c in plan.caches.items()}
     claims = task_claims(folder)
+    views = {key: c.view_sources() for key, c in plan.caches.items()}
 
     def job_for(task: Task) -> TaskJob:
         return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
-                       plan.spec.train, info[task.cache], out)
+                       plan.spec.train, info[task.cache], out, views[task.cache])
 
     batch_size = max([spec.train.batch_size] + [v.get("batch_size", 0) for vs in plan.settings.values() for v in vs])
 
@@ -781,7 +814,7 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
                                       held=1 if jobs == 1 else LAYERS_IN_FLIGHT, frame_pool=pool), None
         else:
             data = map_classes(plan.caches[key].read_layer(layer, frame_pool=pool), spec.label_map, key)[0]
-            target = (map_classes(plan.target.read_layer(layer, frame_pool=pool), spec.label_map,
+            target = (map_classes(originals_of(plan.target, plan.target.read_layer(layer, frame_pool=pool)), spec.label_map,
                                   str(spec.test_cache))[0] if plan.target is not None else None)
         timing.read_seconds += time.perf_counter() - t0
         timing.layers_read += 1

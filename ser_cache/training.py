@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
@@ -33,9 +33,10 @@ from .device import pick_device
 from .ensembles import fit_selected, refit_selected
 from .features import LayerData, StatsLayer
 from .fitting import NonFiniteLossError, fold_seed, fork_rng
-from .folds import Folds, make_folds
+from .folds import Folds, ViewRows, make_folds
 from .heads import Head, head_class, load_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
+from .report import mix_verdict, uniformity
 from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
 from .tasks import Classification, Regression, Task, as_task, make_task
 
@@ -72,6 +73,11 @@ class RunResult:
             averaged = "values" if self.config.task == "regression" else "probabilities"
             lines.append(f"  ensembles of {self.config.ensemble} heads per fold (seeds derived from the fold's), "
                          f"{averaged} averaged; {sel}: the median of the members' choices on validation")
+        views = [f.n_train_views for f in self.folds]
+        if any(views):
+            counts = f"{min(views)}" if min(views) == max(views) else f"{min(views)}-{max(views)}"
+            lines.append(f"  trained on {counts} augmented views per fold besides the training "
+                         "utterances (--views on); validation and test: originals only")
         if self.config.refit:
             lines.append(f"  tested: heads retrained on training + validation speakers with the {sel} chosen on "
                          "validation (refit)")
@@ -117,41 +123,60 @@ class RunResult:
         return lines
 
     def weights_table(self) -> list[str]:
-        """The learned softmax weight of each state per fold, and their mean ± std (a
-        multi-layer head; none otherwise)."""
+        """The softmax weight of each state per fold, and their mean ± std, with how far each
+        fold's weights are from equal (report.uniformity: the largest |w - 1/L| and entropy /
+        log L), and a line saying whether the mix learned anything (a multi-layer head that
+        mixes states; none otherwise)."""
         rows = [(f.fold, f.layer_weights) for f in self.folds if f.layer_weights is not None]
         if not rows:
             return []
         states = states_of(self.layer)
+        u = [uniformity(weights) for _, weights in rows]
         lines = ["  layer weights (softmax over states, per fold):",
-                 f"{'fold':>6} " + " ".join(f"{'state ' + str(s):>9}" for s in states)]
-        lines += [f"{fold:>6} " + " ".join(f"{w:9.3f}" for w in weights) for fold, weights in rows]
+                 f"{'fold':>6} " + " ".join(f"{'state ' + str(s):>9}" for s in states)
+                 + f" {'|w-1/L|':>8} {'H/log L':>8}"]
+        lines += [f"{fold:>6} " + " ".join(f"{w:9.3f}" for w in weights) + f" {d['max_dev']:8.4f} {d['entropy']:8.4f}"
+                  for (fold, weights), d in zip(rows, u)]
         w = np.array([weights for _, weights in rows])
-        lines.append(f"{'mean':>6} " + " ".join(f"{m:9.3f}" for m in w.mean(axis=0)))
+        lines.append(f"{'mean':>6} " + " ".join(f"{m:9.3f}" for m in w.mean(axis=0))
+                     + f" {np.mean([d['max_dev'] for d in u]):8.4f} {np.mean([d['entropy'] for d in u]):8.4f}")
         lines.append(f"{'std':>6} " + " ".join(f"{d:9.3f}" for d in w.std(axis=0)))
+        lines.append(f"  |w-1/L|: the largest distance of a weight from equal weights (1/{len(states)}); H/log L: "
+                     "the weights' entropy over its largest value (1: equal)")
+        lines.append("  " + mix_verdict([self.config.mix] * len(u), [d["uniform"] for d in u], len(states)))
         return lines
 
 
-def fold_split(folds: Folds, k: int, config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fold_split(folds: Folds, k: int, config: TrainConfig,
+               rows: ViewRows | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, select, test) of fold k. FLAWED compat_select_on_test: the reference code's
-    split, no validation speakers, the test fold picks the epoch."""
-    train, val, test = folds.split(k)
+    split, no validation speakers, the test fold picks the epoch.
+
+    rows: where the augmented views lie among the layer's rows (folds made on the originals):
+    the indices are then rows of the layer, select and test originals only, and train holds
+    the views of its utterances too when config.views is "on"."""
+    train, val, test = folds.split(k) if rows is None else rows.split(folds, k)
     if config.compat_select_on_test:
-        return np.sort(np.concatenate([train, val])), test, test
+        train, val = np.sort(np.concatenate([train, val])), test
+    if rows is not None and config.views == "on":
+        train = rows.with_views(train)
     return train, val, test
 
 
 def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, config: TrainConfig,
-               task: Task | int, device: torch.device) -> tuple[FoldRecord, Head]:
+               task: Task | int, device: torch.device, rows: ViewRows | None = None) -> tuple[FoldRecord, Head]:
     """Fit `head` on fold k's training speakers, choose on its validation speakers (then, with
-    config.refit, retrain on both with that choice), test once."""
+    config.refit, retrain on both with that choice), test once. rows: the layer's augmented
+    views (fold_split)."""
     task = as_task(task)
-    train, select, test = fold_split(folds, k, config)
+    train, select, test = fold_split(folds, k, config, rows)
+    n_views = 0 if rows is None else rows.count_views(train)
     seed = fold_seed(config.seed, k)
     try:
         chosen = fit_selected(head, data, y, train, select, config, task, seed, device)
-        if config.refit:
-            chosen = refit_selected(chosen, head, data, y, train, select, config, task, seed, device)
+        if config.refit:  # with views on, those of the validation speakers join their originals
+            refit_train = np.union1d(train, rows.views_of(select)) if n_views else train
+            chosen = refit_selected(chosen, head, data, y, refit_train, select, config, task, seed, device)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"fold {k}, {e}") from None
     t0 = time.perf_counter()
@@ -159,18 +184,20 @@ def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, 
         torch.manual_seed(seed)
         probs = predict_proba(chosen.model, data, test, device, config.compat_eval_dropout)
     regression = isinstance(task, Regression)
-    record = FoldRecord(fold=k, selected=chosen.selected, n_train=len(train), n_val=len(select),
+    record = FoldRecord(fold=k, selected=chosen.selected, n_train=len(train) - n_views, n_val=len(select),
                         test_ids=data.ids[test].tolist(), probs=probs, metrics=task.fold_metrics(y[test], probs),
                         true_values=y[test].tolist() if regression else None,
                         train_seconds=chosen.seconds, eval_seconds=time.perf_counter() - t0,
                         history=chosen.history, compute_dtype=chosen.compute_dtype, tested=chosen.tested,
-                        refit=chosen.refit, members=chosen.members, layer_weights=chosen.model.layer_weights())
+                        refit=chosen.refit, members=chosen.members, layer_weights=chosen.model.layer_weights(),
+                        n_train_views=n_views)
     return record, chosen.model
 
 
 def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | None = None,
               out_dir: Path | None = None, cache: dict | None = None,
-              overwrite: bool = False, cross_corpus: "CrossCorpus | None" = None) -> RunResult:
+              overwrite: bool = False, cross_corpus: "CrossCorpus | None" = None,
+              views: Mapping[str, str] | None = None) -> RunResult:
     """Train and test `head` on every fold of `folds` over the utterances of `data`.
 
     config.task "regression": the head learns config.targets of `data` (all of them when
@@ -182,6 +209,9 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     (naming what differs) unless overwrite.
     cross_corpus: a test cache (and label map) the fold heads are also scored on, after
     the folds (crosscorpus.py); `data` already holds the mapped classes.
+    views: {view id: source id} of the augmented views among `data`'s utterances
+    (cache.Cache.view_sources): `folds` are then made on the originals, which alone are
+    validated, tested and counted; config.views says whether training adds the views.
     """
     config = config or TrainConfig()
     cls = head_class(head)
@@ -189,7 +219,8 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     check_reads(head, config, isinstance(data, StatsLayer))
     if cross_corpus is not None and cross_corpus.target is not None:  # read as the training frames are
         cross_corpus.target = cross_corpus.target.pooled(data.frame_pool, "the test cache")
-    folds = folds.aligned_to(data.ids)
+    rows = ViewRows.of(data.ids, views) if views else None  # None: no views, every row an utterance
+    folds = folds.aligned_to(data.ids if rows is None else rows.original_ids)
     if isinstance(data, LayerData) and (data.n_frames < 1).any():
         raise ConfigError(f"{(data.n_frames < 1).sum()} utterances have no frames, e.g. "
                           f"{data.ids[data.n_frames < 1][:3]}: rebuild the cache or drop them")
@@ -201,8 +232,9 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     device = pick_device(config.device)
     run = RunConfig(
         head=head, layer=to_json(data.layer), labels=labels, dim=int(data.dim),
-        class_counts=dict(zip(classes, np.bincount(class_y, minlength=len(classes)).tolist())),
-        n_utterances=len(data), device=str(device), config=config.to_dict(),
+        class_counts=dict(zip(classes, np.bincount(class_y if rows is None else class_y[rows.originals],
+                                                   minlength=len(classes)).tolist())),
+        n_utterances=len(folds), device=str(device), config=config.to_dict(),
         head_kwargs=options_for(cls, config, data.dim, n_outputs, data.n_states),
         folds={"protocol": folds.protocol, "n_folds": folds.n_folds, "seed": folds.seed,
                "sha256": folds_digest(folds)},
@@ -210,8 +242,10 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         versions={"torch": torch.__version__, "numpy": np.__version__},
         cross_corpus=cross_corpus.config if cross_corpus else {})
     folder = open_run_folder(out_dir, run, folds, overwrite) if out_dir is not None else None
-    log.info("%s head on layer %s: %d utterances, %s, %d folds (%s), device %s",
-             head, label(data.layer), len(data), f"{n_outputs} classes" if isinstance(task, Classification)
+    log.info("%s head on layer %s: %d utterances%s, %s, %d folds (%s), device %s",
+             head, label(data.layer), len(folds),
+             "" if rows is None else f" and {len(rows.views)} augmented views ({'trained on' if config.views == 'on' else 'not used'})",
+             f"{n_outputs} classes" if isinstance(task, Classification)
              else f"targets {', '.join(labels)}", folds.n_folds, folds.protocol, device)
 
     records, models = [], []
@@ -221,7 +255,7 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
             log.info("fold %d: finished in an earlier run, kept", k)
             model = load_head(folder.head_path(k))[0]
         else:
-            record, model = train_fold(data, y, folds, k, head, config, task, device)
+            record, model = train_fold(data, y, folds, k, head, config, task, device, rows)
             if folder:
                 save_head(folder.head_path(k), model, head, run.head_kwargs, labels, data.layer,
                           fold=k, selected=record.selected)
@@ -247,6 +281,7 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
                     "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
                     "eval_seconds": r.eval_seconds, "history": r.history, "tested": r.tested,
                     "refit": r.refit, "members": r.members,
+                    **({"n_train_views": r.n_train_views} if r.n_train_views else {}),
                     **({"layer_weights": r.layer_weights} if r.layer_weights is not None else {})} for r in records]
         folder.write_metrics(RunMetrics(head, to_json(data.layer), result.metrics, details))  # last: marks it finished
     return result
@@ -355,10 +390,20 @@ def train_from_cache(cache_path: Path, layer: Selection | str, head: str, out_di
         data = open_layer(cache, layer, memory_budget, config.batch_size, frame_pool=config.frame_pool or None)
     # A fold file may list the utterances a label map dropped: they are passed over.
     left_out = np.setdiff1d(cache.read_meta()["ids"], data.ids) if cross is not None else ()
-    folds = make_folds(data.ids, data.labels, data.speakers, data.groups, protocol=protocol,
+    views = cache.view_sources()  # folds are made on the originals; views follow their sources
+    refuse_views(config, views, cache_path)
+    o = ViewRows.of(data.ids, views).originals
+    folds = make_folds(data.ids[o], data.labels[o], data.speakers[o], data.groups[o], protocol=protocol,
                        n_folds=n_folds, corpus=cache.corpus, fold_file=fold_file, folds_from=folds_from,
                        seed=config.seed, left_out=left_out, speaker_overlap=config.compat_speaker_overlap)
     # A streamed layer's batch order follows its blocks: part of what decides the results.
     where = {**cache.fingerprint, **data.describe()} if isinstance(data, StreamedLayer) else cache.fingerprint
     return run_folds(data, folds, head, config, out_dir, cache=where, overwrite=overwrite,
-                     cross_corpus=cross)
+                     cross_corpus=cross, views=views)
+
+
+def refuse_views(config: TrainConfig, views: Mapping[str, str], where) -> None:
+    """ConfigError for views "on" with a cache that holds no augmented views."""
+    if config.views == "on" and not views:
+        raise ConfigError(f"--views on: the cache {where} holds no augmented views; extract it with --augment "
+                          "(e.g. --augment speed=0.9,1.1), or train with --views off")
