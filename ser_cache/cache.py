@@ -60,6 +60,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .augment import views_per_transform
 from .errors import UserError
 from .features import LayerData, StatsLayer, check_statistics_pool, utterance_statistics
 from .files import process_tag, write_json_atomic
@@ -713,11 +714,8 @@ class Cache:
     def stored_views(self) -> dict[str, int]:
         """How many views of each transform the complete shards hold ({"speed0.9": n, ...})."""
         stored = set(self.read_meta()["ids"].tolist())
-        counts = {name: 0 for name in self.settings.augment}
-        for r in self.records():
-            if r.view and r.id in stored:
-                counts[r.view] += 1
-        return counts
+        return {**{name: 0 for name in self.settings.augment},
+                **views_per_transform([r for r in self.records() if r.id in stored])}
 
     def verify(self) -> dict[int, str]:
         """Full check of every planned shard: bytes against the recorded SHA-256, structure and

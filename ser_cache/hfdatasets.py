@@ -51,7 +51,6 @@ from .records import RecordsError, Utterance
 
 log = logging.getLogger(__name__)
 
-REF_PREFIX = DATASET_REF_PREFIX  # an Utterance.path starting with this names a dataset example
 SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes into its folder
 DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}  # file suffix -> datasets' builder
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "owner/name" (or a canonical "name")
@@ -70,22 +69,17 @@ class RowRef:
 
     def __str__(self) -> str:
         query = urlencode({"split": self.split, "row": self.row, "column": self.column})
-        return f"{REF_PREFIX}{self.location}?{query}"
+        return f"{DATASET_REF_PREFIX}{self.location}?{query}"
 
     @classmethod
     def parse(cls, text: str) -> RowRef:
         """The reference `str(ref)` wrote; AudioError when `text` is not one."""
-        location, _, query = text[len(REF_PREFIX):].rpartition("?")
+        location, _, query = text[len(DATASET_REF_PREFIX):].rpartition("?")
         values = {k: v[0] for k, v in parse_qs(query).items()}
-        if not (text.startswith(REF_PREFIX) and location and {"split", "row", "column"} <= set(values)
+        if not (text.startswith(DATASET_REF_PREFIX) and location and {"split", "row", "column"} <= set(values)
                 and values["row"].isdigit()):
-            raise AudioError(f"not a dataset example reference ({REF_PREFIX}LOCATION?split=S&row=N&column=C)")
+            raise AudioError(f"not a dataset example reference ({DATASET_REF_PREFIX}LOCATION?split=S&row=N&column=C)")
         return cls(location, values["split"], int(values["row"]), values["column"])
-
-
-def is_row_ref(path: str) -> bool:
-    """Whether an utterance's path names a dataset example (a RowRef) rather than a file."""
-    return str(path).startswith(REF_PREFIX)
 
 
 # --- opening a dataset --------------------------------------------------------------------------
