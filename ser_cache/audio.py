@@ -6,13 +6,14 @@ fold high frequencies back into the speech band). Utterances longer than Whisper
 are never cut silently: `LONG_AUDIO_POLICIES` says what may happen to them.
 
 A path may also name an example of a Hugging Face dataset ("hf:LOCATION?split=...": see
-hfdatasets.py), whose encoded audio is decoded from the dataset the same way.
+hfexamples.py), whose encoded audio is decoded from the dataset the same way.
 
 Every problem with a file raises `AudioError` whose `reason` is a short sentence that ends up
 in the cache's table of skipped utterances.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -24,6 +25,8 @@ import soundfile as sf
 import soxr
 
 from .errors import UserError
+from .hfexamples import DATASET_REF_PREFIX, row_audio, row_has_audio
+from .records import RecordsError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,6 @@ SAMPLES_PER_FRAME = 320  # 2 mel hops of 160 samples: one encoder frame every 20
 #   truncate: keep the first 30 s only (recorded as a note in the cache)
 #   windows:  encode consecutive 30 s windows and join their frames (nothing lost)
 LONG_AUDIO_POLICIES = ("refuse", "truncate", "windows")
-
-DATASET_REF_PREFIX = "hf:"  # a path naming a dataset example (hfdatasets.RowRef), not a file
 
 # Data sizes that streaming WAV writers leave in the header when they cannot seek back to fill
 # it in: not a promise of that many bytes, so not a sign of truncation.
@@ -69,8 +70,6 @@ def audio_duration(path) -> float:
 def audio_exists(path: str) -> bool:
     """Whether there is audio at `path`: a file, or a dataset example holding audio."""
     if str(path).startswith(DATASET_REF_PREFIX):
-        from .hfdatasets import row_has_audio  # hfdatasets reads files through this module
-
         return row_has_audio(path)
     return os.path.exists(path)
 
@@ -82,9 +81,7 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
     Raises AudioError for missing, unreadable, truncated or non-audio files.
     """
     if str(path).startswith(DATASET_REF_PREFIX):
-        from .hfdatasets import read_row_audio
-
-        return read_row_audio(path)
+        return read_example_audio(path)
     if not os.path.exists(path):
         raise AudioError("file not found")
     if os.path.isdir(path):
@@ -103,6 +100,28 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
     except OSError as e:
         raise AudioError(f"cannot read: {e.strerror or e}") from e
     return data, rate
+
+
+def read_example_audio(ref: str) -> tuple[np.ndarray, int]:
+    """One dataset example's audio as it is: (samples, channels) float32 and its own rate in Hz.
+
+    Raises AudioError for a reference that names no example, an example holding no audio, or
+    audio soundfile cannot decode.
+    """
+    try:
+        value = row_audio(ref)
+    except RecordsError as e:
+        raise AudioError(str(e)) from None
+    data, path = value.get("bytes"), value.get("path")
+    if not data:
+        if path and os.path.isfile(path):  # a parquet written without embedding the files
+            return read_audio(path)
+        raise AudioError(f"the example holds no audio (no bytes{f', and no file {path}' if path else ''})")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+        raise AudioError(f"not readable audio ({_first_line(e)}); soundfile decodes WAV, FLAC and OGG") from e
+    return samples, rate
 
 
 def wav_truncation(path: str) -> str:

@@ -610,7 +610,8 @@ def slurm_cmd(tasks, partition, time_limit, cpus_per_task, mem, extra, after, jo
 
 # --- corpora: download and check -----------------------------------------------------------
 
-# The corpus tables live in download.py; imported here so that the choices show in --help.
+# DOWNLOADABLE and the download options live in download.py (the releases in the corpus recipes,
+# corpora/); imported here so that the choices show in --help.
 from . import download as _dl  # noqa: E402
 
 
@@ -717,7 +718,7 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
     """
     from .heads import n_members
     from .layers import label, states_of
-    from .predict import format_table, load_predictor, to_json
+    from .predict import format_table, load_predictor, predictions_json
 
     predictor = load_predictor(model_file, whisper_model, allow_other_model, device=pick_device(device))
     ex, enc = predictor.exported, predictor.enc
@@ -729,7 +730,7 @@ def predict(model_file, audio, whisper_model, as_json, allow_other_model, device
                    f"{ex.encoder['sha256'][:12]}...), not this one (--allow-other-model)", err=True)
     results = [predictor.predict_file(path) for path in audio]
     regression = ex.regression
-    click.echo(to_json(results, predictor.labels, regression) if as_json
+    click.echo(predictions_json(results, predictor.labels, regression) if as_json
                else format_table(results, predictor.labels, regression))
     failed = [r for r in results if r.error]
     if failed:

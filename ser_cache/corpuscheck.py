@@ -32,10 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audio import DATASET_REF_PREFIX, AudioError, audio_exists, load_utterance
-from .corpora import prepare, single_speaker_labels
+from . import download
+from .audio import AudioError, audio_exists, load_utterance
+from .corpora import RELEASES, prepare, single_speaker_labels
 from .errors import UserError
 from .folds import NOT_TESTED, make_folds
+from .hfexamples import DATASET_REF_PREFIX
 from .records import Utterance
 
 WORKERS = 4  # threads decoding audio at once: libsndfile and soxr release the GIL
@@ -126,9 +128,7 @@ def fold_problems(records: list[Utterance], corpus: str, protocol: str | None, n
 def release_problems(corpus: str, data_dir: Path, info: list[str]) -> list[str]:
     """One line per listed file of a public release that is missing or altered in data_dir
     (none for a corpus without a shipped SHA-256 list); what cannot be checked goes to `info`."""
-    from . import download
-
-    if corpus not in download.RELEASES or download.RELEASES[corpus].checksums is None or not Path(data_dir).is_dir():
+    if corpus not in RELEASES or RELEASES[corpus].checksums is None or not Path(data_dir).is_dir():
         return []  # no published list (ShEMO publishes none): nothing to check against
     found = download.check_corpus(corpus, Path(data_dir), progress=False)
     if found.converted or found.note:

@@ -13,15 +13,11 @@ has (`ser-cache check-corpus FOLDER --corpus NAME` runs it with its other checks
         Actor_01/03-01-01-01-01-01-01.wav ...    the release as it unpacks
         .ser-cache-download.json                 completion marker
 
-Sources (none of them can be reached from the test machine; tests serve fixture archives from
-127.0.0.1 through `base_url`, or the env var SER_CACHE_DOWNLOAD_BASE, which also serves a mirror):
-    ravdess  Zenodo record 1188976, speech only; unpacks to Actor_XX/.
-    emodb    the publisher's site, plain http only (the per-file checksums are the integrity
-             check); unpacks to wav/, lablaut/, ...; its list is by file name inside wav/.
-    shemo    female.zip and male.zip of github.com/mansourehk/ShEMO; unpack to female/, male/.
-             No checksum list is shipped, so its files are unpacked but not verified. Others
-             have reported these archives as broken (a Git LFS pointer instead of a zip, for
-             instance); the error then says so.
+Where each corpus comes from is part of its recipe (`Release` in corpora/<corpus>.py, gathered
+in corpora.RELEASES): ravdess, emodb and shemo can be downloaded; cremad, tess, savee and
+jl_corpus can only be checked (corpora/other_releases.py). None of the sources can be reached
+from the test machine; tests serve fixture archives from 127.0.0.1 through `base_url`, or the
+env var SER_CACHE_DOWNLOAD_BASE, which also serves a mirror.
 """
 from __future__ import annotations
 
@@ -43,6 +39,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from .corpora import RELEASES, Release
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,45 +54,9 @@ BACKOFF_S = 1.0  # wait before retry k is BACKOFF_S * 2**k seconds
 TIMEOUT_S = 60.0  # per socket operation, not per download
 SHOW = 5  # names listed per problem in a summary
 USER_AGENT = "ser-cache (corpus download)"
-ZENODO_RAVDESS = "https://zenodo.org/records/1188976/files/Audio_Speech_Actors_01-24.zip?download=1"
 LFS_POINTER = b"version https://git-lfs"  # what a Git LFS file looks like when LFS did not serve it
 
 
-@dataclass(frozen=True)
-class Corpus:
-    """Where a corpus comes from and how its checksum list lines up with the unpacked tree.
-
-    archives: (file name, url) of each release archive; empty when it cannot be downloaded.
-    checksums: file name of its list in CHECKSUM_DIR, or None when none is shipped.
-    subfolder: of the unpacked tree, that the list's paths are relative to (EmoDB's wav/). The
-        folder to pass to `ser-cache extract` is the one above it, as the corpus recipes expect.
-    """
-
-    name: str
-    archives: tuple[tuple[str, str], ...] = ()
-    checksums: str | None = None
-    subfolder: str = "."
-
-
-RELEASES = {
-    c.name: c
-    for c in (
-        Corpus("ravdess", (("Audio_Speech_Actors_01-24.zip", ZENODO_RAVDESS),), "ravdess.sha256"),
-        Corpus("emodb", (("download.zip", "http://emodb.bilderbar.info/download/download.zip"),),
-               "emodb.sha256", "wav"),
-        Corpus(
-            "shemo",
-            (("female.zip", "https://github.com/mansourehk/ShEMO/raw/master/female.zip"),
-             ("male.zip", "https://github.com/mansourehk/ShEMO/raw/master/male.zip")),
-            None,  # no published per-file list exists for ShEMO
-        ),
-        # Not downloadable here (licence click-through or no stable URL), but checkable.
-        Corpus("cremad", checksums="cremad.sha256", subfolder="AudioWAV"),
-        Corpus("tess", checksums="tess.sha256"),
-        Corpus("savee", checksums="savee.sha256", subfolder="AudioData"),
-        Corpus("jl_corpus", checksums="jl_corpus.sha256"),
-    )
-}
 DOWNLOADABLE = sorted(n for n, c in RELEASES.items() if c.archives)
 
 
@@ -139,7 +100,7 @@ class Report:
     @property
     def corpus_dir(self) -> Path:
         """The folder to pass to `ser-cache extract`: `folder` without the corpus's subfolder
-        (data/emodb for data/emodb/wav), which is the layout the recipes in corpora.py document."""
+        (data/emodb for data/emodb/wav), which is the layout the corpus recipes (corpora/) document."""
         sub = RELEASES[self.corpus].subfolder
         if sub != "." and self.folder.as_posix().endswith("/" + sub):
             return self.folder.parents[len(PurePosixPath(sub).parts) - 1]
@@ -178,7 +139,8 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:SHOW]) + more
 
 
-def corpus_of(name: str) -> Corpus:
+def release_of(name: str) -> Release:
+    """The release of corpus `name`; DownloadError naming the known ones when there is none."""
     if name not in RELEASES:
         raise DownloadError(f"unknown corpus {name!r}; known corpora = {sorted(RELEASES)}")
     return RELEASES[name]
@@ -213,7 +175,7 @@ def sha256_of(path: Path) -> str:
 
 def verify(corpus: str, root: Path, progress: bool = True) -> Report:
     """Check every file of the corpus's list under `root` (the folder its paths are relative to)."""
-    c = corpus_of(corpus)
+    c = release_of(corpus)
     if c.checksums is None:
         return Report(corpus, root, 0, note="no checksum list shipped; files were not verified")
     sums = load_checksums(c.checksums)
@@ -259,7 +221,7 @@ def _other_formats(path: Path, listings: dict) -> list[str]:
 def check_corpus(corpus: str, folder: Path, progress: bool = True) -> Report:
     """Verify a corpus a user already has. `folder` may be the corpus folder, the folder its
     checksum paths are relative to (e.g. EmoDB's wav/), or the parent of either."""
-    c = corpus_of(corpus)
+    c = release_of(corpus)
     folder = Path(folder)
     if not folder.is_dir():
         raise DownloadError(f"{folder} is not a folder: give the folder that holds {corpus}")
@@ -268,7 +230,7 @@ def check_corpus(corpus: str, folder: Path, progress: bool = True) -> Report:
     return verify(corpus, _find_root(c, folder), progress)
 
 
-def _find_root(c: Corpus, folder: Path, sample_size: int = 100) -> Path:
+def _find_root(c: Release, folder: Path, sample_size: int = 100) -> Path:
     """The candidate (FOLDER, FOLDER/subfolder, or either one level down) holding the most of a
     sample of listed files, as originals first and in another format second."""
     rels = list(load_checksums(c.checksums))
@@ -299,7 +261,7 @@ def download(corpus: str, to: Path, base_url: str | None = None, progress: bool 
     Raises DownloadError when an archive cannot be fetched or unpacked, VerificationError when
     files are missing or altered; the completion marker is written only after a clean check.
     """
-    c = corpus_of(corpus)
+    c = release_of(corpus)
     if not c.archives:
         raise DownloadError(f"{corpus} cannot be downloaded by ser-cache; "
                             f"downloadable = {DOWNLOADABLE}")

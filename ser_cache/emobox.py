@@ -17,8 +17,8 @@ key holding numbers (the values of a dimensional set: `valence`, `arousal`, ...)
 target of its name, checked as a manifest's target columns are (manifests.manifest_targets).
 
 EmoBox lists no speakers. They are read from the file name (the `wav` stem) by the rule of
-the dataset (the jsonl's name) where this tool knows it (SPEAKER_RULES: the same rules as the
-recipes in corpora.py, and URDU's `SM5_F63_N091` -> "SM5"), or by `--speaker-pattern REGEX`,
+the dataset (the jsonl's name) among the rules the caller passes (the emobox recipe passes
+those of the corpus recipes, and URDU's: corpora/listed.py), or by `--speaker-pattern REGEX`,
 whose one group captures the speaker, searched in the file name without its extension (given,
 it replaces the dataset's rule). A file whose speaker cannot be found is refused.
 
@@ -34,10 +34,9 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Mapping
 
 from .audio import audio_duration
-from .corpus_names import EMODB_NAME, IEMOCAP_ID, RAVDESS_NAME, SHEMO_NAME
 from .manifests import (audio_folder, manifest_targets, read_jsonl, refuse_none_exist,
                         refuse_repeats)
 from .records import RecordsError, Utterance, listing
@@ -52,16 +51,10 @@ SEGMENT_KEYS = ("start_time", "end_time")  # a segment of a file: not supported 
 FOLD_DIR = re.compile(r"fold_(\d+)")
 PATTERN_EXAMPLE = r"--speaker-pattern '^([A-Za-z]+\d+)_'"
 
-URDU_NAME = re.compile(r"(S[FM]\d+)_F\d+_[A-Z]\d+")  # SM5_F63_N091: speaker SM5, file 63, N(eutral) 91
-
-# dataset name -> (file-name pattern, match -> speaker, the scheme for messages)
-SPEAKER_RULES: dict[str, tuple[re.Pattern, Callable[[re.Match], str], str]] = {
-    "ravdess": (RAVDESS_NAME, lambda m: f"Actor_{m[7]}", "03-01-EE-II-SS-RR-AA -> Actor_AA"),
-    "emodb": (EMODB_NAME, lambda m: m[1], "03a01Fa -> 03"),
-    "shemo": (SHEMO_NAME, lambda m: m[1] + m[2], "F21N37 -> F21"),
-    "iemocap": (IEMOCAP_ID, lambda m: f"Ses{m[1]}_{m[2]}", "Ses01F_impro01_M000 -> Ses01_M (the speaking actor)"),
-    "urdu": (URDU_NAME, lambda m: m[1], "SM5_F63_N091 -> SM5"),
-}
+# dataset name -> its speaker rule: a file stem -> the speaker, or None when the stem does not
+# follow the rule; each rule also has `scheme`, the rule in words for messages
+# ("03a01Fa -> 03"), as corpora.base.SpeakerRule does.
+SpeakerRules = Mapping[str, Callable[[str], str | None]]
 
 
 def find_jsonl(corpus_dir: Path) -> Path:
@@ -89,9 +82,10 @@ def read_label_map(path: Path) -> dict[str, str] | None:
     return {str(k).strip(): v.strip() for k, v in table.items()}
 
 
-def speaker_rule(dataset: str, pattern: str | None) -> tuple[Callable[[str], str | None], str]:
+def speaker_rule(dataset: str, pattern: str | None,
+                 rules: SpeakerRules) -> tuple[Callable[[str], str | None], str]:
     """(file stem -> speaker or None, the rule in words): --speaker-pattern when given, else
-    the dataset's own rule; RecordsError naming the fix when there is neither."""
+    the dataset's own rule among `rules`; RecordsError naming the fix when there is neither."""
     if pattern is not None:
         try:
             regex = re.compile(pattern)
@@ -106,23 +100,20 @@ def speaker_rule(dataset: str, pattern: str | None) -> tuple[Callable[[str], str
             m = regex.search(stem)
             return m[1] if m and m[1] else None
         return by_pattern, f"--speaker-pattern {pattern!r}"
-    if dataset not in SPEAKER_RULES:
+    if dataset not in rules:
         raise RecordsError(f"EmoBox lists no speakers, and this tool knows no speaker rule for dataset "
-                           f"{dataset!r} (known: {', '.join(sorted(SPEAKER_RULES))}): pass "
+                           f"{dataset!r} (known: {', '.join(sorted(rules))}): pass "
                            f"--speaker-pattern REGEX with one group capturing the speaker from the "
                            f"file name, e.g. {PATTERN_EXAMPLE}")
-    regex, speaker, scheme = SPEAKER_RULES[dataset]
-
-    def by_rule(stem: str) -> str | None:
-        m = regex.fullmatch(stem)
-        return speaker(m) if m else None
-    return by_rule, f"the {dataset} rule {scheme}"
+    rule = rules[dataset]
+    return rule, f"the {dataset} rule {rule.scheme}"
 
 
-def read_emobox(corpus_dir: Path, audio_root: Path | None = None,
+def read_emobox(corpus_dir: Path, speaker_rules: SpeakerRules, audio_root: Path | None = None,
                 speaker_pattern: str | None = None) -> list[Utterance]:
     """The records of an EmoBox <dataset>.jsonl (see the module docstring); no label map of
-    this tool applied yet."""
+    this tool applied yet. speaker_rules: the datasets whose file names this tool reads
+    speakers from."""
     path = find_jsonl(corpus_dir)
     dataset = path.stem.lower()
     manifest = read_jsonl(path)
@@ -132,7 +123,7 @@ def read_emobox(corpus_dir: Path, audio_root: Path | None = None,
                            f"has {', '.join(REQUIRED_KEYS)} on every line; for another manifest use "
                            "--corpus csv with --columns")
     decode = read_label_map(path.parent / LABEL_MAP)
-    speaker_of, rule = speaker_rule(dataset, speaker_pattern)
+    speaker_of, rule = speaker_rule(dataset, speaker_pattern, speaker_rules)
     root = audio_folder(audio_root, path)
     records, unknown, nameless = [], [], []
     for n, cells in manifest.rows:

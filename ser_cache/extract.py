@@ -23,14 +23,13 @@ from __future__ import annotations
 import errno
 import fnmatch
 import importlib.metadata
-import json
 import platform
 import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -677,10 +676,6 @@ def summary_text(summary: ExtractSummary) -> str:
         lines.append(f"notes: {len(summary.notes)}")
         lines += [f"  {n['id']}: {n['note']}" for n in summary.notes[:10]]
     return "\n".join(lines)
-
-
-def to_json(summary: ExtractSummary) -> str:
-    return json.dumps(asdict(summary), indent=1)
 
 
 # --- the last word: what the cache holds as this job ends -------------------------------------

@@ -1,7 +1,6 @@
 """Hugging Face audio datasets as corpora: read in place, one record per example.
 
     corpora.prepare("hf", ...) --read_hf_records--> list[Utterance] (before the label map)
-    audio.read_audio("hf:...") --read_row_audio--> one example's samples, at its own rate
 
 Where the dataset is (DATA_DIR):
     a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (it holds
@@ -18,150 +17,35 @@ as --columns maps them; `path` is the audio column, by default the one column wh
 is `Audio`. A ClassLabel column reads as its class names. Every other column holding numbers
 becomes a target of its name; columns holding neither are ignored with a logged note.
 
-Audio is read undecoded (`Audio(decode=False)`: the encoded file's bytes, or a path to it)
-and decoded here with soundfile at the file's own sampling rate; audio.py resamples it like
-every other input. (datasets' own decoding needs torchcodec and ffmpeg, which this tool does
-not require, and would resample to the feature's rate first: a second, needless resampling.)
+Audio is read undecoded (hfexamples.py): here only its header, for the duration; audio.py
+decodes it with soundfile at the file's own sampling rate and resamples it like every other
+input.
 
 Records: id = the id column, else "<split>/<row>" (row: the example's 0-based index in its
-split); path = a reference "hf:<location>?split=<split>&row=<row>&column=<audio column>" that
-audio.read_audio resolves (location: the dataset's absolute path, or its hub id); listed_path
-= the file name the dataset keeps beside the audio (often the original file's); size = bytes
-of the encoded audio. As for every corpus, the cache's fingerprint covers ids, labels,
-speakers, groups and targets only, so a moved dataset folder resumes its cache.
+split); path = a reference "hf:<location>?split=<split>&row=<row>&column=<audio column>"
+(hfexamples.RowRef) that audio.read_audio resolves (location: the dataset's absolute path, or
+its hub id); listed_path = the file name the dataset keeps beside the audio (often the
+original file's); size = bytes of the encoded audio. As for every corpus, the cache's
+fingerprint covers ids, labels, speakers, groups and targets only, so a moved dataset folder
+resumes its cache.
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
-import re
-import threading
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode
 
-import numpy as np
 import soundfile as sf
 
-from .audio import DATASET_REF_PREFIX, AudioError, audio_duration, read_audio
+from .audio import audio_duration
+from .hfexamples import RowRef, audio_columns, dataset_location, open_splits, undecoded
 from .manifests import Manifest, json_cell, manifest_fields, manifest_targets, parse_columns, refuse_empty
 from .records import RecordsError, Utterance
 
 log = logging.getLogger(__name__)
 
-SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes into its folder
-DATA_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}  # file suffix -> datasets' builder
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "owner/name" (or a canonical "name")
-SINGLE_SPLIT = "train"  # the split of a dataset saved without one, as load_dataset names it
 BATCH = 64  # examples per read when measuring the audio
-
-
-@dataclass(frozen=True)
-class RowRef:
-    """Where one example's audio is: a dataset (absolute path or hub id), split, row, column."""
-
-    location: str
-    split: str
-    row: int
-    column: str
-
-    def __str__(self) -> str:
-        query = urlencode({"split": self.split, "row": self.row, "column": self.column})
-        return f"{DATASET_REF_PREFIX}{self.location}?{query}"
-
-    @classmethod
-    def parse(cls, text: str) -> RowRef:
-        """The reference `str(ref)` wrote; AudioError when `text` is not one."""
-        location, _, query = text[len(DATASET_REF_PREFIX):].rpartition("?")
-        values = {k: v[0] for k, v in parse_qs(query).items()}
-        if not (text.startswith(DATASET_REF_PREFIX) and location and {"split", "row", "column"} <= set(values)
-                and values["row"].isdigit()):
-            raise AudioError(f"not a dataset example reference ({DATASET_REF_PREFIX}LOCATION?split=S&row=N&column=C)")
-        return cls(location, values["split"], int(values["row"]), values["column"])
-
-
-# --- opening a dataset --------------------------------------------------------------------------
-
-def dataset_location(data_dir) -> str:
-    """The dataset's location: DATA_DIR as an absolute path when it exists, else a hub id;
-    RecordsError when it is neither."""
-    path = Path(data_dir).expanduser()
-    if path.exists():
-        return os.path.normpath(path.absolute())
-    if HUB_ID.fullmatch(str(data_dir)):
-        return str(data_dir)
-    raise RecordsError(f"{data_dir} does not exist: pass a folder written by save_to_disk, a .parquet or "
-                       ".arrow file (or a folder of them), or a hub id such as owner/name")
-
-
-_open_lock = threading.RLock()  # extraction reads examples from several threads
-
-
-def open_splits(location: str) -> dict[str, object]:
-    """{split name: datasets.Dataset} of the dataset at `location`, opened once per process."""
-    with _open_lock:
-        return _open_splits(location)
-
-
-@lru_cache(maxsize=8)
-def _open_splits(location: str) -> dict[str, object]:
-    import datasets
-
-    path = Path(location)
-    if not path.exists():
-        opened = load_hub(location)
-    elif path.is_dir() and any((path / m).is_file() for m in SAVED_MARKERS):
-        opened = datasets.load_from_disk(str(path))
-    else:
-        opened = load_files(path)
-    if isinstance(opened, datasets.Dataset):
-        return {str(opened.split) if opened.split else SINGLE_SPLIT: opened}
-    return dict(opened)
-
-
-def load_files(path: Path):
-    """A .parquet or .arrow file, or a folder of them, as a DatasetDict."""
-    import datasets
-
-    if path.is_file():
-        builder = DATA_SUFFIXES.get(path.suffix.lower())
-        if builder is None:
-            raise RecordsError(f"{path} is not a .parquet or .arrow file: pass one, a folder of them, or a "
-                               "folder written by save_to_disk")
-        return datasets.load_dataset(builder, data_files=str(path))
-    if not any(p.suffix.lower() in DATA_SUFFIXES for p in path.rglob("*") if p.is_file()):
-        raise RecordsError(f"{path} holds no dataset: neither {' nor '.join(SAVED_MARKERS)} (a save_to_disk "
-                           "folder) nor .parquet or .arrow files; pass the folder the dataset was saved to")
-    return datasets.load_dataset(str(path))
-
-
-def load_hub(dataset_id: str):
-    """A hub dataset, where there is network; RecordsError saying what to bring where there is none."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(dataset_id)
-    # The hub fails in many ways (no network, no such dataset, a gated one, several configs);
-    # each comes down to one fix, named below with the cause's first line.
-    except Exception as e:  # noqa: BLE001
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RecordsError(
-            f"{dataset_id!r} is no local path and could not be loaded from the Hugging Face hub ({cause}): "
-            f"where there is network, run python -c \"import datasets; datasets.load_dataset('{dataset_id}')"
-            ".save_to_disk('DIR')\" (name the config after the id if it has several), bring DIR here and "
-            "pass it as DATA_DIR"
-        ) from None
-
-
-# --- the records --------------------------------------------------------------------------------
-
-def audio_columns(ds) -> list[str]:
-    """The names of the columns whose feature is Audio."""
-    from datasets import Audio
-
-    return [name for name, feature in ds.features.items() if isinstance(feature, Audio)]
 
 
 def audio_column(ds, mapped: str | None, where: str) -> str:
@@ -189,14 +73,6 @@ def audio_column(ds, mapped: str | None, where: str) -> str:
 def holds_encoded_audio(feature) -> bool:
     """A struct of `bytes` and `path`, as an Audio column is stored (cast to plain features)."""
     return isinstance(feature, dict) and {"bytes", "path"} <= set(feature)
-
-
-def undecoded(ds, column: str):
-    """`ds` reduced to `column`, whose audio reads as {"bytes", "path"} instead of decoded."""
-    from datasets import Audio
-
-    ds = ds.select_columns([column])
-    return ds.cast_column(column, Audio(decode=False)) if column in audio_columns(ds) else ds
 
 
 def cell(value, feature) -> str:
@@ -294,54 +170,3 @@ def read_hf_records(corpus_dir, columns: str | None = None) -> list[Utterance]:
                            "at the path kept with it): save the dataset with its audio embedded "
                            "(save_to_disk or push_to_hub embed it)")
     return records
-
-
-# --- reading one example's audio ---------------------------------------------------------------
-
-@lru_cache(maxsize=32)
-def _audio_table(location: str, split: str, column: str):
-    return undecoded(open_splits(location)[split], column)
-
-
-def row_audio(text: str) -> dict:
-    """{"bytes", "path"} of the example a reference names; AudioError when it is not there."""
-    ref = RowRef.parse(text)
-    try:
-        splits = open_splits(ref.location)
-    except RecordsError as e:
-        raise AudioError(f"the dataset cannot be opened: {e}") from None
-    if ref.split not in splits:
-        raise AudioError(f"the dataset has no split {ref.split!r} (it has {', '.join(splits)})")
-    with _open_lock:
-        table = _audio_table(ref.location, ref.split, ref.column)
-    if ref.row >= table.num_rows:
-        raise AudioError(f"the split has {table.num_rows} examples, not row {ref.row}")
-    return table[ref.row][ref.column] or {}
-
-
-def row_has_audio(text: str) -> bool:
-    """Whether the example a reference names holds audio (bytes, or an existing file)."""
-    try:
-        value = row_audio(text)
-    except AudioError:
-        return False
-    return bool(value.get("bytes")) or bool(value.get("path") and os.path.isfile(value["path"]))
-
-
-def read_row_audio(text: str) -> tuple[np.ndarray, int]:
-    """One example's audio as it is: (samples, channels) float32 and its own rate in Hz.
-
-    Raises AudioError for an example holding no audio or audio soundfile cannot decode.
-    """
-    value = row_audio(text)
-    data, path = value.get("bytes"), value.get("path")
-    if not data:
-        if path and os.path.isfile(path):
-            return read_audio(path)
-        raise AudioError(f"the example holds no audio (no bytes{f', and no file {path}' if path else ''})")
-    try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AudioError(f"not readable audio ({first}); soundfile decodes WAV, FLAC and OGG") from e
-    return samples, rate

@@ -13,7 +13,7 @@ manifest's folder). Symlinks are followed. The id defaults to the path under the
 without its extension ("a/b.wav" -> "a/b"), so ids, and the cache's identity, do not depend on
 where the corpus lies. Records keep the path as listed (`listed_path`) beside the resolved one
 (`path`). The layout and every refusal are described for users in docs/corpora.md and in the
-docstring of corpora.py.
+docstring of corpora/listed.py.
 
 The pieces (reading a file into a `Manifest`, the audio root, targets, repeated rows) are also
 used by other readers of listed audio (emobox.py, hfdatasets.py).

@@ -268,7 +268,7 @@ def format_table(results: list[FilePrediction], labels: list[str], regression: b
     return "\n".join(lines)
 
 
-def to_json(results: list[FilePrediction], labels: list[str], regression: bool = False) -> str:
+def predictions_json(results: list[FilePrediction], labels: list[str], regression: bool = False) -> str:
     """A JSON list, one object per file: prediction, probabilities, windows, notes or error;
     a regression head's: "values" ({target: value}) in place of prediction and probabilities."""
     def probs(p):

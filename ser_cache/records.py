@@ -1,8 +1,8 @@
 """Utterance records: the typed rows every stage after corpus preparation works on.
 
-A corpus preparer (see `corpora.py`) turns a raw folder into a list of `Utterance`s. The list
-is saved beside the cache as JSON Lines (`records.jsonl`), and its hash goes into the cache's
-settings so that a cache is never extended with a different corpus by accident.
+A corpus recipe (the `corpora` package) turns a raw folder into a list of `Utterance`s. The
+list is saved beside the cache as JSON Lines (`records.jsonl`), and its hash goes into the
+cache's settings so that a cache is never extended with a different corpus by accident.
 
 Besides its class label an utterance may carry numeric targets (dimensional ratings such as
 arousal and valence). A record without targets is written, read and hashed exactly as before

@@ -1,6 +1,7 @@
 """Corpus recipes on tiny synthetic corpora laid out like the real releases."""
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -8,15 +9,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from ser_cache.corpora import (
-    CORPORA,
-    LABEL_MAPS,
-    prepare,
-    prepare_iemocap,
-    prepare_ravdess,
-    single_speaker_labels,
-    single_speaker_warnings,
-)
+from ser_cache.corpora import (CORPORA, LABEL_MAPS, RELEASES, prepare, single_speaker_labels,
+                               single_speaker_warnings)
+from ser_cache.corpora.iemocap import prepare_iemocap
+from ser_cache.corpora.ravdess import prepare_ravdess
 from ser_cache.folds import make_folds
 from ser_cache.records import RecordsError, Utterance
 
@@ -244,11 +240,14 @@ def test_iemocap_without_map_keeps_every_label(tmp_path):
         "angry", "excited", "frustrated", "happy", "neutral", "no_majority", "sad"]
 
 
-def test_preparer_applies_the_default_map_and_logs_the_drops(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="ser_cache.corpora"):
-        records = prepare_iemocap(make_iemocap(tmp_path / "iemocap"))
-    assert len(records) == 6
-    assert "label map iemocap4 dropped 2 iemocap utterances: fru 1, xxx 1" in caplog.text
+def test_the_recipe_keeps_every_label_and_prepare_applies_the_default_map(tmp_path):
+    root = make_iemocap(tmp_path / "iemocap")
+    assert {r.original_label for r in prepare_iemocap(root)} >= {"fru", "xxx"}
+    prepared = prepare("iemocap", root)
+    assert prepared.label_map == "iemocap4" and len(prepared.records) == 6
+    assert prepared.dropped == {"fru": 1, "xxx": 1}
+    assert "dropped 2 utterances whose original label is not in label map iemocap4: fru 1, xxx 1" in (
+        prepared.summary())
 
 
 def test_iemocap_targets_are_valence_arousal_dominance(tmp_path):
@@ -437,6 +436,15 @@ def test_registry_and_maps():
     assert set(CORPORA) == {"ravdess", "shemo", "iemocap", "emodb", "msp-podcast", "csv", "emobox", "hf"}
     assert LABEL_MAPS["iemocap4"]["exc"] == LABEL_MAPS["iemocap4"]["hap"] == "happy"
     assert set(LABEL_MAPS["shemo4"].values()) == {"angry", "happy", "neutral", "sad"}
+
+
+def test_every_recipe_reads_the_options_it_declares_and_defaults_to_a_known_map():
+    for name, recipe in CORPORA.items():
+        keywords = list(inspect.signature(recipe.prepare).parameters)[1:]  # after corpus_dir
+        assert keywords == list(recipe.options), name
+        assert recipe.default_label_map is None or recipe.default_label_map in LABEL_MAPS, name
+    assert {n for n, r in RELEASES.items() if r.archives} == {"ravdess", "emodb", "shemo"}
+    assert all(RELEASES[n] is CORPORA[n].release for n in ("ravdess", "emodb", "shemo"))
 
 
 # --- speaker-independent splits ------------------------------------------------------------------

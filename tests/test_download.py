@@ -130,7 +130,7 @@ def test_clean_download_unpacks_and_verifies(release, tmp_path, corpus, folder):
     report = dl.download(corpus, to, base_url=srv.url, progress=False)
     assert report.passed and report.ok == len(listed(corpus)) > 0
     assert report.folder == to / folder
-    assert report.corpus_dir == to  # the layout corpora.py documents: Actor_XX/ or wav/ inside
+    assert report.corpus_dir == to  # the layout the recipes document: Actor_XX/ or wav/ inside
     assert (to / dl.MARKER).exists()
     for rel, data in listed(corpus).items():
         assert (to / folder / rel).read_bytes() == data
@@ -320,8 +320,8 @@ def test_load_checksums_refuses_a_malformed_line(tmp_path):
 
 
 def test_shipped_lists_parse_and_match_their_corpora():
-    for c in dl.RELEASES.values():
+    for name, c in dl.RELEASES.items():
         if c.checksums:
             sums = dl.load_checksums(c.checksums)
-            assert len(sums) > 400 and all(len(h) == 64 for h in sums.values()), c.name
+            assert len(sums) > 400 and all(len(h) == 64 for h in sums.values()), name
     assert dl.RELEASES["shemo"].checksums is None

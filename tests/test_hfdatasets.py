@@ -19,7 +19,7 @@ from ser_cache.audio import AudioError, load_utterance
 from ser_cache.cache import open_cache
 from ser_cache.cli import main
 from ser_cache.corpora import prepare
-from ser_cache.hfdatasets import RowRef
+from ser_cache.hfexamples import RowRef
 from ser_cache.records import RecordsError, Utterance
 
 from conftest import tone

@@ -1,28 +1,52 @@
 """The package's modules import each other in one direction: no circle, at module level or
-inside functions, except those listed in KNOWN_CIRCLES (each one a debt, named)."""
+inside functions. A module of a subpackage is named by its dotted path ("corpora.ravdess");
+importing it runs its package's __init__ first, so it counts as an import of the package too
+(for modules outside that package)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ser_cache"
-# audio.read_audio resolves a dataset example ("hf:..." paths) through hfdatasets, which reads
-# files, and manifests' durations, through audio: the reader of files belongs below both.
-KNOWN_CIRCLES = [{"audio", "hfdatasets", "manifests"}]
+
+
+def module_name(path: Path) -> str:
+    """"audio" for ser_cache/audio.py, "corpora" for ser_cache/corpora/__init__.py,
+    "corpora.ravdess" for ser_cache/corpora/ravdess.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(node: ast.ImportFrom, name: str, is_package: bool) -> list[str]:
+    """The candidate module names an import statement of module `name` may reach, relative to
+    the package: its module, and its module plus each imported name."""
+    if node.level == 0:
+        if not (node.module or "").startswith("ser_cache."):
+            return []
+        base = node.module[len("ser_cache."):]
+    else:
+        here = name.split(".") if name else []
+        here = here if is_package else here[:-1]  # the package the module is in
+        up = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+        base = ".".join(up + ([node.module] if node.module else []))
+    return [base, *(f"{base}.{a.name}" if base else a.name for a in node.names)]
 
 
 def import_graph() -> dict[str, set[str]]:
     """{module: the package modules it imports anywhere in its source}."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    for name, path in paths.items():
+        is_package = path.name == "__init__.py"
         found = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ser_cache."):
-                found.add(node.module.split(".")[1])
-        graph[path.stem] = (found & modules) - {path.stem}
+            if isinstance(node, ast.ImportFrom):
+                found |= {m for m in imported(node, name, is_package) if m in paths}
+        # importing corpora.base runs corpora/__init__.py first; a package a module is in is
+        # being imported already, so it is no import of the module's own
+        found |= {".".join(m.split(".")[:k]) for m in found for k in range(1, m.count(".") + 1)}
+        own = {".".join(name.split(".")[:k]) for k in range(1, name.count(".") + 2)}
+        graph[name] = found - own - {""}
     return graph
 
 
@@ -62,9 +86,14 @@ def test_the_finder_sees_a_circle():
     assert circles({"a": {"b"}, "b": set()}) == []
 
 
+def test_the_graph_sees_subpackages_and_relative_imports():
+    graph = import_graph()
+    assert {"audio", "corpora", "corpora.base", "corpora.ravdess"} <= set(graph)
+    assert "corpora.ravdess" in graph["corpora.registry"] and "audio" in graph["corpora.ravdess"]
+    assert "corpora" in graph["cli"] and "corpora" in graph["download"]
+    assert "corpora" not in graph["corpora.ravdess"]  # a module's own package is not an import of it
+
+
 def test_no_module_imports_one_that_imports_it_back():
     found = circles(import_graph())
-    new = [c for c in found if c not in KNOWN_CIRCLES]
-    assert new == [], f"import circles: {new}: move what both need into a module below them"
-    gone = [c for c in KNOWN_CIRCLES if c not in found]
-    assert gone == [], f"{gone} no longer import each other in a circle: drop them from KNOWN_CIRCLES"
+    assert found == [], f"import circles: {found}: move what both need into a module below them"
