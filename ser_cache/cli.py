@@ -481,10 +481,10 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, protocol, n_folds, fold_f
     budget = None if memory_budget is None else parse_size(memory_budget)
     outcome = run_sweep(spec, out, jobs=jobs, device=device, part=part, memory_budget=budget)
     t, state = outcome.timing, outcome.state
-    if outcome.tasks_done_before == outcome.tasks_total:
-        click.echo(f"all {outcome.tasks_total} folds were already done; report rebuilt")
+    if outcome.folds_done_before == outcome.folds_total:
+        click.echo(f"all {outcome.folds_total} folds were already done; report rebuilt")
     else:
-        click.echo(f"{outcome.tasks_run} folds run, {outcome.tasks_done_before} done before, of {outcome.tasks_total} "
+        click.echo(f"{outcome.folds_run} folds run, {outcome.folds_done_before} done before, of {outcome.folds_total} "
                    f"({t.jobs} job(s) x {t.threads_per_job} thread(s) on {t.device})"
                    + (f", part {part[0]}/{part[1]}" if part[1] > 1 else ""))
         click.echo(f"wall {t.wall_seconds:.0f} s: reading layers {t.read_seconds:.1f} s, training "
@@ -494,10 +494,13 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, protocol, n_folds, fold_f
     if compat_speaker_overlap:
         click.echo("FLAWED (speaker-dependent): --compat-speaker-overlap, the folds test speakers they also train on; "
                    "not an honest estimate")
-    for task, why in outcome.failures:
-        click.echo(f"FAILED {task}: {why}", err=True)
+    from .layers import label
+
+    for cell, why in outcome.failures:
+        click.echo(f"FAILED {cell.cache} layer {label(cell.layer)} {cell.head} seed {cell.seed} "
+                   f"fold {cell.fold}: {why}", err=True)
     # Other processes may share this folder: the state is read after this process's last
-    # task, claims included; the exit status is 0 only if this process's part is done or in
+    # cell fold, claims included; the exit status is 0 only if this process's part is done or in
     # the hands of a live process, and nothing failed.
     line = f"sweep {out}: {state.text()}"
     if outcome.failures:

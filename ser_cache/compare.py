@@ -123,17 +123,17 @@ def _from_sweep(name: str, folder: SweepFolder, layer_text: str, head: str, cach
     for c in mine:
         if c.seed not in folds_by_seed:
             folds_by_seed[c.seed] = Folds.load(folder.folds_path(cache, c.seed))
-        scores[c.seed, c.fold] = (fold_scores({"ccc": c.ccc, "targets": c.targets}) if c.task == "regression"
-                                  else {m: float(getattr(c, m)) for m in METRICS})
+        scores[c.seed, c.fold] = fold_scores(c.metrics)
         splits[c.seed, c.fold] = split_digest(folds_by_seed[c.seed], c.fold)
     return Scored(name, scores, splits, TrainConfig.from_dict(
         {k: v for k, v in folder.read_config()["train"].items() if k in FLAWS}).flaws())
 
 
 def fold_scores(metrics: dict) -> dict:
-    """The pairable scores of one fold's metrics: UA, WA, macro-F1 of classes, or of a
-    regression (tasks.Regression.fold_metrics) the mean CCC and ccc_<target> per target; an
-    undefined CCC (None, NaN) is left out."""
+    """The pairable scores of one fold's metrics (results.FoldRecord.metrics, of a run or a
+    sweep cell alike): UA, WA, macro-F1 of classes, or of a regression
+    (tasks.Regression.fold_metrics) the mean CCC and ccc_<target> per target; an undefined CCC
+    (None, NaN) is left out."""
     if REGRESSION_METRIC not in metrics:
         return {m: float(metrics[m]) for m in METRICS}
     out = {REGRESSION_METRIC: float(metrics[REGRESSION_METRIC])}

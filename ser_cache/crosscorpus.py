@@ -9,8 +9,8 @@ which chooses nothing. Beside B's metrics (mean ± std over A's fold heads, conf
 per fold) stands the in-corpus figure on the same classes (A's own test folds), so the drop
 from one corpus to the other is read off one table:
 
-    RUN/cross_corpus.json        both corpora (classes, counts, drops), in-corpus and target
-                                 metrics, the difference
+    RUN/cross_corpus.json        both corpora (classes, counts, drops), in-corpus and test
+                                 corpus metrics (its keys "target..."), the difference
     RUN/predictions_target.csv   one row per utterance of B and fold head
 
 Both are written atomically after the fold records and before metrics.json, which marks a run
@@ -33,9 +33,10 @@ B's states are standardised with the statistics each head learned on A's trainin
 (no adaptation to B), and B's utterances are scored with dropout off.
 
 Sweeps (`ser-cache sweep CACHE... --test-cache B [--label-map NAME]`): the same checks for
-every cache and cell (`check_sweep_target`, from metadata before any layer is read), folds
-made on the mapped classes, and each task's chosen head also scored on B's same layer
-(`target_metrics`, results.CellResult.target); report.py shows B's UA beside the in-corpus UA.
+every cache and cell (`check_sweep_test_cache`, from metadata before any layer is read), folds
+made on the mapped classes, and each cell fold's chosen head also scored on B's same layer
+(`score_test_corpus`, results.FoldRecord.test_corpus); report.py shows B's UA beside the
+in-corpus UA. A run scores its fold heads on B the same way, after the folds (`evaluate`).
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def incompatibilities(train: Cache, test: Cache, states: list[int]) -> list[str]
     return problems
 
 
-def map_labels(labels: np.ndarray, label_map: str | None, where: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def map_class_names(labels: np.ndarray, label_map: str | None, where: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """(kept: (n,) bool, the kept utterances' new class names, dropped count per class) of
     class names `labels` under the label map; no map keeps all. `where` names the cache."""
     name, table = resolve_map(label_map)
@@ -109,7 +110,7 @@ def map_classes(data: LayerData, label_map: str | None, where: str) -> tuple[Lay
     dropped; dropped count per class). No map: (data, {}). `where` names the cache in errors."""
     if resolve_map(label_map)[1] is None:
         return data, {}
-    keep, labels, dropped = map_labels(data.labels, label_map, where)
+    keep, labels, dropped = map_class_names(data.labels, label_map, where)
     kept = data.subset(np.flatnonzero(keep))
     kept.labels = labels
     return kept, dropped
@@ -143,27 +144,27 @@ class CrossCorpus:
     """The other corpus of a run and the label map of both: made by `open_cross_corpus`
     before the run, `map_source` on the training layer, `evaluate` after the folds.
 
-    target: B's layer after the map (None without --test-cache); dropped: per corpus
+    test_corpus: B's layer after the map (None without --test-cache); dropped: per corpus
     ("train", "test"), utterances dropped by the map per class."""
 
     label_map: str | None
-    target: LayerData | None = None
-    target_cache: dict = field(default_factory=dict)  # B's fingerprint
+    test_corpus: LayerData | None = None
+    test_cache: dict = field(default_factory=dict)  # B's fingerprint
     dropped: dict = field(default_factory=dict)
 
     @property
     def config(self) -> dict:
         """What a resumed run must match (RunConfig.cross_corpus); {} for a plain run."""
-        if self.label_map is None and self.target is None:
+        if self.label_map is None and self.test_corpus is None:
             return {}
-        return {"label_map": self.label_map, "test_cache": self.target_cache or None, "dropped": self.dropped}
+        return {"label_map": self.label_map, "test_cache": self.test_cache or None, "dropped": self.dropped}
 
     def map_source(self, data: LayerData, where: str) -> LayerData:
-        """The training layer after the map; refuses classes that the target does not share."""
+        """The training layer after the map; refuses classes that the test corpus does not share."""
         data, self.dropped["train"] = map_classes(data, self.label_map, where)
         log_drops("training", where, self.dropped["train"], len(data), self.label_map)
-        if self.target is not None:
-            why = classes_differ(sorted(set(data.labels.tolist())), sorted(set(self.target.labels.tolist())),
+        if self.test_corpus is not None:
+            why = classes_differ(sorted(set(data.labels.tolist())), sorted(set(self.test_corpus.labels.tolist())),
                                  self.label_map)
             if why:
                 raise CrossCorpusError(why)
@@ -171,22 +172,20 @@ class CrossCorpus:
 
     def evaluate(self, labels: list[str], models: list, in_corpus: dict, device: torch.device,
                  folder: RunFolder | None) -> CrossResult | None:
-        """Each fold head (`models`, in fold order) scored once on every utterance of B;
-        the result beside the in-corpus `summarize` dict, written into `folder` if given."""
-        if self.target is None:
+        """Each fold head (`models`, in fold order) scored once on every utterance of B
+        (`score_test_corpus`); the result beside the in-corpus `summarize` dict, written into
+        `folder` if given."""
+        if self.test_corpus is None:
             return None
-        data = self.target
-        y = np.searchsorted(labels, data.labels).astype(np.int64)
-        assert (np.asarray(labels)[y] == data.labels).all(), "a test class the heads do not know"
-        index = np.arange(len(data))
-        probs = [predict_proba(model.to(device).eval(), data, index, device) for model in models]
-        per_fold = [fold_metrics(y, p.argmax(axis=1), len(labels)) for p in probs]
-        result = CrossResult(labels=labels, label_map=self.label_map, target_cache=self.target_cache,
+        data, y = self.test_corpus, class_numbers(self.test_corpus, labels)
+        probs, per_fold = zip(*(score_test_corpus(model.to(device).eval(), data, labels, device) for model in models))
+        result = CrossResult(labels=labels, label_map=self.label_map, target_cache=self.test_cache,
                              n_target=len(data), dropped=self.dropped, in_corpus=in_corpus,
-                             target=summarize(per_fold, labels),
+                             target=summarize(list(per_fold), labels),
                              target_counts=dict(zip(labels, np.bincount(y, minlength=len(labels)).tolist())))
         if folder is not None:
-            write_text_atomic(folder.root / RunFolder.TARGET_PREDICTIONS, target_predictions(data, labels, y, probs))
+            write_text_atomic(folder.root / RunFolder.TEST_CORPUS_PREDICTIONS,
+                              predictions_on_test_corpus(data, labels, y, list(probs)))
             write_json_atomic(folder.root / RunFolder.CROSS_CORPUS, result.to_dict())
         return result
 
@@ -205,10 +204,10 @@ def open_cross_corpus(train: Cache, layer: Selection, test_cache: Path | None,
         raise CrossCorpusError(f"the test cache {test_cache} cannot be scored by heads trained on {train.root}: "
                                + "; ".join(problems)
                                + ". Extract both corpora with the same checkpoint, --mode, --compute-dtype and layers")
-    target, cross.dropped["test"] = map_classes(originals_of(test, test.read_layer(layer)), cross.label_map,
-                                                f"the test cache {test_cache}")
-    log_drops("test", test_cache, cross.dropped["test"], len(target), cross.label_map)
-    cross.target, cross.target_cache = target, test.fingerprint
+    test_corpus, cross.dropped["test"] = map_classes(originals_of(test, test.read_layer(layer)), cross.label_map,
+                                                     f"the test cache {test_cache}")
+    log_drops("test", test_cache, cross.dropped["test"], len(test_corpus), cross.label_map)
+    cross.test_corpus, cross.test_cache = test_corpus, test.fingerprint
     return cross
 
 
@@ -234,9 +233,24 @@ def log_drops(role: str, where, dropped: dict, kept: int, label_map: str | None)
         log.info("label map %s: every utterance of the %s cache %s kept (%d)", label_map, role, where, kept)
 
 
-def target_predictions(data: LayerData, labels: list[str], y: np.ndarray, probs: list[np.ndarray]) -> str:
-    """CSV text: one row per utterance of the target and fold head (fold by fold, in cache
-    order): id, speaker, fold, label, prediction, prob_<class>..."""
+def class_numbers(data: LayerData, labels: list[str]) -> np.ndarray:
+    """(n,) int64: the class number of each utterance of a test corpus among `labels` (the
+    heads' classes, sorted), whose classes are already mapped and shared with them."""
+    y = np.searchsorted(labels, data.labels).astype(np.int64)
+    assert (np.asarray(labels)[y] == data.labels).all(), f"a test class the heads do not know, among {labels}"
+    return y
+
+
+def score_test_corpus(model, data: LayerData, labels: list[str], device: torch.device) -> tuple[np.ndarray, dict]:
+    """(probs (n, n_classes), metrics.fold_metrics) of one head (eval mode, on `device`) on
+    every utterance of a test corpus `data` (classes as in `class_numbers`), dropout off."""
+    probs = predict_proba(model, data, np.arange(len(data)), device)
+    return probs, fold_metrics(class_numbers(data, labels), probs.argmax(axis=1), len(labels))
+
+
+def predictions_on_test_corpus(data: LayerData, labels: list[str], y: np.ndarray, probs: list[np.ndarray]) -> str:
+    """CSV text (RUN/predictions_target.csv): one row per utterance of the test corpus and fold
+    head (fold by fold, in cache order): id, speaker, fold, label, prediction, prob_<class>..."""
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["id", "speaker", "fold", "label", "prediction"] + [f"prob_{c}" for c in labels])
@@ -297,8 +311,8 @@ class CrossResult:
 # --- sweeps ------------------------------------------------------------------------------------
 
 
-def check_sweep_target(caches: dict[str, Cache], states: dict[str, list[int]], test_cache: Path | None,
-                       label_map: str | None) -> Cache | None:
+def check_sweep_test_cache(caches: dict[str, Cache], states: dict[str, list[int]], test_cache: Path | None,
+                           label_map: str | None) -> Cache | None:
     """For a sweep: the test cache (None without one), checked against every training cache
     on the `states` its cells read, and the classes every cache keeps after the map against
     the test cache's (from the metadata: no layer is read). Raises CrossCorpusError."""
@@ -307,24 +321,15 @@ def check_sweep_target(caches: dict[str, Cache], states: dict[str, list[int]], t
         return None
     test = open_cache(test_cache)
     test.check()
-    target = set(map_labels(test.read_meta()["labels"], label_map, f"the test cache {test_cache}")[1].tolist())
+    shared = set(map_class_names(test.read_meta()["labels"], label_map, f"the test cache {test_cache}")[1].tolist())
     for key, cache in caches.items():
         problems = incompatibilities(cache, test, states[key])
         if problems:
             raise CrossCorpusError(f"the test cache {test_cache} cannot be scored by heads trained on {cache.root}: "
                                    + "; ".join(problems) + ". Extract both corpora with the same checkpoint, --mode, "
                                    "--compute-dtype and layers")
-        source = map_labels(cache.read_meta()["labels"], label_map, str(cache.root))[1]
-        why = classes_differ(sorted(set(source.tolist())), sorted(target), resolve_map(label_map)[0])
+        source = map_class_names(cache.read_meta()["labels"], label_map, str(cache.root))[1]
+        why = classes_differ(sorted(set(source.tolist())), sorted(shared), resolve_map(label_map)[0])
         if why:
             raise CrossCorpusError(f"{cache.root}: {why}")
     return test
-
-
-def target_metrics(model, target: LayerData, labels: list[str], device: torch.device) -> dict:
-    """metrics.fold_metrics of one head on every utterance of the target (classes already
-    mapped and shared with `labels`), plus n: a sweep cell's record of the target corpus."""
-    y = np.searchsorted(labels, target.labels).astype(np.int64)
-    assert (np.asarray(labels)[y] == target.labels).all(), "a test class the head does not know"
-    probs = predict_proba(model, target, np.arange(len(target)), device)
-    return {**fold_metrics(y, probs.argmax(axis=1), len(labels)), "n": len(target)}

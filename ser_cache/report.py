@@ -22,13 +22,14 @@ Multi-layer cells have no depth: they stay in the tables and are left out of tha
 one model the report is as it was.
 
 A cross-corpus sweep (`--test-cache`, crosscorpus.py) adds each cell's UA on the test corpus
-beside its in-corpus UA: a second table in summary.md, target_* columns in results.csv.
+beside its in-corpus UA: a second table in summary.md, target_* columns in results.csv
+(TEST_CORPUS_COLUMNS).
 
 Rows of the table are layers: single states first, then multi-layer cells labelled as they are
 typed (`2+3+4`), so a multi-layer head is read against every single state and the linear
 probe on the same states.
 
-A regression sweep (`--task regression`, CellResult.task) has no UA, confusion or chance
+A regression sweep (`--task regression`, CellFoldRecord.task) has no UA, confusion or chance
 line; instead
 
         results.csv         CCC (mean over targets), validation CCC, and CCC, Pearson r, MAE per target
@@ -60,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from .layers import Selection, as_selection, is_multi, label, sort_key, states_of
-from .results import CellResult, SweepError, SweepFolder, SweepTiming
+from .results import CellFoldRecord, SweepError, SweepFolder, SweepTiming
 
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.md"
@@ -74,18 +75,19 @@ REGRESSION_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "see
                       "seconds", "epoch", "n_test", "layer_weights")
 RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ua", "wa",
                   "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test", "layer_weights")
-TARGET_COLUMNS = ("target_ua", "target_wa", "target_macro_f1", "n_target")  # cross-corpus sweeps only
+TEST_CORPUS_COLUMNS = ("target_ua", "target_wa", "target_macro_f1", "n_target")  # cross-corpus sweeps only
+PER_TARGET = ("ccc", "pearson", "mae")  # a regression cell's scores of each target
 PANEL_COLUMNS = 3  # panels per row of a figure
 FLAWED_LABEL = "FLAWED (speaker-dependent)"
 
 
 @dataclass
 class Sweep:
-    """A sweep folder as saved: its config, its finished tasks' records, its run timings."""
+    """A sweep folder as saved: its config, its finished cell folds' records, its run timings."""
 
     folder: SweepFolder
     config: dict
-    records: list[CellResult]
+    records: list[CellFoldRecord]
     timing: list[SweepTiming]
 
     @property
@@ -125,7 +127,7 @@ class Cell:
     # with layer_weights: how far they are from equal, fold by fold (uniformity), as
     # {"max_dev": mean over folds, "entropy": mean over folds, "uniform": every fold's, "verdict": words}
     mix: dict | None = None
-    target_ua: tuple[float, float] | None = None  # cross-corpus: (mean, std) UA on the test cache
+    test_corpus_ua: tuple[float, float] | None = None  # cross-corpus: (mean, std) UA on the test cache
     targets: dict | None = None  # regression only
 
 
@@ -307,7 +309,7 @@ def mix_verdict(mixes: list[str], uniform: list[bool], n_states: int) -> str:
     return "; ".join(parts) + ": it shows no layer importance (the per-state curve, one state per cell, does)"
 
 
-def mix_summary(records: list[CellResult], mix: str) -> dict | None:
+def mix_summary(records: list[CellFoldRecord], mix: str) -> dict | None:
     """How far the mix weights of a cell's records (folds x seeds) are from equal (Cell.mix);
     mix: the sweep's setting, unless a record's grid setting chose its own. None without weights."""
     rs = [r for r in records if r.layer_weights is not None]
@@ -320,49 +322,56 @@ def mix_summary(records: list[CellResult], mix: str) -> dict | None:
                                                                             len(rs[0].layer_weights))}
 
 
-def _cells(records: list[CellResult], mix: str = "learned") -> dict[tuple[Selection, str], Cell]:
-    groups: dict[tuple[Selection, str], list[CellResult]] = {}
+def _cells(records: list[CellFoldRecord], mix: str = "learned") -> dict[tuple[Selection, str], Cell]:
+    groups: dict[tuple[Selection, str], list[CellFoldRecord]] = {}
     for r in records:
         groups.setdefault((as_selection(r.layer), r.head), []).append(r)
     cells = {}
     for (layer, head), rs in groups.items():
-        def stat(name):
-            v = np.array([getattr(r, name) for r in rs], dtype=np.float64)
-            return float(v.mean()), float(v.std())
         weights = [r.layer_weights for r in rs if r.layer_weights is not None]
         weights = (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None
         common = dict(n=len(rs), settings=Counter(r.setting for r in rs), seconds=float(sum(r.seconds for r in rs)),
                       layer_weights=weights, mix=mix_summary(rs, mix))
+        def test(name: str) -> tuple[float, float]:
+            return _mean_std([r.metrics[name] for r in rs])
+
         if rs[0].task == "regression":
             nan = (float("nan"), float("nan"))
-            cells[layer, head] = Cell(layer, head, stat("ccc"), nan, nan, stat("val_ccc")[0],
+            cells[layer, head] = Cell(layer, head, test("ccc"), nan, nan, _mean_std([r.selected["ccc"] for r in rs])[0],
                                       confusion=np.zeros((0, 0)), targets=_target_stats(rs), **common)
         else:
-            cells[layer, head] = Cell(layer, head, stat("ua"), stat("wa"), stat("macro_f1"), stat("val_ua")[0],
-                                      confusion=np.sum([r.confusion for r in rs], axis=0),
-                                      target_ua=_target_ua(rs), **common)
+            cells[layer, head] = Cell(layer, head, test("ua"), test("wa"), test("macro_f1"),
+                                      _mean_std([r.selected["ua"] for r in rs])[0],
+                                      confusion=np.sum([r.metrics["confusion"] for r in rs], axis=0),
+                                      test_corpus_ua=_test_corpus_ua(rs), **common)
     return cells
 
 
-def _target_ua(records: list[CellResult]) -> tuple[float, float] | None:
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std())
+
+
+def _test_corpus_ua(records: list[CellFoldRecord]) -> tuple[float, float] | None:
     """(mean, std) UA on the test cache over the records, None when they have none."""
-    values = np.array([r.target["ua"] for r in records if r.target], dtype=np.float64)
+    values = np.array([r.test_corpus["ua"] for r in records if r.test_corpus], dtype=np.float64)
     return (float(values.mean()), float(values.std())) if len(values) else None
 
 
-def _target_stats(rs: list[CellResult]) -> dict:
-    """{target: {"ccc"|"pearson"|"mae": (mean, std)}} over the results `rs`, an undefined
-    value (None, e.g. r of constant predictions) left out as metrics.summarize_regression does."""
+def _target_stats(rs: list[CellFoldRecord]) -> dict:
+    """{target: {"ccc"|"pearson"|"mae": (mean, std)}} of a regression cell over its records
+    `rs`, an undefined value (None, e.g. r of constant predictions) left out as
+    metrics.summarize_regression does."""
     out = {}
     for target in rs[0].labels:
         out[target] = {}
-        for stat in ("ccc", "pearson", "mae"):
-            v = np.array([r.targets[target][stat] for r in rs if r.targets[target][stat] is not None], dtype=np.float64)
+        for stat in PER_TARGET:
+            v = np.array([m for r in rs if (m := r.metrics["targets"][target][stat]) is not None], dtype=np.float64)
             out[target][stat] = (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
     return out
 
 
-def _fold_info(sweep: Sweep, cache: str, records: list[CellResult]) -> dict:
+def _fold_info(sweep: Sweep, cache: str, records: list[CellFoldRecord]) -> dict:
     seeds = sweep.config["seeds"]
     meta = sweep.folder.fold_meta(cache, seeds[0])
     r = records[0]
@@ -385,17 +394,20 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
     if flawed and len(flawed) < len(loaded):
         raise SweepError(f"{', '.join(flawed)}: {FLAWED_LABEL} (--compat-speaker-overlap), the others honest: "
                          "one report never mixes them; report them separately")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     kinds = {s.regression for s in loaded}
-    if kinds == {True}:
-        return write_regression_report(loaded, panels, out)
     if len(kinds) > 1:
         raise SweepError("regression and classification sweeps cannot share one table: report them separately")
-    paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE,
-             "layers": out / LAYER_PLOT, "confusion": out / CONFUSION_PLOT}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE}
     write_results_csv(loaded, paths["results"])
+    if kinds == {True}:
+        paths["summary"].write_text(regression_markdown(loaded, panels), encoding="utf-8")
+        paths["ccc"] = out / CCC_PLOT
+        plot_ccc(panels, paths["ccc"])
+        return paths | weights_plot(panels, out)
     paths["summary"].write_text(summary_markdown(loaded, panels), encoding="utf-8")
+    paths |= {"layers": out / LAYER_PLOT, "confusion": out / CONFUSION_PLOT}
     plot_layers(panels, paths["layers"])
     plot_confusions(panels, paths["confusion"])
     if several_models(panels):
@@ -404,23 +416,44 @@ def write_report(sweeps: list[Path], out: Path) -> dict[str, Path]:
     return paths | weights_plot(panels, out)
 
 
+def weights_plot(panels: list[Panel], out: Path) -> dict[str, Path]:
+    """layer_weights.png when some cell learned a mix of states: {"weights": its path}, else {}."""
+    if not any(c.layer_weights is not None for p in panels for c in p.cells.values()):
+        return {}
+    plot_layer_weights(panels, out / WEIGHTS_PLOT)
+    return {"weights": out / WEIGHTS_PLOT}
+
+
 def write_results_csv(sweeps: list[Sweep], path: Path) -> None:
-    """One row per cell and fold; a leading `sweep` column when several sweeps are joined."""
+    """One row per cell fold; a leading `sweep` column when several sweeps are joined. A
+    classification sweep's columns are RESULT_COLUMNS (and TEST_CORPUS_COLUMNS when cross-corpus);
+    a regression sweep's REGRESSION_COLUMNS, then CCC, Pearson r and MAE per target."""
     several = len(sweeps) > 1
-    columns = RESULT_COLUMNS + (TARGET_COLUMNS if any(r.target for s in sweeps for r in s.records) else ())
+    records = [r for s in sweeps for r in s.records]
+    if sweeps[0].regression:
+        targets = list(dict.fromkeys(t for r in records for t in r.labels))
+        columns = REGRESSION_COLUMNS + tuple(f"{stat}_{t}" for t in targets for stat in PER_TARGET)
+    else:
+        columns = RESULT_COLUMNS + (TEST_CORPUS_COLUMNS if any(r.test_corpus for r in records) else ())
     columns += ("flawed",) if any(s.flawed for s in sweeps) else ()
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow((["sweep"] if several else []) + list(columns))
         for sweep in sweeps:
             for r in sweep.records:
-                weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
-                row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
-                       "layer_weights": weights, "n_target": r.target.get("n", ""),
-                       **{f"target_{k}": r.target.get(k, "") for k in ("ua", "wa", "macro_f1")},
-                       "flawed": FLAWED_LABEL if sweep.flawed else ""}
-                cells = [_csv_value(row[c]) for c in columns]
-                w.writerow(([sweep.name] if several else []) + cells)
+                row = _csv_row(r, sweep.flawed)
+                w.writerow(([sweep.name] if several else []) + [_csv_value(row.get(c, "")) for c in columns])
+
+
+def _csv_row(r: CellFoldRecord, flawed: bool) -> dict:
+    """Every column results.csv may have, of one cell fold."""
+    weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
+    row = {**r.to_dict(), **r.metrics, "val_ua": r.selected.get("ua"), "val_ccc": r.selected.get("ccc"),
+           "layer": label(r.layer), "epoch": r.selected.get("epoch", ""), "layer_weights": weights,
+           "n_target": r.test_corpus.get("n", ""), "flawed": FLAWED_LABEL if flawed else "",
+           **{f"target_{k}": r.test_corpus.get(k, "") for k in ("ua", "wa", "macro_f1")}}
+    row.update({f"{stat}_{t}": v for t, m in r.metrics.get("targets", {}).items() for stat, v in m.items()})
+    return row
 
 
 def _csv_value(v):
@@ -496,7 +529,7 @@ def _panel_markdown(p: Panel) -> list[str]:
               f"Best on validation †: layer {label(best_val.layer)}, {best_val.head}: validation UA "
               f"{100 * best_val.val_ua:.1f}, test UA {pct(best_val.ua)}.", ""]
     lines += _weights_markdown(p)
-    lines += _target_markdown(p)
+    lines += _test_corpus_markdown(p)
     lines += ["<details><summary>All cells</summary>", "",
               "| layer | head | UA | WA | macro-F1 | val UA | folds x seeds | chosen on validation | seconds |",
               "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -546,21 +579,21 @@ def _models_markdown(panels: list[Panel]) -> list[str]:
     return lines + [""]
 
 
-def _target_markdown(p: Panel) -> list[str]:
+def _test_corpus_markdown(p: Panel) -> list[str]:
     """Cross-corpus sweeps: in-corpus UA -> UA on the test cache, by layer and head."""
-    if not any(c.target_ua for c in p.cells.values()):
+    if not any(c.test_corpus_ua for c in p.cells.values()):
         return []
     cross = p.sweep.config.get("cross_corpus") or {}
     test = cross.get("test_cache") or {}
-    first = next(r.target for r in p.sweep.records if r.cache == p.cache and r.target)
+    first = next(r.test_corpus for r in p.sweep.records if r.cache == p.cache and r.test_corpus)
     lines = [f"Cross-corpus: UA % in-corpus (test folds) → on all {first['n']} utterances of the test cache "
              f"({test.get('corpus')}, records {str(test.get('records_hash'))[:12]})"
              + (f", label map {cross['label_map']}" if cross.get("label_map") else "")
              + "; each fold's chosen head tested once on it, mean ± std over folds:", "",
              "| layer | " + " | ".join(p.heads) + " |", "|---:|" + "---:|" * len(p.heads)]
     for layer in p.layers:
-        row = [f"{pct(c.ua)} → {pct(c.target_ua)}" if (c := p.cells.get((layer, head))) and c.target_ua else "–"
-               for head in p.heads]
+        row = [f"{pct(c.ua)} → {pct(c.test_corpus_ua)}" if (c := p.cells.get((layer, head))) and c.test_corpus_ua
+               else "–" for head in p.heads]
         lines.append(f"| {label(layer)} | " + " | ".join(row) + " |")
     return lines + [""]
 
@@ -621,7 +654,7 @@ def _timing_markdown(sweeps: list[Sweep]) -> list[str]:
         for r in s.timing:
             lines.append(
                 f"| {s.name} | {r.started} | {r.jobs} x {r.threads_per_job} | {r.device} | "
-                f"{r.tasks_run} of {r.tasks_total} | {r.layers_read} | {r.wall_seconds:.0f} | "
+                f"{r.folds_run} of {r.folds_total} | {r.layers_read} | {r.wall_seconds:.0f} | "
                 f"{r.read_seconds:.1f} | {r.train_seconds:.0f} | {r.eval_seconds:.1f} |")
     return lines + [""]
 
@@ -672,9 +705,9 @@ def plot_layers(panels: list[Panel], path: Path) -> None:
             std = 100 * np.array([c.ua[1] for c in cells])
             ax.plot(x, mean, marker="o", color=colors[head], label=head)
             ax.fill_between(x, mean - std, mean + std, color=colors[head], alpha=0.15, linewidth=0)
-            target = [(c.layer, 100 * c.target_ua[0]) for c in cells if c.target_ua]
-            if target:  # cross-corpus: the same heads on the test cache, dashed
-                ax.plot(*zip(*target), marker="x", linestyle="--", color=colors[head], label=f"{head}, test cache")
+            tested = [(c.layer, 100 * c.test_corpus_ua[0]) for c in cells if c.test_corpus_ua]
+            if tested:  # cross-corpus: the same heads on the test cache, dashed
+                ax.plot(*zip(*tested), marker="x", linestyle="--", color=colors[head], label=f"{head}, test cache")
         styles = iter([":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2))] * 8)
         best = p.best
         for layer in [layer for layer in p.layers if is_multi(layer)]:  # no place on the axis: a level
@@ -804,43 +837,6 @@ def plot_layer_weights(panels: list[Panel], path: Path) -> None:
 
 
 # --- regression sweeps ------------------------------------------------------------------------
-
-
-def write_regression_report(sweeps: list[Sweep], panels: list[Panel], out: Path) -> dict[str, Path]:
-    """results.csv, summary.md, ccc_by_layer.png (and layer_weights.png) of regression sweeps."""
-    paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE, "ccc": out / CCC_PLOT}
-    write_regression_csv(sweeps, paths["results"])
-    paths["summary"].write_text(regression_markdown(sweeps, panels), encoding="utf-8")
-    plot_ccc(panels, paths["ccc"])
-    return paths | weights_plot(panels, out)
-
-
-def weights_plot(panels: list[Panel], out: Path) -> dict[str, Path]:
-    """layer_weights.png when some cell learned a mix of states: {"weights": its path}, else {}."""
-    if not any(c.layer_weights is not None for p in panels for c in p.cells.values()):
-        return {}
-    plot_layer_weights(panels, out / WEIGHTS_PLOT)
-    return {"weights": out / WEIGHTS_PLOT}
-
-
-def write_regression_csv(sweeps: list[Sweep], path: Path) -> None:
-    """One row per cell and fold: mean CCC, validation CCC, then CCC, Pearson r and MAE per target."""
-    several = len(sweeps) > 1
-    targets = list(dict.fromkeys(t for s in sweeps for r in s.records for t in r.labels))
-    per_target = [f"{stat}_{t}" for t in targets for stat in ("ccc", "pearson", "mae")]
-    per_target += ["flawed"] if any(s.flawed for s in sweeps) else []
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow((["sweep"] if several else []) + list(REGRESSION_COLUMNS) + per_target)
-        for sweep in sweeps:
-            for r in sweep.records:
-                weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
-                row = {**r.to_dict(), "layer": label(r.layer), "epoch": r.selected.get("epoch", ""),
-                       "layer_weights": weights}
-                row.update({f"{stat}_{t}": v for t, m in r.targets.items() for stat, v in m.items()})
-                row["flawed"] = FLAWED_LABEL if sweep.flawed else ""
-                w.writerow(([sweep.name] if several else [])
-                           + [_csv_value(row.get(c, "")) for c in (*REGRESSION_COLUMNS, *per_target)])
 
 
 def _ccc(pair) -> str:

@@ -2,14 +2,14 @@
 
     training.py --RunFolder-->   RUN/config.json      RunConfig: what was trained, on what
                                  RUN/fold_K.pt        the head of fold K (heads.save_head)
-                                 RUN/fold_K.json      FoldRecord: its choice, test probabilities
+                                 RUN/fold_K.json      FoldRecord: its choice, scores, test probabilities
                                  RUN/metrics.json     RunMetrics: mean and std over folds
                                  RUN/predictions.csv  one row per utterance
                                  RUN/folds.csv        the folds (folds.Folds.save)
                                  RUN/cross_corpus.json       with --test-cache: metrics on the
                                  RUN/predictions_target.csv  other corpus (crosscorpus.py)
     sweeping.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
-                                 SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellResult
+                                 SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellFoldRecord
                                  (layers_LL+MM+.../ for a multi-layer cell)
                                  SWEEP/folds/CACHE-seedS.csv                         the folds
                                  SWEEP/timing.json    one SweepTiming per run of the sweep
@@ -17,8 +17,10 @@
 
 Every file is written whole or not at all (files.py), so a kill leaves either the old state or
 the new one, and a temporary file that a re-run removes.
-A record read back is checked against its fields: a file from another version is an error that
-names the file and the fix, not a KeyError deep in a report.
+A fold is recorded alike wherever it ran (FoldRecord): a sweep's cell fold is that record with
+the cell's identity (CellFoldRecord). A record read back is checked against its fields: files
+of earlier versions are migrated as they are read (`Record.upgrade`), and a file that cannot
+be is an error that names the file and the fix, not a KeyError deep in a report.
 """
 from __future__ import annotations
 
@@ -56,9 +58,9 @@ def read_json(path: Path, what: str):
         raise ResultsError(f"cannot read {path} ({what}): {e}") from None
 
 
-def remove_temporaries(folder: Path) -> None:
-    """Delete the temporaries a killed writer left under `folder` (call only while no other
-    process writes there)."""
+def remove_tmp_files_under(folder: Path) -> None:
+    """Delete every temporary file (*.tmp) under `folder`, at any depth: what killed writers
+    left (call only while no other process writes there)."""
     for tmp in Path(folder).rglob("*.tmp"):
         tmp.unlink(missing_ok=True)
 
@@ -67,14 +69,22 @@ def remove_temporaries(folder: Path) -> None:
 
 
 class Record:
-    """A dataclass written as one JSON object; `from_dict` refuses missing fields."""
+    """A dataclass written as one JSON object; `from_dict` migrates what earlier versions wrote
+    (`upgrade`) and refuses missing fields."""
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        """`d`, a file's object, in this version's field names and layout (a class whose files
+        changed migrates them here); unchanged by default."""
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: Path | str = "?"):
         names = [f.name for f in dataclasses.fields(cls)]
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [n for n in required if n not in d]
+        d = cls.upgrade(d) if isinstance(d, dict) else d
+        missing = [n for n in required if n not in d] if isinstance(d, dict) else required
         if not isinstance(d, dict) or missing:
             raise ResultsError(f"{source} lacks {missing or 'its fields'}: it was written by another "
                                "version of ser-cache; delete it and re-run to recompute it")
@@ -135,11 +145,20 @@ class RunConfig(Record):
                 if k not in ("device", "versions", "flawed") and json_safe(mine.get(k)) != json_safe(theirs.get(k))]
 
 
+CLASS_METRICS = ("ua", "wa", "macro_f1", "weighted_f1", "per_class_recall", "confusion")  # metrics.fold_metrics
+REGRESSION_METRICS = ("ccc", "targets")  # tasks.Regression.fold_metrics
+
+
 @dataclass
 class FoldRecord(Record):
-    """RUN/fold_K.json: one fold of a run. probs: (n_test, n_classes) in the order of test_ids;
-    for a regression run the predicted target values (n_test, n_targets), with the true ones
-    in true_values (None for classes), and metrics tasks.Regression.fold_metrics.
+    """One fold of one head: the choice made on its validation speakers and its scores on its
+    test speakers. A run writes it as RUN/fold_K.json; a sweep as part of a CellFoldRecord.
+
+    selected: the choice ({"epoch": e} or {"C": c}) with its validation score, UA "ua" (a
+    regression fold: mean CCC "ccc"); metrics: the task's fold metrics on the test speakers
+    (metrics.fold_metrics, in [0, 1]; a regression fold's {"ccc", "targets": {target: {"ccc",
+    "pearson", "mae"}}}). n_train counts training utterances (originals); n_train_views the
+    augmented views trained on besides them (TrainConfig.views).
 
     tested: "selected" (the head as chosen on validation; n_train utterances) or "refit"
     (retrained with that choice on training + validation, refit["n_train"] utterances; its
@@ -147,32 +166,56 @@ class FoldRecord(Record):
     members: an ensemble's members, each {"seed", its choice, "ua", "history"} (then history
     is empty, selected["ua"] is the validation UA of their mean probabilities and selected's
     choice the median of theirs); empty for one head.
+
+    A run's fold keeps its test predictions, which its predictions.csv and resume are made
+    of: test_ids, and probs (n_test, n_classes) in their order, or a regression fold's
+    predicted values (n_test, n_targets) with the true ones in true_values. A sweep's keeps
+    its scores only (None). test_corpus: a cross-corpus sweep's, the chosen head's
+    metrics.fold_metrics on every utterance of the test corpus and their number "n" ({}
+    otherwise: a run scores its fold heads on the test corpus after the folds, crosscorpus.py).
     """
 
     fold: int
-    selected: dict  # {"epoch": e} or {"C": c}, plus the validation UA "ua" (regression: mean CCC "ccc")
+    selected: dict
     n_train: int
     n_val: int
-    test_ids: list[str]
-    probs: np.ndarray
-    metrics: dict  # metrics.fold_metrics
-    train_seconds: float
-    eval_seconds: float
-    history: list = field(default_factory=list)
+    n_test: int
+    metrics: dict
+    train_seconds: float  # fitting every setting tried, and the refit
+    eval_seconds: float  # the test, and the test corpus
+    history: list = field(default_factory=list)  # the chosen setting's epochs (or C values) with validation scores
     compute_dtype: str = "float32"  # the arithmetic of the training steps
     layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
     tested: str = "selected"  # or "refit"
-    refit: dict = field(default_factory=dict)  # n_train, val_ua, seconds (refit only)
+    refit: dict = field(default_factory=dict)  # n_train, val_ua (or val_ccc), seconds (refit only)
     members: list = field(default_factory=list)  # ensembles only
+    n_train_views: int = 0
+    # Encoder frames averaged into each frame the head read (pooling.py); None in run folds
+    # written before it was recorded (their config.json says).
+    frame_pool: int | None = None
+    test_corpus: dict = field(default_factory=dict)
+    test_ids: list[str] | None = None
+    probs: np.ndarray | None = None
     true_values: list | None = None  # regression: (n_test, n_targets) true target values
-    n_train_views: int = 0  # augmented views trained on besides the n_train utterances (TrainConfig.views)
 
     def __post_init__(self):
-        self.probs = np.asarray(self.probs, dtype=np.float64)
-        assert len(self.probs) == len(self.test_ids), f"{len(self.probs)} rows for {len(self.test_ids)} ids"
+        if self.probs is not None:
+            self.probs = np.asarray(self.probs, dtype=np.float64)
+            assert len(self.probs) == len(self.test_ids) == self.n_test, (
+                f"{len(self.probs)} rows for {len(self.test_ids)} ids, n_test {self.n_test}")
+
+    @property
+    def ua(self) -> float | None:
+        """The test UA; None for a regression fold (its score is metrics["ccc"])."""
+        return self.metrics.get("ua")
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        """Run folds written before n_test was recorded count their test ids."""
+        return {"n_test": len(d["test_ids"]), **d} if "n_test" not in d and "test_ids" in d else d
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "probs": self.probs.tolist()}
+        return {**asdict(self), "probs": None if self.probs is None else self.probs.tolist()}
 
 
 @dataclass
@@ -196,83 +239,76 @@ class RunMetrics(Record):
         return cls(d["head"], d["layer"], summary, d["fold_details"])
 
 
-@dataclass
-class CellResult(Record):
-    """One fold of one sweep cell (cache, layer, head, seed), as saved by a sweep worker.
+@dataclass(kw_only=True)
+class CellFoldRecord(FoldRecord):
+    """SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json: the FoldRecord of one fold of one sweep
+    cell (cache, layer, head, seed), with what identifies the cell and the settings its grid tried.
 
-    Metrics are in [0, 1] (metrics.fold_metrics); grid lists every setting tried with its
-    validation UA; setting and values are the one chosen on validation. A regression cell
-    (task "regression"; labels name its targets) has no UA, WA, F1 or confusion (None, []):
-    its test scores are `ccc` (mean over targets) and `targets` ({target: {"ccc", "pearson",
-    "mae"}}), its validation score `val_ccc`, and its grid entries carry "val_ccc".
+    setting: the chosen setting in words (its grid values, and a choice such as the linear
+    probe's C), values: its grid values; grid: every setting tried, in order, with its values,
+    validation score ("val_ua", or "val_ccc") and choice. labels: the classes, or a regression
+    cell's targets (task "regression"). seconds: the whole cell fold, threads and device: where.
     """
 
-    cache: str
+    cache: str  # the cache's key in the sweep
     corpus: str
     model: str
     mode: str
     layer: int | list  # the state, or the list of states of a multi-layer cell (layers.to_json)
     head: str
     seed: int
-    fold: int
     setting: str
     values: dict
-    selected: dict
-    val_ua: float
     grid: list
     labels: list[str]
-    ua: float
-    wa: float
-    macro_f1: float
-    weighted_f1: float
-    per_class_recall: list
-    confusion: list
-    n_train: int
-    n_val: int
-    n_test: int
-    train_seconds: float
-    eval_seconds: float
+    task: str = "classification"
     seconds: float
     threads: int
     device: str
-    compute_dtype: str = "float32"  # the arithmetic of the training steps (of the chosen setting)
-    history: list = field(default_factory=list)  # the chosen setting's epochs (or C values) with validation UA
-    layer_weights: list | None = None  # a multi-layer head's learned softmax weight per state
-    tested: str = "selected"  # or "refit": the chosen setting retrained on training + validation
-    refit: dict = field(default_factory=dict)  # n_train, val_ua (on utterances it trained on), seconds
-    members: list = field(default_factory=list)  # an ensemble's members: seed, choice, validation UA, history
-    target: dict = field(default_factory=dict)  # cross-corpus: fold_metrics and n on all of the test cache
-    task: str = "classification"  # or "regression" (cells saved before tasks: classification)
-    ccc: float | None = None  # regression: test CCC, mean over targets
-    val_ccc: float | None = None  # regression: validation CCC of the chosen setting, mean over targets
-    targets: dict = field(default_factory=dict)  # regression: {target: {"ccc", "pearson", "mae"}} on the test fold
-    frame_pool: int = 1  # encoder frames averaged into each frame the chosen setting read (cells before pooling: 1)
     # The encoder as its cache records it, so a report can compare models: its family
     # (cache.CacheSettings.family) and last state (its blocks, dims n_audio_layer), by which
     # states are placed on a relative depth. None in cells saved before they were recorded.
     family: str | None = None
     last_state: int | None = None
-    n_train_views: int = 0  # augmented views trained on besides the n_train utterances (the chosen setting's views)
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        """Cells written before sweeps saved fold records: test metrics as top-level fields
+        (a regression cell's ccc and targets, its UA ... None), the validation score again
+        as val_ua or val_ccc (selected holds it), the test corpus's metrics as "target",
+        frame_pool 1 before frames were pooled, and no task before regression (classes)."""
+        if "metrics" in d:
+            return d
+        d = {"frame_pool": 1, **d}
+        kept = REGRESSION_METRICS if d.get("task") == "regression" else CLASS_METRICS
+        metrics = {k: d[k] for k in kept if k in d}
+        old = {*CLASS_METRICS, *REGRESSION_METRICS, "val_ua", "val_ccc", "target"}
+        return {**{k: v for k, v in d.items() if k not in old}, "metrics": metrics, "test_corpus": d.get("target", {})}
 
 
 @dataclass
 class SweepTiming(Record):
     """One run of `ser-cache sweep` (an entry of SWEEP/timing.json). Seconds of training and
-    evaluation are summed over worker processes."""
+    evaluation are summed over worker processes. folds_*: counts of cell folds."""
 
     started: str
     jobs: int
     threads_per_job: int
     device: str
-    tasks_total: int
-    tasks_done_before: int
+    folds_total: int
+    folds_done_before: int
     read_seconds: float = 0.0
     layers_read: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     wall_seconds: float = 0.0
-    tasks_run: int = 0
-    tasks_failed: int = 0
+    folds_run: int = 0
+    folds_failed: int = 0
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        """Entries written when the counts were named tasks_* (a sweep's unit was a "task")."""
+        return {k.replace("tasks_", "folds_", 1) if k.startswith("tasks_") else k: v for k, v in d.items()}
 
 
 # --- a run folder -----------------------------------------------------------------------------
@@ -282,7 +318,7 @@ class RunFolder:
     """The files of one `ser-cache train` run (see the module docstring)."""
 
     CONFIG, METRICS, PREDICTIONS, FOLDS = "config.json", "metrics.json", "predictions.csv", "folds.csv"
-    CROSS_CORPUS, TARGET_PREDICTIONS = "cross_corpus.json", "predictions_target.csv"
+    CROSS_CORPUS, TEST_CORPUS_PREDICTIONS = "cross_corpus.json", "predictions_target.csv"
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -385,14 +421,14 @@ class SweepFolder:
     def write_config(self, config: dict, cache_paths: dict) -> None:
         write_json_atomic(self.root / self.CONFIG, {"config": config, "cache_paths": cache_paths})
 
-    def save_cell(self, result: CellResult) -> Path:
-        path = self.cell_path(result.cache, result.layer, result.head, result.seed, result.fold)
-        write_json_atomic(path, result.to_dict())
+    def save_cell(self, record: CellFoldRecord) -> Path:
+        path = self.cell_path(record.cache, record.layer, record.head, record.seed, record.fold)
+        write_json_atomic(path, record.to_dict())
         return path
 
-    def cells(self) -> list[CellResult]:
-        """Every finished task's result, in no particular order."""
-        return [CellResult.from_dict(read_json(p, "a sweep cell"), p)
+    def cells(self) -> list[CellFoldRecord]:
+        """The record of every finished cell fold, in no particular order."""
+        return [CellFoldRecord.from_dict(read_json(p, "a sweep cell"), p)
                 for p in sorted((self.root / self.CELLS).glob("*/*/*.json"))]
 
     def fold_meta(self, cache: str, seed: int) -> dict:
@@ -412,18 +448,18 @@ class SweepFolder:
     def lock(self):
         """Context: hold SWEEP/create.lock for a short step that several sweep processes on this
         folder may reach at once (creating sweep.json and the folds, appending to timing.json,
-        writing the report). Tasks themselves are claimed one by one (`claim_path`)."""
+        writing the report). Cell folds themselves are claimed one by one (`claim_path`)."""
         from .locks import folder_lock  # one locking scheme for caches and sweeps
 
         return folder_lock(self.root)
 
     def claim_path(self, cache: str, layer, head: str, seed: int, fold: int) -> Path:
-        """The lock file whose flock is the claim on one task (locks.Claims)."""
+        """The lock file whose flock is the claim on one cell fold (locks.Claims)."""
         return self.cell_path(cache, layer, head, seed, fold).with_suffix(".lock")
 
     def remove_cell_temporaries(self, cache: str, layer, head: str, seed: int, fold: int) -> None:
-        """Delete what killed writers of one task's result left. Only the holder of the task's
-        claim may call this: no live process is then writing that result."""
+        """Delete what killed writers of one cell fold's record left. Only the holder of its
+        claim may call this: no live process is then writing that record."""
         path = self.cell_path(cache, layer, head, seed, fold)
         for tmp in path.parent.glob(f"{path.name}.*.tmp"):
             tmp.unlink(missing_ok=True)

@@ -1,33 +1,34 @@
 """Layer-wise comparison sweeps: every (cache, layer, head, seed) cell over the same folds.
 
-    caches --read each layer once--> tasks (one fold of one cell) --workers--> cells/*.json
+    caches --read each layer once--> cell folds --workers (training.run_fold)--> cells/*.json
                                                                      --report.py--> table, plots
 
-A *cell* is one head with one seed on one layer of one cache, evaluated on every fold; a *task*
-is one fold of a cell, the unit that runs, is saved and is resumed. A cell's layer may also be
-several states (`--layers all,2+3+4`, layers.py): the head mixes them with learned weights,
-which the cell records, so single-layer and multi-layer cells share one table. All cells of a cache use
-the same folds: they are built once per cache and seed from the cache's utterance metadata
-and saved in SWEEP/folds/, so the cells of a table differ only in layer and head.
+A *cell* is one head with one seed on one layer of one cache, evaluated on every fold; a *cell
+fold* (CellFold) is one fold of a cell, the unit that runs, is saved and is resumed. A cell's
+layer may also be several states (`--layers all,2+3+4`, layers.py): the head mixes them with
+learned weights, which the cell records, so single-layer and multi-layer cells share one
+table. All cells of a cache use the same folds: they are built once per cache and seed from
+the cache's utterance metadata and saved in SWEEP/folds/, so the cells of a table differ only
+in layer and head.
 
 Continuous targets (`--task regression --targets arousal,valence`, tasks.py): every choice
-below is made on the validation mean CCC over targets instead of UA, and each task records
+below is made on the validation mean CCC over targets instead of UA, and each cell fold records
 CCC, Pearson r and MAE per target (report.py draws one curve per target against the layer).
 
 Comparing models. Caches of different encoders (`sweep CACHE_A CACHE_B`, e.g. a 13-state
 WavLM base and a 33-state Whisper large-v3) are swept together: `--layers` resolves per cache
 (`all`: states 0 to that cache's highest), the folds are made per cache from its utterances
 (the same folds for caches of the same utterances), and every cell records its encoder's
-family and last state (CellResult), by which report.py adds a model column and plots UA
-against relative depth (state / last state).
+family and last state (results.CellFoldRecord), by which report.py adds a model column and
+plots UA against relative depth (state / last state).
 
 Augmented views (extract --augment, augment.py). Folds are made on a cache's originals; a
-task validates and tests on originals only, and a setting with `views` "on" (`--views on`, or
+cell fold validates and tests on originals only, and a setting with `views` "on" (`--views on`, or
 the grid key `--grid views=off,on`, chosen on validation like any other) also trains on the views
 of its training utterances (folds.ViewRows). A cell's n_train counts originals; n_train_views the
 views its chosen setting trained on.
 
-Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each task trains every grid
+Honest grid search. With `--grid n_heads=4,8 head_dim=4,16`, each cell fold trains every grid
 setting on the fold's training speakers, picks the epoch and the setting by UA on the fold's
 validation speakers (carved from the training speakers, see folds.py), and only then scores
 the chosen setting on the test speakers, once. The test speakers never influence a choice.
@@ -36,8 +37,8 @@ validation, and settings are compared by the validation UA of their mean probabi
 (ensembles.fit_selected). With `--refit`, the chosen setting is first retrained on training +
 validation speakers with the epoch (or C) it chose (ensembles.refit_selected); only that head
 is tested.
-Each task records the validation UA of every setting it tried and which one it chose. A grid
-key applies to the heads it changes (n_heads: attentive, qkv and stats; head_dim: attentive
+Train and sweep run a fold alike (training.run_fold). Each cell fold records the validation
+UA of every setting it tried and which one it chose. A grid key applies to the heads it changes (n_heads: attentive, qkv and stats; head_dim: attentive
 and qkv; lr, epochs, time_mask: every torch head; mix, mix_lr: the heads that mix states, on
 multi-state cells only, mix_lr with mix learned only); other heads run once with the defaults. The linear head also picks its C on
 validation (fitting.py).
@@ -50,29 +51,29 @@ report labels every table, plot and results.csv row FLAWED (speaker-dependent) a
 joined with an honest sweep's (report.py); `compare` never pairs its cells with honest ones.
 
 Reading and running. A layer is read once (`Cache.read_layer`), put in shared memory, and
-all its tasks go to a pool of `jobs` worker processes with cores // jobs torch threads each;
+all its cell folds go to a pool of `jobs` worker processes with cores // jobs torch threads each;
 the next layer is read while the workers train on the current one (at most two layers held).
 With jobs == 1 everything runs in this process (the default on a GPU). A layer that does not
 fit `--memory-budget` (streaming.open_layer) is not shared: each worker streams it from the
 shards itself, with budget / jobs (StreamedRef).
 
-Crash safety and resume. A worker writes each finished task as one JSON file (temporary
-name, fsync, rename), so a file exists only when its task is complete. A re-run with the same
-settings skips those tasks; a re-run with other settings is refused, naming what differs
+Crash safety and resume. A worker writes each finished cell fold as one JSON file (temporary
+name, fsync, rename), so a file exists only when it is complete. A re-run with the same
+settings skips those cell folds; a re-run with other settings is refused, naming what differs
 (SWEEP/sweep.json holds the settings).
 
 Several processes, one sweep. Any number of `sweep` processes may work on one --out at once
 (SLURM array tasks, a job submitted twice, a resume while the first run still goes): each
-task runs only in the process holding its claim, an exclusive flock on
+cell fold runs only in the process holding its claim, an exclusive flock on
 cells/.../HEAD-seedS-foldF.lock (locks.Claims, the same scheme as the shards of a cache),
 which the kernel lets go of however its holder ends. sweep.json and the folds are made once,
 under SWEEP/create.lock; timing.json and the report are written under it too. `--part I/N`
-(or a SLURM array's task id) gives a process the I-th of N contiguous runs of the tasks
-(`part_of`); without it, a process takes every task no live process holds. A process claims
-the tasks of a layer when that layer's turn comes, so that two processes started together
+(or a SLURM array's task id) gives a process the I-th of N contiguous runs of the cell folds
+(`part_of`); without it, a process takes every cell fold no live process holds. A process claims
+the cell folds of a layer when that layer's turn comes, so that two processes started together
 read different layers rather than the same one twice.
 
-The folder's layout and record types belong to results.py (SweepFolder, CellResult,
+The folder's layout and record types belong to results.py (SweepFolder, CellFoldRecord,
 SweepTiming), which report.py reads through.
 """
 from __future__ import annotations
@@ -90,7 +91,7 @@ import re
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -98,24 +99,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batches import predict_proba
 from .cache import Cache, open_cache
-from .crosscorpus import check_sweep_target, map_classes, map_labels, originals_of, target_metrics
+from .config import TrainConfig, as_made
+from .crosscorpus import check_sweep_test_cache, map_class_names, map_classes, originals_of
 from .device import pick_device
 from .errors import OptionError
 from .features import LayerData, StatsLayer
+from .fitting import NonFiniteLossError
 from .folds import Folds, ViewRows, make_folds
 from .heads import HEADS
 from .layers import Selection, label, parse_cells, states_of, to_json
 from .locks import CREATE_LOCK, Claims
 from .records import target_names
-from .results import CellResult, SweepError, SweepFolder, SweepTiming
+from .results import CellFoldRecord, SweepError, SweepFolder, SweepTiming
 from .streaming import StreamedLayer, open_layer, open_streamed
-from .tasks import Regression, make_task
-from .config import TrainConfig, as_made
-from .ensembles import fit_selected, refit_selected
-from .fitting import NonFiniteLossError, fold_seed, settings_read
-from .training import at_frame_pool, check_reads
+from .tasks import make_task
+from .training import check_reads, deciding_settings, run_fold
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +201,11 @@ def head_settings(head: str, grid: dict[str, list], base: TrainConfig) -> list[d
     """The grid points that matter for `head`, in grid order ([{}] when none does).
 
     A key matters if a value of it changes a setting the head's fitting reads or its
-    constructor options (fitting.settings_read), from another value or from the defaults: a
+    constructor options (training.deciding_settings), from another value or from the defaults: a
     single value (heads=0) is then a fixed setting, never silently left at the default."""
-    def read(config: TrainConfig) -> str:
-        return json.dumps({**settings_read(head, config), "views": config.views}, sort_keys=True)
-
     relevant = {}
     for key, values in grid.items():
-        if {read(replace(base, **{key: v})) for v in values} != {read(base)}:
+        if {deciding_settings(head, replace(base, **{key: v})) for v in values} != {deciding_settings(head, base)}:
             relevant[key] = values
     return [dict(zip(relevant, point)) for point in itertools.product(*relevant.values())]
 
@@ -222,7 +218,7 @@ def setting_label(values: dict) -> str:
 
 
 @dataclass(frozen=True)
-class Task:
+class CellFold:
     """One fold of one cell: the unit that runs, is saved and is resumed."""
 
     cache: str  # the cache's key in this sweep (its folder name, made unique)
@@ -263,11 +259,11 @@ class SweepPlan:
     layers: dict[str, list[Selection]]
     settings: dict[str, list[dict]]
     config: dict
-    target: Cache | None = None  # spec.test_cache, checked against every cache
+    test_cache: Cache | None = None  # spec.test_cache, checked against every cache
 
-    def tasks(self, n_folds: dict[tuple[str, int], int]) -> list[Task]:
-        """Every task, layer by layer (n_folds: (cache key, seed) -> number of folds)."""
-        return [Task(key, layer, head, seed, fold)
+    def cell_folds(self, n_folds: dict[tuple[str, int], int]) -> list[CellFold]:
+        """Every cell fold, layer by layer (n_folds: (cache key, seed) -> number of folds)."""
+        return [CellFold(key, layer, head, seed, fold)
                 for key in self.caches for layer in self.layers[key]
                 for head in self.spec.heads for seed in self.spec.seeds
                 for fold in range(n_folds[key, seed])]
@@ -303,10 +299,10 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             raise SweepError(f"views on: the cache {path} holds no augmented views; extract it with --augment "
                              "(e.g. --augment speed=0.9,1.1), or sweep with --views off")
         caches[key], layers[key] = cache, wanted
-    target = check_sweep_target(caches, {key: sorted({s for cell in cells for s in states_of(cell)})
-                                         for key, cells in layers.items()}, spec.test_cache, spec.label_map)
+    test_cache = check_sweep_test_cache(caches, {key: sorted({s for cell in cells for s in states_of(cell)})
+                                                 for key, cells in layers.items()}, spec.test_cache, spec.label_map)
     if spec.train.task == "regression":
-        if target is not None:
+        if test_cache is not None:
             raise SweepError("--test-cache scores class labels on another corpus: sweep a regression task "
                              "without it, or cross-corpus with --task classification")
         spec = replace(spec, train=replace(spec.train, targets=sweep_targets(spec, caches)))
@@ -335,8 +331,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         config["folds"]["folds_from_sha256"] = _folder_sha256(spec.folds_from)
     if spec.test_cache is not None or spec.label_map is not None:  # absent otherwise: older sweeps resume
         config["cross_corpus"] = {"label_map": spec.label_map,
-                                  "test_cache": _cache_identity(target) if target else None}
-    return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)), target)
+                                  "test_cache": _cache_identity(test_cache) if test_cache else None}
+    return SweepPlan(spec, caches, layers, settings, json.loads(json.dumps(config)), test_cache)
 
 
 def sweep_targets(spec: SweepSpec, caches: dict[str, Cache]) -> tuple[str, ...]:
@@ -418,7 +414,7 @@ def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: Sw
     originals = ViewRows.of(meta["ids"], cache.view_sources()).originals  # views follow their sources
     meta = {k: v[originals] for k, v in meta.items()}
     # A label map's dropped classes have no place in the folds (the layers read lack them too).
-    keep, labels, _ = map_labels(meta["labels"], spec.label_map, str(cache.root))
+    keep, labels, _ = map_class_names(meta["labels"], spec.label_map, str(cache.root))
     left_out = meta["ids"][~keep]  # a fold file may list them
     meta = {**{k: v[keep] for k, v in meta.items()}, "labels": labels}
     if path.exists() and path.with_suffix(".json").exists():
@@ -432,89 +428,48 @@ def sweep_folds(folder: SweepFolder, key: str, cache: Cache, seed: int, spec: Sw
     return folds
 
 
-# --- one task ---------------------------------------------------------------------------------
+# --- one cell fold ----------------------------------------------------------------------------
 
 
 @dataclass
-class TaskJob:
-    """Everything a worker needs for one task besides the layer (pickled to the worker)."""
+class CellFoldJob:
+    """Everything a worker needs for one cell fold besides the layer (pickled to the worker)."""
 
-    task: Task
+    cell_fold: CellFold
     folds: Folds
     settings: list[dict]
     train: TrainConfig
-    cache_info: dict  # corpus, model, mode, family, last_state (CellResult's fields)
+    cache_info: dict  # corpus, model, mode, family, last_state (CellFoldRecord's fields)
     out: Path
     views: dict = field(default_factory=dict)  # {view id: source id} of the cache's augmented views
 
 
-def run_task(data: LayerData, job: TaskJob, target: LayerData | None = None) -> CellResult:
+def run_cell_fold(data: LayerData, job: CellFoldJob, test_corpus: LayerData | None = None) -> CellFoldRecord:
     """Grid-search one fold on its validation speakers, test the chosen setting once (and on
-    every utterance of `target`, another corpus's same layer, if given), and return the task's
-    result (not yet saved)."""
+    every utterance of `test_corpus`, another corpus's same layer, if given): training.run_fold
+    over the head's grid settings. Returns the cell fold's record (not yet saved)."""
     t_start = time.perf_counter()
-    task = job.task
-    learn, y = make_task(data, job.train)  # classes, or the targets of a regression sweep
-    score = learn.score_name  # "ua", or "ccc" (mean over targets): what settings are compared by
+    cell = job.cell_fold
+    task, y = make_task(data, job.train)  # classes, or the targets of a regression sweep
     device = pick_device(job.train.device)
     # Folds are made on the originals; validation and test hold originals only, and a setting
     # with views "on" trains on the views of its training utterances too (folds.ViewRows).
     rows = ViewRows.of(data.ids, job.views) if job.views else None
-    train, val, test = job.folds.aligned_to(data.ids).split(task.fold) if rows is None else rows.split(job.folds, task.fold)
-
-    def training(config: TrainConfig) -> np.ndarray:
-        return rows.with_views(train) if rows is not None and config.views == "on" else train
-
-    seed = fold_seed(task.seed, task.fold)
-    trials, best, best_values, best_config, train_seconds = [], None, None, None, 0.0
-    read = {}  # frame_pool -> the layer as the settings of that frame_pool read it
-    tried = set()  # what decides a result on this layer: a grid of mix settings is one setting on one state
-    for values in job.settings:
-        config = replace(job.train, seed=task.seed, **values)
-        decides = json.dumps({**settings_read(task.head, config, n_states=len(states_of(task.layer))),
-                              "views": config.views}, sort_keys=True)
-        if decides in tried:
-            continue
-        tried.add(decides)
-        if config.frame_pool not in read:
-            read[config.frame_pool] = at_frame_pool(data, config, f"the cache {task.cache}")
-        # No test set here: the choice is made on validation only.
-        fit = fit_selected(task.head, read[config.frame_pool], y, training(config), val, config, learn, seed, device)
-        train_seconds += fit.seconds
-        trials.append({"setting": setting_label(values), "values": values, f"val_{score}": fit.selected[score],
-                       "selected": fit.selected})
-        if best is None or fit.selected[score] > best.selected[score]:  # ties keep the earlier setting
-            best, best_values, best_config = fit, values, config
-    data = read[best_config.frame_pool]  # what the chosen setting read, refit and test included
-    if target is not None:  # read as the chosen setting's frames are
-        target = target.pooled(data.frame_pool, "the test cache")
-    if job.train.refit:  # the chosen setting only, retrained on training + validation speakers
-        on = rows is not None and best_config.views == "on"
-        refit_train = np.union1d(training(best_config), rows.views_of(val)) if on else train
-        best = refit_selected(best, task.head, data, y, refit_train, val, best_config, learn, seed, device)
-        train_seconds += best.refit["seconds"]
-
-    t0 = time.perf_counter()
-    probs = predict_proba(best.model, data, test, device)
-    metrics = learn.fold_metrics(y[test], probs)
-    if isinstance(learn, Regression):  # no classes: CCC per target, the mean CCC, no UA or confusion
-        metrics = {"ua": None, "wa": None, "macro_f1": None, "weighted_f1": None, "per_class_recall": [],
-                   "confusion": [], "task": learn.kind, "ccc": metrics["ccc"], "targets": metrics["targets"],
-                   "val_ccc": best.selected["ccc"]}
-    target_result = target_metrics(best.model, target, learn.names, device) if target is not None else {}
-    eval_seconds = time.perf_counter() - t0
-    choice = {k: v for k, v in best.selected.items() if k not in (score, "epoch")}  # e.g. the linear probe's C
-    chosen = " ".join(filter(None, [setting_label(best_values), setting_label(choice)]))
-    return CellResult(
-        cache=task.cache, **job.cache_info, layer=to_json(task.layer), head=task.head, seed=task.seed,
-        fold=task.fold, setting=chosen or "default", values=best_values, selected=best.selected,
-        val_ua=best.selected.get("ua"), grid=trials, labels=learn.names, **metrics,
-        n_train=len(train), n_val=len(val), n_test=len(test), train_seconds=train_seconds,
-        eval_seconds=eval_seconds, seconds=time.perf_counter() - t_start,
-        threads=torch.get_num_threads(), device=str(device), compute_dtype=best.compute_dtype,
-        history=best.history, layer_weights=best.model.layer_weights(), tested=best.tested, refit=best.refit,
-        members=best.members, target=target_result, frame_pool=data.frame_pool,
-        n_train_views=len(training(best_config)) - len(train))
+    folds = job.folds.aligned_to(data.ids if rows is None else rows.original_ids)
+    outcome = run_fold(cell.head, data, y, task, folds, cell.fold, replace(job.train, seed=cell.seed), device,
+                       job.settings, rows, test_corpus, f"the cache {cell.cache}")
+    # A cell keeps its scores, not its test predictions (a sweep holds thousands of cells).
+    record = replace(outcome.record, test_ids=None, probs=None, true_values=None)
+    score = task.score_name
+    # e.g. the linear probe's C; a fusion's weights are its layer_weights, not part of the label
+    choice = {k: v for k, v in record.selected.items() if k not in (score, "epoch", "weights")}
+    chosen = " ".join(filter(None, [setting_label(outcome.values), setting_label(choice)]))
+    grid = [{"setting": setting_label(values), "values": values, f"val_{score}": selected[score],
+             "selected": selected} for values, selected in outcome.trials]
+    return CellFoldRecord(
+        **asdict(record), cache=cell.cache, **job.cache_info, layer=to_json(cell.layer), head=cell.head,
+        seed=cell.seed, setting=chosen or "default", values=outcome.values, grid=grid, labels=task.names,
+        task=task.kind, seconds=time.perf_counter() - t_start, threads=torch.get_num_threads(), device=str(device))
 
 
 # --- sharing a layer with worker processes ----------------------------------------------------
@@ -533,7 +488,7 @@ class LayerRef:
     speakers: np.ndarray
     groups: np.ndarray
     layer: Selection
-    target: "LayerRef | None" = None  # the test cache's same layer (cross-corpus sweeps)
+    test_corpus: "LayerRef | None" = None  # the test cache's same layer (cross-corpus sweeps)
     target_names: tuple = ()
     target_values: np.ndarray | None = None
     frame_pool: int = 1
@@ -544,23 +499,23 @@ class LayerRef:
 class SharedLayer:
     """Copies a layer's frames into shared memory once; `close()` frees it."""
 
-    def __init__(self, data: LayerData | StatsLayer, target: LayerData | StatsLayer | None = None):
+    def __init__(self, data: LayerData | StatsLayer, test_corpus: LayerData | StatsLayer | None = None):
         stats = isinstance(data, StatsLayer)
         array = data.statistics if stats else data.frames
         self.shm = shared_memory.SharedMemory(create=True, size=max(1, array.nbytes))
         np.ndarray(array.shape, array.dtype, buffer=self.shm.buf)[...] = array
-        self.target = SharedLayer(target) if target is not None else None
+        self.test_corpus = SharedLayer(test_corpus) if test_corpus is not None else None
         self.ref = LayerRef(self.shm.name, array.shape, str(array.dtype), None if stats else data.offsets,
                             data.ids, data.labels, data.speakers, data.groups, data.layer,
-                            target=self.target.ref if self.target else None,
+                            test_corpus=self.test_corpus.ref if self.test_corpus else None,
                             target_names=data.target_names, target_values=data.target_values,
                             frame_pool=data.frame_pool, encoder_frames=data.encoder_frames, statistics=stats)
 
     def close(self) -> None:
         self.shm.close()
         self.shm.unlink()
-        if self.target is not None:
-            self.target.close()
+        if self.test_corpus is not None:
+            self.test_corpus.close()
 
 
 @dataclass
@@ -592,14 +547,14 @@ class StreamedShare:
 class LoadedLayer:
     """One layer in memory, in this process."""
 
-    def __init__(self, data: LayerData, target: LayerData | None = None):
-        self.data, self.target = data, target
+    def __init__(self, data: LayerData, test_corpus: LayerData | None = None):
+        self.data, self.test_corpus = data, test_corpus
 
-    def run(self, job: TaskJob) -> CellResult:
-        """Run one task on this layer, save its result, return it."""
-        result = run_task(self.data, job, self.target)
-        SweepFolder(job.out).save_cell(result)
-        return result
+    def run(self, job: CellFoldJob) -> CellFoldRecord:
+        """Run one cell fold on this layer, save its record, return it."""
+        record = run_cell_fold(self.data, job, self.test_corpus)
+        SweepFolder(job.out).save_cell(record)
+        return record
 
 
 _WORKER: dict = {}  # in a worker process: {"name", "shm", "layer"} of the attached layer
@@ -607,7 +562,7 @@ _WORKER: dict = {}  # in a worker process: {"name", "shm", "layer"} of the attac
 
 def _worker_init(threads: int, parent: int) -> None:
     # Ctrl-C reaches the whole process group; the parent alone handles it and stops the workers
-    # (a worker would otherwise return the KeyboardInterrupt as a result and take the next task).
+    # (a worker would otherwise return the KeyboardInterrupt as a result and take the next cell fold).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
     torch.set_num_threads(threads)
@@ -616,8 +571,8 @@ def _worker_init(threads: int, parent: int) -> None:
 def _die_with(parent: int) -> None:
     """Have the kernel kill this worker when the sweep that started it dies (Linux). A parent
     killed outright (SIGKILL, or a scheduler's time limit) cannot stop its workers; without
-    this they would go on training orphaned for the rest of their tasks. Their cells are
-    written atomically, so a worker killed mid-task leaves only a temporary file."""
+    this they would go on training orphaned for the rest of their cell folds. Their cells are
+    written atomically, so a worker killed mid-fold leaves only a temporary file."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -627,9 +582,9 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_run(ref: LayerRef | StreamedRef, job: TaskJob) -> dict:
+def _worker_run(ref: LayerRef | StreamedRef, job: CellFoldJob) -> CellFoldRecord:
     """In a worker process: attach the shared layer, or open the streamed one (once per
-    layer), run and save one task."""
+    layer), run and save one cell fold."""
     if _WORKER.get("name") != ref.name:
         _WORKER.pop("layer", None)
         if "shm" in _WORKER:
@@ -644,9 +599,9 @@ def _worker_run(ref: LayerRef | StreamedRef, job: TaskJob) -> dict:
             return _WORKER["layer"].run(job)
         # Spawned workers share the parent's resource tracker, so attaching here registers the
         # same name again (a set) and the parent's unlink() unregisters it for both.
-        attached = [_attach(r) for r in (ref, ref.target) if r is not None]
-        data, target = (attached[0][1], attached[1][1] if len(attached) > 1 else None)
-        _WORKER.update(name=ref.name, shm=[shm for shm, _ in attached], layer=LoadedLayer(data, target))
+        attached = [_attach(r) for r in (ref, ref.test_corpus) if r is not None]
+        data, test_corpus = (attached[0][1], attached[1][1] if len(attached) > 1 else None)
+        _WORKER.update(name=ref.name, shm=[shm for shm, _ in attached], layer=LoadedLayer(data, test_corpus))
     return _WORKER["layer"].run(job)
 
 
@@ -668,10 +623,10 @@ class SweepOutcome:
     sweep as this process left it (other processes may go on)."""
 
     out: Path
-    tasks_total: int
-    tasks_done_before: int
-    tasks_run: int
-    failures: list[tuple[Task, str]]
+    folds_total: int
+    folds_done_before: int
+    folds_run: int
+    failures: list[tuple[CellFold, str]]
     timing: SweepTiming
     state: "SweepState" = None
     report: dict | None = None  # the report's files (report.write_report), when written
@@ -679,8 +634,8 @@ class SweepOutcome:
 
 @dataclass
 class SweepState:
-    """Every task of a sweep at one moment: done (result saved), running (another live process
-    holds its claim) or missing; `missing_mine` are the missing tasks of this process's part."""
+    """Every cell fold of a sweep at one moment: done (record saved), running (another live
+    process holds its claim) or missing; `missing_mine` are the missing ones of this process's part."""
 
     total: int
     done: int
@@ -711,31 +666,31 @@ class SweepState:
         return "; ".join(words)
 
 
-def part_of(tasks: list[Task], part: tuple[int, int]) -> list[Task]:
-    """Part I of N: the I-th of N contiguous, nearly equal runs of the plan's tasks (which come
-    layer by layer). Contiguous rather than every N-th task, so a part reads only the one or
+def part_of(cell_folds: list[CellFold], part: tuple[int, int]) -> list[CellFold]:
+    """Part I of N: the I-th of N contiguous, nearly equal runs of the plan's cell folds (which
+    come layer by layer). Contiguous rather than every N-th cell fold, so a part reads only the one or
     two layers its run covers, not every layer: reading a layer is the costly step on a large
     corpus. The plan's order is fixed by the sweep's settings, so every job computes the same
     parts, disjoint and together complete."""
     i, n = part
-    return tasks[i * len(tasks) // n:(i + 1) * len(tasks) // n]
+    return cell_folds[i * len(cell_folds) // n:(i + 1) * len(cell_folds) // n]
 
 
-def task_claims(folder: SweepFolder) -> Claims:
-    """Claims on tasks (locks.Claims): a task runs only in the process holding its claim."""
-    def lock_path(task: Task) -> Path:
-        path = folder.claim_path(task.cache, task.layer, task.head, task.seed, task.fold)
+def cell_fold_claims(folder: SweepFolder) -> Claims:
+    """Claims on cell folds (locks.Claims): a cell fold runs only in the process holding its claim."""
+    def lock_path(cell: CellFold) -> Path:
+        path = folder.claim_path(cell.cache, cell.layer, cell.head, cell.seed, cell.fold)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     return Claims(lock_path)
 
 
-def sweep_state(out: Path, tasks: list[Task], mine: list[Task], claims: Claims) -> SweepState:
-    """Where every task stands now, claims of other live processes included."""
+def sweep_state(out: Path, cell_folds: list[CellFold], mine: list[CellFold], claims: Claims) -> SweepState:
+    """Where every cell fold stands now, claims of other live processes included."""
     own = set(mine)
     done = running = missing_mine = 0
-    for t in tasks:
+    for t in cell_folds:
         if t.path(out).exists():
             done += 1
         elif claims.held_elsewhere(t):
@@ -744,7 +699,8 @@ def sweep_state(out: Path, tasks: list[Task], mine: list[Task], claims: Claims) 
             done += 1
         elif t in own:
             missing_mine += 1
-    return SweepState(len(tasks), done, running, missing_mine, len(tasks) - done - running - missing_mine)
+    return SweepState(len(cell_folds), done, running, missing_mine,
+                      len(cell_folds) - done - running - missing_mine)
 
 
 def available_cores() -> int:
@@ -761,21 +717,21 @@ def default_jobs(device: str = "auto") -> int:
 def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str = "auto",
               progress: bool = True, write_report: bool = True, part: tuple[int, int] = (0, 1),
               memory_budget: int | None = None) -> SweepOutcome:
-    """Run every task of `spec` (of `part` I/N only, see `part_of`) not yet saved in `out`,
+    """Run every cell fold of `spec` (of `part` I/N only, see `part_of`) not yet saved in `out`,
     then write the report there.
 
     Any number of processes may run this on one `out` at once: the folder and folds are made
-    once under its lock, and each task runs only in the process that claims it (a flock that a
-    killed process lets go of). Tasks another live process holds are left to it; those whose
-    holder dies meanwhile are taken in a further pass.
+    once under its lock, and each cell fold runs only in the process that claims it (a flock
+    that a killed process lets go of). Cell folds another live process holds are left to it;
+    those whose holder dies meanwhile are taken in a further pass.
 
     memory_budget: bytes for the layers and batches of all workers (default:
     streaming.default_budget()); a layer that does not fit is streamed from the shards, each
     worker opening them itself with an equal share (streaming.open_layer).
 
     Raises SweepError (bad request, or a folder holding another sweep), CacheError, FoldsError.
-    A task whose training diverges (NonFiniteLossError) is logged, listed in the outcome and
-    left unsaved, so a re-run retries it; any other error stops the sweep (finished tasks stay).
+    A cell fold whose training diverges (NonFiniteLossError) is logged, listed in the outcome
+    and left unsaved, so a re-run retries it; any other error stops the sweep (finished ones stay).
     """
     out = Path(out)
     spec = replace(spec, train=replace(spec.train, device=device))
@@ -785,20 +741,20 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
         folder.remove_shared_temporaries()
         folds = {(key, seed): sweep_folds(folder, key, cache, seed, spec)
                  for key, cache in plan.caches.items() for seed in spec.seeds}
-    tasks = plan.tasks({k: f.n_folds for k, f in folds.items()})
-    mine = part_of(tasks, part)
+    cell_folds = plan.cell_folds({k: f.n_folds for k, f in folds.items()})
+    mine = part_of(cell_folds, part)
     todo = [t for t in mine if not t.path(out).exists()]
     jobs = jobs or default_jobs(device)
     threads = max(1, available_cores() // jobs)
     info = {key: {"corpus": c.corpus, "model": c.settings.model, "mode": c.settings.mode,
                   "family": c.settings.family, "last_state": c.settings.dims.get("n_audio_layer")}
             for key, c in plan.caches.items()}
-    claims = task_claims(folder)
+    claims = cell_fold_claims(folder)
     views = {key: c.view_sources() for key, c in plan.caches.items()}
 
-    def job_for(task: Task) -> TaskJob:
-        return TaskJob(task, folds[task.cache, task.seed], plan.settings[task.head],
-                       plan.spec.train, info[task.cache], out, views[task.cache])
+    def job_for(cell: CellFold) -> CellFoldJob:
+        return CellFoldJob(cell, folds[cell.cache, cell.seed], plan.settings[cell.head],
+                           plan.spec.train, info[cell.cache], out, views[cell.cache])
 
     batch_size = max([spec.train.batch_size] + [v.get("batch_size", 0) for vs in plan.settings.values() for v in vs])
 
@@ -809,23 +765,24 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
         t0 = time.perf_counter()
         # Pooled as it is read, unless the grid chooses frame_pool: then as stored, pooled per setting.
         pool = None if "frame_pool" in spec.grid else spec.train.frame_pool or None
-        if plan.target is None and spec.label_map is None:
-            data, target = open_layer(plan.caches[key], layer, memory_budget, batch_size, workers=jobs,
-                                      held=1 if jobs == 1 else LAYERS_IN_FLIGHT, frame_pool=pool), None
+        test = plan.test_cache
+        if test is None and spec.label_map is None:
+            data, test_corpus = open_layer(plan.caches[key], layer, memory_budget, batch_size, workers=jobs,
+                                           held=1 if jobs == 1 else LAYERS_IN_FLIGHT, frame_pool=pool), None
         else:
             data = map_classes(plan.caches[key].read_layer(layer, frame_pool=pool), spec.label_map, key)[0]
-            target = (map_classes(originals_of(plan.target, plan.target.read_layer(layer, frame_pool=pool)), spec.label_map,
-                                  str(spec.test_cache))[0] if plan.target is not None else None)
+            test_corpus = (map_classes(originals_of(test, test.read_layer(layer, frame_pool=pool)), spec.label_map,
+                                       str(spec.test_cache))[0] if test is not None else None)
         timing.read_seconds += time.perf_counter() - t0
         timing.layers_read += 1
-        return data, target
+        return data, test_corpus
 
     timing = SweepTiming(started=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs,
                          threads_per_job=threads, device=str(pick_device(device)),
-                         tasks_total=len(tasks), tasks_done_before=sum(t.path(out).exists() for t in tasks))
+                         folds_total=len(cell_folds), folds_done_before=sum(t.path(out).exists() for t in cell_folds))
     records, failures = [], []
-    log.info("sweep %s: %d tasks, %d already done, part %d/%d; %d job(s) x %d thread(s)",
-             out, len(tasks), timing.tasks_done_before, *part, jobs, threads)
+    log.info("sweep %s: %d cell folds, %d already done, part %d/%d; %d job(s) x %d thread(s)",
+             out, len(cell_folds), timing.folds_done_before, *part, jobs, threads)
     from tqdm import tqdm
 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="fold", desc="sweep",
@@ -834,10 +791,10 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
     try:
         run = _run_inline if jobs == 1 else _run_pool
         while todo:
-            held: list[Task] = []
+            held: list[CellFold] = []
             run(claimed_layers(folder, claims, todo, held, bar), read, job_for, jobs, threads, bar, records,
                 failures, claims)
-            # A task left to a process that has died since (its claim went with it): ours now.
+            # A cell fold left to a process that has died since (its claim went with it): ours now.
             todo = [t for t in held if not t.path(out).exists() and not claims.held_elsewhere(t)]
     finally:
         claims.release_all()
@@ -845,27 +802,28 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int | None = None, device: str =
         timing.train_seconds = float(sum(r.train_seconds for r in records))
         timing.eval_seconds = float(sum(r.eval_seconds for r in records))
         timing.wall_seconds = time.perf_counter() - t_wall
-        timing.tasks_run, timing.tasks_failed = len(records), len(failures)
+        timing.folds_run, timing.folds_failed = len(records), len(failures)
         if records or failures:  # a process that ran nothing (all done, or all held) adds no line
             with folder.lock():
                 folder.append_timing(timing)
-    for task, why in failures:
-        log.warning("failed, will be retried by a re-run: %s: %s", task, why)
-    state, report = sweep_state(out, tasks, mine, claims), None
+    for cell, why in failures:
+        log.warning("failed, will be retried by a re-run: %s: %s", cell, why)
+    state, report = sweep_state(out, cell_folds, mine, claims), None
     if write_report and state.done:  # a partial table too: it shows the sweep's progress
         from .report import write_report as _write_report
 
         with folder.lock():
             report = _write_report([out], out)
-    return SweepOutcome(out, len(tasks), timing.tasks_done_before, len(records), failures, timing, state, report)
+    return SweepOutcome(out, len(cell_folds), timing.folds_done_before, len(records), failures, timing, state, report)
 
 
-def claimed_layers(folder: SweepFolder, claims: Claims, todo: list[Task], held: list[Task], bar):
-    """Yield ((cache key, layer), tasks) for each layer of `todo` in turn, with the tasks of it
-    that this process could claim when the layer's turn came (layers with none are passed over
-    unread). Tasks another live process holds go to `held`; those finished meanwhile count as
-    done. The caller releases each claim once its task is saved or has failed."""
-    by_layer: dict[tuple[str, Selection], list[Task]] = {}
+def claimed_layers(folder: SweepFolder, claims: Claims, todo: list[CellFold], held: list[CellFold], bar):
+    """Yield ((cache key, layer), cell folds) for each layer of `todo` in turn, with the cell
+    folds of it that this process could claim when the layer's turn came (layers with none are
+    passed over unread). Those another live process holds go to `held`; those finished
+    meanwhile count as done. The caller releases each claim once its cell fold is saved or has
+    failed."""
+    by_layer: dict[tuple[str, Selection], list[CellFold]] = {}
     for t in todo:
         by_layer.setdefault((t.cache, t.layer), []).append(t)
     for key_layer, group in by_layer.items():
@@ -884,15 +842,15 @@ def claimed_layers(folder: SweepFolder, claims: Claims, todo: list[Task], held: 
 
 
 def _run_inline(layers, read, job_for, jobs, threads, bar, records, failures, claims) -> None:
-    """jobs == 1: every task in this process, one layer at a time."""
+    """jobs == 1: every cell fold in this process, one layer at a time."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for (key, layer), group in layers:
             loaded = LoadedLayer(*read(key, layer))
-            for task in group:
-                bar.set_postfix_str(f"{key} layer {label(layer)} {task.head}")
-                _collect(lambda: loaded.run(job_for(task)), task, records, failures, claims)
+            for cell in group:
+                bar.set_postfix_str(f"{key} layer {label(layer)} {cell.head}")
+                _collect(lambda: loaded.run(job_for(cell)), cell, records, failures, claims)
                 bar.update(1)
             del loaded
     finally:
@@ -901,12 +859,12 @@ def _run_inline(layers, read, job_for, jobs, threads, bar, records, failures, cl
 
 def _run_pool(layers, read, job_for, jobs, threads, bar, records, failures, claims) -> None:
     """jobs > 1: worker processes; each layer read once into shared memory, the next layer
-    read while the workers train on the current one. This process holds the tasks' claims
+    read while the workers train on the current one. This process holds the cell folds' claims
     (the workers die with it, see _die_with)."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with torch's thread pools
     pool = cf.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
                                   initargs=(threads, os.getpid()))
-    inflight: deque = deque()  # (SharedLayer, {future: task}) in submission order
+    inflight: deque = deque()  # (SharedLayer, {future: cell fold}) in submission order
 
     def finish(shared, futures):
         try:
@@ -919,21 +877,22 @@ def _run_pool(layers, read, job_for, jobs, threads, bar, records, failures, clai
         for (key, layer), group in layers:
             while len(inflight) >= LAYERS_IN_FLIGHT:
                 finish(*inflight.popleft())
-            data, target = read(key, layer)
-            shared = SharedLayer(data, target) if isinstance(data, (LayerData, StatsLayer)) else StreamedShare(data)
-            del data, target
+            data, test_corpus = read(key, layer)
+            in_memory = isinstance(data, (LayerData, StatsLayer))
+            shared = SharedLayer(data, test_corpus) if in_memory else StreamedShare(data)
+            del data, test_corpus
             futures = {}
             try:
-                for task in group:
-                    f = pool.submit(_worker_run, shared.ref, job_for(task))
+                for cell in group:
+                    f = pool.submit(_worker_run, shared.ref, job_for(cell))
                     f.add_done_callback(lambda f: f.cancelled() or bar.update(1))
-                    futures[f] = task
+                    futures[f] = cell
             finally:
                 inflight.append((shared, futures))
         while inflight:
             finish(*inflight.popleft())
     except BaseException:
-        # Stop now: finished tasks are saved, a task cut short leaves only a temporary file.
+        # Stop now: finished cell folds are saved, one cut short leaves only a temporary file.
         # Executors have no public way to stop running workers before Python 3.14.
         workers = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
@@ -946,12 +905,12 @@ def _run_pool(layers, read, job_for, jobs, threads, bar, records, failures, clai
         pool.shutdown(wait=True)
 
 
-def _collect(result, task: Task, records: list, failures: list, claims: Claims) -> None:
-    """Call result(); a diverged training is a task failure, anything else stops the sweep.
-    The task's claim is let go either way once its result is saved or it has failed."""
+def _collect(result, cell: CellFold, records: list, failures: list, claims: Claims) -> None:
+    """Call result(); a diverged training is the cell fold's failure, anything else stops the
+    sweep. Its claim is let go either way once its record is saved or it has failed."""
     try:
         records.append(result())
     except NonFiniteLossError as e:
-        failures.append((task, str(e)))
+        failures.append((cell, str(e)))
     finally:
-        claims.release(task)
+        claims.release(cell)

@@ -1,11 +1,14 @@
 """Runs across speaker-independent folds: every fold fitted (ensembles.py) and tested once.
 
+    run_fold(head, data, y, task, folds, k, config, device[, settings])  one fold ->  FoldOutcome
     run_folds(data, folds, name, TrainConfig[, run folder])  every fold, tested once ->  RunResult
     train_from_cache(cache, layer, head, out, TrainConfig)    the same, from a cache folder
 
-For every fold, run_folds trains on the training speakers, picks the epoch (or C) with the best
-UA on the validation speakers (carved from the training speakers, see folds.py), then evaluates
-the test speakers once with that state and dropout off. One seed fixes everything: the folds'
+`run_fold` is the one way a head is run on a fold, by `train` (one setting, `train_fold`) and
+by `sweep` (a grid of settings, sweeping.run_cell_fold): it trains every setting on the
+training speakers, picks each one's epoch (or C), and then the setting, by the best score on
+the validation speakers (carved from the training speakers, see folds.py), then evaluates the
+test speakers once with that state and dropout off. One seed fixes everything: the folds'
 carving, every fold's initialisation, batch order and dropout masks (torch's global RNG is
 forked per fold and restored, numpy uses a local Generator), so the same command gives the
 same metrics on the same machine (on a GPU, up to non-deterministic kernels).
@@ -15,29 +18,29 @@ at any point resumes from its finished folds when re-run with the same settings.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .batches import predict_proba
 from .config import ConfigError, TrainConfig, as_made
+from .crosscorpus import score_test_corpus
 from .device import pick_device
 from .ensembles import fit_selected, refit_selected
 from .features import LayerData, StatsLayer
-from .fitting import NonFiniteLossError, fold_seed, fork_rng
+from .fitting import NonFiniteLossError, fold_seed, fork_rng, settings_read
 from .folds import Folds, ViewRows, make_folds
 from .heads import Head, head_class, load_head, options_for, save_head
 from .layers import Selection, label, parse_selection, states_of, to_json
 from .report import mix_verdict, uniformity
-from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_temporaries
+from .results import FoldRecord, RunConfig, RunFolder, RunMetrics, remove_tmp_files_under
 from .tasks import Classification, Regression, Task, as_task, make_task
 
 if TYPE_CHECKING:
@@ -93,7 +96,7 @@ class RunResult:
                  + f" {'train s':>8} {'eval s':>7}"]
         for f in self.folds:
             ccc = [f.metrics["targets"][t]["ccc"] for t in self.labels]
-            lines.append(f"{f.fold:>6} {len(f.test_ids):>6} {f.selected[sel]:>6g} "
+            lines.append(f"{f.fold:>6} {f.n_test:>6} {f.selected[sel]:>6g} "
                          + " ".join(f"{c:>{width + 4}.3f}" for c in ccc)
                          + f" {f.train_seconds:8.1f} {f.eval_seconds:7.2f}")
         lines.append("  mean ± std over folds:")
@@ -113,7 +116,7 @@ class RunResult:
                  f"{'train s':>8} {'eval s':>7}"]
         for f in self.folds:
             m = f.metrics
-            lines.append(f"{f.fold:>6} {len(f.test_ids):>6} {f.selected[sel]:>6g} {100 * m['ua']:6.2f} "
+            lines.append(f"{f.fold:>6} {f.n_test:>6} {f.selected[sel]:>6g} {100 * m['ua']:6.2f} "
                          f"{100 * m['wa']:6.2f} {100 * m['macro_f1']:6.2f} {100 * m['weighted_f1']:6.2f} "
                          f"{f.train_seconds:8.1f} {f.eval_seconds:7.2f}")
         s = self.metrics
@@ -149,8 +152,8 @@ class RunResult:
 
 def fold_split(folds: Folds, k: int, config: TrainConfig,
                rows: ViewRows | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, select, test) of fold k. FLAWED compat_select_on_test: the reference code's
-    split, no validation speakers, the test fold picks the epoch.
+    """(train, select, test) of fold k as `config` trains on it. FLAWED compat_select_on_test:
+    the reference code's split, no validation speakers, the test fold picks the epoch.
 
     rows: where the augmented views lie among the layer's rows (folds made on the originals):
     the indices are then rows of the layer, select and test originals only, and train holds
@@ -163,35 +166,106 @@ def fold_split(folds: Folds, k: int, config: TrainConfig,
     return train, val, test
 
 
-def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, config: TrainConfig,
-               task: Task | int, device: torch.device, rows: ViewRows | None = None) -> tuple[FoldRecord, Head]:
-    """Fit `head` on fold k's training speakers, choose on its validation speakers (then, with
-    config.refit, retrain on both with that choice), test once. rows: the layer's augmented
-    views (fold_split)."""
-    task = as_task(task)
-    train, select, test = fold_split(folds, k, config, rows)
-    n_views = 0 if rows is None else rows.count_views(train)
+@dataclass
+class FoldOutcome:
+    """One fold as `run_fold` leaves it: its record (with its test predictions), the head it
+    tested (eval mode), the grid values of the setting chosen ({} for a run's one setting), and
+    (values, selected: the choice and validation score) of every setting tried, in order."""
+
+    record: FoldRecord
+    model: Head
+    values: dict
+    trials: list[tuple[dict, dict]]
+
+
+def run_fold(head: str, data, y: np.ndarray, task: Task, folds: Folds, k: int, config: TrainConfig,
+             device: torch.device, settings: Sequence[dict] = ({},), rows: ViewRows | None = None,
+             test_corpus: LayerData | None = None, what: str = "this layer") -> FoldOutcome:
+    """Fold k of `folds` (aligned to the layer's utterances, or to rows.original_ids) for
+    `head` on `data`, a LayerData, StatsLayer or StreamedLayer: each setting, `config` with one
+    grid point of `settings` applied (in order), fitted on the training speakers with its epoch
+    (or C) chosen on the validation speakers; the setting with the best validation score
+    (task.score_name; ties keep the earlier) is, with config.refit, retrained on both with
+    that choice; then its head scores the test speakers once, seeded, dropout off unless the
+    FLAWED config.compat_eval_dropout.
+
+    y: (n,) class numbers, or (n, n_targets) values (tasks.make_task). Settings that decide the
+    same result on this layer (fitting.settings_read, and views) run once; each reads the layer
+    pooled by its frame_pool (`what` names the layer in errors). rows: the layer's augmented
+    views (fold_split: a setting with views "on" trains on them). test_corpus: another corpus's
+    same layer, classes mapped (crosscorpus.py), on which the chosen head is also scored.
+    """
     seed = fold_seed(config.seed, k)
-    try:
-        chosen = fit_selected(head, data, y, train, select, config, task, seed, device)
-        if config.refit:  # with views on, those of the validation speakers join their originals
-            refit_train = np.union1d(train, rows.views_of(select)) if n_views else train
-            chosen = refit_selected(chosen, head, data, y, refit_train, select, config, task, seed, device)
-    except NonFiniteLossError as e:
-        raise NonFiniteLossError(f"fold {k}, {e}") from None
+    score = task.score_name  # "ua", or "ccc" (mean over targets): what settings are compared by
+    read, trials, train_seconds, best = {}, [], 0.0, None  # read: frame_pool -> the layer so pooled
+    for values, setting in distinct_settings(head, config, settings, len(states_of(data.layer))):
+        if setting.frame_pool not in read:
+            read[setting.frame_pool] = at_frame_pool(data, setting, what)
+        train, select, _ = fold_split(folds, k, setting, rows)
+        fit = fit_selected(head, read[setting.frame_pool], y, train, select, setting, task, seed, device)
+        train_seconds += fit.seconds
+        trials.append((values, fit.selected))
+        if best is None or fit.selected[score] > best[0].selected[score]:
+            best = (fit, values, setting)
+    chosen, values, setting = best
+    data = read[setting.frame_pool]  # what the chosen setting read, refit and test included
+    train, select, test = fold_split(folds, k, setting, rows)
+    n_views = 0 if rows is None else rows.count_views(train)
+    if config.refit:  # with views on, those of the validation speakers join their originals
+        views_on = rows is not None and setting.views == "on"
+        refit_train = np.union1d(train, rows.views_of(select)) if views_on else train
+        chosen = refit_selected(chosen, head, data, y, refit_train, select, setting, task, seed, device)
+        train_seconds += chosen.refit["seconds"]
     t0 = time.perf_counter()
     with fork_rng(device):  # seeded: even the FLAWED dropout at evaluation is reproducible
         torch.manual_seed(seed)
-        probs = predict_proba(chosen.model, data, test, device, config.compat_eval_dropout)
-    regression = isinstance(task, Regression)
-    record = FoldRecord(fold=k, selected=chosen.selected, n_train=len(train) - n_views, n_val=len(select),
-                        test_ids=data.ids[test].tolist(), probs=probs, metrics=task.fold_metrics(y[test], probs),
-                        true_values=y[test].tolist() if regression else None,
-                        train_seconds=chosen.seconds, eval_seconds=time.perf_counter() - t0,
-                        history=chosen.history, compute_dtype=chosen.compute_dtype, tested=chosen.tested,
-                        refit=chosen.refit, members=chosen.members, layer_weights=chosen.model.layer_weights(),
-                        n_train_views=n_views)
-    return record, chosen.model
+        probs = predict_proba(chosen.model, data, test, device, setting.compat_eval_dropout)
+    scored = {}
+    if test_corpus is not None:  # read as the chosen setting's frames are
+        test_corpus = test_corpus.pooled(data.frame_pool, "the test cache")
+        scored = {**score_test_corpus(chosen.model, test_corpus, task.names, device)[1], "n": len(test_corpus)}
+    record = FoldRecord(
+        fold=k, selected=chosen.selected, n_train=len(train) - n_views, n_val=len(select), n_test=len(test),
+        metrics=task.fold_metrics(y[test], probs), train_seconds=train_seconds,
+        eval_seconds=time.perf_counter() - t0, history=chosen.history, compute_dtype=chosen.compute_dtype,
+        layer_weights=chosen.model.layer_weights(), tested=chosen.tested, refit=chosen.refit,
+        members=chosen.members, n_train_views=n_views, frame_pool=data.frame_pool, test_corpus=scored,
+        test_ids=data.ids[test].tolist(), probs=probs,
+        true_values=y[test].tolist() if isinstance(task, Regression) else None)
+    return FoldOutcome(record, chosen.model, values, trials)
+
+
+def distinct_settings(head: str, config: TrainConfig, settings: Sequence[dict],
+                      n_states: int) -> list[tuple[dict, TrainConfig]]:
+    """(grid values, `config` with them) of each of `settings` in order, less those that decide
+    the same result for `head` on n_states states as an earlier one (`deciding_settings`): a
+    grid of mix settings on one state is one setting."""
+    out, decided = [], set()
+    for values in settings:
+        setting = replace(config, **values)
+        key = deciding_settings(head, setting, n_states)
+        if key not in decided:
+            decided.add(key)
+            out.append((values, setting))
+    return out
+
+
+def deciding_settings(head: str, config: TrainConfig, n_states: int | None = None) -> str:
+    """What decides `head`'s result under `config` (on n_states states, if known), as text that
+    compares equal when the results would: the settings its fitting and constructor read
+    (fitting.settings_read) and whether it trains on augmented views."""
+    return json.dumps({**settings_read(head, config, n_states=n_states), "views": config.views}, sort_keys=True)
+
+
+def train_fold(data: LayerData, y: np.ndarray, folds: Folds, k: int, head: str, config: TrainConfig,
+               task: Task | int, device: torch.device, rows: ViewRows | None = None) -> tuple[FoldRecord, Head]:
+    """`run_fold` with config's one setting: (fold k's record, its tested head). A diverged
+    training's NonFiniteLossError names the fold."""
+    try:
+        outcome = run_fold(head, data, y, as_task(task), folds, k, config, device, rows=rows)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"fold {k}, {e}") from None
+    return outcome.record, outcome.model
 
 
 def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | None = None,
@@ -217,8 +291,8 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
     cls = head_class(head)
     data = at_frame_pool(data, config)
     check_reads(head, config, isinstance(data, StatsLayer))
-    if cross_corpus is not None and cross_corpus.target is not None:  # read as the training frames are
-        cross_corpus.target = cross_corpus.target.pooled(data.frame_pool, "the test cache")
+    if cross_corpus is not None and cross_corpus.test_corpus is not None:  # read as the training frames are
+        cross_corpus.test_corpus = cross_corpus.test_corpus.pooled(data.frame_pool, "the test cache")
     rows = ViewRows.of(data.ids, views) if views else None  # None: no views, every row an utterance
     folds = folds.aligned_to(data.ids if rows is None else rows.original_ids)
     if isinstance(data, LayerData) and (data.n_frames < 1).any():
@@ -226,7 +300,7 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
                           f"{data.ids[data.n_frames < 1][:3]}: rebuild the cache or drop them")
     task, y = make_task(data, config)
     if isinstance(task, Regression):
-        config = dataclasses.replace(config, targets=tuple(task.targets))  # recorded as resolved
+        config = replace(config, targets=tuple(task.targets))  # recorded as resolved
     classes, class_y = data.classes()
     labels, n_outputs = task.names, task.n_outputs
     device = pick_device(config.device)
@@ -262,8 +336,9 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
                 folder.write_fold(record)
         records.append(record)
         models.append(model)
+        choice = {key: v for key, v in record.selected.items() if key != "weights"}  # a fusion's: the line below
         log.info("fold %d: %s %.4f (selected %s) train %.1fs eval %.2fs", k, task.score_name.upper(),
-                 record.metrics[task.score_name], record.selected, record.train_seconds, record.eval_seconds)
+                 record.metrics[task.score_name], choice, record.train_seconds, record.eval_seconds)
         if record.layer_weights is not None:
             log.info("fold %d: layer weights %s", k, ", ".join(
                 f"{s}: {w:.3f}" for s, w in zip(data.layers, record.layer_weights)))
@@ -278,7 +353,7 @@ def run_folds(data: LayerData, folds: Folds, head: str, config: TrainConfig | No
         result.cross_corpus = cross_corpus.evaluate(labels, models, result.metrics, device, folder)
     if folder:
         details = [{"fold": r.fold, "selected": r.selected, "n_train": r.n_train, "n_val": r.n_val,
-                    "n_test": len(r.test_ids), "train_seconds": r.train_seconds,
+                    "n_test": r.n_test, "train_seconds": r.train_seconds,
                     "eval_seconds": r.eval_seconds, "history": r.history, "tested": r.tested,
                     "refit": r.refit, "members": r.members,
                     **({"n_train_views": r.n_train_views} if r.n_train_views else {}),
@@ -336,10 +411,10 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
                               + "\nRepeat its options to resume it, choose another output folder, or allow overwriting")
     elif overwrite and folder.root.is_dir():
         for old in [*folder.root.glob("fold_*.*"), *(folder.root / name for name in (
-                RunFolder.METRICS, RunFolder.PREDICTIONS, RunFolder.CROSS_CORPUS, RunFolder.TARGET_PREDICTIONS))]:
+                RunFolder.METRICS, RunFolder.PREDICTIONS, RunFolder.CROSS_CORPUS, RunFolder.TEST_CORPUS_PREDICTIONS))]:
             old.unlink(missing_ok=True)
     folder.root.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(folder.root)
+    remove_tmp_files_under(folder.root)
     folds.save(folder.root / RunFolder.FOLDS)
     folder.write_config(run)
     return folder

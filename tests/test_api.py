@@ -80,7 +80,7 @@ def test_folds_sweep_export_and_predict(cache, tmp_path, tiny_checkpoint, one_th
     assert set(data.speakers[test]).isdisjoint(data.speakers[np.concatenate([train, val])])
     outcome = ser_cache.sweep(path, out=tmp_path / "sweep", layers="1", heads=["linear"], n_folds=3, jobs=1,
                               report=False, **SMALL)
-    assert outcome.tasks_total == 3 and not outcome.failures
+    assert outcome.folds_total == 3 and not outcome.failures
     ser_cache.train(path, layer=1, head="linear", n_folds=3, out=tmp_path / "run", **SMALL)
     ser_cache.export(tmp_path / "run", out=tmp_path / "model.pt", fold=0)
     predictor = ser_cache.load_predictor(tmp_path / "model.pt", model=str(tiny_checkpoint))

@@ -52,7 +52,7 @@ def relabelled(data: LayerData, table: dict) -> LayerData:
 
 def cross_run(source, target, head="mean", out_dir=None, **kw):
     folds = kfold_folds(source.ids, source.labels, source.speakers, 3, seed=0)
-    cross = CrossCorpus(label_map=None, target=target, target_cache={"path": "synthetic", "records_hash": "x"})
+    cross = CrossCorpus(label_map=None, test_corpus=target, test_cache={"path": "synthetic", "records_hash": "x"})
     return run_folds(source, folds, head, TrainConfig(**SMALL), out_dir, cross_corpus=cross, **kw)
 
 
@@ -166,7 +166,7 @@ def test_a_resumed_cross_corpus_run_gives_identical_results_and_refuses_another_
     assert again.cross_corpus.target == first.cross_corpus.target
     (out / "metrics.json").unlink()
     other = layer_data(n_speakers=4, seed=2, prefix="t")
-    cross = CrossCorpus(label_map=None, target=other, target_cache={"path": "synthetic", "records_hash": "y"})
+    cross = CrossCorpus(label_map=None, test_corpus=other, test_cache={"path": "synthetic", "records_hash": "y"})
     with pytest.raises(ConfigError, match=r"cross_corpus.test_cache.records_hash: run has 'x', asked for 'y'"):
         run_folds(source, kfold_folds(source.ids, source.labels, source.speakers, 3, seed=0), "mean",
                   TrainConfig(**SMALL), out, cross_corpus=cross)
@@ -202,7 +202,7 @@ def test_cli_cross_corpus_run_and_its_one_line_errors(caches, tmp_path):
 # --- sweeps ------------------------------------------------------------------------------------
 
 
-def test_a_cross_corpus_sweep_records_target_metrics_equal_to_the_train_run_on_the_same_folds(caches, tmp_path):
+def test_a_cross_corpus_sweep_records_test_corpus_metrics_equal_to_the_train_run_on_the_same_folds(caches, tmp_path):
     from ser_cache.report import write_report
     from ser_cache.results import SweepError, SweepFolder
     from ser_cache.sweeping import SweepSpec, run_sweep
@@ -212,18 +212,18 @@ def test_a_cross_corpus_sweep_records_target_metrics_equal_to_the_train_run_on_t
     out = tmp_path / "sweep"
     run_sweep(spec, out, jobs=1, progress=False, write_report=False)
     cells = SweepFolder(out).cells()
-    assert len(cells) == 2 * 2 * 2 and {c.target["n"] for c in cells} == {9}  # B: 12 utterances, 3 bored
+    assert len(cells) == 2 * 2 * 2 and {c.test_corpus["n"] for c in cells} == {9}  # B: 12 utterances, 3 bored
     assert all(c.labels == ["angry", "happy", "sad"] and c.n_train + c.n_val + c.n_test == 12 for c in cells)
     run = train_from_cache(caches["a"], 2, "linear", None, TrainConfig(**SMALL), n_folds=2,
                            test_cache=caches["b"], label_map="ravdess-emodb6")
-    swept = sorted((c.fold, c.target["ua"], c.ua) for c in cells if c.layer == 2 and c.head == "linear")
+    swept = sorted((c.fold, c.test_corpus["ua"], c.ua) for c in cells if c.layer == 2 and c.head == "linear")
     trained = [(k, ua, r.metrics["ua"]) for k, (ua, r) in
                enumerate(zip(run.cross_corpus.target["ua"]["folds"], run.folds))]
     np.testing.assert_allclose(swept, trained)
     # worker processes get the test cache's layer through shared memory: the same records
     run_sweep(replace(spec, heads=["linear"]), tmp_path / "pool", jobs=2, progress=False, write_report=False)
-    pooled = {(c.layer, c.fold): c.target for c in SweepFolder(tmp_path / "pool").cells()}
-    assert pooled == {(c.layer, c.fold): c.target for c in cells if c.head == "linear"}
+    pooled = {(c.layer, c.fold): c.test_corpus for c in SweepFolder(tmp_path / "pool").cells()}
+    assert pooled == {(c.layer, c.fold): c.test_corpus for c in cells if c.head == "linear"}
     paths = write_report([out], out)
     assert "target_ua" in paths["results"].read_text().splitlines()[0]
     summary = paths["summary"].read_text()
@@ -244,7 +244,7 @@ def test_a_sweep_with_a_label_map_alone_makes_its_folds_on_the_kept_classes(cach
                      label_map="ravdess-emodb6")
     run_sweep(spec, tmp_path / "sweep", jobs=1, progress=False, write_report=False)
     cells = SweepFolder(tmp_path / "sweep").cells()
-    assert len(cells) == 2 and all(not c.target and c.labels == ["angry", "happy", "sad"] for c in cells)
+    assert len(cells) == 2 and all(not c.test_corpus and c.labels == ["angry", "happy", "sad"] for c in cells)
     assert sum(c.n_test for c in cells) == 12  # 16 utterances, 4 calm dropped
     assert SweepFolder(tmp_path / "sweep").read_config()["cross_corpus"] == {"label_map": "ravdess-emodb6",
                                                                           "test_cache": None}

@@ -87,7 +87,7 @@ def table_rows(summary: str, heading: str) -> list[list[str]]:
 
 def test_a_sweep_over_two_encoders_resolves_all_per_cache(joint, caches):
     out, outcome = joint
-    assert outcome.tasks_total == outcome.tasks_run == (3 + 5) * N_FOLDS and not outcome.failures
+    assert outcome.folds_total == outcome.folds_run == (3 + 5) * N_FOLDS and not outcome.failures
     config = json.loads((out / "sweep.json").read_text())["config"]
     assert config["layers"] == {"cache-whisper": [0, 1, 2], "cache-w2v": [0, 1, 2, 3, 4]}
     records = load_sweep(out).records

@@ -239,4 +239,4 @@ def test_a_streamed_run_records_its_blocks_and_a_sweep_streams_in_its_workers(sm
     # Two workers, each opening the shards itself with half the budget: blocks of 6 shards again.
     outcome = run_sweep(spec, tmp_path / "sweep", jobs=2, device="cpu", progress=False, write_report=False,
                         memory_budget=2 * budget)
-    assert outcome.tasks_run == 2 and not outcome.failures
+    assert outcome.folds_run == 2 and not outcome.failures

@@ -17,7 +17,7 @@ from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.report import CONFUSION_PLOT, LAYER_PLOT, RESULTS_FILE, SUMMARY_FILE, WEIGHTS_PLOT, load_sweep
 from ser_cache.results import SweepFolder
-from ser_cache.sweeping import SweepError, SweepSpec, Task, head_settings, parse_grid, run_sweep
+from ser_cache.sweeping import CellFold, SweepError, SweepSpec, head_settings, parse_grid, run_sweep
 from ser_cache.config import TrainConfig
 from ser_cache.fitting import Fit
 
@@ -48,7 +48,7 @@ def spec_for(cache, **kw) -> SweepSpec:
     return SweepSpec(caches=[cache], **{"heads": HEADS, "train": TRAIN, "n_folds": N_FOLDS, **kw})
 
 
-def tasks_on_disk(folder: Path) -> list[Path]:
+def cells_on_disk(folder: Path) -> list[Path]:
     return sorted((folder / SweepFolder.CELLS).glob("*/*/*.json"))
 
 
@@ -69,7 +69,7 @@ def test_sweep_writes_one_row_per_cell_and_fold_over_the_same_folds(full):
     out, outcome = full
     n_layers = 3  # tiny Whisper: 2 blocks -> states 0, 1, 2
     total = n_layers * len(HEADS) * 2 * N_FOLDS
-    assert outcome.tasks_total == outcome.tasks_run == total and not outcome.failures
+    assert outcome.folds_total == outcome.folds_run == total and not outcome.failures
     rows = read_csv(out / RESULTS_FILE)
     assert len(rows) == total
     assert list(rows[0])[:12] == ["cache", "model", "mode", "layer", "head", "setting", "seed", "fold",
@@ -95,24 +95,24 @@ def test_sweep_writes_one_row_per_cell_and_fold_over_the_same_folds(full):
 
 def test_interrupted_sweep_resumes_without_duplicates_and_same_results(caches, full, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
-    real, calls = S.run_task, []
+    real, calls = S.run_cell_fold, []
 
     def crash_after_five(*args, **kw):
         if len(calls) == 5:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the sixth task
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the sixth cell fold
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(S, "run_task", crash_after_five)
+    monkeypatch.setattr(S, "run_cell_fold", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec_for(caches["trim"], seeds=[0, 1]), out, jobs=1, progress=False)
-    assert len(tasks_on_disk(out)) == 5
-    monkeypatch.setattr(S, "run_task", real)
+    assert len(cells_on_disk(out)) == 5
+    monkeypatch.setattr(S, "run_cell_fold", real)
 
     outcome = run_sweep(spec_for(caches["trim"], seeds=[0, 1]), out, jobs=1, progress=False)
-    assert outcome.tasks_done_before == 5 and outcome.tasks_run == outcome.tasks_total - 5
+    assert outcome.folds_done_before == 5 and outcome.folds_run == outcome.folds_total - 5
     again = run_sweep(spec_for(caches["trim"], seeds=[0, 1]), out, jobs=1, progress=False)
-    assert again.tasks_run == 0  # nothing left: nothing re-run
+    assert again.folds_run == 0  # nothing left: nothing re-run
     rows, reference = read_csv(out / RESULTS_FILE), read_csv(full[0] / RESULTS_FILE)
     key = lambda r: (r["layer"], r["head"], r["seed"], r["fold"])  # noqa: E731
     assert len({key(r) for r in rows}) == len(rows) == len(reference)
@@ -191,17 +191,18 @@ def test_grid_setting_is_chosen_on_validation_never_on_test(caches, tmp_path, mo
         pred = y[test] if model.n_heads == 4 else (y[test] + 1) % n_classes
         return np.eye(n_classes)[pred]
 
-    import ser_cache.ensembles as T
+    import ser_cache.ensembles as E
+    import ser_cache.training as T
 
-    monkeypatch.setattr(T, "fit_head", fake_fit)  # what the sweep's fit_selected calls
-    monkeypatch.setattr(S, "predict_proba", fake_test)
+    monkeypatch.setattr(E, "fit_head", fake_fit)  # what the fold runner's fit_selected calls
+    monkeypatch.setattr(T, "predict_proba", fake_test)  # the fold runner's test
     spec = spec_for(caches["trim"], heads=["qkv"], layers="2", grid=parse_grid(["heads=2,4"]))
     run_sweep(spec, tmp_path / "grid", jobs=1, progress=False)
     records = load_sweep(tmp_path / "grid").records
     assert len(records) == N_FOLDS and tested == [2] * N_FOLDS
     for r in records:
         assert r.setting == "n_heads=2" and r.values == {"n_heads": 2}
-        assert r.val_ua == 0.9 and r.ua == 0.0
+        assert r.selected["ua"] == 0.9 and r.ua == 0.0
         assert [(g["setting"], g["val_ua"]) for g in r.grid] == [("n_heads=2", 0.9), ("n_heads=4", 0.4)]
     assert "n_heads=2" in (tmp_path / "grid" / SUMMARY_FILE).read_text()
 
@@ -236,7 +237,7 @@ def test_worker_processes_share_one_read_of_each_layer(caches, full, tmp_path):
     out = tmp_path / "pool"
     shm_before = set(Path("/dev/shm").glob("psm_*"))
     outcome = run_sweep(spec_for(caches["trim"], heads=["linear", "mean"], layers="1-2"), out, jobs=2, progress=False)
-    assert outcome.tasks_run == 2 * 2 * N_FOLDS and not outcome.failures
+    assert outcome.folds_run == 2 * 2 * N_FOLDS and not outcome.failures
     assert outcome.timing.layers_read == 2 and outcome.timing.jobs == 2
     records = load_sweep(out).records
     assert {r.threads for r in records} == {1}
@@ -252,9 +253,10 @@ def test_cli_names_the_fix_for_a_stray_grid_key(caches, tmp_path):
     assert result.exit_code != 0 and "give each one its own --grid" in result.output
 
 
-def test_task_paths_are_unique_per_cell_and_fold(tmp_path):
-    tasks = {Task("c", layer, head, seed, fold) for layer in (0, 1) for head in HEADS for seed in (0, 1) for fold in range(3)}
-    assert len({t.path(tmp_path) for t in tasks}) == len(tasks)
+def test_cell_fold_paths_are_unique_per_cell_and_fold(tmp_path):
+    cell_folds = {CellFold("c", layer, head, seed, fold)
+                  for layer in (0, 1) for head in HEADS for seed in (0, 1) for fold in range(3)}
+    assert len({t.path(tmp_path) for t in cell_folds}) == len(cell_folds)
 
 
 def test_an_interrupt_stops_the_workers_at_once_and_the_rerun_finishes(caches, tmp_path, monkeypatch):
@@ -277,10 +279,10 @@ def test_an_interrupt_stops_the_workers_at_once_and_the_rerun_finishes(caches, t
         run_sweep(spec, out, jobs=2, progress=False)
     monkeypatch.setattr(Cache, "read_layer", real_read)
     assert set(Path("/dev/shm").glob("psm_*")) <= shm_before
-    done_before = len(tasks_on_disk(out))
+    done_before = len(cells_on_disk(out))
     assert done_before < 2 * N_FOLDS
     outcome = run_sweep(spec, out, jobs=1, progress=False)
-    assert outcome.tasks_done_before == done_before and outcome.tasks_run == 2 * N_FOLDS - done_before
+    assert outcome.folds_done_before == done_before and outcome.folds_run == 2 * N_FOLDS - done_before
     assert len(load_sweep(out).records) == 2 * N_FOLDS
 
 
@@ -288,7 +290,7 @@ def test_multi_layer_cells_share_the_table_with_single_layer_cells(caches, full,
     out = tmp_path / "multi"
     spec = spec_for(caches["trim"], heads=["linear", "mean"], layers="1,2,1+2")
     outcome = run_sweep(spec, out, jobs=1, progress=False)
-    assert outcome.tasks_total == outcome.tasks_run == 3 * 2 * N_FOLDS and not outcome.failures
+    assert outcome.folds_total == outcome.folds_run == 3 * 2 * N_FOLDS and not outcome.failures
     assert json.loads((out / SweepFolder.CONFIG).read_text())["config"]["layers"] == {"tiny-trim": [1, 2, [1, 2]]}
     assert outcome.timing.layers_read == 3  # each cell's states read once, the multi-layer cell in one array
     rows = read_csv(out / RESULTS_FILE)
@@ -327,7 +329,7 @@ def test_refit_retrains_the_chosen_setting_on_training_and_validation(caches, tm
     assert len(records) == 2 * N_FOLDS
     for r in records:
         assert r.tested == "refit" and r.refit["n_train"] == r.n_train + r.n_val
-        assert r.val_ua == max(g["val_ua"] for g in r.grid)  # chosen before the refit, on validation
+        assert r.selected["ua"] == max(g["val_ua"] for g in r.grid)  # chosen before the refit, on validation
     assert "refit" in (tmp_path / "refit" / SUMMARY_FILE).read_text()
 
 
@@ -397,19 +399,37 @@ def test_a_sweep_from_before_a_setting_existed_resumes_only_as_it_was_made(cache
     for key in ("patience", "compute_dtype", "refit", "ensemble", "time_mask", "task", "targets", "loss"):
         stored["config"]["train"].pop(key)
     (old / SweepFolder.CONFIG).write_text(json.dumps(stored))
-    for cell in tasks_on_disk(old):  # cells written before tasks: classification
+    for cell in cells_on_disk(old):  # cells written before tasks: classification (test_old_folders.py: more)
         record = json.loads(cell.read_text())
-        for key in ("task", "ccc", "val_ccc", "targets"):
-            record.pop(key)
+        record.pop("task")
         cell.write_text(json.dumps(record))
     spec = spec_for(caches["trim"], seeds=[0, 1])  # today's default patience
     with pytest.raises(SweepError, match=r"train\.patience: sweep has 0, asked for 10"):
         run_sweep(spec, old, jobs=1, progress=False)
     again = run_sweep(replace(spec, train=replace(TRAIN, patience=0)), old, jobs=1, progress=False)
-    assert again.tasks_run == 0 and again.tasks_done_before == again.tasks_total
+    assert again.folds_run == 0 and again.folds_done_before == again.folds_total
     assert all(r.task == "classification" for r in load_sweep(old).records)  # cells from before tasks
 
     def table(path):
         return (path / SUMMARY_FILE).read_text().split("UA % by layer")[1].split("## Time")[0]
 
     assert table(old) == table(full[0])  # the same cells, reported as classification
+
+
+def test_a_diverged_fold_is_named_and_fails_the_sweep(caches, tmp_path, monkeypatch):
+    import ser_cache.sweeping as sweeping
+    from ser_cache.fitting import NonFiniteLossError
+
+    real = sweeping.run_cell_fold
+
+    def diverge_on_fold_1(data, job, test_corpus=None):
+        if job.cell_fold.fold == 1:
+            raise NonFiniteLossError("the loss became nan at epoch 0")
+        return real(data, job, test_corpus)
+
+    monkeypatch.setattr(sweeping, "run_cell_fold", diverge_on_fold_1)
+    result = CliRunner().invoke(main, ["sweep", str(caches["trim"]), "--out", str(tmp_path / "x"), "--layers", "1",
+                                       "--heads", "linear", "--folds", "3", "--jobs", "1"])
+    assert result.exit_code != 0
+    assert f"FAILED {caches['trim'].name} layer 1 linear seed 0 fold 1: the loss became nan at epoch 0" in result.output
+    assert "1 folds failed (listed above)" in result.output

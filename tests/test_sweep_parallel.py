@@ -1,7 +1,7 @@
 """Several sweep processes on one --out, `--part I/N`, SLURM array variables, `ser-cache slurm`
 (issue #14). Fast: tiny synthetic caches, no SLURM needed (test_slurm.py runs a real one).
 
-Every task of a sweep must run exactly once however many processes share the folder, the
+Every cell fold of a sweep must run exactly once however many processes share the folder, the
 result must equal one process's, a claim of a killed process must be taken over, and every
 process's last line and exit status must say how far the sweep is.
 """
@@ -26,7 +26,7 @@ from ser_cache.extract import ExtractOptions, extract
 from ser_cache.report import RESULTS_FILE, SUMMARY_FILE
 from ser_cache.results import SweepFolder
 from ser_cache.slurm import array_part, resolve_part
-from ser_cache.sweeping import SweepSpec, Task, part_of, run_sweep
+from ser_cache.sweeping import CellFold, SweepSpec, part_of, run_sweep
 from ser_cache.config import TrainConfig
 
 from conftest import write_corpus
@@ -54,36 +54,36 @@ def spec_for(cache: Path) -> SweepSpec:
     return SweepSpec(caches=[cache], layers="1-2", heads=["linear", "mean"], train=TRAIN, n_folds=N_FOLDS)
 
 
-N_TASKS = 2 * 2 * N_FOLDS  # layers x heads x folds
+N_CELL_FOLDS = 2 * 2 * N_FOLDS  # layers x heads x folds
 
 
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory) -> dict:
-    """One process's sweep: per task, what the table shows."""
+    """One process's sweep: per cell fold, what the table shows."""
     out = tmp_path_factory.mktemp("parallel") / "one"
     outcome = run_sweep(spec_for(cache), out, jobs=1, progress=False)
-    assert outcome.state.complete and outcome.tasks_run == N_TASKS
+    assert outcome.state.complete and outcome.folds_run == N_CELL_FOLDS
     return rows_of(out)
 
 
 def rows_of(out: Path) -> dict:
     with open(out / RESULTS_FILE, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert len({(r["layer"], r["head"], r["seed"], r["fold"]) for r in rows}) == len(rows)  # no task twice
+    assert len({(r["layer"], r["head"], r["seed"], r["fold"]) for r in rows}) == len(rows)  # no cell fold twice
     return {(r["layer"], r["head"], r["seed"], r["fold"]): (r["ua"], r["wa"], r["setting"], r["epoch"]) for r in rows}
 
 
 # --- parts ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_tasks", [1, 5, 12, 13])
-def test_parts_are_disjoint_complete_contiguous_and_balanced(n_tasks):
-    tasks = [Task("c", layer, "mean", 0, fold) for layer in range(5) for fold in range(3)][:n_tasks]
-    for n in range(1, n_tasks + 3):
-        parts = [part_of(tasks, (i, n)) for i in range(n)]
-        assert [t for p in parts for t in p] == tasks  # disjoint, complete, in the plan's order
+@pytest.mark.parametrize("n_cell_folds", [1, 5, 12, 13])
+def test_parts_are_disjoint_complete_contiguous_and_balanced(n_cell_folds):
+    cell_folds = [CellFold("c", layer, "mean", 0, fold) for layer in range(5) for fold in range(3)][:n_cell_folds]
+    for n in range(1, n_cell_folds + 3):
+        parts = [part_of(cell_folds, (i, n)) for i in range(n)]
+        assert [t for p in parts for t in p] == cell_folds  # disjoint, complete, in the plan's order
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
-        assert parts == [part_of(list(tasks), (i, n)) for i in range(n)]  # the same in every job
+        assert parts == [part_of(list(cell_folds), (i, n)) for i in range(n)]  # the same in every job
 
 
 def test_array_variables_give_the_part_and_an_explicit_option_wins():
@@ -106,19 +106,19 @@ def test_array_variables_give_the_part_and_an_explicit_option_wins():
 # --- several processes on one folder -------------------------------------------------------------
 
 
-def test_two_sweeps_started_together_run_each_task_once_and_equal_one_sweep(cache, reference, tmp_path, monkeypatch):
-    out, real, ran, lock = tmp_path / "two", S.run_task, [], threading.Lock()
+def test_two_sweeps_started_together_run_each_cell_fold_once_and_equal_one_sweep(cache, reference, tmp_path, monkeypatch):
+    out, real, ran, lock = tmp_path / "two", S.run_cell_fold, [], threading.Lock()
     start = threading.Barrier(2)
 
-    def recording(data, job, target=None):
-        # One task trains at a time: the two sweeps are threads of one process here, and
+    def recording(data, job, test_corpus=None):
+        # One cell fold trains at a time: the two sweeps are threads of one process here, and
         # torch's random generator is the process's (sweeps on a cluster are processes of
         # their own); what races is what this test is about, the claims, taken before this.
         with lock:
-            ran.append(job.task)
-            return real(data, job, target)
+            ran.append(job.cell_fold)
+            return real(data, job, test_corpus)
 
-    monkeypatch.setattr(S, "run_task", recording)
+    monkeypatch.setattr(S, "run_cell_fold", recording)
     outcomes, errors = [], []
 
     def one():
@@ -134,17 +134,17 @@ def test_two_sweeps_started_together_run_each_task_once_and_equal_one_sweep(cach
     for t in threads:
         t.join()
     assert not errors, errors
-    assert len(ran) == len(set(ran)) == N_TASKS  # each task once, all of them
-    assert sum(o.tasks_run for o in outcomes) == N_TASKS
+    assert len(ran) == len(set(ran)) == N_CELL_FOLDS  # each cell fold once, all of them
+    assert sum(o.folds_run for o in outcomes) == N_CELL_FOLDS
     # Each ended with its part done or in the other's hands; the later to look saw it all done.
     assert all(o.state.own_part_done for o in outcomes) and any(o.state.complete for o in outcomes)
     assert rows_of(out) == reference
     assert not list(out.rglob("*.lock")) and not list(out.rglob("*.tmp"))  # claims let go, nothing left
-    assert len(SweepFolder(out).timing()) == sum(o.tasks_run > 0 for o in outcomes)
+    assert len(SweepFolder(out).timing()) == sum(o.folds_run > 0 for o in outcomes)
 
 
 def hold_claim(path: Path) -> subprocess.Popen:
-    """Another process holding the flock at `path`, as a live sweep holds a task's claim."""
+    """Another process holding the flock at `path`, as a live sweep holds a cell fold's claim."""
     path.parent.mkdir(parents=True, exist_ok=True)
     code = ("import fcntl, os, sys, time\n"
             "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
@@ -156,50 +156,50 @@ def hold_claim(path: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_task_held_by_a_live_process_is_left_to_it_and_taken_once_it_is_killed(cache, reference, tmp_path):
+def test_a_cell_fold_held_by_a_live_process_is_left_to_it_and_taken_once_it_is_killed(cache, reference, tmp_path):
     out = tmp_path / "held"
-    run_sweep(spec_for(cache), out, jobs=1, progress=False, part=(0, N_TASKS))  # makes the folder: one task
-    task = Task("tiny", 2, "mean", 0, 1)
-    other = hold_claim(SweepFolder(out).claim_path(task.cache, task.layer, task.head, task.seed, task.fold))
+    run_sweep(spec_for(cache), out, jobs=1, progress=False, part=(0, N_CELL_FOLDS))  # makes the folder: one cell fold
+    held = CellFold("tiny", 2, "mean", 0, 1)
+    other = hold_claim(SweepFolder(out).claim_path(held.cache, held.layer, held.head, held.seed, held.fold))
     try:
         result = CliRunner().invoke(main, ["sweep", str(cache), "--out", str(out), *SWEEP_ARGS])
         assert result.exit_code == 0, result.output  # its part (all) is done or in a live job's hands
         last = result.output.strip().splitlines()[-1]
-        assert last == f"sweep {out}: {N_TASKS - 1} of {N_TASKS} folds done; 1 claimed by other running jobs"
-        assert not task.path(out).exists()
+        assert last == f"sweep {out}: {N_CELL_FOLDS - 1} of {N_CELL_FOLDS} folds done; 1 claimed by other running jobs"
+        assert not held.path(out).exists()
         report = CliRunner().invoke(main, ["report", str(out)])
-        assert f"{2 * 2 - 1} of {2 * 2} cells complete ({N_TASKS - 1} of {N_TASKS} folds, 1 claimed by running jobs)" in report.output
+        assert f"{2 * 2 - 1} of {2 * 2} cells complete ({N_CELL_FOLDS - 1} of {N_CELL_FOLDS} folds, 1 claimed by running jobs)" in report.output
         assert "**Partial:**" in (out / SUMMARY_FILE).read_text()
     finally:
         other.kill()
         other.wait()
     result = CliRunner().invoke(main, ["sweep", str(cache), "--out", str(out), *SWEEP_ARGS])
-    assert result.exit_code == 0 and result.output.strip().splitlines()[-1] == f"sweep {out}: complete ({N_TASKS} folds)"
+    assert result.exit_code == 0 and result.output.strip().splitlines()[-1] == f"sweep {out}: complete ({N_CELL_FOLDS} folds)"
     assert rows_of(out) == reference
     assert "**Partial:**" not in (out / SUMMARY_FILE).read_text()
 
 
 def test_a_claim_let_go_by_a_killed_process_mid_sweep_is_taken_in_a_further_pass(cache, reference, tmp_path, monkeypatch):
     out = tmp_path / "taken-over"
-    run_sweep(spec_for(cache), out, jobs=1, progress=False, part=(N_TASKS - 1, N_TASKS))  # the folder, one task
-    first = Task("tiny", 1, "linear", 0, 0)  # the first task of the plan: passed over, held
+    run_sweep(spec_for(cache), out, jobs=1, progress=False, part=(N_CELL_FOLDS - 1, N_CELL_FOLDS))  # the folder, one cell fold
+    first = CellFold("tiny", 1, "linear", 0, 0)  # the first cell fold of the plan: passed over, held
     other = hold_claim(SweepFolder(out).claim_path(first.cache, first.layer, first.head, first.seed, first.fold))
-    real, ran = S.run_task, []
+    real, ran = S.run_cell_fold, []
 
-    def kill_other_then_run(data, job, target=None):
-        if other.poll() is None:  # the holder dies while this process works on other tasks
+    def kill_other_then_run(data, job, test_corpus=None):
+        if other.poll() is None:  # the holder dies while this process works on other cell folds
             other.kill()
             other.wait()
-        ran.append(job.task)
-        return real(data, job, target)
+        ran.append(job.cell_fold)
+        return real(data, job, test_corpus)
 
-    monkeypatch.setattr(S, "run_task", kill_other_then_run)
+    monkeypatch.setattr(S, "run_cell_fold", kill_other_then_run)
     try:
         outcome = run_sweep(spec_for(cache), out, jobs=1, progress=False)
     finally:
         other.kill()
         other.wait()
-    assert ran[-1] == first and len(ran) == len(set(ran)) == N_TASKS - 1
+    assert ran[-1] == first and len(ran) == len(set(ran)) == N_CELL_FOLDS - 1
     assert outcome.state.complete and rows_of(out) == reference
 
 
@@ -209,12 +209,12 @@ def test_parts_from_the_slurm_environment_split_the_sweep_and_each_says_what_is_
     second = CliRunner().invoke(main, ["sweep", str(cache), "--out", str(out), *SWEEP_ARGS], env=env)
     assert second.exit_code == 0, second.output
     assert second.output.strip().splitlines()[-1] == (
-        f"sweep {out}: {N_TASKS // 2} of {N_TASKS} folds done; {N_TASKS // 2} left for other --part parts "
+        f"sweep {out}: {N_CELL_FOLDS // 2} of {N_CELL_FOLDS} folds done; {N_CELL_FOLDS // 2} left for other --part parts "
         "(run those jobs, or this command without --part, to finish)")
     # The second half of the plan: layer 2 only, so this part read one layer.
     assert {k[0] for k in rows_of(out)} == {"2"} and SweepFolder(out).timing()[-1].layers_read == 1
     first = CliRunner().invoke(main, ["sweep", str(cache), "--out", str(out), *SWEEP_ARGS, "--part", "0/2"], env=env)
-    assert first.exit_code == 0 and first.output.strip().splitlines()[-1] == f"sweep {out}: complete ({N_TASKS} folds)"
+    assert first.exit_code == 0 and first.output.strip().splitlines()[-1] == f"sweep {out}: complete ({N_CELL_FOLDS} folds)"
     assert rows_of(out) == reference
 
 

@@ -183,6 +183,32 @@ def test_compat_switches_change_behaviour(data):
     assert "FLAWED" in dropout.table() and "FLAWED" not in clean.table()
 
 
+def test_the_fold_runner_chooses_a_setting_on_validation_ties_keeping_the_earlier(data, monkeypatch):
+    """run_fold, the one fold runner of train and sweep: the setting with the best validation
+    score is tested (of two equal ones, the earlier), and settings the head does not read run once."""
+    import dataclasses
+
+    import ser_cache.training as T
+    from ser_cache.ensembles import fit_selected
+    from ser_cache.tasks import as_task
+
+    scores = {1e-3: 0.5, 3e-3: 0.8, 1e-2: 0.8}  # what validation says of each learning rate
+
+    def scored(head, data, y, train, select, config, task, seed, device):
+        chosen = fit_selected(head, data, y, train, select, config, task, seed, device)
+        return dataclasses.replace(chosen, selected={**chosen.selected, "ua": scores[config.lr]})
+
+    monkeypatch.setattr(T, "fit_selected", scored)
+    folds, y, grid = folds_of(data), data.classes()[1], [{"lr": lr} for lr in scores]
+    outcome = T.run_fold("mean", data, y, as_task(3), folds, 0, TrainConfig(**SMALL), torch.device("cpu"), grid)
+    assert outcome.values == {"lr": 3e-3} and outcome.record.selected["ua"] == 0.8
+    assert [(values, selected["ua"]) for values, selected in outcome.trials] == list(zip(grid, scores.values()))
+    assert outcome.record.n_test == len(folds.split(0)[2]) == len(outcome.record.probs)
+    linear = T.run_fold("linear", data, y, as_task(3), folds, 0, TrainConfig(**SMALL, linear_c=(1.0,)),
+                        torch.device("cpu"), grid)
+    assert [values for values, _ in linear.trials] == [{"lr": 1e-3}]  # the probe reads no lr: one setting
+
+
 def test_non_finite_loss_stops_with_a_clear_error(data):
     with pytest.raises(NonFiniteLossError, match=r"fold 0, epoch 0: .*lower the learning rate"):
         run_folds(data, folds_of(data), "mean", TrainConfig(**SMALL, lr=1e30))
