@@ -320,7 +320,8 @@ TRAINING_OPTIONS = options(  # what the heads learn and how long
     click.option("--linear-c", "linear_c", default=",".join(f"{c:g}" for c in _TRAIN.linear_c), help="The linear head's C grid (inverse regularisation; ridge alpha = 1/(2C) for regression), comma-separated, chosen on validation."),
     click.option("--ensemble", type=click.IntRange(1), default=_TRAIN.ensemble, help="Heads per fold, each with its own seed and epoch chosen on validation; the fold's probabilities are their mean (a sweep compares its grid settings by the ensemble's validation score); a train run saves every member, and export keeps them all."),
     click.option("--stack-members", type=click.Choice(_config.STACK_MODES), default=_TRAIN.stack_members, help="Train the ensemble's members together as one stacked model (mean, attentive, qkv; each member as it trains alone, with its own dropout draws): on, off, or auto (on CUDA only; on a CPU it was measured slower)."),
-    click.option("--mix", type=click.Choice(_config.MIX_MODES), default=_TRAIN.mix, help="Several states (mean, attentive, qkv, cta): learn a softmax weight per state, or keep equal weights (the ablation). No effect on one state, or on the linear and stats heads, which read the states side by side. A sweep can choose it on validation: --grid mix=learned,equal."),
+    click.option("--mix", type=click.Choice(_config.MIX_MODES), default=_TRAIN.mix, help="Several states (mean, attentive, qkv, cta): learn a softmax weight per state, or keep equal weights (the ablation). No effect on one state, or on the linear, stats and fusion heads. A sweep can choose it on validation: --grid mix=learned,equal."),
+    click.option("--fusion-weights", type=click.Choice(_config.FUSION_WEIGHTS), default=_TRAIN.fusion_weights, help="The fusion head's weights over its per-state probes: equal, or validation (those that best predict the validation speakers' labels; they overfit a fold's few validation speakers, docs/findings.md). A sweep can choose it on validation: --grid fusion_weights=equal,validation."),
     click.option("--mix-lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate of a learned mix's weights (their softmax logits; no weight decay), on the schedule of --lr. A sweep can choose it on validation: --grid mix_lr=none,0.01,0.1. Default: --lr, with the head's weight decay (the weights then stay close to equal)."),
     click.option("--views", type=click.Choice(_config.VIEWS_MODES), default=_TRAIN.views, help="With a cache extracted with --augment: on also trains on the augmented views of each fold's training utterances (validation and test hold originals only); off ignores them. A sweep can choose it on validation: --grid views=off,on."),
 )
@@ -333,7 +334,7 @@ MACHINE_OPTIONS = options(  # where it runs, not what it computes
 @main.command("train")
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--layer", required=True, help="Encoder state to train on: 4 (0 = input embedding, last = after ln_post; see `ser-cache inspect`), or several for one multi-layer head that learns a softmax weight per state: all, a range 2-5, a list 2,4,6 or 2+4+6.")
-@click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive, qkv, cta (channel and frame gates, BiLSTM, attentive pooling), or stats (the probe's mean+std and attentive means, one trained linear layer).")
+@click.option("--head", type=click.Choice(sorted(_HEADS)), required=True, help="Pooling head: linear (mean+std, logistic regression), mean, attentive, qkv, cta (channel and frame gates, BiLSTM, attentive pooling), stats (the probe's mean+std and attentive means, one trained linear layer), or fusion (one probe per state, their probabilities weighed on validation).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder: config.json, metrics.json, predictions.csv, folds.csv and one head file per fold.")
 @FOLD_OPTIONS
 @TRAINING_OPTIONS
@@ -352,7 +353,7 @@ MACHINE_OPTIONS = options(  # where it runs, not what it computes
 @click.option("--overwrite", is_flag=True, help="Start --out afresh, replacing a finished run or an unfinished one with other settings (an unfinished one with the same settings resumes without it).")
 def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap, label_map,
               test_cache, task, targets, loss, epochs, patience, compute_dtype, time_mask, frame_pool, refit, linear_c,
-              ensemble, stack_members, mix, mix_lr, views, seed, batch_size, lr, dropout, n_heads, old_heads, head_dim, class_weights,
+              ensemble, stack_members, mix, mix_lr, fusion_weights, views, seed, batch_size, lr, dropout, n_heads, old_heads, head_dim, class_weights,
               standardize, compat_select_on_test, compat_eval_dropout, device, memory_budget, overwrite):
     """Train a pooling head on one cached layer (or several), across speaker-independent folds.
 
@@ -379,7 +380,7 @@ def train_cmd(cache_dir, layer, head, out, protocol, n_folds, fold_file, folds_f
         dropout=dropout, n_heads=n_heads,
         head_dim=head_dim, class_weights=class_weights, standardize=standardize, time_mask=time_mask,
         frame_pool=frame_pool or 0, refit=refit, ensemble=ensemble, stack_members=stack_members, linear_c=_c_grid(linear_c),
-        mix=mix, mix_lr=mix_lr, views=views, device=device,
+        mix=mix, mix_lr=mix_lr, fusion_weights=fusion_weights, views=views, device=device,
         compat_select_on_test=compat_select_on_test, compat_eval_dropout=compat_eval_dropout,
         compat_speaker_overlap=compat_speaker_overlap))
     from .streaming import parse_size
@@ -447,7 +448,7 @@ def _task_options(task: str | None, targets: str | None) -> tuple[str, list[str]
 @click.option("--part", "part_spec", default=None, help="I/N: run only the I-th of N parts of the folds to train (I from 0). Default: in a SLURM array task, the task's part, else every fold no other live process is running.")
 def sweep_cmd(caches, out, layers, heads, seeds, grid, protocol, n_folds, fold_file, folds_from, compat_speaker_overlap,
               label_map, test_cache, task, targets, loss, epochs, patience, compute_dtype, time_mask, frame_pool, refit,
-              linear_c, ensemble, stack_members, mix, mix_lr, views, device, memory_budget, jobs, part_spec):
+              linear_c, ensemble, stack_members, mix, mix_lr, fusion_weights, views, device, memory_budget, jobs, part_spec):
     """Compare heads on every layer of one or more caches, over the same folds.
 
     Each cell (cache, layer, head, seed) is trained and tested on every fold; grid settings are
@@ -471,7 +472,7 @@ def sweep_cmd(caches, out, layers, heads, seeds, grid, protocol, n_folds, fold_f
                                                                      refit=refit, ensemble=ensemble,
                                                                      task=task, targets=targets, loss=loss,
                                                                      stack_members=stack_members, linear_c=_c_grid(linear_c),
-                                                                     mix=mix, mix_lr=mix_lr, views=views,
+                                                                     mix=mix, mix_lr=mix_lr, fusion_weights=fusion_weights, views=views,
                                                                      compat_speaker_overlap=compat_speaker_overlap),
                      protocol=protocol,
                      n_folds=n_folds, fold_file=fold_file, folds_from=folds_from, test_cache=test_cache, label_map=label_map)

@@ -371,6 +371,13 @@ def fit_members(name: str, data: LayerData, y: np.ndarray, train, select, config
             for s, f in zip(seeds, fixed)]
 
 
+def choice_of(selected: dict, task: Task) -> dict:
+    """What a fit chose on validation ({"epoch": e}, {"C": c}, the fusion's {"C": c, "weights":
+    [...]}) from its `selected` record or an ensemble member's: without the score it was chosen
+    by, or the member's seed and history."""
+    return {k: v for k, v in selected.items() if k not in (task.score_name, "seed", "history")}
+
+
 def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, train, select,
                    config: TrainConfig, task: Task | int, seed: int, device: torch.device) -> Chosen:
     """`chosen` retrained from scratch on train + select with the choice made on select and
@@ -378,10 +385,9 @@ def refit_selected(chosen: Chosen, name: str, data: LayerData, y: np.ndarray, tr
     `select` is recorded as refit["val_ua"] (or "val_ccc"): those utterances were trained on,
     so it measures fit, not generalisation (selected["ua"] stays the honest one)."""
     task = as_task(task)
-    key = head_class(name).selects
     both = np.sort(np.concatenate([np.asarray(train), np.asarray(select)]))
-    choices = [m[key] for m in chosen.members] or [chosen.selected[key]]
-    fits = fit_members(name, data, y, both, None, config, task, seed, device, [{key: c} for c in choices])
+    choices = [choice_of(m, task) for m in chosen.members] or [choice_of(chosen.selected, task)]
+    fits = fit_members(name, data, y, both, None, config, task, seed, device, choices)
     model = one_head([f.model for f in fits])
     seconds = sum(f.seconds for f in fits)
     refit = {"n_train": len(both),

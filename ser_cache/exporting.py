@@ -168,9 +168,12 @@ def _train_on_all(run, config: TrainConfig, metrics: RunMetrics, epochs: int | N
     key = head_class(run.head).selects
     selected = [d["selected"] for d in metrics.fold_details]
     # An ensemble's members each chose: all their choices are pooled (module docstring).
-    choices = [m[key] for d in metrics.fold_details for m in d.get("members") or [d["selected"]]]
-    choice = {key: median_selected(choices)}
+    chosen = [m for d in metrics.fold_details for m in d.get("members") or [d["selected"]]]
+    choice = {key: median_selected([m[key] for m in chosen])}
     rule = f"{key}: the median (lower middle) of the {key} chosen on validation per fold"
+    if "weights" in chosen[0]:  # the fusion head's state weights: the mean of the folds' (each sums to 1)
+        choice["weights"] = np.mean([m["weights"] for m in chosen], axis=0).tolist()
+        rule += "; the states' weights: the mean of those chosen on validation per fold"
     if key == "epoch":
         rule = (f"the run's {config.epochs}-epoch schedule stopped after epoch {choice['epoch']} (0-based), the "
                 "median (lower middle) of the epochs chosen on validation per fold")

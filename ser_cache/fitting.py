@@ -305,30 +305,17 @@ def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndar
     solver that fitted it."""
 
     t0 = time.perf_counter()
-    features = data.statistics
     options = options_for(cls, config, data.dim, task.n_outputs, data.n_states)
     model = cls(**options)
     task.prepare(model, y, train)
-    y_fit = task.fit_y(y, model)
-    budget = getattr(data, "memory_budget", None) or default_budget()
-    # scikit-learn holds the training rows twice more (a standardised copy, its own), in float64
-    if isinstance(features, np.ndarray) and 2 * len(train) * features.shape[1] * 8 <= budget:
-        fit_c, solver = _sklearn_fitter(features, y_fit, train, task, config, seed), "scikit-learn lbfgs"
-    elif isinstance(task, Regression):
-        raise ConfigError(f"the ridge probe's {features.shape[1]} features of {len(train)} utterances do not fit "
-                          f"the memory budget ({budget} bytes): raise --memory-budget, or probe fewer states")
-    else:
-        fit_c, solver = _streamed_fitter(features, y_fit, train, task, config, budget), "streamed lbfgs (bigprobe)"
-        log.info("linear probe: %d features of %d utterances over the memory budget: fitted by %s",
-                 features.shape[1], len(train), solver)
+    fit_c, solver = probe_fitter(data.statistics, task.fit_y(y, model), train, task, config, seed,
+                                 getattr(data, "memory_budget", None))
     best_score, best_c, best, best_probs, history = None, None, None, None, []
     for c in config.linear_c if fixed is None else (float(fixed["C"]),):
         fitted, predict = fit_c(c)
         score = probs = None
         if fixed is None:
-            probs = predict(select)
-            if isinstance(task, Regression):  # back on the targets' scale
-                probs = model.outputs(torch.from_numpy(probs.astype(np.float64))).numpy()
+            probs = probe_outputs(model, predict(select), task)
             score = task.score(y[select], probs)
             history.append({"C": c, f"select_{task.score_name}": score, "solver": solver})
         if best is None or score > best_score:  # ties keep the smaller C, the first of the grid
@@ -336,6 +323,114 @@ def fit_logistic(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndar
     model.from_fitted(*best)
     return Fit(model.to(device).eval(), options, {"C": best_c, task.score_name: best_score}, history,
                time.perf_counter() - t0, select_probs=best_probs)
+
+
+def fit_fusion(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarray, select,
+               config: TrainConfig, task: Task, seed: int, device: torch.device,
+               fixed: dict | None = None) -> Fit:
+    """One linear probe per state of `data` (as fit_logistic fits one, on that state's mean
+    and std), combined by heads.FusionProbe. For each C of config.linear_c, shared by the
+    probes, the states' weights are 1/L each (config.fusion_weights "equal"), or those that
+    fit the probes' outputs on `select` best ("validation": `fusion_weights`), and the C of the
+    best fused score on `select` is kept with its weights; with fixed={"C": c, "weights":
+    [...]}, those. The choice is made on validation speakers only: `select` is never trained on."""
+    t0 = time.perf_counter()
+    features = data.statistics
+    if not isinstance(features, np.ndarray):
+        raise ConfigError("the fusion head reads each state's statistics in memory, and this layer's are read "
+                          "block by block: train --head linear on these states, or fewer states")
+    options = options_for(cls, config, data.dim, task.n_outputs, data.n_states)
+    model = cls(**options)
+    width, d = features.shape[1] // 2, data.dim
+    fitters = []
+    for s, probe in enumerate(model.probes):
+        task.prepare(probe, y, train)
+        columns = np.r_[s * d:(s + 1) * d, width + s * d:width + (s + 1) * d]
+        fitters.append(probe_fitter(features[:, columns], task.fit_y(y, probe), train, task, config, seed,
+                                    getattr(data, "memory_budget", None))[0])
+    best, history = None, []
+    for c in config.linear_c if fixed is None else (float(fixed["C"]),):
+        fits = [fit_c(c) for fit_c in fitters]
+        if fixed is not None:
+            best = (None, c, [fitted for fitted, _ in fits], np.asarray(fixed["weights"], dtype=np.float64), None)
+            break
+        outputs = np.stack([probe_outputs(probe, predict(select), task)
+                            for probe, (_, predict) in zip(model.probes, fits)])  # (L, n_select, n_outputs)
+        weights = fusion_weights(outputs, y[select], task) if config.fusion_weights == "validation" else \
+            np.full(len(fits), 1.0 / len(fits))
+        fused = fused_outputs(outputs, weights, task)
+        score = task.score(y[select], fused)
+        history.append({"C": c, f"select_{task.score_name}": score, "weights": weights.tolist()})
+        if best is None or score > best[0]:  # ties keep the smaller C, the first of the grid
+            best = (score, c, [fitted for fitted, _ in fits], weights, fused)
+    score, c, fitted, weights, fused = best
+    for probe, numbers in zip(model.probes, fitted):
+        probe.from_fitted(*numbers)
+    model.set_weights(weights)
+    return Fit(model.to(device).eval(), options, {"C": c, "weights": weights.tolist(), task.score_name: score},
+               history, time.perf_counter() - t0, select_probs=fused)
+
+
+def fused_outputs(outputs: np.ndarray, weights: np.ndarray, task: Task) -> np.ndarray:
+    """The states' outputs (L, n, n_outputs) weighted by `weights` (L,): class probabilities
+    (or target values) (n, n_outputs), as heads.FusionProbe gives them."""
+    return np.tensordot(weights, outputs, axes=1)
+
+
+def fusion_weights(outputs: np.ndarray, y: np.ndarray, task: Task) -> np.ndarray:
+    """Weights (L,) on the simplex for the states' validation outputs (L, n, n_outputs) with
+    labels y: those of the highest mean log-likelihood of the true class under the fused
+    probabilities, or for a regression of the lowest squared error per target variance
+    (a smooth stand-in for the CCC). Started from equal weights (found again when the states
+    are alike) and solved by SLSQP, which keeps them non-negative and summing to 1."""
+    from scipy.optimize import minimize
+
+    n_states = len(outputs)
+    if n_states == 1:
+        return np.ones(1)
+    if isinstance(task, Regression):
+        y = np.asarray(y, dtype=np.float64).reshape(outputs.shape[1], -1)
+        scale = 1.0 / np.maximum(y.var(axis=0), 1e-12)
+
+        def loss(w):
+            return float((((fused_outputs(outputs, w, task) - y) ** 2).mean(axis=0) * scale).sum())
+    else:
+        p_true = outputs[:, np.arange(outputs.shape[1]), np.asarray(y)]  # (L, n)
+
+        def loss(w):
+            return float(-np.log(np.maximum(w @ p_true, 1e-12)).mean())
+    start = np.full(n_states, 1.0 / n_states)
+    found = minimize(loss, start, method="SLSQP", bounds=[(0.0, 1.0)] * n_states,
+                     constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},), options={"ftol": 1e-10})
+    weights = np.clip(found.x, 0.0, None)
+    return weights / weights.sum() if found.success and loss(weights / weights.sum()) <= loss(start) else start
+
+
+def probe_fitter(features, y_fit: np.ndarray, train, task: Task, config: TrainConfig, seed: int,
+                 budget: int | None = None):
+    """(C -> (from_fitted's arguments, predict(rows) -> outputs (rows, n_outputs)), the solver's
+    name) for the probe's `features` (n, F): scikit-learn when its copies of the training rows
+    fit `budget` bytes (None: streaming.default_budget()), else bigprobe's streamed solver
+    (classification only; a regression over the budget is refused)."""
+    budget = budget or default_budget()
+    # scikit-learn holds the training rows twice more (a standardised copy, its own), in float64
+    if isinstance(features, np.ndarray) and 2 * len(train) * features.shape[1] * 8 <= budget:
+        return _sklearn_fitter(features, y_fit, train, task, config, seed), "scikit-learn lbfgs"
+    if isinstance(task, Regression):
+        raise ConfigError(f"the ridge probe's {features.shape[1]} features of {len(train)} utterances do not fit "
+                          f"the memory budget ({budget} bytes): raise --memory-budget, or probe fewer states")
+    solver = "streamed lbfgs (bigprobe)"
+    log.info("linear probe: %d features of %d utterances over the memory budget: fitted by %s",
+             features.shape[1], len(train), solver)
+    return _streamed_fitter(features, y_fit, train, task, config, budget), solver
+
+
+def probe_outputs(model: Head, raw: np.ndarray, task: Task) -> np.ndarray:
+    """A fitter's predictions (rows, n_outputs) as the head `model` gives them: class
+    probabilities as they are, a regression's standardised values back on the targets' scale."""
+    if isinstance(task, Regression):
+        return model.outputs(torch.from_numpy(raw.astype(np.float64))).numpy()
+    return raw
 
 
 def _sklearn_fitter(features: np.ndarray, y_fit: np.ndarray, train, task: Task, config: TrainConfig, seed: int):
@@ -401,11 +496,13 @@ FITTERS = {
                                     "class_weights", "standardize", "compute_dtype", "time_mask", "loss",
                                     "stack_members", "frame_pool")),
     "C": Fitter(fit_logistic, ("linear_c", "linear_max_iter", "class_weights", "frame_pool")),
+    "fusion": Fitter(fit_fusion, ("linear_c", "linear_max_iter", "class_weights", "frame_pool", "fusion_weights")),
 }
 
 
 def fitter_of(name: str) -> Fitter:
-    return FITTERS[head_class(name).selects]
+    cls = head_class(name)
+    return FITTERS[cls.fitted_by or cls.selects]
 
 
 def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: TrainConfig,
@@ -435,7 +532,9 @@ def settings_read(name: str, config: TrainConfig, dim: int = 1, n_classes: int =
                   n_states: int | None = None) -> dict:
     """The TrainConfig settings that decide head `name`'s result (on n_states states, if
     known): its fitter's settings, its constructor options and its mix settings (what a grid
-    key must change to matter for this head)."""
+    key must change to matter for this head; the fusion head's weights, like a mix, on
+    several states only)."""
     cls = head_class(name)
-    return {**{k: getattr(config, k) for k in FITTERS[cls.selects].settings},
+    fitter = [k for k in fitter_of(name).settings if not (k == "fusion_weights" and n_states == 1)]
+    return {**{k: getattr(config, k) for k in fitter},
             **cls.options(config, dim, n_classes), **mix_settings(name, config, n_states)}

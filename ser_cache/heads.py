@@ -99,6 +99,7 @@ class Head(nn.Module):
     implement `options`, `prepare` and `forward`."""
 
     selects: str = "epoch"  # the choice fitting makes on validation speakers: "epoch" or "C"
+    fitted_by: str = ""  # the fitter (fitting.FITTERS) when not the one of `selects`
     reads: str = "frames"  # or "statistics": a head that needs only features.utterance_statistics
     regression: bool = False  # outputs are target values (with output_mean, output_scale buffers)
     # Whether several states are mixed by a StateMix (`mix`), whose logits config.mix and
@@ -517,6 +518,81 @@ class LinearProbe(Head):
         return self
 
 
+class FusionProbe(Head):
+    """Late fusion of states: one linear probe per state, their outputs averaged with weights,
+    equal or chosen on validation speakers.
+
+        probe s    LinearProbe on state s's mean and std (B, 2 d) -> probabilities (B, n_classes)
+        fused      sum_s w_s p_s (a linear pool of the states' probabilities), w on the simplex;
+                   a regression: sum_s w_s v_s of the probes' target values
+
+    Fitted by fitting.fit_fusion: every probe shares one C, chosen by the fused validation
+    score. The weights are 1/L (config.fusion_weights "equal", the default), or for each C
+    those that maximise the validation likelihood of the fused probabilities ("validation";
+    for a regression the validation CCC's stand-in, the mean squared error per target
+    variance). What it is compared with: `linear` on the same states concatenates their
+    statistics into one probe (early fusion), a pooling head mixes the frames (StateMix).
+
+    Why a linear pool: each state's probe is calibrated on its own, and a convex combination
+    of calibrated probabilities stays a probability, with weights that read as how much each
+    state's probe is trusted on unseen speakers (`layer_weights`). Why equal by default: a
+    fold's validation speakers are few (34 to 174 utterances on URDU), and weights fitted to
+    them scored below equal ones on test speakers (docs/findings.md, "Fusion of states").
+
+    forward: x (B, T, n_states * dim), mask (B, T) -> log of the fused probabilities (B,
+    n_classes), so softmax gives them back (a class no probe saw has -inf); regression: the
+    fused values (B, n_targets). Reads statistics only, as the probe does.
+    """
+
+    selects = "C"
+    fitted_by = "fusion"  # C and the states' weights
+    reads = "statistics"
+
+    def __init__(self, dim: int, n_classes: int, n_states: int = 1, regression: bool = False):
+        super().__init__()
+        self.regression, self.dim = regression, dim
+        self.probes = nn.ModuleList(LinearProbe(dim, n_classes, regression) for _ in range(n_states))
+        self.register_buffer("weights", torch.full((n_states,), 1.0 / n_states, dtype=torch.float64))
+
+    @classmethod
+    def options(cls, config, dim: int, n_classes: int, n_states: int = 1) -> dict:
+        several = {"n_states": n_states} if n_states > 1 else {}
+        return {"dim": dim, "n_classes": n_classes, **several, **task_option(config)}
+
+    def state_statistics(self, features: torch.Tensor, s: int) -> torch.Tensor:
+        """State s's mean and std (B, 2 d) of a row's statistics (B, 2 W): the means of all
+        W = n_states * d values come first, then their stds, both state by state."""
+        width, d = features.shape[1] // 2, self.dim
+        return torch.cat([features[:, s * d:(s + 1) * d], features[:, width + s * d:width + (s + 1) * d]], dim=1)
+
+    def from_statistics(self, features: torch.Tensor) -> torch.Tensor:
+        """forward() for utterances' statistics (B, 2 W) instead of their frames."""
+        outputs = torch.stack([probe.from_statistics(self.state_statistics(features, s))
+                               for s, probe in enumerate(self.probes)])  # (L, B, n_outputs)
+        return fuse(outputs, self.weights, self.regression)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.from_statistics(masked_statistics(x.double(), mask))
+
+    def set_weights(self, weights) -> "FusionProbe":
+        """Fix the states' weights (L,), non-negative, summing to 1."""
+        self.weights.copy_(torch.as_tensor(np.asarray(weights, dtype=np.float64)))
+        return self
+
+    def layer_weights(self) -> list[float] | None:
+        return self.weights.tolist() if len(self.probes) > 1 else None
+
+
+def fuse(outputs: torch.Tensor, weights: torch.Tensor, regression: bool) -> torch.Tensor:
+    """The weighted states' outputs (L, B, n_outputs) -> (B, n_outputs): for classes, the log
+    of sum_s w_s softmax(outputs_s) (a state of weight 0 adds nothing, even -inf logits); for
+    values, sum_s w_s outputs_s."""
+    w = weights.to(outputs.dtype)[:, None, None]
+    if regression:
+        return (w * outputs).sum(dim=0)
+    return (outputs.log_softmax(dim=-1) + w.log()).logsumexp(dim=0)
+
+
 class StatisticsHead(StandardizedHead):
     """The linear probe's features and attentive means, one trained linear layer: a trained
     head that reads what the probe reads, every value of every state, and adds what pooling adds.
@@ -672,6 +748,7 @@ HEADS: dict[str, type[Head]] = {
     "qkv": QKVPoolHead,
     "cta": CTAHead,
     "stats": StatisticsHead,
+    "fusion": FusionProbe,
 }
 
 

@@ -40,7 +40,8 @@ is tested.
 Train and sweep run a fold alike (training.run_fold). Each cell fold records the validation
 UA of every setting it tried and which one it chose. A grid key applies to the heads it changes (n_heads: attentive, qkv and stats; head_dim: attentive
 and qkv; lr, epochs, time_mask: every torch head; mix, mix_lr: the heads that mix states, on
-multi-state cells only, mix_lr with mix learned only); other heads run once with the defaults. The linear head also picks its C on
+multi-state cells only, mix_lr with mix learned only; fusion_weights: the fusion head on
+multi-state cells); other heads run once with the defaults. The linear head also picks its C on
 validation (fitting.py).
 
 FLAWED sweeps, on request only. The reference code's switches (selection on the test fold,
@@ -131,7 +132,7 @@ LAYERS_IN_FLIGHT = 2  # layers held in memory at once: the one being trained, th
 GRID_ALIASES = {"attn_heads": "n_heads", "heads": "n_heads", "d_a": "head_dim", "d_k": "head_dim"}
 GRID_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "dropout",
              "d_model", "n_heads", "head_dim", "attention_scale", "class_weights", "time_mask", "frame_pool",
-             "mix", "mix_lr", "views")
+             "mix", "mix_lr", "fusion_weights", "views")
 # Not part of what a sweep computes (where it runs, not what): a re-run may change these.
 FREE_TRAIN_KEYS = ("seed", "device")
 

@@ -21,7 +21,7 @@ def make_batch(B=4, T=9, seed=0):
 
 
 def test_registry_names():
-    assert sorted(HEADS) == ["attentive", "cta", "linear", "mean", "qkv", "stats"]
+    assert sorted(HEADS) == ["attentive", "cta", "fusion", "linear", "mean", "qkv", "stats"]
     with pytest.raises(ValueError, match="available heads"):
         build_head("transformer", DIM, N_CLASSES)
 
@@ -42,6 +42,14 @@ def fresh(name):
             torch.randn(2 * DIM, generator=g).numpy(), 1 + torch.rand(2 * DIM, generator=g).numpy(),
             torch.randn(N_CLASSES, 2 * DIM, generator=g).numpy(), torch.randn(N_CLASSES, generator=g).numpy(),
             np.arange(N_CLASSES)).eval()
+    if name == "fusion":  # 3 states of DIM / 3, each its probe's, weighed unequally
+        g = torch.Generator().manual_seed(1)
+        head = build_head(name, DIM // 3, N_CLASSES, n_states=3)
+        for probe in head.probes:
+            probe.from_fitted(torch.randn(2 * DIM // 3, generator=g).numpy(), 1 + torch.rand(2 * DIM // 3, generator=g).numpy(),
+                              torch.randn(N_CLASSES, 2 * DIM // 3, generator=g).numpy(),
+                              torch.randn(N_CLASSES, generator=g).numpy(), np.arange(N_CLASSES))
+        return head.set_weights([0.5, 0.3, 0.2]).eval()
     if name == "stats":  # no front, so no d_model
         return build_head(name, DIM, N_CLASSES).eval()
     return build_head(name, DIM, N_CLASSES, d_model=32).eval()
@@ -100,6 +108,8 @@ def test_dropout_only_in_training_mode():
 def test_head_round_trip(name, tmp_path):
     head = fresh(name)
     kwargs = head.options(TrainConfig(d_model=32), DIM, N_CLASSES)
+    if name == "fusion":  # built from 3 states of DIM / 3 (fresh)
+        kwargs = head.options(TrainConfig(), DIM // 3, N_CLASSES, n_states=3)
     labels = [f"c{i}" for i in range(N_CLASSES)]
     save_head(tmp_path / "h.pt", head, name, kwargs, labels, layer=3, fold=1)
     torch.load(tmp_path / "h.pt", weights_only=True)  # tensors and plain values only: no pickled code
