@@ -1,4 +1,4 @@
-"""Locks that keep processes sharing a folder apart: a cache's shards, a sweep's tasks, the
+"""Locks that keep processes sharing a folder apart: a cache's shards, a sweep's cell folds, the
 creation of either folder.
 
     lock_file / unlock_file    an exclusive flock on a lock file, dropped with its holder
@@ -117,7 +117,7 @@ def folder_lock(root: Path):
 
 
 class Claims:
-    """This process's claims on units of work (shards of a cache, tasks of a sweep), each an
+    """This process's claims on units of work (shards of a cache, cell folds of a sweep), each an
     exclusive flock on its own lock file (`lock_path(key)`): a unit is worked on only by the
     process holding its claim, and a killed holder's claims go with it.
 
