@@ -9,12 +9,15 @@ which chooses nothing. Beside B's metrics (mean ± std over A's fold heads, conf
 per fold) stands the in-corpus figure on the same classes (A's own test folds), so the drop
 from one corpus to the other is read off one table:
 
-    RUN/cross_corpus.json        both corpora (classes, counts, drops), in-corpus and test
-                                 corpus metrics (its keys "target..."), the difference
-    RUN/predictions_target.csv   one row per utterance of B and fold head
+    RUN/cross_corpus.json            both corpora (classes, counts, drops), in-corpus and test
+                                     corpus metrics, their difference (`CrossResult`)
+    RUN/predictions_test_corpus.csv  one row per utterance of B and fold head
 
 Both are written atomically after the fold records and before metrics.json, which marks a run
 finished: a run killed in between resumes and writes them again, from the same saved heads.
+`read_cross_result` reads the first back. Folders written by earlier versions, which called
+the test corpus "target" (keys n_target, target_class_counts, target, target_minus_in_corpus;
+predictions_target.csv), are read under these names.
 
 Which caches can meet (`incompatibilities`): the states of two caches mean the same only if
 the same checkpoint (model SHA-256) made them, with the same dims, input mode and encoder
@@ -54,11 +57,11 @@ from .cache import Cache, CacheSettings, open_cache
 from .corpora import LABEL_MAPS, resolve_label_map
 from .errors import OptionError
 from .features import LayerData
-from .files import write_json_atomic, write_text_atomic
+from .files import write_json_atomic
 from .layers import Selection, states_of
 from .metrics import SCALARS, fold_metrics, summarize
 from .records import RecordsError
-from .results import RunFolder
+from .results import Record, RunFolder, read_json
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +182,13 @@ class CrossCorpus:
             return None
         data, y = self.test_corpus, class_numbers(self.test_corpus, labels)
         probs, per_fold = zip(*(score_test_corpus(model.to(device).eval(), data, labels, device) for model in models))
-        result = CrossResult(labels=labels, label_map=self.label_map, target_cache=self.test_cache,
-                             n_target=len(data), dropped=self.dropped, in_corpus=in_corpus,
-                             target=summarize(list(per_fold), labels),
-                             target_counts=dict(zip(labels, np.bincount(y, minlength=len(labels)).tolist())))
+        counts = np.bincount(y, minlength=len(labels)).tolist()
+        result = CrossResult(labels=labels, label_map=self.label_map, test_cache=self.test_cache,
+                             n_test_corpus=len(data), dropped=self.dropped, in_corpus=in_corpus,
+                             test_corpus=summarize(list(per_fold), labels),
+                             test_corpus_class_counts=dict(zip(labels, counts)))
         if folder is not None:
-            write_text_atomic(folder.root / RunFolder.TEST_CORPUS_PREDICTIONS,
-                              predictions_on_test_corpus(data, labels, y, list(probs)))
+            folder.write_test_corpus_predictions(predictions_on_test_corpus(data, labels, y, list(probs)))
             write_json_atomic(folder.root / RunFolder.CROSS_CORPUS, result.to_dict())
         return result
 
@@ -249,7 +252,7 @@ def score_test_corpus(model, data: LayerData, labels: list[str], device: torch.d
 
 
 def predictions_on_test_corpus(data: LayerData, labels: list[str], y: np.ndarray, probs: list[np.ndarray]) -> str:
-    """CSV text (RUN/predictions_target.csv): one row per utterance of the test corpus and fold
+    """CSV text (RUN/predictions_test_corpus.csv): one row per utterance of the test corpus and fold
     head (fold by fold, in cache order): id, speaker, fold, label, prediction, prob_<class>..."""
     out = io.StringIO()
     w = csv.writer(out)
@@ -261,51 +264,78 @@ def predictions_on_test_corpus(data: LayerData, labels: list[str], y: np.ndarray
     return out.getvalue()
 
 
+# cross_corpus.json's keys as earlier versions wrote them, when "target" also meant the test corpus
+OLD_KEYS = {"n_target": "n_test_corpus", "target_class_counts": "test_corpus_class_counts", "target": "test_corpus",
+            "target_minus_in_corpus": "test_corpus_minus_in_corpus"}
+FINGERPRINT = ("path", "corpus", "records_hash", "shard_sha256")  # what cross_corpus.json keeps of B's
+
+
 @dataclass
-class CrossResult:
-    """Metrics of A's fold heads on B (`target`, metrics.summarize over the heads) beside A's
-    own cross-validated ones on the same classes (`in_corpus`)."""
+class CrossResult(Record):
+    """RUN/cross_corpus.json: the metrics of A's fold heads on every utterance of B
+    (`test_corpus`, metrics.summarize over the heads) beside A's own cross-validated ones on the
+    same classes (`in_corpus`, mean and std of each metrics.SCALARS), in [0, 1].
+
+    test_cache: B's fingerprint (FINGERPRINT of it is written); n_test_corpus: B's utterances
+    after the label map, test_corpus_class_counts: per class; dropped: per corpus ("train",
+    "test"), utterances the map dropped per class. The file also holds the difference
+    test_corpus - in_corpus of each mean (`differences`)."""
 
     labels: list[str]
     label_map: str | None
-    target_cache: dict
-    n_target: int
+    test_cache: dict
+    n_test_corpus: int
     dropped: dict
     in_corpus: dict
-    target: dict
-    target_counts: dict
+    test_corpus: dict
+    test_corpus_class_counts: dict
+
+    @classmethod
+    def upgrade(cls, d: dict) -> dict:
+        """A file of an earlier version, its keys named as OLD_KEYS maps them."""
+        return {OLD_KEYS.get(k, k): v for k, v in d.items()}
+
+    def differences(self) -> dict[str, float]:
+        """{metric: mean on the test corpus - mean in-corpus} of each metrics.SCALARS."""
+        return {k: self.test_corpus[k]["mean"] - self.in_corpus[k]["mean"] for k in SCALARS}
 
     def to_dict(self) -> dict:
         brief = {k: {"mean": self.in_corpus[k]["mean"], "std": self.in_corpus[k]["std"]} for k in SCALARS}
-        drop = {k: self.target[k]["mean"] - self.in_corpus[k]["mean"] for k in SCALARS}
         return {"labels": self.labels, "label_map": self.label_map, "dropped": self.dropped,
-                "test_cache": {k: self.target_cache.get(k) for k in ("path", "corpus", "records_hash", "shard_sha256")},
-                "n_target": self.n_target, "target_class_counts": self.target_counts,
-                "in_corpus": brief, "target": self.target, "target_minus_in_corpus": drop}
+                "test_cache": {k: self.test_cache.get(k) for k in FINGERPRINT},
+                "n_test_corpus": self.n_test_corpus, "test_corpus_class_counts": self.test_corpus_class_counts,
+                "in_corpus": brief, "test_corpus": self.test_corpus, "test_corpus_minus_in_corpus": self.differences()}
 
     def table(self) -> str:
-        """In-corpus and target metrics side by side (percent), the drops, and B's confusion
+        """In-corpus and test corpus metrics side by side (percent), the drops, and B's confusion
         matrix summed over the fold heads."""
-        n_heads = len(self.target["ua"]["folds"])
+        n_heads = len(self.test_corpus["ua"]["folds"])
         lines = [f"cross-corpus: each of the {n_heads} fold heads (trained and chosen on the training cache) tested "
-                 f"once on all {self.n_target} utterances of {self.target_cache.get('path')}"
+                 f"once on all {self.n_test_corpus} utterances of {self.test_cache.get('path')}"
                  + (f", label map {self.label_map}" if self.label_map else ""),
                  f"{'':>22}" + "".join(f"{name:>16}" for name, _ in SHOWN)]
-        for what, s in (("in-corpus (test folds)", self.in_corpus), ("target corpus", self.target)):
+        for what, s in (("in-corpus (test folds)", self.in_corpus), ("test corpus", self.test_corpus)):
             lines.append(f"{what:>22}" + "".join(f"{100 * s[k]['mean']:9.2f} ± {100 * s[k]['std']:4.2f}"
                                                  for _, k in SHOWN))
-        lines.append(f"{'difference':>22}" + "".join(
-            f"{100 * (self.target[k]['mean'] - self.in_corpus[k]['mean']):+16.2f}" for _, k in SHOWN))
+        differences = self.differences()
+        lines.append(f"{'difference':>22}" + "".join(f"{100 * differences[k]:+16.2f}" for _, k in SHOWN))
         for role, name in ROLES.items():
             if self.dropped.get(role):
                 lines.append(f"  dropped by the label map from the {name} cache: "
                              + ", ".join(f"{c} {n}" for c, n in self.dropped[role].items()))
-        counts = np.array(self.target["confusion"]["counts"])
+        counts = np.array(self.test_corpus["confusion"]["counts"])
         width = max(8, *(len(c) + 1 for c in self.labels))
-        lines.append(f"  target confusion (rows: true, columns: predicted; summed over the {n_heads} fold heads):")
+        lines.append(f"  test corpus confusion (rows: true, columns: predicted; summed over the {n_heads} fold heads):")
         lines.append(" " * (width + 2) + "".join(f"{c:>{width}}" for c in self.labels))
         lines += [f"  {c:>{width}}" + "".join(f"{v:>{width}d}" for v in row) for c, row in zip(self.labels, counts)]
         return "\n".join(lines)
+
+
+def read_cross_result(folder: RunFolder) -> CrossResult | None:
+    """A cross-corpus run's RUN/cross_corpus.json (an earlier version's too, `CrossResult.upgrade`);
+    None when the run has none (no test cache, or not finished)."""
+    path = folder.root / RunFolder.CROSS_CORPUS
+    return CrossResult.from_dict(read_json(path, "a cross-corpus result"), path) if path.is_file() else None
 
 
 # --- sweeps ------------------------------------------------------------------------------------

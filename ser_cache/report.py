@@ -22,7 +22,7 @@ Multi-layer cells have no depth: they stay in the tables and are left out of tha
 one model the report is as it was.
 
 A cross-corpus sweep (`--test-cache`, crosscorpus.py) adds each cell's UA on the test corpus
-beside its in-corpus UA: a second table in summary.md, target_* columns in results.csv
+beside its in-corpus UA: a second table in summary.md, test_corpus_* columns in results.csv
 (TEST_CORPUS_COLUMNS).
 
 Rows of the table are layers: single states first, then multi-layer cells labelled as they are
@@ -75,7 +75,7 @@ REGRESSION_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "see
                       "seconds", "epoch", "n_test", "layer_weights")
 RESULT_COLUMNS = ("cache", "model", "mode", "layer", "head", "setting", "seed", "fold", "ua", "wa",
                   "macro_f1", "seconds", "val_ua", "weighted_f1", "epoch", "n_test", "layer_weights")
-TEST_CORPUS_COLUMNS = ("target_ua", "target_wa", "target_macro_f1", "n_target")  # cross-corpus sweeps only
+TEST_CORPUS_COLUMNS = ("test_corpus_ua", "test_corpus_wa", "test_corpus_macro_f1", "n_test_corpus")  # cross-corpus only
 PER_TARGET = ("ccc", "pearson", "mae")  # a regression cell's scores of each target
 PANEL_COLUMNS = 3  # panels per row of a figure
 FLAWED_LABEL = "FLAWED (speaker-dependent)"
@@ -450,8 +450,8 @@ def _csv_row(r: CellFoldRecord, flawed: bool) -> dict:
     weights = " ".join(f"{w:.4f}" for w in r.layer_weights) if r.layer_weights is not None else ""
     row = {**r.to_dict(), **r.metrics, "val_ua": r.selected.get("ua"), "val_ccc": r.selected.get("ccc"),
            "layer": label(r.layer), "epoch": r.selected.get("epoch", ""), "layer_weights": weights,
-           "n_target": r.test_corpus.get("n", ""), "flawed": FLAWED_LABEL if flawed else "",
-           **{f"target_{k}": r.test_corpus.get(k, "") for k in ("ua", "wa", "macro_f1")}}
+           "n_test_corpus": r.test_corpus.get("n", ""), "flawed": FLAWED_LABEL if flawed else "",
+           **{f"test_corpus_{k}": r.test_corpus.get(k, "") for k in ("ua", "wa", "macro_f1")}}
     row.update({f"{stat}_{t}": v for t, m in r.metrics.get("targets", {}).items() for stat, v in m.items()})
     return row
 

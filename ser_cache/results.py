@@ -6,8 +6,8 @@
                                  RUN/metrics.json     RunMetrics: mean and std over folds
                                  RUN/predictions.csv  one row per utterance
                                  RUN/folds.csv        the folds (folds.Folds.save)
-                                 RUN/cross_corpus.json       with --test-cache: metrics on the
-                                 RUN/predictions_target.csv  other corpus (crosscorpus.py)
+                                 RUN/cross_corpus.json            with --test-cache: metrics on
+                                 RUN/predictions_test_corpus.csv  the test corpus (crosscorpus.py)
     sweeping.py --SweepFolder-->    SWEEP/sweep.json     the sweep's settings (must match on resume)
                                  SWEEP/cells/CACHE/layer_LL/HEAD-seedS-foldF.json   CellFoldRecord
                                  (layers_LL+MM+.../ for a multi-layer cell)
@@ -318,7 +318,9 @@ class RunFolder:
     """The files of one `ser-cache train` run (see the module docstring)."""
 
     CONFIG, METRICS, PREDICTIONS, FOLDS = "config.json", "metrics.json", "predictions.csv", "folds.csv"
-    CROSS_CORPUS, TEST_CORPUS_PREDICTIONS = "cross_corpus.json", "predictions_target.csv"
+    CROSS_CORPUS, TEST_CORPUS_PREDICTIONS = "cross_corpus.json", "predictions_test_corpus.csv"
+    # The test corpus's predictions as earlier versions named them, when "target" also meant the test corpus.
+    OLD_TEST_CORPUS_PREDICTIONS = "predictions_target.csv"
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -360,6 +362,18 @@ class RunFolder:
     def write_fold(self, record: FoldRecord) -> None:
         """The record after the head (saved first by the caller): a record means a whole fold."""
         write_json_atomic(self.record_path(record.fold), record.to_dict())
+
+    def test_corpus_predictions_path(self) -> Path | None:
+        """The file of a cross-corpus run's predictions on the test corpus: TEST_CORPUS_PREDICTIONS,
+        or OLD_TEST_CORPUS_PREDICTIONS in a folder an earlier version wrote; None without one."""
+        return next((p for p in (self.root / self.TEST_CORPUS_PREDICTIONS, self.root / self.OLD_TEST_CORPUS_PREDICTIONS)
+                     if p.is_file()), None)
+
+    def write_test_corpus_predictions(self, text: str) -> None:
+        """TEST_CORPUS_PREDICTIONS (CSV text, crosscorpus.predictions_on_test_corpus), then the
+        file under its old name removed: a run an earlier version began keeps one of them."""
+        write_text_atomic(self.root / self.TEST_CORPUS_PREDICTIONS, text)
+        (self.root / self.OLD_TEST_CORPUS_PREDICTIONS).unlink(missing_ok=True)
 
     def write_value_predictions(self, ids: np.ndarray, classes: np.ndarray, targets: list[str], y: np.ndarray,
                                 records: list[FoldRecord]) -> None:

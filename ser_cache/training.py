@@ -411,7 +411,8 @@ def open_run_folder(out_dir: Path, run: RunConfig, folds: Folds, overwrite: bool
                               + "\nRepeat its options to resume it, choose another output folder, or allow overwriting")
     elif overwrite and folder.root.is_dir():
         for old in [*folder.root.glob("fold_*.*"), *(folder.root / name for name in (
-                RunFolder.METRICS, RunFolder.PREDICTIONS, RunFolder.CROSS_CORPUS, RunFolder.TEST_CORPUS_PREDICTIONS))]:
+                RunFolder.METRICS, RunFolder.PREDICTIONS, RunFolder.CROSS_CORPUS, RunFolder.TEST_CORPUS_PREDICTIONS,
+                RunFolder.OLD_TEST_CORPUS_PREDICTIONS))]:
             old.unlink(missing_ok=True)
     folder.root.mkdir(parents=True, exist_ok=True)
     remove_tmp_files_under(folder.root)

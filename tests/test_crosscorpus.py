@@ -1,4 +1,4 @@
-"""Cross-corpus runs: which caches may meet, label maps that drop and count, target metrics that
+"""Cross-corpus runs: which caches may meet, label maps that drop and count, test corpus metrics that
 follow the labels (and fail when they are permuted), resume, and the command line."""
 import csv
 import json
@@ -10,12 +10,13 @@ from click.testing import CliRunner
 from conftest import make_checkpoint, write_corpus
 from test_training import layer_data
 
-from ser_cache.crosscorpus import CrossCorpus, CrossCorpusError, map_classes
+from ser_cache.crosscorpus import CrossCorpus, CrossCorpusError, CrossResult, map_classes, read_cross_result
 from ser_cache.encoder import load_encoder
 from ser_cache.extract import ExtractOptions, extract
 from ser_cache.features import LayerData
 from ser_cache.folds import kfold_folds
 from ser_cache.config import ConfigError, TrainConfig
+from ser_cache.results import RunFolder
 from ser_cache.training import run_folds, train_from_cache
 
 SMALL = dict(epochs=5, lr=1e-2, d_model=16, n_heads=2, head_dim=4, device="cpu", compute_dtype="float32")
@@ -50,9 +51,9 @@ def relabelled(data: LayerData, table: dict) -> LayerData:
                      data.speakers, data.groups, data.layer)
 
 
-def cross_run(source, target, head="mean", out_dir=None, **kw):
+def cross_run(source, test_corpus, head="mean", out_dir=None, **kw):
     folds = kfold_folds(source.ids, source.labels, source.speakers, 3, seed=0)
-    cross = CrossCorpus(label_map=None, test_corpus=target, test_cache={"path": "synthetic", "records_hash": "x"})
+    cross = CrossCorpus(label_map=None, test_corpus=test_corpus, test_cache={"path": "synthetic", "records_hash": "x"})
     return run_folds(source, folds, head, TrainConfig(**SMALL), out_dir, cross_corpus=cross, **kw)
 
 
@@ -115,11 +116,13 @@ def test_a_cross_corpus_run_drops_unmapped_classes_of_both_caches_and_records_th
     assert config["cross_corpus"]["test_cache"]["path"] == str(caches["b"].resolve())
     assert result.labels == saved["labels"] == ["angry", "happy", "sad"]
     assert sum(config["class_counts"].values()) == len(a_labels) - expected["train"]["calm"]
-    assert saved["n_target"] == len(b_labels) - expected["test"]["bored"] == sum(saved["target_class_counts"].values())
-    rows = list(csv.DictReader((out / "predictions_target.csv").open()))
-    assert len(rows) == 2 * saved["n_target"] and {r["label"] for r in rows} == {"angry", "happy", "sad"}
-    counts = np.array(saved["target"]["confusion"]["counts"])
-    assert counts.sum() == 2 * saved["n_target"]  # summed over the 2 fold heads
+    n = saved["n_test_corpus"]
+    assert n == len(b_labels) - expected["test"]["bored"] == sum(saved["test_corpus_class_counts"].values())
+    rows = list(csv.DictReader((out / "predictions_test_corpus.csv").open()))
+    assert len(rows) == 2 * n and {r["label"] for r in rows} == {"angry", "happy", "sad"}
+    counts = np.array(saved["test_corpus"]["confusion"]["counts"])
+    assert counts.sum() == 2 * n  # summed over the 2 fold heads
+    assert not any("target" in key for key in saved)  # "target" names regression targets only
     assert "dropped by the label map from the test cache: bored" in result.cross_corpus.table()
 
 
@@ -138,32 +141,33 @@ def test_a_label_map_alone_trains_on_a_class_subset_of_one_cache(caches, tmp_pat
     assert saved["provenance"]["class_counts"] == config["class_counts"]
 
 
-# --- the target metrics mean something ---------------------------------------------------------
+# --- the test corpus metrics mean something ----------------------------------------------------
 
 
 @pytest.mark.parametrize("head", ["mean", "linear"])
 def test_heads_score_well_on_a_corpus_of_the_same_kind_and_badly_when_its_labels_are_permuted(head):
     source = layer_data(seed=0)
-    target = layer_data(n_speakers=4, seed=1, prefix="t")
-    same = cross_run(source, target, head).cross_corpus
-    permuted = cross_run(source, relabelled(target, {"c0": "c1", "c1": "c2", "c2": "c0"}), head).cross_corpus
-    assert same.in_corpus["ua"]["mean"] > 0.8 and same.target["ua"]["mean"] > 0.8
-    assert permuted.target["ua"]["mean"] < 1 / 3  # chance is 1/3: a permutation without fixed points
+    test_corpus = layer_data(n_speakers=4, seed=1, prefix="t")
+    same = cross_run(source, test_corpus, head).cross_corpus
+    permuted = cross_run(source, relabelled(test_corpus, {"c0": "c1", "c1": "c2", "c2": "c0"}), head).cross_corpus
+    assert same.in_corpus["ua"]["mean"] > 0.8 and same.test_corpus["ua"]["mean"] > 0.8
+    assert permuted.test_corpus["ua"]["mean"] < 1 / 3  # chance is 1/3: a permutation without fixed points
     assert permuted.in_corpus == same.in_corpus  # the training corpus did not change
-    assert len(same.target["ua"]["folds"]) == 3
+    assert len(same.test_corpus["ua"]["folds"]) == 3
 
 
 def test_a_resumed_cross_corpus_run_gives_identical_results_and_refuses_another_test_cache(tmp_path):
-    source, target = layer_data(seed=0), layer_data(n_speakers=4, seed=1, prefix="t")
+    source, test_corpus = layer_data(seed=0), layer_data(n_speakers=4, seed=1, prefix="t")
     out = tmp_path / "run"
-    first = cross_run(source, target, out_dir=out)
-    saved = {name: (out / name).read_bytes() for name in ("cross_corpus.json", "predictions_target.csv")}
+    first = cross_run(source, test_corpus, out_dir=out)
+    saved = {name: (out / name).read_bytes() for name in ("cross_corpus.json", "predictions_test_corpus.csv")}
     # killed after fold 1 was saved, before fold 2 and the cross-corpus files
-    for name in ("metrics.json", "cross_corpus.json", "predictions_target.csv", "fold_2.json", "fold_2.pt"):
+    for name in ("metrics.json", "cross_corpus.json", "predictions_test_corpus.csv", "fold_2.json", "fold_2.pt"):
         (out / name).unlink()
-    again = cross_run(source, target, out_dir=out)
+    again = cross_run(source, test_corpus, out_dir=out)
     assert {name: (out / name).read_bytes() for name in saved} == saved
-    assert again.cross_corpus.target == first.cross_corpus.target
+    assert again.cross_corpus.test_corpus == first.cross_corpus.test_corpus
+    assert read_cross_result(RunFolder(out)) == CrossResult.from_dict(first.cross_corpus.to_dict())
     (out / "metrics.json").unlink()
     other = layer_data(n_speakers=4, seed=2, prefix="t")
     cross = CrossCorpus(label_map=None, test_corpus=other, test_cache={"path": "synthetic", "records_hash": "y"})
@@ -185,9 +189,9 @@ def test_cli_cross_corpus_run_and_its_one_line_errors(caches, tmp_path):
     out = tmp_path / "run"
     r = train("--out", out, "--test-cache", caches["b"], "--label-map", "ravdess-emodb6")
     assert r.exit_code == 0, r.output
-    assert "in-corpus (test folds)" in r.output and "target corpus" in r.output and "difference" in r.output
-    assert "target confusion" in r.output and "dropped by the label map from the training cache: calm" in r.output
-    assert all((out / name).is_file() for name in ("cross_corpus.json", "predictions_target.csv", "metrics.json"))
+    assert "in-corpus (test folds)" in r.output and "test corpus" in r.output and "difference" in r.output
+    assert "test corpus confusion" in r.output and "dropped by the label map from the training cache: calm" in r.output
+    assert all((out / name).is_file() for name in ("cross_corpus.json", "predictions_test_corpus.csv", "metrics.json"))
     for args, message in (
             (("--test-cache", caches["b-trim"], "--label-map", "ravdess-emodb6"),
              "mode: training cache has 'short', test cache has 'trim'"),
@@ -218,14 +222,14 @@ def test_a_cross_corpus_sweep_records_test_corpus_metrics_equal_to_the_train_run
                            test_cache=caches["b"], label_map="ravdess-emodb6")
     swept = sorted((c.fold, c.test_corpus["ua"], c.ua) for c in cells if c.layer == 2 and c.head == "linear")
     trained = [(k, ua, r.metrics["ua"]) for k, (ua, r) in
-               enumerate(zip(run.cross_corpus.target["ua"]["folds"], run.folds))]
+               enumerate(zip(run.cross_corpus.test_corpus["ua"]["folds"], run.folds))]
     np.testing.assert_allclose(swept, trained)
     # worker processes get the test cache's layer through shared memory: the same records
     run_sweep(replace(spec, heads=["linear"]), tmp_path / "pool", jobs=2, progress=False, write_report=False)
     pooled = {(c.layer, c.fold): c.test_corpus for c in SweepFolder(tmp_path / "pool").cells()}
     assert pooled == {(c.layer, c.fold): c.test_corpus for c in cells if c.head == "linear"}
     paths = write_report([out], out)
-    assert "target_ua" in paths["results"].read_text().splitlines()[0]
+    assert {"test_corpus_ua", "n_test_corpus"} <= set(paths["results"].read_text().splitlines()[0].split(","))
     summary = paths["summary"].read_text()
     assert "Cross-corpus: UA % in-corpus (test folds) → on all 9 utterances" in summary
     assert "label map ravdess-emodb6" in summary

@@ -262,7 +262,8 @@ def test_a_cross_corpus_test_cache_is_read_as_the_training_frames_are(caches):
                                  test_cache=paths["frames"])
     on_stats = train_from_cache(paths["stats2"], 1, "linear", None, config, protocol="kfold", n_folds=3,
                                 test_cache=paths["stats2"])
-    assert on_frames.cross_corpus.target["ua"]["folds"] == pytest.approx(on_stats.cross_corpus.target["ua"]["folds"])
+    assert (on_frames.cross_corpus.test_corpus["ua"]["folds"]
+            == pytest.approx(on_stats.cross_corpus.test_corpus["ua"]["folds"]))
 
 
 def test_a_streamed_layer_pools_each_block_as_the_whole_layer_is_pooled(caches):
