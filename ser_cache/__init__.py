@@ -12,7 +12,7 @@ The Python interface (api.py; each call runs what its command runs):
 
     open_cache, train, sweep, make_folds, export, load_predictor, TrainConfig
 
-Data flows one way, and the modules follow it:
+Data flows one way, and the modules follow it (docs/development.md lists them all):
 
     corpora   raw corpus folder  -> utterance records (records.py)
     audio     audio file         -> 16 kHz mono float32
@@ -20,8 +20,8 @@ Data flows one way, and the modules follow it:
     cache     states             -> HDF5 shards -> one layer of the corpus (features.py)
     folds     records            -> speaker-independent folds
     heads     one layer          -> pooled vector -> class scores
-    training  heads x folds      -> predictions, metrics (metrics.py)
-    sweep     layers x heads     -> results table and plots (report.py)
+    training  heads x folds      -> predictions, metrics (fitting.py, metrics.py)
+    sweeping  layers x heads     -> results table and plots (report.py)
 """
 
 __version__ = "0.1.0"
