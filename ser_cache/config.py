@@ -190,3 +190,17 @@ def _coerce(key, value, default):
         kind = "a number or None" if default is None else type(default).__name__
         raise ConfigError(f"setting {key!r} must be {kind}, got {value!r}")
     return value
+
+
+FIXED_EQUAL = {"mix": "mix equal", "fusion_weights": "fusion_weights equal"}  # weighting's settings
+
+
+def weighting(head: str, settings: dict) -> tuple[str, str]:
+    """How head `head` weighs its states under `settings` (a TrainConfig's dict, or part of
+    one): ("learned", key) when the weights are fitted (a pooling head's mix, or the fusion
+    head's weights chosen on validation), ("equal", key) when they are fixed equal; key: the
+    setting that decides (FIXED_EQUAL's keys), for the reports that say so."""
+    if head == "fusion":
+        equal = settings.get("fusion_weights", TrainConfig.fusion_weights) == "equal"
+        return ("equal" if equal else "learned"), "fusion_weights"
+    return ("equal" if settings.get("mix", TrainConfig.mix) == "equal" else "learned"), "mix"

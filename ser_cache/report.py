@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import FIXED_EQUAL, weighting
 from .layers import Selection, as_selection, is_multi, label, sort_key, states_of
 from .results import CellFoldRecord, SweepError, SweepFolder, SweepTiming
 
@@ -249,7 +250,7 @@ def panels_of(sweeps: list[Sweep]) -> list[Panel]:
                 last = max(s for layer in sweep.config["layers"].get(cache, [r.layer for r in records])
                            for s in states_of(layer))
             panels.append(Panel(title, sweep, cache, list(sweep.config["heads"]), first.labels,
-                                _cells(records, sweep.config["train"].get("mix", "learned")),
+                                _cells(records, sweep.config["train"]),
                                 _fold_info(sweep, cache, records), name, first.model, family,
                                 max(1, int(last))))
     return panels
@@ -290,15 +291,16 @@ def uniformity(weights) -> dict:
     return {"max_dev": max_dev, "entropy": entropy, "uniform": max_dev * len(w) <= UNIFORM_TOLERANCE}
 
 
-def mix_verdict(mixes: list[str], uniform: list[bool], n_states: int) -> str:
+def mix_verdict(mixes: list[str], uniform: list[bool], n_states: int, key: str = "mix") -> str:
     """One plain sentence on a mix over n_states states, for tables, summaries and plots, from
-    each fold's config.mix ("learned" or "equal") and `uniformity(...)["uniform"]`: whether
-    the weights learned anything, and, if not, that they show no layer importance."""
+    each fold's weighting ("learned" or "equal", config.weighting; key: the setting that fixes
+    equal weights) and `uniformity(...)["uniform"]`: whether the weights learned anything, and,
+    if not, that they show no layer importance."""
     learned = [u for m, u in zip(mixes, uniform) if m == "learned"]
     within = f"every weight within {UNIFORM_TOLERANCE:.0%} of 1/{n_states}"
     parts = []
     if len(learned) < len(mixes):
-        parts.append("equal weights, fixed (mix equal)" + (f" in {len(mixes) - len(learned)} of {len(mixes)} folds"
+        parts.append(f"equal weights, fixed ({FIXED_EQUAL[key]})" + (f" in {len(mixes) - len(learned)} of {len(mixes)} folds"
                                                             if learned else ""))
     if learned and not all(learned):
         moved = len(learned) - sum(learned)
@@ -309,20 +311,21 @@ def mix_verdict(mixes: list[str], uniform: list[bool], n_states: int) -> str:
     return "; ".join(parts) + ": it shows no layer importance (the per-state curve, one state per cell, does)"
 
 
-def mix_summary(records: list[CellFoldRecord], mix: str) -> dict | None:
-    """How far the mix weights of a cell's records (folds x seeds) are from equal (Cell.mix);
-    mix: the sweep's setting, unless a record's grid setting chose its own. None without weights."""
+def mix_summary(records: list[CellFoldRecord], train: dict) -> dict | None:
+    """How far the state weights of a cell's records (folds x seeds) are from equal (Cell.mix);
+    train: the sweep's settings, unless a record's grid setting chose its own. None without weights."""
     rs = [r for r in records if r.layer_weights is not None]
     if not rs:
         return None
     u = [uniformity(r.layer_weights) for r in rs]
-    mixes = [(r.values or {}).get("mix", mix) for r in rs]
+    modes = [weighting(r.head, {**train, **(r.values or {})}) for r in rs]
     return {"max_dev": float(np.mean([d["max_dev"] for d in u])), "entropy": float(np.mean([d["entropy"] for d in u])),
-            "uniform": all(d["uniform"] for d in u), "verdict": mix_verdict(mixes, [d["uniform"] for d in u],
-                                                                            len(rs[0].layer_weights))}
+            "uniform": all(d["uniform"] for d in u),
+            "verdict": mix_verdict([m for m, _ in modes], [d["uniform"] for d in u], len(rs[0].layer_weights),
+                                   modes[0][1])}
 
 
-def _cells(records: list[CellFoldRecord], mix: str = "learned") -> dict[tuple[Selection, str], Cell]:
+def _cells(records: list[CellFoldRecord], train: dict | None = None) -> dict[tuple[Selection, str], Cell]:
     groups: dict[tuple[Selection, str], list[CellFoldRecord]] = {}
     for r in records:
         groups.setdefault((as_selection(r.layer), r.head), []).append(r)
@@ -331,7 +334,7 @@ def _cells(records: list[CellFoldRecord], mix: str = "learned") -> dict[tuple[Se
         weights = [r.layer_weights for r in rs if r.layer_weights is not None]
         weights = (np.mean(weights, axis=0), np.std(weights, axis=0)) if weights else None
         common = dict(n=len(rs), settings=Counter(r.setting for r in rs), seconds=float(sum(r.seconds for r in rs)),
-                      layer_weights=weights, mix=mix_summary(rs, mix))
+                      layer_weights=weights, mix=mix_summary(rs, train or {}))
         def test(name: str) -> tuple[float, float]:
             return _mean_std([r.metrics[name] for r in rs])
 

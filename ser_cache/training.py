@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .batches import predict_proba
-from .config import ConfigError, TrainConfig, as_made
+from .config import ConfigError, TrainConfig, as_made, weighting
 from .crosscorpus import score_test_corpus
 from .device import pick_device
 from .ensembles import fit_selected, refit_selected
@@ -146,7 +146,8 @@ class RunResult:
         lines.append(f"{'std':>6} " + " ".join(f"{d:9.3f}" for d in w.std(axis=0)))
         lines.append(f"  |w-1/L|: the largest distance of a weight from equal weights (1/{len(states)}); H/log L: "
                      "the weights' entropy over its largest value (1: equal)")
-        lines.append("  " + mix_verdict([self.config.mix] * len(u), [d["uniform"] for d in u], len(states)))
+        mode, key = weighting(self.head, self.config.to_dict())
+        lines.append("  " + mix_verdict([mode] * len(u), [d["uniform"] for d in u], len(states), key))
         return lines
 
 

@@ -177,11 +177,16 @@ def test_uniformity_and_its_verdict():
     assert "shows no layer importance" in mix_verdict(["learned"] * 5, [True] * 5, 7)
     assert "left equal weights in 2 of 5 folds" in mix_verdict(["learned"] * 5, [True, False, True, False, True], 7)
     assert "equal weights, fixed (mix equal)" in mix_verdict(["equal"] * 3, [True] * 3, 7)
-    records = [SimpleNamespace(layer_weights=[0.25] * 4, values={"mix": "equal"}),
-               SimpleNamespace(layer_weights=[0.7, 0.1, 0.1, 0.1], values={})]
-    s = mix_summary(records, "learned")
+    records = [SimpleNamespace(head="mean", layer_weights=[0.25] * 4, values={"mix": "equal"}),
+               SimpleNamespace(head="mean", layer_weights=[0.7, 0.1, 0.1, 0.1], values={})]
+    s = mix_summary(records, {"mix": "learned"})
     assert s["max_dev"] == pytest.approx(0.45 / 2) and not s["uniform"] and "1 of 2 folds" in s["verdict"]
-    assert mix_summary([SimpleNamespace(layer_weights=None, values={})], "learned") is None
+    assert mix_summary([SimpleNamespace(head="mean", layer_weights=None, values={})], {}) is None
+    # the fusion head's weights are fixed by its own setting, equal by default, whatever the mix
+    fusion = [SimpleNamespace(head="fusion", layer_weights=[0.25] * 4, values={})]
+    assert "equal weights, fixed (fusion_weights equal)" in mix_summary(fusion, {"mix": "learned"})["verdict"]
+    fusion = [SimpleNamespace(head="fusion", layer_weights=[0.25] * 4, values={"fusion_weights": "validation"})]
+    assert "stayed uniform" in mix_summary(fusion, {})["verdict"]
 
 
 def test_the_run_table_shows_the_distance_from_equal_weights():
