@@ -87,14 +87,19 @@ def sweep(caches, *, out, layers: str = "all", heads=None, seeds=(0,), grid: dic
 
 
 def make_folds(data, *, protocol: str | None = None, n_folds: int | None = None, seed: int = 0, fold_file=None,
-               corpus: str = ""):
+               corpus: str = "", views: dict | None = None):
     """The speaker-independent folds of a layer's utterances (features.LayerData or StatsLayer,
     from `open_cache(path).read_layer(...)`), as train builds them: protocol None is "loso"
     when the corpus has groups, else "kfold" with n_folds (per corpus by default). Returns
-    folds.Folds (`split(k)` -> train, validation, test indices)."""
-    from .folds import make_folds as _make
+    folds.Folds (`split(k)` -> train, validation, test indices into its `ids`).
 
-    return _make(data.ids, data.labels, data.speakers, data.groups, protocol=protocol, n_folds=n_folds,
+    views: a cache's augmented views ({view id: source id}, `open_cache(path).view_sources()`):
+    the folds are then made on the original utterances only, as train makes them, so that no
+    view is validated or tested (without it, every row of `data` is an utterance)."""
+    from .folds import ViewRows, make_folds as _make
+
+    o = ViewRows.of(data.ids, views).originals if views else slice(None)
+    return _make(data.ids[o], data.labels[o], data.speakers[o], data.groups[o], protocol=protocol, n_folds=n_folds,
                  corpus=corpus, fold_file=None if fold_file is None else Path(fold_file), seed=seed)
 
 

@@ -294,3 +294,16 @@ def test_a_statistics_cache_derived_from_a_view_cache_keeps_its_views(corpus, tm
     assert derived.settings.augment == VIEWS and derived.verify() == {}
     result = train_from_cache(tmp_path / "stats", 1, "linear", None, TrainConfig(views="on", **LINEAR), n_folds=3)
     assert all(f.n_train_views == len(VIEWS) * f.n_train for f in result.folds)
+
+
+def test_the_python_make_folds_folds_the_originals_of_a_view_cache(corpus):
+    import ser_cache
+
+    root, records, _, _ = corpus
+    cache = open_cache(root / "views")
+    data = cache.read_layer(1)
+    folds = ser_cache.make_folds(data, n_folds=3, views=cache.view_sources())
+    assert sorted(folds.ids.tolist()) == sorted(r.id for r in records)  # no view among them
+    plain = open_cache(root / "plain").read_layer(1)
+    reference = ser_cache.make_folds(plain, n_folds=3)
+    assert folds.aligned_to(reference.ids).test_fold.tolist() == reference.test_fold.tolist()
