@@ -53,7 +53,7 @@ from .batches import EVAL_BATCH_SIZE, batch_source, drop_spans, in_order, predic
 from .config import ConfigError, TrainConfig
 from .errors import UserError
 from .features import LayerData
-from .heads import Head, head_class, options_for
+from .heads import Head, head_class, options_for, state_columns
 from .metrics import fold_metrics
 from .streaming import default_budget
 from .tasks import Regression, Task, as_task
@@ -345,7 +345,7 @@ def fit_fusion(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarra
     fitters = []
     for s, probe in enumerate(model.probes):
         task.prepare(probe, y, train)
-        columns = np.r_[s * d:(s + 1) * d, width + s * d:width + (s + 1) * d]
+        columns = state_columns(width, d, s)
         fitters.append(probe_fitter(features[:, columns], task.fit_y(y, probe), train, task, config, seed,
                                     getattr(data, "memory_budget", None))[0])
     best, history = None, []
@@ -358,7 +358,7 @@ def fit_fusion(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarra
                             for probe, (_, predict) in zip(model.probes, fits)])  # (L, n_select, n_outputs)
         weights = fusion_weights(outputs, y[select], task) if config.fusion_weights == "validation" else \
             np.full(len(fits), 1.0 / len(fits))
-        fused = fused_outputs(outputs, weights, task)
+        fused = fused_outputs(outputs, weights)
         score = task.score(y[select], fused)
         history.append({"C": c, f"select_{task.score_name}": score, "weights": weights.tolist()})
         if best is None or score > best[0]:  # ties keep the smaller C, the first of the grid
@@ -371,7 +371,7 @@ def fit_fusion(cls: type[Head], data: LayerData, y: np.ndarray, train: np.ndarra
                history, time.perf_counter() - t0, select_probs=fused)
 
 
-def fused_outputs(outputs: np.ndarray, weights: np.ndarray, task: Task) -> np.ndarray:
+def fused_outputs(outputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The states' outputs (L, n, n_outputs) weighted by `weights` (L,): class probabilities
     (or target values) (n, n_outputs), as heads.FusionProbe gives them."""
     return np.tensordot(weights, outputs, axes=1)
@@ -393,7 +393,7 @@ def fusion_weights(outputs: np.ndarray, y: np.ndarray, task: Task) -> np.ndarray
         scale = 1.0 / np.maximum(y.var(axis=0), 1e-12)
 
         def loss(w):
-            return float((((fused_outputs(outputs, w, task) - y) ** 2).mean(axis=0) * scale).sum())
+            return float((((fused_outputs(outputs, w) - y) ** 2).mean(axis=0) * scale).sum())
     else:
         p_true = outputs[:, np.arange(outputs.shape[1]), np.asarray(y)]  # (L, n)
 
@@ -514,9 +514,6 @@ def fit_head(name: str, data: LayerData, y: np.ndarray, train, select, config: T
     assert (select is None) == (fixed is not None), "give validation utterances or a fixed choice"
     return fitter_of(name).fit(head_class(name), data, y, np.asarray(train), select, config,
                                as_task(task), seed, device, fixed)
-
-
-MIX_SETTINGS = ("mix", "mix_lr")  # read only by heads that mix states (heads.Head.mixes_states)
 
 
 def mix_settings(name: str, config: TrainConfig, n_states: int | None = None) -> dict:

@@ -560,10 +560,9 @@ class FusionProbe(Head):
         return {"dim": dim, "n_classes": n_classes, **several, **task_option(config)}
 
     def state_statistics(self, features: torch.Tensor, s: int) -> torch.Tensor:
-        """State s's mean and std (B, 2 d) of a row's statistics (B, 2 W): the means of all
-        W = n_states * d values come first, then their stds, both state by state."""
-        width, d = features.shape[1] // 2, self.dim
-        return torch.cat([features[:, s * d:(s + 1) * d], features[:, width + s * d:width + (s + 1) * d]], dim=1)
+        """State s's mean and std (B, 2 d) of a row's statistics (B, 2 W), `state_columns`."""
+        columns = torch.from_numpy(state_columns(features.shape[1] // 2, self.dim, s)).to(features.device)
+        return features[:, columns]
 
     def from_statistics(self, features: torch.Tensor) -> torch.Tensor:
         """forward() for utterances' statistics (B, 2 W) instead of their frames."""
@@ -581,6 +580,13 @@ class FusionProbe(Head):
 
     def layer_weights(self) -> list[float] | None:
         return self.weights.tolist() if len(self.probes) > 1 else None
+
+
+def state_columns(width: int, dim: int, s: int) -> np.ndarray:
+    """(2 dim,) int64: the columns of state s's mean and std in a statistics row (2 width,) of
+    states of width dim side by side (features.LayerData.statistics): the means of all width =
+    n_states * dim values come first, then their stds, each state by state."""
+    return np.r_[s * dim:(s + 1) * dim, width + s * dim:width + (s + 1) * dim].astype(np.int64)
 
 
 def fuse(outputs: torch.Tensor, weights: torch.Tensor, regression: bool) -> torch.Tensor:
